@@ -1,0 +1,160 @@
+"""What `run` shows: a line per finished trial, a live bar, and the best trial at the end."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import optuna
+
+    import trainers
+    from search._spec import StudySpec
+    from search._study import Counts
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value):
+            return str(value)
+        return f"{value:.4g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+def params_text(params: dict[str, Any], limit: int = 8) -> str:
+    items = [f"{k}={fmt(v)}" for k, v in params.items()]
+    more = f" (+{len(items) - limit})" if len(items) > limit else ""
+    return " ".join(items[:limit]) + more
+
+
+def flat_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's params as trainer knobs with real values (batch_size, not log2_batch_size)."""
+    from search._space import params_from_optuna
+
+    return params_from_optuna(spec, trial.params)
+
+
+class RunDisplay:
+    """The live view of one `run`: readable in a terminal and in a CI log alike."""
+
+    def __init__(self, spec: StudySpec, budget: int, *, console: Console | None = None) -> None:
+        self.spec = spec
+        self.budget = budget
+        self.console = console or Console(highlight=False)
+        self.metric = spec.objective.metric_names[0]
+        self.started = time.monotonic()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[best]}"),
+            TextColumn("{task.fields[running]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.task = self.progress.add_task(spec.name, total=budget, best="", running="")
+        self._seen: set[int] = set()
+
+    def __enter__(self) -> RunDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, counts: Counts, resumed: bool) -> None:
+        what = "resuming" if resumed else "starting"
+        self.console.print(
+            f"{what} study [bold]{self.spec.name}[/]: {counts.finished}/{self.budget} trials "
+            f"finished, {self.spec.budget.epochs} epochs each, sampler {self.spec.sampler.type}, "
+            f"pruner {self.spec.pruner.type}, objective "
+            f"{' & '.join(self.spec.objective.metric_names)}"
+        )
+        self.progress.update(self.task, completed=counts.finished)
+
+    def epoch(self, number: int, m: trainers.EpochMetrics) -> None:
+        self.progress.update(
+            self.task,
+            running=f"#{number} epoch {m.epoch}/{self.spec.budget.epochs} "
+                    f"val_loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}",
+        )
+
+    def trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+              counts: Counts) -> None:
+        if trial.number in self._seen:
+            return
+        self._seen.add(trial.number)
+        state = trial.state.name
+        value = ""
+        if trial.values is not None:
+            value = " ".join(f"{m} {fmt(v)}" for m, v in
+                             zip(self.spec.objective.metric_names, trial.values))
+        elif trial.intermediate_values:
+            last = max(trial.intermediate_values)
+            value = f"{self.metric} {fmt(trial.intermediate_values[last])}"
+        epochs = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        seconds = trial.user_attrs.get("seconds")
+        ended = trial.user_attrs.get("ended", "")
+        note = f"  [dim]{ended}[/]" if state != "COMPLETE" and ended else ""
+        color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
+        timing = f"{epochs} ep {seconds:.1f}s" if seconds is not None else f"{epochs} ep"
+        self.console.print(
+            f"#{trial.number:<4} [{color}]{state:<8}[/] {value:<22} {timing:<12} "
+            f"{params_text(flat_params(self.spec, trial))}{note}"
+        )
+        self.progress.update(self.task, completed=counts.finished, running="",
+                             best=self.best_text(study))
+
+    def best_text(self, study: optuna.Study) -> str:
+        try:
+            if len(study.directions) > 1:
+                return f"pareto {len(study.best_trials)}"
+            best = study.best_trial
+        except ValueError:
+            return ""
+        return f"best {self.metric} {fmt(best.value)} (#{best.number})"
+
+    def finish(self, study: optuna.Study, counts: Counts, storage_hint: str) -> None:
+        elapsed = time.monotonic() - self.started
+        self.console.print(
+            f"\n{counts.finished}/{self.budget} trials finished ({counts.complete} complete, "
+            f"{counts.pruned} pruned, {counts.failed} failed) in {elapsed:.0f} s"
+        )
+        show_best(study, self.spec, self.console)
+        name = self.spec.name
+        self.console.print(
+            "\nnext:\n"
+            f"  hpsearch status {name}{storage_hint}                 trials at a glance\n"
+            f"  hpsearch dashboard{storage_hint}                     watch it in optuna-dashboard\n"
+            f"  hpsearch best {name}{storage_hint} --format yaml > best.yaml\n"
+            "  python -m trainers best.yaml                           train the best config again"
+        )
+
+
+def show_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
+    """The best trial (or Pareto front) as a table."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        console.print("no trial completed yet: nothing to call best")
+        return
+    trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    for trial in trials:
+        table = Table(title=f"best trial #{trial.number}", show_header=False, title_justify="left")
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for metric, value in zip(spec.objective.metric_names, trial.values):
+            table.add_row(metric, fmt(value))
+        history = trial.user_attrs.get("history") or []
+        if history and "val_accuracy" not in spec.objective.metric_names:
+            table.add_row("val_accuracy", fmt(history[-1].get("val_accuracy")))
+        for key, value in flat_params(spec, trial).items():
+            table.add_row(key, fmt(value))
+        table.add_row("epochs", str(trial.user_attrs.get("epochs_run", "")))
+        console.print(table)

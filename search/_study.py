@@ -1,0 +1,142 @@
+"""Studies in the storage: created once with their spec, loaded by name from anywhere.
+
+The validated spec is stored on the study (user attr, versioned JSON), so a worker on another
+machine needs only the study name and the storage URL. A second `run` of a changed file against
+an existing study refuses rather than mixing two search spaces in one study; only the budget
+may change between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from search._errors import SpecError, StudyNotFoundError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search._spec import StudySpec
+
+SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
+BUDGET_ATTR = "hpsearch_budget_trials"  # the global trial budget, updatable by `run --trials`
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trials by state. The budget counts COMPLETE + PRUNED across every worker."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+def count_trials(study: optuna.Study) -> Counts:
+    from optuna.trial import TrialState
+
+    counts = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return Counts(
+        complete=counts[TrialState.COMPLETE],
+        pruned=counts[TrialState.PRUNED],
+        failed=counts[TrialState.FAIL],
+        running=counts[TrialState.RUNNING],
+        waiting=counts[TrialState.WAITING],
+    )
+
+
+def _comparable(spec: StudySpec) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    data.pop("budget", None)
+    return data
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(keys) or "settings"
+
+
+def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
+                   *, trials: int | None = None) -> optuna.Study:
+    """The study of `spec`: created (with its enqueued configs) or resumed if it exists."""
+    import optuna
+
+    from search._algorithms import build_pruner, build_sampler
+    from search._space import enqueue_params
+    from search._spec import spec_from_json, spec_to_json
+
+    sampler, pruner = build_sampler(spec), build_pruner(spec)
+    budget = trials if trials is not None else spec.budget.trials
+    if spec.name in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+        stored = study.user_attrs.get(SPEC_ATTR)
+        if stored is None:
+            raise SpecError(f"study {spec.name!r} exists but was not created by hpsearch; "
+                            "choose another name")
+        old = spec_from_json(stored)
+        if _comparable(old) != _comparable(spec):
+            raise SpecError(
+                f"study {spec.name!r} already exists with different settings "
+                f"({_describe_difference(_comparable(old), _comparable(spec))}); "
+                "give the changed study a new name, or run the stored one with "
+                f"`hpsearch worker {spec.name}`"
+            )
+        study.set_user_attr(BUDGET_ATTR, budget)
+        return study
+    try:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner,
+            directions=spec.objective.direction_names,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another process created it between our check and create: join it.
+        return create_or_load(spec, storage, trials=trials)
+    study.set_user_attr(SPEC_ATTR, spec_to_json(spec))
+    study.set_user_attr(BUDGET_ATTR, budget)
+    study.set_metric_names(spec.objective.metric_names)
+    for entry in spec.enqueue:
+        # Warm start: run first, once (only when the study is created).
+        study.enqueue_trial(enqueue_params(spec, entry), user_attrs={"enqueued": True})
+    return study
+
+
+def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
+    """An existing hpsearch study and its stored spec; unknown names list the studies there."""
+    import optuna
+
+    from search._algorithms import build_pruner, build_sampler
+    from search._spec import spec_from_json
+
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        listing = ", ".join(names) if names else "none"
+        raise StudyNotFoundError(f"no study named {name!r} in this storage (studies: {listing})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=name, storage=storage)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise SpecError(f"study {name!r} was not created by hpsearch (no stored spec)")
+    spec = spec_from_json(stored)
+    study.sampler = build_sampler(spec)
+    study.pruner = build_pruner(spec)
+    return study, spec
+
+
+def budget_of(study: optuna.Study, spec: StudySpec) -> int:
+    value = study.user_attrs.get(BUDGET_ATTR, spec.budget.trials)
+    return int(value)
+
+
+def spec_summary(spec: StudySpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), indent=2)

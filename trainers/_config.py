@@ -1,0 +1,302 @@
+"""The training configuration: one frozen dataclass per concern, built once and passed down.
+
+`config_from_dict` is the only way in from untyped data (a YAML file, a trial's sampled params):
+it accepts the nested form (``optimizer: {name: sgd, lr: 0.1}``) and the flat knob names a
+search space uses (``optimizer: sgd, lr: 0.1, scheduler: cosine``), checks every key and every
+value's type, and names the offending key path when something is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from trainers._errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    val_fraction: float = 0.2  # the customary 80/20 split of the training set
+    seed: int = 0  # seeds the split, not the training
+    normalize: bool = True
+    augment: tuple[str, ...] = ()  # batch-level, on tensors: "crop" (pad 4), "flip"
+    data_dir: str | None = None
+    classes: tuple[int, ...] | None = None  # keep only these labels (relabelled 0..k-1)
+    train_subset: int | None = None  # seeded subset of the training part
+    size: int | None = None  # synthetic only: number of training examples
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: str = "mlp"
+    hidden: tuple[int, ...] = (128, 56)  # mlp: the seed report's 784-128-56-10 network
+    activation: str = "relu"
+    norm: str = "none"  # none | batchnorm | layernorm; or one per hidden layer, comma-separated
+    dropout: float = 0.0
+    widths: tuple[int, ...] = (32, 64)  # cnn: channels of each conv-BN-ReLU stage
+    blocks: int = 1  # cnn: 3x3 conv-BN-ReLU blocks per stage
+    pool: str = "max"  # cnn: pooling between stages, max | avg
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    alpha: float = 0.99  # rmsprop smoothing
+    rho: float = 0.9  # adadelta
+    decay_all: bool = False  # also decay biases and norm weights (off: the usual practice)
+    lr_per_batch: int | None = None  # linear scaling: lr is per this many examples (Goyal)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "constant"
+    warmup_epochs: float = 0.0  # linear warmup in front of any schedule
+    step_size: int = 10  # step: epochs between decays
+    milestones: tuple[int, ...] = (15, 30)  # multistep
+    gamma: float | None = None  # step 0.1, multistep 0.5, exponential 0.9 (per epoch)
+    floor: float = 0.01  # exponential: lowest lr as a fraction of the base lr (d2l's floor)
+    power: float = 2.0  # polynomial
+    final_lr_factor: float = 0.0  # cosine/linear/polynomial end at lr * this
+    pct_start: float = 0.45  # onecycle: share of steps rising (and as many falling)
+    div_factor: float = 25.0  # onecycle: start at lr / this
+    final_div_factor: float = 1e4  # onecycle: tail ends at start lr / this
+    max_momentum: float = 0.95  # onecycle: momentum cycled opposite to lr (Smith)
+    base_momentum: float = 0.85
+    cycle_epochs: float = 2.0  # cyclic: half-cycle length in epochs (Smith: 2-10 x iters/epoch)
+    cycle_div: float = 4.0  # cyclic: base lr = lr / this (Smith: max/3-4)
+    mode: str = "triangular"  # cyclic: triangular | triangular2
+    factor: float = 0.5  # plateau: multiply lr by this when validation loss stalls
+    patience: int = 2  # plateau: epochs without improvement before a cut
+    min_lr: float = 0.0  # plateau: never below
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    name: str = "default"
+    std: float = 0.01  # normal
+    mode: str = "fan_in"  # kaiming
+    nonlinearity: str = "relu"  # kaiming
+    gain: float = 1.0  # xavier, orthogonal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    batch_size: int = 256
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    amp: bool = False  # mixed precision, used only on CUDA
+    compile: bool = False  # torch.compile, used only on CUDA
+    eval_batch_size: int = 2048
+    divergence_factor: float = 20.0  # a loss this many times its first value has diverged
+    max_grad_norm: float | None = None  # gradient clipping, off by default
+
+    def __post_init__(self) -> None:
+        from trainers._validate import check_names  # the registries import torch: lazily
+
+        _check_ranges(self)
+        check_names(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The nested plain-data form; `config_from_dict(c.to_dict()) == c`."""
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with flat or dotted knobs changed, validated like `config_from_dict`."""
+        return config_from_dict(changes, base=self)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "init": InitConfig,
+}
+
+# Flat knob names a search space or a `fixed:` block uses, and where each lives.
+ALIASES: dict[str, str] = {
+    "optimizer": "optimizer.name",
+    "lr": "optimizer.lr",
+    "momentum": "optimizer.momentum",
+    "nesterov": "optimizer.nesterov",
+    "weight_decay": "optimizer.weight_decay",
+    "beta1": "optimizer.beta1",
+    "beta2": "optimizer.beta2",
+    "eps": "optimizer.eps",
+    "amsgrad": "optimizer.amsgrad",
+    "scheduler": "schedule.name",
+    "schedule": "schedule.name",
+    "warmup_epochs": "schedule.warmup_epochs",
+    "init": "init.name",
+    "model": "model.type",
+    "dataset": "data.dataset",
+    "hidden": "model.hidden",
+    "activation": "model.activation",
+    "norm": "model.norm",
+    "dropout": "model.dropout",
+    "widths": "model.widths",
+}
+
+
+def knob_names() -> list[str]:
+    """Every key `config_from_dict` accepts: flat aliases, top-level fields, dotted paths."""
+    names = list(ALIASES)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            names += [f"{f.name}.{g.name}" for g in dataclasses.fields(SECTIONS[f.name])]
+        elif f.name not in names:
+            names.append(f.name)
+    return names
+
+
+def config_from_dict(values: dict[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+    """Build a validated `TrainConfig` from nested and/or flat keys, over `base` or defaults."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a training config must be a mapping, got {type(values).__name__}")
+    base = base or TrainConfig()
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in _flatten(values):
+        path = ALIASES.get(key, key)
+        head, _, rest = path.partition(".")
+        if head in SECTIONS and rest:
+            cls = SECTIONS[head]
+            if rest not in _field_names(cls):
+                raise ConfigError(_unknown_key(key, [f"{head}.{n}" for n in _field_names(cls)]))
+            sections[head][rest] = _coerce(key, value, _hints(cls)[rest])
+        elif head in SECTIONS:
+            raise ConfigError(f"{key}: expected a mapping of {head} settings, got {value!r}")
+        elif head in _field_names(TrainConfig):
+            top[head] = _coerce(key, value, _hints(TrainConfig)[head])
+        else:
+            raise ConfigError(_unknown_key(key, knob_names()))
+    built = {
+        name: dataclasses.replace(getattr(base, name), **sections[name]) for name in SECTIONS
+    }
+    return dataclasses.replace(base, **built, **top)
+
+
+def _flatten(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Nested sections become dotted keys; a section given as a string is its name/type."""
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}")
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                out.append((f"{key}.{sub}", v))
+        else:
+            out.append((key, value))
+    return out
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _unknown_key(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    guess = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{key}: unknown setting.{guess} Known settings: {', '.join(choices)}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and item is not str:
+            value = [value]
+        if isinstance(value, str) and item is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug here, not input
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Values of the right type can still be nonsense; say which and why, at construction."""
+    checks = [
+        ("batch_size", c.batch_size, c.batch_size >= 1, "at least 1"),
+        ("epochs", c.epochs, c.epochs >= 1, "at least 1"),
+        ("eval_batch_size", c.eval_batch_size, c.eval_batch_size >= 1, "at least 1"),
+        ("data.val_fraction", c.data.val_fraction, 0.0 <= c.data.val_fraction < 1.0, "in [0, 1)"),
+        ("optimizer.lr", c.optimizer.lr, c.optimizer.lr > 0, "a positive number"),
+        ("optimizer.momentum", c.optimizer.momentum, 0 <= c.optimizer.momentum < 1.5, "in [0, 1)"),
+        ("optimizer.weight_decay", c.optimizer.weight_decay, c.optimizer.weight_decay >= 0,
+         "zero or positive"),
+        ("model.dropout", c.model.dropout, 0.0 <= c.model.dropout < 1.0, "in [0, 1)"),
+        ("schedule.warmup_epochs", c.schedule.warmup_epochs, c.schedule.warmup_epochs >= 0,
+         "zero or positive"),
+        ("divergence_factor", c.divergence_factor, c.divergence_factor > 1, "greater than 1"),
+    ]
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    if c.schedule.warmup_epochs >= c.epochs and c.schedule.warmup_epochs > 0:
+        raise ConfigError(
+            f"schedule.warmup_epochs: expected fewer than epochs ({c.epochs}), "
+            f"got {c.schedule.warmup_epochs!r}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,386 @@
+"""Datasets as device-resident tensors: find and parse the files, split, normalize, augment.
+
+Everything a trial touches per step is a tensor on the training device; there is no per-sample
+Python on the hot path (DESIGN.md). Files are parsed once per process and the finished `Data`
+is reused across trials that share a data config.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers._config import DataConfig
+from trainers._errors import ConfigError, DataNotFoundError
+from trainers._registry import Registry, unknown_choice_message
+
+
+@dataclass(frozen=True)
+class RawData:
+    """What a loader returns: CPU tensors, images [N, C, H, W] (uint8 or float), labels int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    load: Callable[[DataConfig], RawData]
+    image: bool  # augmentation (flips, crops) makes sense only for natural images
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # float32 [N, C, H, W], normalized, on the device
+    y: torch.Tensor  # int64 [N], on the device
+
+
+@dataclass(frozen=True)
+class Data:
+    """A dataset ready to train on. Shared between trials through a cache: never modify in place."""
+
+    train: Split
+    val: Split | None
+    test: Split | None
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]  # per-channel stats of the train part, in [0, 1] pixel units;
+    std: tuple[float, ...]  # 0 and 1 when normalize is off (what was applied)
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+AUGMENTATIONS = ("crop", "flip")
+CROP_PAD = 4
+
+# --------------------------------------------------------------------------- finding the files
+
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_FILES = tuple(f"cifar-10-batches-py/{b}" for b in
+                     [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+_FETCH = ("fetch them, e.g. python -c \"import torchvision; torchvision.datasets.{}('DIR', "
+          "download=True)\", and set HPSEARCH_DATA (or data.data_dir) to DIR")
+# dataset: (files, torchvision's subfolder of a root, how to fix, torchvision class to download
+# as a last resort)
+_SOURCES: dict[str, tuple[tuple[str, ...], str | None, str, str | None]] = {
+    "fashion_mnist": (_IDX_FILES, "FashionMNIST/raw", "install Debian's dataset-fashion-mnist "
+                      "(apt install dataset-fashion-mnist), or put the four idx files in a "
+                      "directory and set HPSEARCH_DATA (or data.data_dir) to it", "FashionMNIST"),
+    "mnist": (_IDX_FILES, "MNIST/raw", _FETCH.format("MNIST"), None),
+    "cifar10": (_CIFAR_FILES, None, _FETCH.format("CIFAR10"), None),
+}
+# Where system packages put the files; looked at after the user's own directories.
+_SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
+    "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+
+
+def _user_roots(data_dir: str | None) -> list[Path]:
+    dirs = [data_dir, os.environ.get("HPSEARCH_DATA"), "data"]
+    return [Path(d).expanduser().absolute() for d in dirs if d]
+
+
+def _candidates(dataset: str, data_dir: str | None) -> list[Path]:
+    roots = dict.fromkeys(_user_roots(data_dir) + list(_SYSTEM_DIRS.get(dataset, ())))
+    sub = _SOURCES[dataset][1]
+    # In each root torchvision's layout comes first: its folder name says which dataset it is,
+    # while bare idx files carry the same names for MNIST and FashionMNIST.
+    return [p for r in roots for p in ([r / sub] if sub else []) + [r]]
+
+
+def _download(dataset: str, root: Path) -> None:
+    """Fetch a dataset with torchvision into root (the last resort; needs network)."""
+    import torchvision  # slow to import, and needed only here and for CIFAR-10
+
+    getattr(torchvision.datasets, _SOURCES[dataset][3])(str(root), download=True)
+
+
+def find_data_dir(dataset: str, data_dir: str | None) -> Path:
+    """The directory holding `dataset`'s files; raises DataNotFoundError naming every place looked.
+
+    Order: data_dir, $HPSEARCH_DATA, ./data, then system directories; in each, torchvision's
+    layout (e.g. FashionMNIST/raw) before the directory itself. If the files are nowhere and the
+    dataset has a torchvision downloader, one download into the first writable of data_dir,
+    $HPSEARCH_DATA and ./data is tried.
+    """
+    if dataset not in _SOURCES:
+        raise ConfigError(unknown_choice_message("dataset with files", dataset, list(_SOURCES)))
+    files, _, fix, downloadable = _SOURCES[dataset]
+
+    def search() -> Path | None:
+        for folder in _candidates(dataset, data_dir):
+            if all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in files):
+                return folder
+        return None
+
+    found, tried = search(), ""
+    if found is None and downloadable:
+        for root in _user_roots(data_dir):
+            existing = next(p for p in (root, *root.parents) if p.exists())
+            if not os.access(existing, os.W_OK):  # torchvision makes the folders it needs
+                continue
+            try:
+                _download(dataset, root)
+                found = search()
+                tried = f" Downloading into {root} did not produce the files."
+            except Exception as e:  # no network is the usual case: say so in the one message
+                tried = f" Downloading into {root} failed: {type(e).__name__}: {e}."
+            break
+    if found is not None:
+        return found
+    looked = ", ".join(str(p) for p in _candidates(dataset, data_dir))
+    gz = " (or .gz)" if files == _IDX_FILES else ""
+    raise DataNotFoundError(f"{dataset}: data files not found. Looked for {', '.join(files)}{gz} "
+                            f"in: {looked}.{tried} To fix: {fix}.")
+
+
+# --------------------------------------------------------------------------- loaders
+
+# idx type codes (http://yann.lecun.com/exdb/mnist/): all stored big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file (plain or gzipped) into a native-endian numpy array."""
+    if not path.is_file():
+        path = path.with_name(path.name + ".gz")
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip magic: detect by content, not by name
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an idx file (header {data[:4]!r})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, ">i4", count=ndim, offset=4))
+    count = int(np.prod(shape))
+    if len(data) != 4 + 4 * ndim + count * dtype.itemsize:
+        raise ValueError(f"{path}: idx header says {shape}, but the file has {len(data)} bytes")
+    array = np.frombuffer(data, dtype, count=count, offset=4 + 4 * ndim).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))  # a writable, native-order copy for torch
+
+
+# A worker process runs many trials, often of one dataset: files are parsed and held once per
+# process rather than once per trial (FashionMNIST is ~55 MB of uint8 on the CPU).
+_RAW_CACHE: dict[tuple[str, Path | None, int | None], RawData] = {}
+
+
+def _file_loader(dataset: str, read: Callable[[Path], RawData]) -> Callable[[DataConfig], RawData]:
+    def load(config: DataConfig) -> RawData:
+        check_data_config(config)
+        key = (dataset, find_data_dir(dataset, config.data_dir), None)
+        if key not in _RAW_CACHE:
+            _RAW_CACHE[key] = read(key[1])
+        return _RAW_CACHE[key]
+
+    return load
+
+
+def _read_idx_dataset(folder: Path) -> RawData:
+    xs, ys, txs, tys = (torch.from_numpy(_read_idx(folder / f)) for f in _IDX_FILES)
+    return RawData(xs.unsqueeze(1), ys.long(), txs.unsqueeze(1), tys.long(), num_classes=10)
+
+
+def _read_cifar10(root: Path) -> RawData:
+    import torchvision  # slow to import: only when CIFAR-10 is really used
+
+    parts = []
+    for train in (True, False):
+        try:
+            ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+        except Exception as e:  # torchvision's integrity check: corrupt or partial files
+            raise DataNotFoundError(f"cifar10: cannot read the files in {root}: {e}") from e
+        parts += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                  torch.tensor(ds.targets, dtype=torch.long)]
+    return RawData(*parts, num_classes=10)
+
+
+SYNTHETIC_SEED = 1234  # fixed, so splits under different data seeds see the same examples
+SYNTHETIC_NOISE = 2.0  # per-pixel noise on unit-variance templates: ~97% is attainable
+
+
+def _load_synthetic(config: DataConfig) -> RawData:
+    """Ten classes, each a fixed random 8x8 template plus Gaussian noise: learnable in seconds."""
+    check_data_config(config)
+    size = 2048 if config.size is None else config.size
+    key = ("synthetic", None, size)
+    if key not in _RAW_CACHE:
+        g = torch.Generator().manual_seed(SYNTHETIC_SEED)
+        templates = torch.randn(10, 1, 8, 8, generator=g)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.randint(0, 10, (n,), generator=g)
+            return templates[y] + SYNTHETIC_NOISE * torch.randn(n, 1, 8, 8, generator=g), y
+
+        test = draw(512)  # drawn first, so the test set does not depend on size
+        _RAW_CACHE[key] = RawData(*draw(size), *test, num_classes=10)
+    return _RAW_CACHE[key]
+
+
+for _info in (
+    DatasetInfo("fashion_mnist", _file_loader("fashion_mnist", _read_idx_dataset), image=True),
+    DatasetInfo("mnist", _file_loader("mnist", _read_idx_dataset), image=True),
+    DatasetInfo("cifar10", _file_loader("cifar10", _read_cifar10), image=True),
+    # 8x8 images: augmentation only blurs the templates, but it lets tests run that code path.
+    DatasetInfo("synthetic", _load_synthetic, image=True),
+):
+    DATASETS.register(_info.name, _info)
+
+# --------------------------------------------------------------------------- splitting
+
+# The finished Data of the most recent configs: trials of one study share a data config, so a
+# worker reuses the device tensors instead of rebuilding (and re-uploading) them every trial.
+# Two entries cover alternating uses (e.g. searching with a val split, retraining without).
+_DATA_CACHE: OrderedDict[tuple, Data] = OrderedDict()
+_DATA_CACHE_SIZE = 2
+
+
+def clear_cache() -> None:
+    """Drop the cached raw datasets and finished Data (frees their memory)."""
+    _RAW_CACHE.clear()
+    _DATA_CACHE.clear()
+
+
+def check_data_config(config: DataConfig) -> None:
+    """Raise ConfigError for what is wrong without reading any data (spec-load time)."""
+    info = DATASETS.get(config.dataset)
+    _check_augment(config.augment)
+    if config.augment and not info.image:
+        raise ConfigError(f"data.augment: {config.dataset} is not image data; got "
+                          f"{list(config.augment)}, expected none")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: expected in [0, 1), got {config.val_fraction!r}")
+    if config.train_subset is not None and config.train_subset < 1:
+        raise ConfigError(f"data.train_subset: expected at least 1, got {config.train_subset}")
+    if config.size is not None and (config.dataset != "synthetic" or config.size < 1):
+        raise ConfigError(f"data.size: expected a positive number of synthetic examples, got "
+                          f"{config.size} for {config.dataset}")
+
+
+def load_data(config: DataConfig, *, device: torch.device | str = "cpu",
+              include_test: bool = False, merge_val: bool = False) -> Data:
+    """Load, split and normalize a dataset onto `device`; cached, so never modify the tensors.
+
+    Validation is a seeded split of the training set (`config.seed`); with `merge_val` the
+    train split is train+val (for retraining) and `val` is None. The test set is included only
+    when asked for.
+    """
+    check_data_config(config)
+    raw = DATASETS.get(config.dataset).load(config)
+    device = torch.device(device)
+    # id(raw) is stable (raw data stays cached); augmentation happens later, per batch.
+    key = (id(raw), replace(config, augment=()), str(device), include_test, merge_val)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = _build(raw, config, device, include_test, merge_val)
+        while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+            _DATA_CACHE.popitem(last=False)
+    _DATA_CACHE.move_to_end(key)
+    return _DATA_CACHE[key]
+
+
+def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...] | None,
+                  num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if classes is None:
+        return x, y
+    relabel = torch.full((num_classes,), -1, dtype=torch.long)
+    relabel[list(classes)] = torch.arange(len(classes))
+    new = relabel[y]
+    return x[new >= 0], new[new >= 0]
+
+
+def _build(raw: RawData, config: DataConfig, device: torch.device,
+           include_test: bool, merge_val: bool) -> Data:
+    classes, k = config.classes, raw.num_classes
+    if classes is not None and not (len(set(classes)) == len(classes) >= 2
+                                    and all(0 <= c < k for c in classes)):
+        raise ConfigError(f"data.classes: expected two or more distinct labels in 0..{k - 1}, "
+                          f"got {list(classes)}")
+    x, y = _keep_classes(raw.train_x, raw.train_y, classes, k)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))
+    n_val = round(config.val_fraction * len(y))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if config.train_subset is not None:
+        if not 1 <= config.train_subset <= len(train_idx):
+            raise ConfigError(f"data.train_subset: expected 1..{len(train_idx)} (the train "
+                              f"part), got {config.train_subset}")
+        train_idx = train_idx[: config.train_subset]  # perm is random: a prefix is a subset
+    if merge_val:
+        train_idx, val_idx = torch.cat([train_idx, val_idx]), val_idx[:0]
+    if len(train_idx) == 0:
+        raise ConfigError(f"data: the train split is empty ({len(y)} examples, "
+                          f"val_fraction {config.val_fraction})")
+
+    def to_device(xs: torch.Tensor, *, owned: bool = True) -> torch.Tensor:
+        """Float32 on the device, in a tensor of our own (normalized in place below)."""
+        if xs.dtype == torch.uint8:  # move first: uint8 crosses the bus at 1/4 of float32's size
+            return xs.to(device).float().div_(255)
+        return xs.to(device, torch.float32, copy=not owned)
+
+    train_x = to_device(x[train_idx])  # indexing copies: ours to normalize in place
+    ones = torch.ones(train_x.shape[1], device=device)
+    std, mean = torch.std_mean(train_x, dim=(0, 2, 3)) if config.normalize else (ones, 0 * ones)
+    std = torch.where(std > 0, std, ones)  # a constant channel is left as it is
+
+    def split(xs: torch.Tensor, ys: torch.Tensor) -> Split:
+        return Split(xs.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)), ys.to(device))
+
+    test = None
+    if include_test:
+        test_x, test_y = _keep_classes(raw.test_x, raw.test_y, classes, k)
+        # Without a class filter these are the cached raw tensors themselves: copy them.
+        test = split(to_device(test_x, owned=False), test_y)
+    return Data(
+        train=split(train_x, y[train_idx]),
+        val=split(to_device(x[val_idx]), y[val_idx]) if len(val_idx) else None,
+        test=test,
+        num_classes=len(classes) if classes is not None else k,
+        input_shape=tuple(train_x.shape[1:]),
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _check_augment(augment: tuple[str, ...]) -> None:
+    for name in augment:
+        if name not in AUGMENTATIONS:
+            raise ConfigError(unknown_choice_message("augmentation", name, list(AUGMENTATIONS)))
+
+
+def augment_batch(x: torch.Tensor, augment: tuple[str, ...],
+                  generator: torch.Generator) -> torch.Tensor:
+    """Random flips/crops of a batch [B, C, H, W], in order; a new tensor (x if none asked).
+
+    Whole-batch tensor ops, no per-example Python. Random numbers come from `generator` (on any
+    device), so a seeded run augments identically. "crop" pads with zeros, i.e. the mean pixel
+    when the data is normalized.
+    """
+    _check_augment(augment)
+    n, dev = x.shape[0], x.device
+
+    def rand_int(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(dev)
+
+    for name in augment:
+        if name == "flip":
+            x = torch.where(rand_int(2).bool().view(n, 1, 1, 1), x.flip(3), x)
+        else:  # crop: every example gets its own window into the zero-padded batch
+            h, w, p = x.shape[2], x.shape[3], CROP_PAD
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            rows = (rand_int(2 * p + 1)[:, None] + torch.arange(h, device=dev)).view(n, h, 1)
+            cols = (rand_int(2 * p + 1)[:, None] + torch.arange(w, device=dev)).view(n, 1, w)
+            batch = torch.arange(n, device=dev).view(n, 1, 1)
+            # Advanced indices split by a slice put their dims first: [B, H, W, C].
+            x = padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return x

@@ -1,0 +1,340 @@
+"""The training loop: `train(config, on_epoch, checkpoint)`.
+
+Data sits on the device as whole tensors and batches are slices of a shuffled index (airbench's
+habit): no DataLoader, no per-sample Python. The loop knows nothing of studies: progress leaves
+through `on_epoch`, which may raise `StopTraining` to end the run after that epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers._checkpoint import CheckpointStore
+from trainers._config import TrainConfig, config_from_dict
+from trainers._data import Data, Split, augment_batch, load_data
+from trainers._errors import ConfigError
+from trainers._inits import apply_init
+from trainers._models import build_model
+from trainers._optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    current_momentum,
+    effective_lr,
+    set_momentum,
+)
+from trainers._schedules import Schedule
+
+DIVERGENCE_CHECK_EVERY = 16  # steps between loss checks: a host sync on CUDA, so not every step
+
+
+class StopTraining(Exception):  # noqa: N818 - a control signal, not an error
+    """Raised by an `on_epoch` callback to end the run cleanly after the current epoch."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based: the number of epochs completed
+    train_loss: float
+    train_accuracy: float
+    val_loss: float  # nan without a validation split
+    val_accuracy: float
+    lr: float  # at the end of the epoch
+    momentum: float | None
+    grad_norms: dict[str, float]  # mean L2 norm of each layer's weight gradient over the epoch
+    epoch_seconds: float  # training pass plus validation
+    train_seconds: float  # the training pass alone
+    samples_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: str  # "completed" | "stopped" (by on_epoch) | "diverged"
+    reason: str
+    history: tuple[EpochMetrics, ...]
+    seconds: float
+    resumed_from_epoch: int = 0
+    parameters: int = 0
+    device: str = "cpu"
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def final(self) -> EpochMetrics | None:
+        return self.history[-1] if self.history else None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA where present, else CPU; a CUDA request without CUDA is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here")
+    return device
+
+
+def train(
+    config: TrainConfig | dict[str, Any],
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    checkpoint: CheckpointStore | None = None,
+    *,
+    evaluate_test: bool = False,
+    merge_val: bool = False,
+) -> TrainResult:
+    """Train one configuration and report every epoch.
+
+    `checkpoint`, when given, is written after every epoch and, if it already holds a state,
+    the run resumes from it: a resumed run gives the same metrics as one never interrupted.
+    `evaluate_test` touches the test set once, at the end (for `hpsearch retrain` only);
+    `merge_val` trains on train+validation (the final fit after the search).
+    """
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = load_data(config.data, device=device, include_test=evaluate_test, merge_val=merge_val)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    apply_init(model, config.init)
+    model.to(device)
+    info = OPTIMIZERS.get(config.optimizer.name)
+    base_lr = effective_lr(config.optimizer, config.batch_size)
+    optimizer = build_optimizer(model, config.optimizer, lr=base_lr)
+    n_train = data.train.x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
+    schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps_per_epoch)
+    order = torch.Generator().manual_seed(config.seed)  # data order, separate from init/dropout
+    layers = _weight_layers(model)
+
+    history: list[EpochMetrics] = []
+    first_loss: float | None = None
+    start_epoch = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        if state["config"] != config.to_dict():
+            raise ConfigError(f"{checkpoint}: the checkpoint was written by another configuration")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        order.set_state(state["rng_order"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+        first_loss = state["first_loss"]
+        start_epoch = int(state["epoch"])
+
+    forward = model
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    scaler = None
+    if device.type == "cuda":
+        if config.compile:
+            forward = torch.compile(model)
+        if config.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+            if dtype == torch.float16:
+                scaler = torch.amp.GradScaler("cuda")
+
+    status, reason = "completed", f"trained {config.epochs} epochs"
+    params_count = sum(p.numel() for p in model.parameters())
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n_train, generator=order).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        norm_sum = torch.zeros(len(layers), device=device)
+        diverged = ""
+        for i in range(steps_per_epoch):
+            t = epoch * steps_per_epoch + i
+            lr = base_lr * schedule.factor(t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            momentum = schedule.momentum(t)
+            if momentum is not None:
+                set_momentum(optimizer, info, momentum)
+            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+            xb, yb = data.train.x[idx], data.train.y[idx]
+            if config.data.augment:
+                xb = augment_batch(xb, config.data.augment, order)
+            with autocast():
+                out = forward(xb)
+                loss = F.cross_entropy(out, yb)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config.max_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if layers:
+                norm_sum += torch.stack(torch._foreach_norm([w.grad for _, w in layers]))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            loss_sum += loss.detach().float() * yb.shape[0]
+            correct += (out.argmax(1) == yb).sum()
+            if i % DIVERGENCE_CHECK_EVERY == 0 or i == steps_per_epoch - 1:
+                value = loss.item()
+                first_loss = value if first_loss is None else first_loss
+                diverged = _divergence(value, first_loss, config.divergence_factor)
+                if diverged:
+                    diverged = f"{diverged} at epoch {epoch + 1}, step {i + 1}"
+                    break
+        if diverged:
+            status, reason = "diverged", diverged
+            break
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc = evaluate(forward, data.val, config.eval_batch_size, autocast)
+        schedule.end_epoch(val_loss, base_lr)
+        seconds = time.perf_counter() - t0
+        norms = (norm_sum / steps_per_epoch).tolist()
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            train_loss=loss_sum.item() / n_train,
+            train_accuracy=correct.item() / n_train,
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            lr=optimizer.param_groups[0]["lr"],
+            momentum=current_momentum(optimizer, info),
+            grad_norms={name: norms[k] for k, (name, _) in enumerate(layers)},
+            epoch_seconds=seconds,
+            train_seconds=train_seconds,
+            samples_per_second=n_train / train_seconds if train_seconds > 0 else math.inf,
+        )
+        history.append(metrics)
+        if checkpoint is not None:
+            checkpoint.save(_state(config, model, optimizer, schedule, order, history,
+                                   first_loss, device))
+        if on_epoch is not None:
+            try:
+                on_epoch(metrics)
+            except StopTraining as stop:
+                status, reason = "stopped", str(stop) or f"stopped after epoch {epoch + 1}"
+                break
+
+    test_loss = test_acc = None
+    if evaluate_test and data.test is not None and status != "diverged":
+        test_loss, test_acc = evaluate(forward, data.test, config.eval_batch_size, autocast)
+    return TrainResult(
+        status=status,
+        reason=reason,
+        history=tuple(history),
+        seconds=time.perf_counter() - started,
+        resumed_from_epoch=start_epoch,
+        parameters=params_count,
+        device=str(device),
+        test_loss=test_loss,
+        test_accuracy=test_acc,
+        model=model,
+    )
+
+
+def evaluate(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    split: Split | None,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a split (nan, nan when there is none)."""
+    if split is None or split.x.shape[0] == 0:
+        return math.nan, math.nan
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    with torch.no_grad(), autocast():
+        for start in range(0, split.x.shape[0], batch_size):
+            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
+            out = model(xb)
+            loss_sum += F.cross_entropy(out.float(), yb, reduction="sum")
+            correct += (out.argmax(1) == yb).sum()
+    if module is not None and was_training:
+        module.train()
+    n = split.x.shape[0]
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _divergence(loss: float, first: float, factor: float) -> str:
+    if not math.isfinite(loss):
+        return f"diverged: loss is {loss}"
+    if loss > factor * max(first, 1e-8):
+        return f"diverged: loss {loss:.4g} exceeds {factor:g}x its first value {first:.4g}"
+    return ""
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of each Linear/Conv layer: 'linear1', 'conv2d2', … in forward order."""
+    counts: dict[str, int] = {}
+    layers = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if not module.weight.requires_grad:
+                continue
+            kind = type(module).__name__.lower()
+            counts[kind] = counts.get(kind, 0) + 1
+            layers.append((f"{kind}{counts[kind]}", module.weight))
+    return layers
+
+
+def _state(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    order: torch.Generator,
+    history: list[EpochMetrics],
+    first_loss: float | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "epoch": len(history),
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_order": order.get_state(),
+        "history": [m.to_dict() for m in history],
+        "first_loss": first_loss,
+    }
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def data_for(config: TrainConfig) -> Data:
+    """The data a config trains on (cached per process), for tools that need it outside `train`."""
+    return load_data(config.data, device=resolve_device(config.device))

@@ -1,0 +1,117 @@
+"""Models: the MLP of the seed report and conv-BN-ReLU 3x3 CNNs, built from `ModelConfig`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from trainers._config import ModelConfig
+from trainers._errors import ConfigError
+from trainers._registry import Registry, unknown_choice_message
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,  # kept for the lore's vanishing-gradient demonstrations
+    "gelu": nn.GELU,
+}
+NORMS = ("none", "batchnorm", "layernorm")
+POOLS: dict[str, Callable[[], nn.Module]] = {
+    "max": lambda: nn.MaxPool2d(2),
+    "avg": lambda: nn.AvgPool2d(2),
+}
+
+BuildFn = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    build: BuildFn  # (config, input_shape per example, num_classes) -> module
+
+
+MODELS: Registry[ModelInfo] = Registry("model")
+
+
+def _choice(family: str, value: str, choices: list[str] | tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(unknown_choice_message(family, value, list(choices)))
+    return value
+
+
+def layer_norms(config: ModelConfig) -> list[str]:
+    """One norm per hidden layer: a single name applies to all, a comma list names each."""
+    names = [n.strip() for n in config.norm.split(",")]
+    for n in names:
+        _choice("norm", n, NORMS)
+    if len(names) == 1:
+        return names * len(config.hidden)
+    if len(names) != len(config.hidden):
+        raise ConfigError(
+            f"model.norm: expected one norm or one per hidden layer ({len(config.hidden)}), "
+            f"got {config.norm!r}"
+        )
+    return names
+
+
+def build_mlp(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    act = ACTIVATIONS[_choice("activation", config.activation, list(ACTIVATIONS))]
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for out, norm in zip(config.hidden, layer_norms(config), strict=True):
+        layers.append(nn.Linear(width, out))
+        if norm == "batchnorm":
+            layers.append(nn.BatchNorm1d(out))
+        elif norm == "layernorm":
+            layers.append(nn.LayerNorm(out))
+        layers.append(act())
+        if config.dropout > 0:
+            layers.append(nn.Dropout(config.dropout))
+        width = out
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_cnn(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Stages of 3x3 conv-BN-ReLU blocks, pooled 2x between stages, global pool, linear head."""
+    pool = POOLS[_choice("pool", config.pool, list(POOLS))]
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.type: cnn needs image data (C, H, W), got shape {input_shape}")
+    channels, size = input_shape[0], min(input_shape[1:])
+    layers: list[nn.Module] = []
+    for i, width in enumerate(config.widths):
+        for _ in range(config.blocks):
+            # bias=False: the BatchNorm that follows has its own shift.
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
+        if i < len(config.widths) - 1 and size >= 4:
+            layers.append(pool())
+            size //= 2
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if config.dropout > 0:
+        layers.append(nn.Dropout(config.dropout))
+    layers.append(nn.Linear(channels, num_classes))
+    return nn.Sequential(*layers)
+
+
+MODELS.register("mlp", ModelInfo("mlp", build_mlp))
+MODELS.register("cnn", ModelInfo("cnn", build_cnn))
+
+
+def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The configured network for inputs of `input_shape` and `num_classes` outputs."""
+    if config.type == "cnn" and not config.widths:
+        raise ConfigError("model.widths: expected at least one stage width, got []")
+    return MODELS.get(config.type).build(config, input_shape, num_classes)
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """Validate names without building anything (used when a config is created)."""
+    MODELS.get(config.type)
+    _choice("activation", config.activation, list(ACTIVATIONS))
+    _choice("pool", config.pool, list(POOLS))
+    layer_norms(config)

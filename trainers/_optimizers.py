@@ -1,0 +1,97 @@
+"""Optimizers: one registry of frozen entries (timm's OptimInfo habit) and one factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainers._config import OptimizerConfig
+from trainers._registry import Registry
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    name: str
+    cls: type[torch.optim.Optimizer]
+    kwargs: Callable[[OptimizerConfig], dict[str, Any]]
+    momentum_key: str | None = None  # where cycled momentum goes: "momentum", "betas" or None
+
+
+OPTIMIZERS: Registry[OptimInfo] = Registry("optimizer")
+
+
+def _betas(c: OptimizerConfig) -> dict[str, Any]:
+    return {"betas": (c.beta1, c.beta2), "eps": c.eps}
+
+
+for _info in (
+    OptimInfo("sgd", torch.optim.SGD,
+              lambda c: {"momentum": c.momentum, "nesterov": c.nesterov and c.momentum > 0},
+              momentum_key="momentum"),
+    # SGD+Nesterov as its own name, so a search space can choose it like any optimizer.
+    OptimInfo("nesterov", torch.optim.SGD,
+              lambda c: {"momentum": c.momentum, "nesterov": c.momentum > 0},
+              momentum_key="momentum"),
+    OptimInfo("adam", torch.optim.Adam, lambda c: {**_betas(c), "amsgrad": c.amsgrad},
+              momentum_key="betas"),
+    OptimInfo("amsgrad", torch.optim.Adam, lambda c: {**_betas(c), "amsgrad": True},
+              momentum_key="betas"),
+    # AdamW decouples weight decay from the gradient step (Loshchilov & Hutter): not L2-in-Adam.
+    OptimInfo("adamw", torch.optim.AdamW, lambda c: {**_betas(c), "amsgrad": c.amsgrad},
+              momentum_key="betas"),
+    OptimInfo("rmsprop", torch.optim.RMSprop,
+              lambda c: {"alpha": c.alpha, "eps": c.eps, "momentum": 0.0}),
+    OptimInfo("adagrad", torch.optim.Adagrad, lambda c: {"eps": 1e-10}),
+    OptimInfo("adadelta", torch.optim.Adadelta, lambda c: {"rho": c.rho, "eps": 1e-6}),
+):
+    OPTIMIZERS.register(_info.name, _info)
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Decay matrices and conv kernels only: biases and norm scales are 1-D (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def effective_lr(config: OptimizerConfig, batch_size: int) -> float:
+    """The lr the optimizer uses; with `lr_per_batch` set, scaled linearly by the batch size."""
+    if config.lr_per_batch:
+        return config.lr * batch_size / config.lr_per_batch
+    return config.lr
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, *, lr: float
+                    ) -> torch.optim.Optimizer:
+    """The configured optimizer over `model`'s trainable parameters, starting at `lr`."""
+    info = OPTIMIZERS.get(config.name)
+    groups = param_groups(model, config.weight_decay, decay_all=config.decay_all)
+    return info.cls(groups, lr=lr, **info.kwargs(config))
+
+
+def set_momentum(optimizer: torch.optim.Optimizer, info: OptimInfo, value: float) -> None:
+    """Write a cycled momentum into every group (beta1 for the Adam family)."""
+    for group in optimizer.param_groups:
+        if info.momentum_key == "momentum":
+            group["momentum"] = value
+        elif info.momentum_key == "betas":
+            group["betas"] = (value, group["betas"][1])
+
+
+def current_momentum(optimizer: torch.optim.Optimizer, info: OptimInfo) -> float | None:
+    group = optimizer.param_groups[0]
+    if info.momentum_key == "momentum":
+        return float(group["momentum"])
+    if info.momentum_key == "betas":
+        return float(group["betas"][0])
+    return None
