@@ -59,7 +59,6 @@ def _qmc(spec: StudySpec, **options: Any) -> optuna.samplers.BaseSampler:
 
 def _grid(spec: StudySpec, **options: Any) -> optuna.samplers.BaseSampler:
     import optuna
-
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     from search._space import distributions

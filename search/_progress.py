@@ -94,7 +94,7 @@ class RunDisplay:
         value = ""
         if trial.values is not None:
             value = " ".join(f"{m} {fmt(v)}" for m, v in
-                             zip(self.spec.objective.metric_names, trial.values))
+                             zip(self.spec.objective.metric_names, trial.values, strict=True))
         elif trial.intermediate_values:
             last = max(trial.intermediate_values)
             value = f"{self.metric} {fmt(trial.intermediate_values[last])}"
@@ -103,7 +103,7 @@ class RunDisplay:
         ended = trial.user_attrs.get("ended", "")
         note = f"  [dim]{ended}[/]" if state != "COMPLETE" and ended else ""
         color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
-        timing = f"{epochs} ep {seconds:.1f}s" if seconds is not None else f"{epochs} ep"
+        timing = f"{epochs} ep {seconds:.2g}s" if seconds is not None else f"{epochs} ep"
         self.console.print(
             f"#{trial.number:<4} [{color}]{state:<8}[/] {value:<22} {timing:<12} "
             f"{params_text(flat_params(self.spec, trial))}{note}"
@@ -120,21 +120,23 @@ class RunDisplay:
             return ""
         return f"best {self.metric} {fmt(best.value)} (#{best.number})"
 
-    def finish(self, study: optuna.Study, counts: Counts, storage_hint: str) -> None:
+    def finish(self, study: optuna.Study, counts: Counts, storage_hint: str,
+               dashboard_url: str) -> None:
         elapsed = time.monotonic() - self.started
         self.console.print(
             f"\n{counts.finished}/{self.budget} trials finished ({counts.complete} complete, "
             f"{counts.pruned} pruned, {counts.failed} failed) in {elapsed:.0f} s"
         )
         show_best(study, self.spec, self.console)
-        name = self.spec.name
-        self.console.print(
-            "\nnext:\n"
-            f"  hpsearch status {name}{storage_hint}                 trials at a glance\n"
-            f"  hpsearch dashboard{storage_hint}                     watch it in optuna-dashboard\n"
-            f"  hpsearch best {name}{storage_hint} --format yaml > best.yaml\n"
-            "  python -m trainers best.yaml                           train the best config again"
-        )
+        name, url = self.spec.name, storage_hint
+        self.console.print("\nnext:")
+        for command, why in (
+            (f"hpsearch status {name}{url}", "trials at a glance"),
+            (f"optuna-dashboard {dashboard_url}", "curves and plots in the browser"),
+            (f"hpsearch best {name}{url} --format yaml > best.yaml", "export the best config"),
+            ("python -m trainers best.yaml", "and train it again"),
+        ):
+            self.console.print(f"  {command:<58} [dim]# {why}[/]")
 
 
 def show_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
@@ -149,7 +151,7 @@ def show_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
         table = Table(title=f"best trial #{trial.number}", show_header=False, title_justify="left")
         table.add_column("key", style="bold")
         table.add_column("value")
-        for metric, value in zip(spec.objective.metric_names, trial.values):
+        for metric, value in zip(spec.objective.metric_names, trial.values, strict=True):
             table.add_row(metric, fmt(value))
         history = trial.user_attrs.get("history") or []
         if history and "val_accuracy" not in spec.objective.metric_names:

@@ -8,8 +8,6 @@ it names, and only when each of them holds one of the listed values.
 
 from __future__ import annotations
 
-import re
-import typing
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -21,79 +19,13 @@ from optuna.distributions import (
 )
 
 from search._errors import SpecError
-from search._space_entries import (
-    ChoicesEntry,
-    Entry,
-    GridEntry,
-    Pow2Entry,
-    RangeEntry,
-    did_you_mean,
-    same,
-    show,
-)
-from trainers._config import ALIASES, SECTIONS, TrainConfig, config_from_dict, knob_names
-from trainers._errors import ConfigError
+from search._knobs import canonical, check_knob, constants_of, hint, numeric_kind, trainer_error
+from search._space_entries import ChoicesEntry, Entry, GridEntry, Pow2Entry, RangeEntry
+from search._spec_model import did_you_mean, fail, same, show
+from trainers import ConfigError, TrainConfig, config_from_dict
 
 if TYPE_CHECKING:
     from search._spec import StudySpec
-
-_TRAINER_KEY = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\])*): (.*)$", re.DOTALL)
-
-
-def fail(path: str, detail: str) -> SpecError:
-    """A SpecError reading ``<path>: <detail>``."""
-    return SpecError(f"{path}: {detail}", path=path)
-
-
-def trainer_error(path: str, key: str, error: ConfigError) -> SpecError:
-    """The trainer's ConfigError about ``key``, re-addressed to ``path`` in the study file."""
-    match = _TRAINER_KEY.match(str(error))
-    if not match:
-        return fail(path, str(error))
-    where, detail = match.groups()
-    if where.startswith(key) and where[len(key):].startswith("["):
-        path += where[len(key):]  # an item of a list setting, e.g. hidden[1]
-    return fail(path, detail)
-
-
-def canonical(key: str) -> str:
-    """The dotted trainer path of a flat or dotted knob: ``lr`` → ``optimizer.lr``."""
-    return ALIASES.get(key, key)
-
-
-def flat_settings(values: dict[str, Any], prefix: str) -> list[tuple[str, str, Any]]:
-    """(study-file path, trainer path, value) for each setting; nested sections are spread."""
-    out = []
-    for key, value in values.items():
-        if key in SECTIONS and isinstance(value, dict):
-            out += [(f"{prefix}{key}.{k}", f"{key}.{k}", v) for k, v in value.items()]
-        else:
-            out.append((f"{prefix}{key}", canonical(key), value))
-    return out
-
-
-def check_knob(path: str, key: str) -> None:
-    """Raise unless ``key`` names a trainer setting a study may fix or search."""
-    if key == "epochs":
-        raise fail(path, "the number of epochs is budget.epochs (the pruners' resource); "
-                         "set it there")
-    if key not in knob_names():
-        raise fail(path, f"unknown trainer setting{did_you_mean(key, knob_names())} "
-                         f"(flat names: {', '.join(ALIASES)}; or dotted, such as "
-                         f"optimizer.beta1 or schedule.gamma)")
-
-
-def _hint(key: str) -> Any:
-    head, _, rest = canonical(key).partition(".")
-    if rest:
-        return typing.get_type_hints(SECTIONS[head])[rest]
-    return typing.get_type_hints(TrainConfig)[head]
-
-
-def _numeric_kind(key: str) -> type | None:
-    """int or float when the trainer setting is a (possibly optional) number, else None."""
-    args = [a for a in (typing.get_args(_hint(key)) or (_hint(key),)) if a is not type(None)]
-    return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
 def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[str, Any]]) -> None:
@@ -119,8 +51,9 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
             except ConfigError as e:
                 raise trainer_error(f"{path}.{sub}", key, e) from e
         if spec.sampler.type == "grid" and not entry.discrete():
-            raise fail(path, "the grid sampler needs discrete parameters (choices, grid, pow2, "
-                             f"an int range or a range with a step), got {show(entry.model_dump())}")
+            raise fail(path, "the grid sampler needs discrete parameters (choices, grid, pow2 "
+                             "or an int range), got "
+                             f"{show(entry.model_dump(exclude_none=True))}")
     _check_conditions(spec, constants)
     order(spec)  # raises on a cycle of conditions
 
@@ -128,10 +61,10 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
 def _with_trainer_types(path: str, key: str, entry: Entry) -> Entry:
     if not isinstance(entry, RangeEntry):
         return entry
-    kind = _numeric_kind(key)
+    kind = numeric_kind(key)
     if kind is None:
-        raise fail(path, f"a range needs a numeric setting, and {key} is {_hint(key)}; "
-                         "use choices")
+        raise fail(path, f"a range needs a numeric setting, and {key} is "
+                         f"{_describe(hint(key))}; use choices")
     if kind is int:
         if entry.is_int is False:
             raise fail(f"{path}.int", f"{key} is an integer setting, got false")
@@ -142,6 +75,14 @@ def _with_trainer_types(path: str, key: str, entry: Entry) -> Entry:
                                             f"got {show(value)}")
         return entry.as_int()
     return entry
+
+
+def _describe(kind: Any) -> str:
+    text = str(kind).replace("typing.", "")
+    if "tuple" in text:
+        return "a list setting"
+    return {"str": "a string setting", "bool": "a true/false setting"}.get(
+        getattr(kind, "__name__", ""), text)
 
 
 def _candidates(entry: Entry) -> list[tuple[str, Any]]:
@@ -177,12 +118,13 @@ def _check_conditions(spec: StudySpec, constants: dict[str, tuple[str, Any]]) ->
                 if not other.discrete():
                     raise fail(path, f"a condition needs a discrete parameter (choices, grid, "
                                      f"pow2 or an int range), and space.{param} is a float range")
+                listed = isinstance((entry.when or {})[param], list)
                 for i, value in enumerate(values):
-                    if other.check_value(value) is not None:
-                        sub = path if len(values) == 1 and not isinstance(entry.when[param], list) \
-                            else f"{path}[{i}]"
-                        raise fail(sub, f"expected {other.check_value(value)} "
-                                        f"(space.{by_path[target]}), got {show(value)}")
+                    expected = other.check_value(value)
+                    if expected is not None:
+                        raise fail(f"{path}[{i}]" if listed else path,
+                                   f"expected {expected} (space.{by_path[target]}), "
+                                   f"got {show(value)}")
             elif target in constants:
                 where, fixed = constants[target]
                 if not any(same(fixed, v) for v in values):
@@ -264,16 +206,6 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
             trial.set_user_attr(key, real)
         sampled[key] = values[canonical(key)] = real
     return {key: sampled[key] for key in spec.space if key in sampled}
-
-
-def constants_of(spec: StudySpec) -> dict[str, tuple[str, Any]]:
-    """Trainer path → (study path, value) of the settings data, model and fixed hold constant."""
-    settings = (
-        flat_settings({"data": spec.data}, "")
-        + flat_settings({"model": spec.model}, "")
-        + flat_settings(spec.fixed, "fixed.")
-    )
-    return {where: (path, value) for path, where, value in settings}
 
 
 def params_from_optuna(spec: StudySpec, optuna_params: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The study file's building blocks: a strict base model and the four search-space entry forms.
+"""The four forms of a search-space entry, each with its mapping to and from Optuna.
 
 Each entry maps 1:1 onto one Optuna distribution with Optuna's inclusive bounds:
 
@@ -7,17 +7,14 @@ Each entry maps 1:1 onto one Optuna distribution with Optuna's inclusive bounds:
 - ``{grid: [...]}``                     → CategoricalDistribution of the sorted, unique numbers
 - ``{pow2: [a, b]}``                    → IntDistribution(log2 a, log2 b) named ``log2_<key>``
 
-Errors are raised as ``PydanticCustomError("spec", …)`` whose context carries the message and,
-where it is not the field being validated, the key it is about; `_spec` turns the first one into
-a single ``<key path>: <expected>, got <value>`` line.
+Validators raise `spec_error`, which `_spec_model.from_pydantic` turns into one clear line.
 """
 
 from __future__ import annotations
 
 import decimal
-import difflib
 import math
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from optuna.distributions import (
     BaseDistribution,
@@ -26,94 +23,16 @@ from optuna.distributions import (
     IntDistribution,
 )
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
-    PlainValidator,
     StrictBool,
     StrictInt,
     Tag,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-
-def show(value: Any) -> str:
-    """A value as the user wrote it in YAML: strings quoted, true/false/null, lists in brackets."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def spec_error(message: str, *, key: str | None = None) -> PydanticCustomError:
-    """An error for `_spec` to report; ``key`` extends the location of the failing model."""
-    context: dict[str, Any] = {"message": message}
-    if key is not None:
-        context["key"] = key
-    return PydanticCustomError("spec", "{message}", context)
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """``, did you mean 'x'?`` when difflib finds a close choice, else the empty string."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f", did you mean {close[0]!r}?" if close else ""
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equality as a study file means it: true is not 1, and [128, 56] equals (128, 56)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return (
-            isinstance(a, (list, tuple))
-            and isinstance(b, (list, tuple))
-            and len(a) == len(b)
-            and all(same(x, y) for x, y in zip(a, b))
-        )
-    return type(a) is type(b) and a == b or _is_number(a) and _is_number(b) and a == b
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> int | float:
-    if not _is_number(value):
-        raise spec_error(f"expected a number, got {show(value)}")
-    if not math.isfinite(value):
-        raise spec_error(f"expected a finite number, got {show(value)}")
-    return value
-
-
-# A real number as YAML gives it: int stays int (bounds of integer ranges), bool is rejected.
-Number = Annotated[Union[int, float], PlainValidator(_number)]
-
-
-class SpecModel(BaseModel):
-    """Strict base of every study-file section: unknown keys are errors that guess the typo."""
-
-    model_config = ConfigDict(extra="forbid", serialize_by_alias=True, validate_by_alias=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = [f.alias or name for name, f in cls.model_fields.items()]
-            for key in data:
-                if key not in known:
-                    guess = did_you_mean(str(key), known)
-                    raise spec_error(
-                        f"unknown key{guess} (expected one of: {', '.join(known)})", key=str(key)
-                    )
-        return data
+from search._spec_model import Number, SpecModel, is_number, same, show, spec_error
 
 
 class Entry(SpecModel):
@@ -220,7 +139,7 @@ class RangeEntry(Entry):
         expected = f"{kind} from {show(self.low)} to {show(self.high)}"
         if self.step is not None:
             expected += f" in steps of {show(self.step)}"
-        if not _is_number(value) or (self.is_int and float(value) != int(value)):
+        if not is_number(value) or (self.is_int and float(value) != int(value)):
             return expected
         if not self.low <= value <= self.high:
             return expected
@@ -231,14 +150,12 @@ class RangeEntry(Entry):
         return None
 
     def discrete(self) -> bool:
-        return bool(self.is_int) or self.step is not None
+        # A stepped float range is discrete too, but float equality makes a poor grid or
+        # condition; Optuna's GridSampler and `when` get integers, choices and grids.
+        return bool(self.is_int)
 
     def grid(self) -> list[Any]:
-        if self.is_int:
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        assert self.step is not None  # discrete() said so
-        n = round((self.high - self.low) / self.step)
-        return [self.low + i * self.step for i in range(n + 1)]
+        return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
 
 
 def _label(value: Any) -> Any:
@@ -317,7 +234,7 @@ class GridEntry(Entry):
         return next(v for v in self.grid_values if v == value)
 
     def check_value(self, value: Any) -> str | None:
-        if _is_number(value) and any(value == v for v in self.grid_values):
+        if is_number(value) and any(value == v for v in self.grid_values):
             return None
         return f"one of the grid values {show(self.grid_values)}"
 
@@ -333,7 +250,7 @@ def _nearest_powers(value: int) -> str:
 
 
 def _is_pow2(value: Any) -> bool:
-    return _is_number(value) and value >= 1 and float(value).is_integer() and (
+    return is_number(value) and value >= 1 and float(value).is_integer() and (
         int(value) & (int(value) - 1) == 0
     )
 
@@ -375,7 +292,7 @@ class Pow2Entry(Entry):
     def check_value(self, value: Any) -> str | None:
         expected = f"a power of two from {self.pow2[0]} to {self.pow2[1]}"
         if not _is_pow2(value):
-            if _is_number(value) and value >= 1:
+            if is_number(value) and value >= 1:
                 return f"{expected} (nearest: {_nearest_powers(int(value))})"
             return expected
         if not self.pow2[0] <= value <= self.pow2[1]:
@@ -408,12 +325,10 @@ def _entry_form(value: Any) -> str | None:
 
 
 SpaceEntry = Annotated[
-    Union[
-        Annotated[RangeEntry, Tag("<range>")],
-        Annotated[ChoicesEntry, Tag("<choices>")],
-        Annotated[GridEntry, Tag("<grid>")],
-        Annotated[Pow2Entry, Tag("<pow2>")],
-    ],
+    Annotated[RangeEntry, Tag("<range>")]
+    | Annotated[ChoicesEntry, Tag("<choices>")]
+    | Annotated[GridEntry, Tag("<grid>")]
+    | Annotated[Pow2Entry, Tag("<pow2>")],
     Discriminator(_entry_form, custom_error_type="space_entry",
                   custom_error_message="not a search-space entry"),
 ]

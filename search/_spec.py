@@ -27,18 +27,19 @@ from pydantic import (
 )
 
 from search._errors import SpecError
-from search._space import (
-    check_knob,
-    check_space,
-    constants_of,
-    enqueue_params,
+from search._knobs import check_constants, constant_values
+from search._space import check_space, enqueue_params
+from search._space_entries import SpaceEntry
+from search._spec_model import (
+    Number,
+    SpecModel,
+    did_you_mean,
     fail,
-    flat_settings,
-    trainer_error,
+    from_pydantic,
+    show,
+    spec_error,
 )
-from search._space_entries import Number, SpaceEntry, SpecModel, did_you_mean, show, spec_error
-from trainers._config import SECTIONS, TrainConfig, config_from_dict
-from trainers._errors import ConfigError
+from trainers import ConfigError, TrainConfig, config_from_dict
 
 SPEC_VERSION = 1
 
@@ -109,7 +110,8 @@ class Objective(SpecModel):
             if len(self.directions) != len(self.metrics):
                 raise spec_error(f"expected one direction per metric ({len(self.metrics)}), "
                                  f"got {show(self.directions)}", key="directions")
-        for i, (metric, direction) in enumerate(zip(self.metric_names, self.direction_names)):
+        pairs = zip(self.metric_names, self.direction_names, strict=True)
+        for i, (metric, direction) in enumerate(pairs):
             if direction != default_direction(metric):
                 key = "direction" if self.metrics is None else f"directions[{i}]"
                 raise spec_error(f"expected {default_direction(metric)} for {metric}, "
@@ -241,57 +243,6 @@ class StudySpec(SpecModel):
         return self
 
 
-_MESSAGES = {
-    "int_type": "expected an integer",
-    "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "float_type": "expected a number",
-    "float_parsing": "expected a number",
-    "bool_type": "expected true or false",
-    "bool_parsing": "expected true or false",
-    "string_type": "expected a string",
-    "list_type": "expected a list",
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping",
-    "model_attributes_type": "expected a mapping",
-    "space_entry": "expected a search-space entry: a range {low, high}, {choices: [...]}, "
-                   "{grid: [...]} or {pow2: [a, b]} (a constant belongs under fixed)",
-}
-
-
-def _join(parts: list[Any]) -> str:
-    out = ""
-    for part in parts:
-        text = str(part)
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif text.startswith("["):
-            out += text
-        else:
-            out += f".{text}" if out else text
-    return out
-
-
-def _from_pydantic(error: ValidationError) -> SpecError:
-    """Pydantic's first error as one ``<key path>: <expected>, got <value>`` line."""
-    first = error.errors()[0]
-    context = first.get("ctx") or {}
-    loc = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith("<"))]
-    if "key" in context:
-        loc.append(context["key"])
-    path = _join(loc) or "(top level)"
-    kind, value = first["type"], first.get("input")
-    if kind == "spec":
-        return fail(path, context["message"])
-    if kind == "missing":
-        return fail(path, "required key is missing")
-    if kind == "greater_than_equal":
-        return fail(path, f"expected at least {context['ge']}, got {show(value)}")
-    if kind == "greater_than":
-        return fail(path, f"expected a number greater than {context['gt']}, got {show(value)}")
-    return fail(path, f"{_MESSAGES.get(kind, first['msg'])}, got {show(value)}")
-
-
 def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
     """Validate a study file's contents; raise one SpecError naming the first bad key."""
     try:
@@ -300,45 +251,14 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
         try:
             spec = StudySpec.model_validate(data)
         except ValidationError as e:
-            raise _from_pydantic(e) from e
-        constants = _check_constants(spec)
+            raise from_pydantic(e) from e
+        constants = check_constants(spec)
         check_space(spec, base_train_config(spec), constants)
         for i, entry in enumerate(spec.enqueue):
             enqueue_params(spec, entry, path=f"enqueue[{i}]")
     except SpecError as e:
         raise SpecError(f"{source}: {e}", path=e.path) from e
     return spec
-
-
-def _check_constants(spec: StudySpec) -> dict[str, tuple[str, Any]]:
-    """Check data, model and fixed against the trainer, one setting at a time, then together."""
-    base = TrainConfig(epochs=spec.budget.epochs)
-    seen: dict[str, str] = {}
-    for section in ("data", "model"):
-        for key in getattr(spec, section):
-            if key not in SECTIONS[section].__dataclass_fields__:
-                known = list(SECTIONS[section].__dataclass_fields__)
-                raise fail(f"{section}.{key}", f"unknown key{did_you_mean(key, known)} "
-                                               f"(expected one of: {', '.join(known)})")
-    settings = (flat_settings({"data": spec.data}, "") + flat_settings({"model": spec.model}, "")
-                + flat_settings(spec.fixed, "fixed."))
-    for path, where, value in settings:
-        if path.startswith("fixed."):
-            check_knob(path, path.removeprefix("fixed."))
-        if where in seen:
-            raise fail(path, f"also set by {seen[where]}; keep one")
-        seen[where] = path
-        try:
-            config_from_dict({where: value}, base=base)
-        except ConfigError as e:
-            raise trainer_error(path, where, e) from e
-    seen["epochs"] = "budget.epochs"
-    try:
-        config_from_dict(_constant_values(spec))
-    except ConfigError as e:  # a combination, e.g. warmup_epochs not below budget.epochs
-        key = str(e).split(": ")[0]
-        raise trainer_error(seen.get(key, "fixed"), key, e) from e
-    return constants_of(spec)
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -369,6 +289,8 @@ class _Loader(yaml.SafeLoader):
         keys = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # SafeLoader reports unhashable keys itself
             if key in keys:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -405,15 +327,9 @@ def spec_from_json(text: str) -> StudySpec:
 def base_train_config(spec: StudySpec) -> TrainConfig:
     """The trainer config every trial starts from: data, model, fixed and budget.epochs."""
     try:
-        return config_from_dict(_constant_values(spec))
+        return config_from_dict(constant_values(spec))
     except ConfigError as e:
         raise SpecError(f"the study's constant settings: {e}") from e
-
-
-def _constant_values(spec: StudySpec) -> dict[str, Any]:
-    values = {where: value for where, (_, value) in constants_of(spec).items()}
-    values["epochs"] = spec.budget.epochs
-    return values
 
 
 def train_config_for(spec: StudySpec, params: dict[str, Any]) -> TrainConfig:

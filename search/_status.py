@@ -36,7 +36,7 @@ def best_record(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
         history = trial.user_attrs.get("history") or []
         out.append({
             "trial": trial.number,
-            "values": dict(zip(spec.objective.metric_names, trial.values)),
+            "values": dict(zip(spec.objective.metric_names, trial.values, strict=True)),
             "val_accuracy": (history[-1].get("val_accuracy") if history else None),
             "params": params,
             "config": train_config_for(spec, params).to_dict(),
@@ -76,7 +76,8 @@ def status_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
                      for t in finished)
     return {
         "study": spec.name,
-        "objective": dict(zip(spec.objective.metric_names, spec.objective.direction_names)),
+        "objective": dict(zip(spec.objective.metric_names, spec.objective.direction_names,
+                           strict=True)),
         "budget": {"trials": budget_of(study, spec), "epochs": spec.budget.epochs},
         "counts": {"complete": counts.complete, "pruned": counts.pruned,
                    "failed": counts.failed, "running": counts.running,

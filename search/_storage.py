@@ -123,4 +123,5 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
     except Exception as e:  # sqlalchemy/driver errors: name the URL without its password
-        raise StorageError(f"cannot open storage {redact(url)}: {redact(str(e)).splitlines()[0]}") from e
+        reason = redact(str(e)).splitlines()[0]
+        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e

@@ -99,7 +99,7 @@ def run_worker(
 
 
 def quiet_optuna_warnings() -> None:
-    """Experimental-feature warnings (heartbeats, retry callback) are ours to know, not the user's."""
+    """Experimental-feature warnings (heartbeats, retries) are ours to know, not the user's."""
     import warnings
 
     import optuna

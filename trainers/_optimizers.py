@@ -55,7 +55,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Fal
                  ) -> list[dict[str, Any]]:
     """Decay matrices and conv kernels only: biases and norm scales are 1-D (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if decay_all:
+    if decay_all or weight_decay == 0:  # one group: one fused update per step, not two
         return [{"params": params, "weight_decay": weight_decay}]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

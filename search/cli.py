@@ -1,0 +1,295 @@
+"""The `hpsearch` command line: a table of subcommands whose help comes from their docstrings.
+
+Heavy imports (torch, optuna) happen inside each command, so `hpsearch --help` is instant.
+Exit codes: 0 success, 2 bad input (spec, arguments, unknown study), 1 a runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+from search._errors import SearchError, SpecError
+from search._storage import DEFAULT_URL, ENV_VAR, redact
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Command:
+    """Base of a subcommand: the docstring's first line is its help."""
+
+    name = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+def _storage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", default=None,
+        help=f"study storage URL (default: ${ENV_VAR}, else {DEFAULT_URL})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _storage_hint(args: argparse.Namespace) -> str:
+    return f" --storage {redact(args.storage)}" if args.storage else ""
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # soft_wrap: a CI log or a pipe keeps one line per trial instead of wrapping at 80 columns.
+    return Console(highlight=False, soft_wrap=True)
+
+
+class Validate(Command):
+    """Check a study file; touch nothing."""
+
+    name = "validate"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", help="study file (YAML)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from search._space import distributions
+        from search._spec import load_spec
+
+        spec = load_spec(args.study)
+        dists = distributions(spec)
+        print(f"{args.study}: valid study {spec.name!r}: {len(dists)} searched parameters "
+              f"({', '.join(dists)}), {spec.budget.trials} trials x {spec.budget.epochs} epochs, "
+              f"sampler {spec.sampler.type}, pruner {spec.pruner.type}")
+        return EXIT_OK
+
+
+class Run(Command):
+    """Create or resume a study from its file and run trials until the budget is met."""
+
+    name = "run"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", help="study file (YAML)")
+        _storage_arg(parser)
+        parser.add_argument("--trials", type=_positive_int,
+                            help="global trial budget (COMPLETE+PRUNED), overriding the file")
+        parser.add_argument("--timeout", type=_positive_float,
+                            help="stop starting trials after this many seconds")
+        parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from search._spec import load_spec
+
+        spec = load_spec(args.study)  # a bad file fails here, before the storage is touched
+        return _run_study(args, spec=spec)
+
+
+class Worker(Command):
+    """Join an existing study by name from any machine, using the spec stored with it."""
+
+    name = "worker"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", help="study name")
+        _storage_arg(parser)
+        parser.add_argument("--timeout", type=_positive_float,
+                            help="stop starting trials after this many seconds")
+        parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+
+    def run(self, args: argparse.Namespace) -> int:
+        args.trials = None
+        return _run_study(args, name=args.name)
+
+
+def _run_study(args: argparse.Namespace, *, spec: Any = None, name: str | None = None) -> int:
+    from search._progress import RunDisplay
+    from search._storage import open_storage, resolve_url
+    from search._study import budget_of, count_trials, create_or_load, load
+    from search._worker import WorkerError, quiet_optuna_warnings, run_worker
+
+    quiet_optuna_warnings()
+    url = resolve_url(args.storage)
+    if spec is None:
+        # A worker learns the heartbeat settings from the stored spec: open once to read it.
+        _, spec = load(name, open_storage(url, must_exist=True))
+    storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
+                           grace_period=spec.run.grace_period)
+    if name is None:
+        study = create_or_load(spec, storage, trials=args.trials)
+    else:
+        study, spec = load(name, storage)
+    timeout = args.timeout or spec.budget.timeout_s
+    budget = budget_of(study, spec)
+    counts = count_trials(study)
+    console = _console()
+    with RunDisplay(spec, budget, console=console) as display:
+        display.start(counts, resumed=counts.finished + counts.failed > 0)
+        try:
+            summary = run_worker(
+                study, spec, device=args.device, timeout_s=timeout,
+                on_trial=lambda s, t: display.trial(s, t, count_trials(s)),
+                on_epoch=display.epoch,
+            )
+        except WorkerError as e:
+            console.print(f"[red]error:[/] {e}")
+            display.finish(study, count_trials(study), _storage_hint(args), redact(url))
+            return EXIT_FAILURE
+    counts = count_trials(study)
+    display.finish(study, counts, _storage_hint(args), redact(url))
+    if summary.stopped == "timeout" and counts.finished < budget:
+        console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/{budget} "
+                      "trials finished; run the same command again to continue")
+    return EXIT_OK
+
+
+class Status(Command):
+    """List studies, or show one: trials by state, best, running trials, failures."""
+
+    name = "status"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", nargs="?", help="study name (omit to list studies)")
+        _storage_arg(parser)
+        parser.add_argument("--json", action="store_true", help="print the same as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from search._status import render_status, status_data, studies_overview
+        from search._storage import open_storage
+        from search._study import load
+        from search._worker import quiet_optuna_warnings
+
+        quiet_optuna_warnings()
+        storage = open_storage(args.storage, must_exist=True)
+        if args.name is None:
+            rows = studies_overview(storage)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no studies in this storage")
+            else:
+                for r in rows:
+                    best = "" if r["best_value"] is None else f"  best {r['best_value']:.4g}"
+                    print(f"{r['study']:<30} {r['trials']:>5} trials{best}")
+            return EXIT_OK
+        study, spec = load(args.name, storage)
+        data = status_data(study, spec)
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            render_status(data, _console())
+        return EXIT_OK
+
+
+class Best(Command):
+    """Print the best configuration, a file `python -m trainers` can train."""
+
+    name = "best"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", help="study name")
+        _storage_arg(parser)
+        parser.add_argument("--format", choices=("yaml", "json"), default="yaml")
+
+    def run(self, args: argparse.Namespace) -> int:
+        import yaml
+
+        from search._status import best_record
+        from search._storage import open_storage
+        from search._study import load
+        from search._worker import quiet_optuna_warnings
+
+        quiet_optuna_warnings()
+        study, spec = load(args.name, open_storage(args.storage, must_exist=True))
+        records = best_record(study, spec)
+        if not records:
+            print(f"error: study {args.name!r} has no completed trial yet", file=sys.stderr)
+            return EXIT_FAILURE
+        out: Any = records[0] if len(records) == 1 else {"pareto_front": records}
+        if isinstance(out, dict) and "config" in out:
+            out = {"study": args.name, **out}
+        if args.format == "json":
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"# best of study {args.name}; train it with: python -m trainers FILE.yaml")
+            print(yaml.safe_dump(out, sort_keys=False), end="")
+        return EXIT_OK
+
+
+COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpsearch",
+        description="Automated hyperparameter search for PyTorch models, built on Optuna.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        doc = (command.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(command.name, help=doc, description=doc)
+        command.add_arguments(p)
+        p.set_defaults(handler=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments, as DESIGN.md asks
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    debug = args.debug or bool(os.environ.get("HPSEARCH_DEBUG"))
+    try:
+        return args.handler.run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SpecError as e:
+        return _fail(str(e), EXIT_BAD_INPUT, debug)
+    except SearchError as e:
+        return _fail(str(e), EXIT_FAILURE, debug)
+    except Exception as e:  # the CLI's last line of defence: one clear line, no traceback
+        from trainers import ConfigError, TrainerError
+
+        code = EXIT_BAD_INPUT if isinstance(e, ConfigError) else EXIT_FAILURE
+        message = str(e) if isinstance(e, TrainerError) else f"{type(e).__name__}: {e}"
+        return _fail(message, code, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    hint = "" if debug else " (--debug shows the traceback)" if code == EXIT_FAILURE else ""
+    print(f"error: {redact(message)}{hint}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
