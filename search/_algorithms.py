@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class AlgorithmInfo:
     name: str
     factory: Callable[..., Any]  # (spec, **options) -> sampler or pruner
+    optuna_class: str  # in optuna.samplers / optuna.pruners: its arguments are the options
     description: str
 
 
@@ -88,13 +89,13 @@ def _nsga2(spec: StudySpec, **options: Any) -> optuna.samplers.BaseSampler:
 SAMPLERS: dict[str, AlgorithmInfo] = {
     info.name: info
     for info in (
-        AlgorithmInfo("tpe", _tpe, "Tree-structured Parzen Estimator (multivariate)"),
-        AlgorithmInfo("random", _random, "uniform random search"),
-        AlgorithmInfo("cmaes", _cmaes, "CMA-ES (continuous spaces)"),
-        AlgorithmInfo("gp", _gp, "Gaussian-process Bayesian optimization"),
-        AlgorithmInfo("qmc", _qmc, "quasi-Monte Carlo (Sobol) sequence"),
-        AlgorithmInfo("grid", _grid, "exhaustive grid over an all-discrete space"),
-        AlgorithmInfo("nsga2", _nsga2, "NSGA-II genetic algorithm (multi-objective)"),
+        AlgorithmInfo("tpe", _tpe, "TPESampler", "Tree-structured Parzen Estimator (multivariate)"),
+        AlgorithmInfo("random", _random, "RandomSampler", "uniform random search"),
+        AlgorithmInfo("cmaes", _cmaes, "CmaEsSampler", "CMA-ES (continuous spaces)"),
+        AlgorithmInfo("gp", _gp, "GPSampler", "Gaussian-process Bayesian optimization"),
+        AlgorithmInfo("qmc", _qmc, "QMCSampler", "quasi-Monte Carlo (Sobol) sequence"),
+        AlgorithmInfo("grid", _grid, "GridSampler", "exhaustive grid over an all-discrete space"),
+        AlgorithmInfo("nsga2", _nsga2, "NSGAIISampler", "NSGA-II (multi-objective)"),
     )
 }
 
@@ -138,11 +139,11 @@ def _none(spec: StudySpec, **options: Any) -> optuna.pruners.BasePruner:
 PRUNERS: dict[str, AlgorithmInfo] = {
     info.name: info
     for info in (
-        AlgorithmInfo("hyperband", _hyperband, "Hyperband over epochs"),
-        AlgorithmInfo("asha", _asha, "asynchronous successive halving"),
-        AlgorithmInfo("median", _median, "stop below the median of earlier trials"),
-        AlgorithmInfo("percentile", _percentile, "stop below a percentile of earlier trials"),
-        AlgorithmInfo("none", _none, "never prune"),
+        AlgorithmInfo("hyperband", _hyperband, "HyperbandPruner", "Hyperband over epochs"),
+        AlgorithmInfo("asha", _asha, "SuccessiveHalvingPruner", "asynchronous successive halving"),
+        AlgorithmInfo("median", _median, "MedianPruner", "stop below the median of earlier trials"),
+        AlgorithmInfo("percentile", _percentile, "PercentilePruner", "stop below a percentile"),
+        AlgorithmInfo("none", _none, "NopPruner", "never prune"),
     )
 }
 

@@ -13,8 +13,12 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from search._rdb import retried_from as retry_link
+from search._rdb import set_user_attrs
 
 if TYPE_CHECKING:
     import optuna
@@ -52,6 +56,20 @@ def history_record(m: trainers.EpochMetrics) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial ended, as the worker saw it: enough to show it without reading it back."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL
+    values: list[float] | None
+    last_value: float | None  # the last reported value (pruned trials have no final value)
+    params: dict[str, Any]
+    epochs_run: int
+    seconds: float
+    ended: str
+
+
 class Objective:
     """Callable for `study.optimize`: trains one trial and returns its objective value(s)."""
 
@@ -71,6 +89,7 @@ class Objective:
         self.on_epoch = on_epoch
         self.metrics = spec.objective.metric_names
         self.host = socket.gethostname()
+        self.last: TrialOutcome | None = None
 
     def checkpoint_dir(self, number: int) -> Path | None:
         if self.checkpoint_root is None:
@@ -79,13 +98,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         import optuna
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         import trainers
         from search._space import suggest
         from search._spec import train_config_for
 
-        params = suggest(trial, self.spec)
+        start_attrs: dict[str, Any] = {}
+        params = suggest(trial, self.spec, user_attrs=start_attrs)
         config = train_config_for(self.spec, params)
         overrides: dict[str, Any] = {}
         if self.device:
@@ -94,18 +113,17 @@ class Objective:
             overrides["threads"] = self.threads
         config = config.replace(**overrides) if overrides else config
         device = str(trainers.resolve_device(config.device))
-        for key, value in (("host", self.host), ("pid", os.getpid()), ("device", device)):
-            trial.set_user_attr(key, value)
+        start_attrs.update(host=self.host, pid=os.getpid(), device=device)
 
         # A retry of a trial whose worker died resumes from that trial's last checkpoint.
-        # (Optuna keeps the link in system attrs, which only the frozen trial exposes.)
-        frozen = trial.storage.get_trial(trial._trial_id)
-        retried_from = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        retried_from = retry_link(trial)
         store = None
         directory = self.checkpoint_dir(trial.number)
+        if retried_from is not None:
+            start_attrs["retried_from"] = retried_from
+        set_user_attrs(trial, start_attrs)
         if directory is not None:
             if retried_from is not None:
-                trial.set_user_attr("retried_from", retried_from)
                 dead = self.checkpoint_dir(retried_from)
                 if dead is not None and dead.exists() and not directory.exists():
                     shutil.copytree(dead, directory)
@@ -124,11 +142,18 @@ class Objective:
                     raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
 
         started = time.perf_counter()
+        self.last = None
         try:
             result = trainers.train(config, report, store)
         except Exception as e:
-            trial.set_user_attr("ended", f"error: {type(e).__name__}: {e}"[:500])
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+            ended = f"error: {type(e).__name__}: {e}"[:500]
+            seconds = round(time.perf_counter() - started, 3)
+            set_user_attrs(trial, {"ended": ended, "seconds": seconds})
+            self.last = TrialOutcome(trial.number, "FAIL", None, None, params, 0, seconds, ended)
+            raise
+        except KeyboardInterrupt:
+            set_user_attrs(trial, {"ended": "interrupted",
+                                   "seconds": round(time.perf_counter() - started, 3)})
             raise
         finally:
             if device.startswith("cuda"):
@@ -136,22 +161,30 @@ class Objective:
 
                 torch.cuda.empty_cache()
 
+        end_attrs: dict[str, Any] = {
+            "history": [history_record(m) for m in result.history],
+            "epochs_run": result.epochs_run,
+            "seconds": round(result.seconds, 3),
+            "ended": result.reason if result.status != "completed" else "completed",
+        }
         if retried_from is not None:
-            trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
-        trial.set_user_attr("history", [history_record(m) for m in result.history])
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("seconds", round(result.seconds, 3))
-        trial.set_user_attr("ended", result.reason if result.status != "completed" else "completed")
+            end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        set_user_attrs(trial, end_attrs)
         if store is not None and not self.spec.run.keep_checkpoints:
             store.clear()
             self._clear_dead(retried_from)
-        if result.status == "stopped":
+        values = None
+        if result.status == "completed":
+            values = [metric_value(metric, list(result.history)) for metric in self.metrics]
+        last = (float(getattr(result.history[-1], self.metrics[0])) if result.history
+                else None)
+        self.last = TrialOutcome(trial.number, "COMPLETE" if values else "PRUNED", values, last,
+                                 params, result.epochs_run, end_attrs["seconds"],
+                                 end_attrs["ended"])
+        if values is None:
+            # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
+            # so it is pruned too; the budget counts it and the sampler learns from it.
             raise optuna.TrialPruned(result.reason)
-        if result.status == "diverged":
-            # A diverged run is a bad region, not a bug: pruned, so the budget counts it and
-            # the sampler learns from its last reported value.
-            raise optuna.TrialPruned(result.reason)
-        values = [metric_value(metric, list(result.history)) for metric in self.metrics]
         return values[0] if single else values
 
     def _clear_dead(self, retried_from: int | None) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import optuna
 
     import trainers
+    from search._objective import TrialOutcome
     from search._spec import StudySpec
     from search._study import Counts
 
@@ -59,7 +60,6 @@ class RunDisplay:
             transient=True,
         )
         self.task = self.progress.add_task(spec.name, total=budget, best="", running="")
-        self._seen: set[int] = set()
 
     def __enter__(self) -> RunDisplay:
         self.progress.__enter__()
@@ -85,28 +85,20 @@ class RunDisplay:
                     f"val_loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}",
         )
 
-    def trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-              counts: Counts) -> None:
-        if trial.number in self._seen:
-            return
-        self._seen.add(trial.number)
-        state = trial.state.name
+    def trial(self, study: optuna.Study, outcome: TrialOutcome, counts: Counts) -> None:
+        state = outcome.state
         value = ""
-        if trial.values is not None:
+        if outcome.values is not None:
             value = " ".join(f"{m} {fmt(v)}" for m, v in
-                             zip(self.spec.objective.metric_names, trial.values, strict=True))
-        elif trial.intermediate_values:
-            last = max(trial.intermediate_values)
-            value = f"{self.metric} {fmt(trial.intermediate_values[last])}"
-        epochs = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
-        seconds = trial.user_attrs.get("seconds")
-        ended = trial.user_attrs.get("ended", "")
-        note = f"  [dim]{ended}[/]" if state != "COMPLETE" and ended else ""
+                             zip(self.spec.objective.metric_names, outcome.values, strict=True))
+        elif outcome.last_value is not None:
+            value = f"{self.metric} {fmt(outcome.last_value)}"
+        note = f"  [dim]{outcome.ended}[/]" if state != "COMPLETE" else ""
         color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
-        timing = f"{epochs} ep {seconds:.2g}s" if seconds is not None else f"{epochs} ep"
+        timing = f"{outcome.epochs_run} ep {outcome.seconds:.3g}s"
         self.console.print(
-            f"#{trial.number:<4} [{color}]{state:<8}[/] {value:<22} {timing:<12} "
-            f"{params_text(flat_params(self.spec, trial))}{note}"
+            f"#{outcome.number:<4} [{color}]{state:<8}[/] {value:<22} {timing:<12} "
+            f"{params_text(outcome.params)}{note}"
         )
         self.progress.update(self.task, completed=counts.finished, running="",
                              best=self.best_text(study))

@@ -188,11 +188,13 @@ def _suggest_one(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     return trial.suggest_categorical(name, dist.choices)
 
 
-def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, spec: StudySpec, *,
+            user_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sample the trial's parameters; return them as flat trainer settings with real values.
 
     Conditions are resolved in dependency order; a pow2 parameter also sets the trial's user
-    attribute ``<key>`` to the real value, so the dashboard shows ``batch_size: 128``.
+    attribute ``<key>`` to the real value, so the dashboard shows ``batch_size: 128``. Given
+    `user_attrs`, those attributes are added to it for the caller to write in one batch.
     """
     values = {path: value for path, (_, value) in constants_of(spec).items()}
     sampled: dict[str, Any] = {}
@@ -202,7 +204,9 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
             continue
         name = entry.optuna_name(key)
         real = entry.to_real(_suggest_one(trial, name, entry.distribution()))
-        if name != key:
+        if name != key and user_attrs is not None:
+            user_attrs[key] = real
+        elif name != key:
             trial.set_user_attr(key, real)
         sampled[key] = values[canonical(key)] = real
     return {key: sampled[key] for key in spec.space if key in sampled}

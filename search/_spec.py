@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from search._algorithms import PRUNERS as _PRUNER_INFO
+from search._algorithms import SAMPLERS as _SAMPLER_INFO
 from search._errors import SpecError
 from search._knobs import check_constants, constant_values
 from search._space import check_space, enqueue_params
@@ -45,11 +47,9 @@ SPEC_VERSION = 1
 
 METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epoch_seconds")
 DIRECTIONS = ("minimize", "maximize")
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler",
-            "gp": "GPSampler", "qmc": "QMCSampler", "grid": "GridSampler",
-            "nsga2": "NSGAIISampler"}
-PRUNERS = {"hyperband": "HyperbandPruner", "asha": "SuccessiveHalvingPruner",
-           "median": "MedianPruner", "percentile": "PercentilePruner", "none": "NopPruner"}
+# The registries live with the factories; the spec only needs names and Optuna classes.
+SAMPLERS = {name: info.optuna_class for name, info in _SAMPLER_INFO.items()}
+PRUNERS = {name: info.optuna_class for name, info in _PRUNER_INFO.items()}
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 

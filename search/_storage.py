@@ -1,9 +1,12 @@
 """Storage URLs: resolving the default, hiding passwords, and opening Optuna's RDB storage.
 
 SQLite is set up for a few local processes (WAL journal, a long busy timeout) so local parallel
-workers do not fail with "database is locked" (optuna#820). PostgreSQL and MySQL get
-`pool_pre_ping` and a small pool, so a server restart or an idle-connection reaper does not kill
-a worker (optuna#1347, #5600).
+workers do not fail with "database is locked" (optuna#820). PostgreSQL and MySQL get a small
+pool, recycled connections and a pre-ping, so a server restart or an idle-connection reaper
+does not kill a worker (optuna#1347, #5600). The pre-ping runs only on connections idle for a
+few seconds: SQLAlchemy's `pool_pre_ping` pings on every checkout, and Optuna checks out a
+connection for every storage call, which doubled the round trips of a trial (measured: 1.5x
+a hand loop's per-trial overhead on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -58,7 +61,37 @@ def sqlite_path(url: str) -> Path | None:
 def engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite:"):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 300}
+    return {"pool_pre_ping": False, "pool_size": 2, "max_overflow": 4, "pool_recycle": 300}
+
+
+IDLE_PING_S = 5.0
+
+
+def install_idle_ping(engine: Any, *, idle_s: float = IDLE_PING_S) -> None:
+    """Ping a pooled connection at checkout when it sat idle longer than `idle_s`.
+
+    SQLAlchemy's recipe for custom pessimistic disconnect handling: a failed ping raises
+    DisconnectionError, and the pool replaces the connection (and retries) transparently.
+    """
+    import time
+
+    from sqlalchemy import event, exc
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["hpsearch_checkin"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        last = record.info.get("hpsearch_checkin")
+        if last is None or time.monotonic() - last < idle_s:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as e:  # any driver error: this connection is gone
+            raise exc.DisconnectionError(str(e)) from e
 
 
 def prepare_sqlite(url: str) -> None:
@@ -121,7 +154,10 @@ def open_storage(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        if not url.startswith("sqlite:"):
+            install_idle_ping(storage.engine)
+        return storage
     except Exception as e:  # sqlalchemy/driver errors: name the URL without its password
         reason = redact(str(e)).splitlines()[0]
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e

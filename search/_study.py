@@ -42,9 +42,9 @@ class Counts:
 def count_trials(study: optuna.Study) -> Counts:
     from optuna.trial import TrialState
 
-    counts = dict.fromkeys(TrialState, 0)
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state] += 1
+    from search._rdb import state_counts
+
+    counts = state_counts(study)
     return Counts(
         complete=counts[TrialState.COMPLETE],
         pruned=counts[TrialState.PRUNED],

@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     import optuna
 
     import trainers
+    from search._objective import TrialOutcome
     from search._spec import StudySpec
 
 POLL_S = 1.0
+BUDGET_REFRESH_S = 30.0
 
 
 class WorkerError(SearchError):
@@ -45,13 +47,12 @@ def run_worker(
     device: str | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
-    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    on_trial: Callable[[optuna.Study, TrialOutcome], None] | None = None,
     on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
     on_wait: Callable[[Counts], None] | None = None,
 ) -> WorkerSummary:
     """Run trials until the study's budget is met or `timeout_s` passes; return a summary."""
     import optuna
-    from optuna.trial import TrialState
 
     from search._objective import Objective
 
@@ -63,15 +64,13 @@ def run_worker(
     # Optuna logs every trial at INFO; the progress display says it better.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        summary.trials += 1
-        summary.failed_in_row = summary.failed_in_row + 1 if trial.state == TrialState.FAIL else 0
-        if on_trial is not None:
-            on_trial(study, trial)
-
+    budget, budget_read = budget_of(study, spec), time.monotonic()
     while True:
-        budget = budget_of(study, spec)
         counts = count_trials(study)
+        if counts.finished >= budget or time.monotonic() - budget_read > BUDGET_REFRESH_S:
+            # `run --trials` elsewhere may have moved the budget: read it again before stopping
+            # (and now and then), not before every trial; it is one more query each time.
+            budget, budget_read = budget_of(study, spec), time.monotonic()
         if counts.finished >= budget:
             summary.stopped = "budget"
             break
@@ -86,8 +85,15 @@ def run_worker(
                 on_wait(counts)
             time.sleep(POLL_S)
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial],
-                       gc_after_trial=False)
+        # No Optuna callback: it would read the finished trial back from the storage, and
+        # the objective already knows how the trial ended.
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        outcome = objective.last
+        summary.trials += 1
+        failed = outcome is None or outcome.state == "FAIL"
+        summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
+        if outcome is not None and on_trial is not None:
+            on_trial(study, outcome)
         if summary.failed_in_row >= spec.run.max_failures_in_row:
             summary.stopped = "failures"
             raise WorkerError(

@@ -159,3 +159,41 @@ def test_plain_optuna_reads_the_study(storage_url, study_name, tmp_path):
     assert str(study.best_trial.number) in best.stdout
     loaded = optuna.load_study(study_name=study_name, storage=storage_url)
     assert loaded.best_value == study.best_value
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2"])
+def test_every_sampler_runs_a_study(sampler, sqlite_url, study_name, tmp_path):
+    space = {"optimizer": {"choices": ["sgd", "adam"]}, "batch_size": {"pow2": [32, 64]}}
+    if sampler != "grid":
+        space["lr"] = {"low": 1e-3, "high": 0.3, "log": True}
+    data = smoke(study_name, budget={"trials": 3, "epochs": 1},
+                 sampler={"type": sampler, "seed": 0}, space=space)
+    study, spec = start(sqlite_url, data, tmp_path)
+    run_worker(study, spec, device="cpu")
+    assert count_trials(study).complete == 3
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "asha", "median", "percentile", "none"])
+def test_every_pruner_runs_a_study(pruner, sqlite_url, study_name, tmp_path):
+    data = smoke(study_name, budget={"trials": 4, "epochs": 3}, pruner={"type": pruner})
+    study, spec = start(sqlite_url, data, tmp_path)
+    run_worker(study, spec, device="cpu")
+    assert count_trials(study).finished == 4
+
+
+def test_multi_objective_study_finds_a_pareto_front(sqlite_url, study_name, tmp_path):
+    data = smoke(study_name, budget={"trials": 3, "epochs": 1},
+                 objective={"metrics": ["val_loss", "epoch_seconds"]})
+    del data["pruner"]  # none by default for several objectives
+    study, spec = start(sqlite_url, data, tmp_path)
+    run_worker(study, spec, device="cpu")
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    assert study.metric_names == ["val_loss", "epoch_seconds"]
+    assert 1 <= len(study.best_trials) <= 3
+
+
+def test_mysql_storage_runs_a_study(mysql_url, study_name, tmp_path):
+    study, spec = start(mysql_url, smoke(study_name, budget={"trials": 2, "epochs": 1}),
+                        tmp_path)
+    run_worker(study, spec, device="cpu")
+    assert count_trials(study).complete == 2

@@ -1,0 +1,161 @@
+"""Per-trial overhead of hpsearch vs a hand-written Optuna loop, side by side in one run.
+
+Both run the same study: a trivial "trainer" that sleeps a fixed time per epoch and reports a
+made-up validation loss, so everything above the sleeps is overhead (sampling, storage writes,
+pruning, curves, heartbeats). hpsearch runs its real worker loop and objective with only
+`trainers.train` replaced; the hand loop is what an engineer writes from Optuna's docs: TPE + a
+median pruner, suggest, report, should_prune, on the same kind of storage.
+
+    .venv/bin/python benchmarks/service_overhead.py [--sizes 100,1000] [--storages sqlite,postgres]
+
+Ends with `name: value` lines (overhead_ms_<storage>_<n>_{ours,hand}, overhead_ratio_<n>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+import trainers
+from search._spec import parse_spec
+from search._storage import open_storage
+from search._study import create_or_load
+from search._worker import quiet_optuna_warnings, run_worker
+
+EPOCHS = 3
+SLEEP_S = 0.002  # per epoch: the "training"
+POSTGRES = os.environ.get("HPSEARCH_TEST_POSTGRES",
+                          "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def fake_loss(lr: float, epoch: int) -> float:
+    """A smooth made-up validation loss: best near lr = 0.01, falling with epochs."""
+    return (math.log10(lr) + 2) ** 2 + 1.0 / epoch
+
+
+def fake_train(config: trainers.TrainConfig, on_epoch=None, checkpoint=None, **_: Any):
+    history = []
+    status, reason = "completed", "done"
+    for epoch in range(1, config.epochs + 1):
+        time.sleep(SLEEP_S)
+        loss = fake_loss(config.optimizer.lr, epoch)
+        m = trainers.EpochMetrics(
+            epoch=epoch, train_loss=loss, train_accuracy=0.5, val_loss=loss, val_accuracy=0.5,
+            lr=config.optimizer.lr, momentum=None, grad_norms={"linear1": 1.0},
+            epoch_seconds=SLEEP_S, train_seconds=SLEEP_S, samples_per_second=1.0)
+        history.append(m)
+        try:
+            if on_epoch is not None:
+                on_epoch(m)
+        except trainers.StopTraining as stop:
+            status, reason = "stopped", str(stop)
+            break
+    return trainers.TrainResult(status=status, reason=reason, history=tuple(history),
+                                seconds=SLEEP_S * len(history))
+
+
+SPACE = {
+    "optimizer": {"choices": ["sgd", "adam"]},
+    "lr": {"low": 1e-4, "high": 1.0, "log": True},
+    "batch_size": {"pow2": [32, 1024]},
+    "momentum": {"low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
+}
+
+
+def run_ours(url: str, n: int, name: str, tmp: Path) -> float:
+    spec = parse_spec({
+        "name": name, "budget": {"trials": n, "epochs": EPOCHS},
+        "sampler": {"type": "tpe", "seed": 0},
+        "pruner": {"type": "median", "options": {"n_startup_trials": 5}},
+        "data": {"dataset": "synthetic"}, "model": {"hidden": [8]}, "space": SPACE,
+        "run": {"checkpoint_dir": str(tmp / "ckpt")},
+    })
+    storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
+                           grace_period=spec.run.grace_period)
+    study = create_or_load(spec, storage)
+    original = trainers.train
+    trainers.train = fake_train
+    try:
+        t0 = time.perf_counter()
+        run_worker(study, spec, device="cpu")
+        return time.perf_counter() - t0
+    finally:
+        trainers.train = original
+
+
+def run_hand(url: str, n: int, name: str) -> float:
+    def objective(trial: optuna.Trial) -> float:
+        opt = trial.suggest_categorical("optimizer", ["sgd", "adam"])
+        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        trial.suggest_int("log2_batch_size", 5, 10)
+        if opt == "sgd":
+            trial.suggest_float("momentum", 0.8, 0.99)
+        loss = math.inf
+        for epoch in range(1, EPOCHS + 1):
+            time.sleep(SLEEP_S)
+            loss = fake_loss(lr, epoch)
+            trial.report(loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return loss
+
+    study = optuna.create_study(study_name=name, storage=url,
+                                sampler=optuna.samplers.TPESampler(seed=0),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=n)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000")
+    parser.add_argument("--storages", default="sqlite,postgres")
+    args = parser.parse_args()
+    quiet_optuna_warnings()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    tmp = Path(tempfile.mkdtemp(prefix="hpsearch-overhead-"))
+    results: dict[str, float] = {}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        for storage in args.storages.split(","):
+            if storage == "sqlite":
+                ours_url = f"sqlite:///{tmp / f'ours-{n}.db'}"
+                hand_url = f"sqlite:///{tmp / f'hand-{n}.db'}"
+            else:
+                ours_url = hand_url = POSTGRES
+            tag = uuid.uuid4().hex[:6]
+            work = SLEEP_S * EPOCHS  # upper bound of sleep per trial; pruned trials sleep less
+            hand = run_hand(hand_url, n, f"bench-hand-{n}-{tag}")
+            ours = run_ours(ours_url, n, f"bench-ours-{n}-{tag}", tmp)
+            # Overhead = wall time minus the sleeping, per trial. Both prune with the same
+            # median rule on the same made-up curve, so they sleep about the same.
+            results[f"overhead_ms_{storage}_{n}_hand"] = (hand / n - work) * 1e3
+            results[f"overhead_ms_{storage}_{n}_ours"] = (ours / n - work) * 1e3
+            print(f"{storage:>8} {n:>5} trials: hand loop {hand:.1f} s, hpsearch {ours:.1f} s "
+                  f"(per-trial overhead {results[f'overhead_ms_{storage}_{n}_hand']:.1f} ms vs "
+                  f"{results[f'overhead_ms_{storage}_{n}_ours']:.1f} ms)", flush=True)
+    for key, value in results.items():
+        print(f"{key}: {value:.2f}")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        for storage in args.storages.split(","):
+            ratio = (results[f"overhead_ms_{storage}_{n}_ours"]
+                     / results[f"overhead_ms_{storage}_{n}_hand"])
+            print(f"overhead_ratio_{storage}_{n}: {ratio:.3f}")
+        if "sqlite" in args.storages:
+            ratio = (results[f"overhead_ms_sqlite_{n}_ours"]
+                     / results[f"overhead_ms_sqlite_{n}_hand"])
+            print(f"overhead_ratio_{n}: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

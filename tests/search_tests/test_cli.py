@@ -1,0 +1,103 @@
+"""The CLI as users run it: a real subprocess, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
+
+
+def hp(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HPSEARCH, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = ("import sys, search.cli; search.cli.build_parser().format_help(); "
+            "assert 'torch' not in sys.modules and 'optuna' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    out = subprocess.run([HPSEARCH, "--help"], capture_output=True, text=True, check=True)
+    for command in ("validate", "run", "worker", "status", "best"):
+        assert command in out.stdout
+
+
+def test_smoke_study_end_to_end(tmp_path):
+    run = hp("run", str(ROOT / "studies" / "smoke.yaml"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "6/6 trials finished" in run.stdout
+    assert "best trial #" in run.stdout
+    assert "hpsearch best smoke --format yaml" in run.stdout  # says what to do next
+    assert (tmp_path / "hpsearch.db").exists()  # the default storage, in the working directory
+
+    status = hp("status", "smoke", "--json", cwd=tmp_path)
+    data = json.loads(status.stdout)
+    assert data["counts"]["finished"] == 6
+    assert {"best", "running", "failures", "pruning", "counts"} <= set(data)
+
+    best = hp("best", "smoke", "--format", "yaml", cwd=tmp_path)
+    (tmp_path / "best.yaml").write_text(best.stdout)
+    assert yaml.safe_load(best.stdout)["config"]["data"]["dataset"] == "synthetic"
+    again = subprocess.run([sys.executable, "-m", "trainers", "best.yaml", "--epochs", "1"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "completed" in again.stdout
+
+    resumed = hp("run", str(ROOT / "studies" / "smoke.yaml"), cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming study smoke: 6/6" in resumed.stdout
+
+
+def test_worker_joins_by_name_and_stops_at_budget(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = hp("run", str(ROOT / "studies" / "smoke.yaml"), "--storage", url, "--trials", "2",
+               cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # More budget for the study, then a worker that needs only the name and the URL.
+    more = hp("run", str(ROOT / "studies" / "smoke.yaml"), "--storage", url, "--trials", "3",
+              cwd=tmp_path)
+    assert more.returncode == 0
+    worker = hp("worker", "smoke", "--storage", url, cwd=tmp_path)
+    assert worker.returncode == 0, worker.stderr
+    assert "3/3 trials finished" in worker.stdout
+
+
+def test_bad_study_file_exits_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    spec["space"]["lr"]["low"] = -1
+    bad.write_text(yaml.safe_dump(spec))
+    for command in ("validate", "run"):
+        result = hp(command, str(bad), cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip().count("\n") == 0  # one line
+        assert "space.lr.low: expected a positive number" in result.stderr
+    assert not (tmp_path / "hpsearch.db").exists()
+
+
+def test_unknown_study_and_missing_database_exit_2(tmp_path):
+    missing = hp("status", "nope", cwd=tmp_path)
+    assert missing.returncode == 2 and "no database" in missing.stderr
+    assert not (tmp_path / "hpsearch.db").exists()  # reading never creates a database
+    hp("run", str(ROOT / "studies" / "smoke.yaml"), "--trials", "1", cwd=tmp_path)
+    unknown = hp("best", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "no study named 'nope'" in unknown.stderr
+
+
+def test_passwords_never_appear(tmp_path):
+    url = "postgresql+psycopg2://bob:s3cret@127.0.0.1:1/nothing"
+    result = hp("status", "--storage", url, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "s3cret" not in result.stdout + result.stderr
+    assert "bob:***@" in result.stderr
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    for args in (["run", "x.yaml", "--trials", "0"], ["frobnicate"],
+                 ["run", "x.yaml", "--timeout", "soon"],
+                 ["status", "--storage", "redis://localhost"]):
+        assert hp(*args, cwd=tmp_path).returncode == 2, args
