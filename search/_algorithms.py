@@ -161,8 +161,15 @@ def _build(kind: str, table: dict[str, AlgorithmInfo], name: str, spec: StudySpe
         raise SpecError(f"{kind}.options: {e}") from e
 
 
-def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The study's sampler; options the sampler rejects are a SpecError naming them."""
+def build_sampler(spec: StudySpec, *, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler; options the sampler rejects are a SpecError naming them.
+
+    `salt` shifts the seed: parallel workers, and a resumed study, must not replay the same
+    random draws as the first worker of the first run.
+    """
+    if salt and spec.sampler.seed is not None:
+        spec = spec.model_copy(update={
+            "sampler": spec.sampler.model_copy(update={"seed": spec.sampler.seed + salt})})
     return _build("sampler", SAMPLERS, spec.sampler.type, spec, dict(spec.sampler.options))
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from search._rdb import retried_from as retry_link
 from search._rdb import set_user_attrs
+from search._retry import with_retry
 
 if TYPE_CHECKING:
     import optuna
@@ -90,6 +91,8 @@ class Objective:
         self.metrics = spec.objective.metric_names
         self.host = socket.gethostname()
         self.last: TrialOutcome | None = None
+        self._to_clear: list[Path | None] = []
+        self.on_start: Callable[[], None] | None = None  # called once the trial exists
 
     def checkpoint_dir(self, number: int) -> Path | None:
         if self.checkpoint_root is None:
@@ -103,32 +106,10 @@ class Objective:
         from search._space import suggest
         from search._spec import train_config_for
 
+        if self.on_start is not None:
+            self.on_start()
         start_attrs: dict[str, Any] = {}
         params = suggest(trial, self.spec, user_attrs=start_attrs)
-        config = train_config_for(self.spec, params)
-        overrides: dict[str, Any] = {}
-        if self.device:
-            overrides["device"] = self.device
-        if self.threads:
-            overrides["threads"] = self.threads
-        config = config.replace(**overrides) if overrides else config
-        device = str(trainers.resolve_device(config.device))
-        start_attrs.update(host=self.host, pid=os.getpid(), device=device)
-
-        # A retry of a trial whose worker died resumes from that trial's last checkpoint.
-        retried_from = retry_link(trial)
-        store = None
-        directory = self.checkpoint_dir(trial.number)
-        if retried_from is not None:
-            start_attrs["retried_from"] = retried_from
-        set_user_attrs(trial, start_attrs)
-        if directory is not None:
-            if retried_from is not None:
-                dead = self.checkpoint_dir(retried_from)
-                if dead is not None and dead.exists() and not directory.exists():
-                    shutil.copytree(dead, directory)
-            store = trainers.CheckpointStore(directory)
-
         single = len(self.metrics) == 1
 
         def report(m: trainers.EpochMetrics) -> None:
@@ -137,18 +118,36 @@ class Objective:
             if single:
                 value = getattr(m, self.metrics[0])
                 if math.isfinite(value):
-                    trial.report(float(value), m.epoch)
-                if trial.should_prune():
+                    with_retry(lambda: trial.report(float(value), m.epoch), what="reporting")
+                if with_retry(trial.should_prune, what="asking the pruner"):
                     raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
 
         started = time.perf_counter()
         self.last = None
+        device = ""
         try:
+            config = train_config_for(self.spec, params)
+            overrides: dict[str, Any] = {}
+            if self.device:
+                overrides["device"] = self.device
+            if self.threads:
+                overrides["threads"] = self.threads
+            config = config.replace(**overrides) if overrides else config
+            start_attrs.update(host=self.host, pid=os.getpid(), device=config.device)
+            device = str(trainers.resolve_device(config.device))
+            start_attrs["device"] = device
+            # A retry of a trial whose worker died resumes from that trial's last checkpoint.
+            retried_from = retry_link(trial)
+            if retried_from is not None:
+                start_attrs["retried_from"] = retried_from
+            with_retry(lambda: set_user_attrs(trial, start_attrs), what="starting a trial")
+            store = self._checkpoint_store(trial.number, retried_from)
             result = trainers.train(config, report, store)
         except Exception as e:
             ended = f"error: {type(e).__name__}: {e}"[:500]
             seconds = round(time.perf_counter() - started, 3)
-            set_user_attrs(trial, {"ended": ended, "seconds": seconds})
+            attrs = {**start_attrs, "ended": ended, "seconds": seconds}
+            with_retry(lambda: set_user_attrs(trial, attrs), what="recording a failure")
             self.last = TrialOutcome(trial.number, "FAIL", None, None, params, 0, seconds, ended)
             raise
         except KeyboardInterrupt:
@@ -169,10 +168,12 @@ class Objective:
         }
         if retried_from is not None:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
-        set_user_attrs(trial, end_attrs)
+        with_retry(lambda: set_user_attrs(trial, end_attrs), what="recording a result")
         if store is not None and not self.spec.run.keep_checkpoints:
-            store.clear()
-            self._clear_dead(retried_from)
+            # Deleted once the result is safely told (`clear_checkpoints`), not here: if the
+            # storage fails before that, the trial goes stale and its retry resumes from them.
+            self._to_clear = [store.directory] + (
+                [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
         values = None
         if result.status == "completed":
             values = [metric_value(metric, list(result.history)) for metric in self.metrics]
@@ -187,7 +188,21 @@ class Objective:
             raise optuna.TrialPruned(result.reason)
         return values[0] if single else values
 
-    def _clear_dead(self, retried_from: int | None) -> None:
+    def _checkpoint_store(self, number: int, retried_from: int | None
+                          ) -> trainers.CheckpointStore | None:
+        import trainers
+
+        directory = self.checkpoint_dir(number)
+        if directory is None:
+            return None
         dead = self.checkpoint_dir(retried_from) if retried_from is not None else None
-        if dead is not None:
-            shutil.rmtree(dead, ignore_errors=True)
+        if dead is not None and dead.exists() and not directory.exists():
+            shutil.copytree(dead, directory)
+        return trainers.CheckpointStore(directory)
+
+    def clear_checkpoints(self) -> None:
+        """Delete the checkpoints of the last trial (and of the dead trial it resumed)."""
+        for directory in self._to_clear:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+        self._to_clear = []

@@ -40,6 +40,23 @@ def flat_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> dict[str, A
     return params_from_optuna(spec, trial.params)
 
 
+def outcome_from_frozen(spec: StudySpec, t: optuna.trial.FrozenTrial) -> TrialOutcome:
+    """How a finished trial ended, read back from the storage."""
+    from search._objective import TrialOutcome
+
+    last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+    return TrialOutcome(
+        number=t.number,
+        state=t.state.name,
+        values=list(t.values) if t.values is not None else None,
+        last_value=last,
+        params=flat_params(spec, t),
+        epochs_run=int(t.user_attrs.get("epochs_run", len(t.intermediate_values))),
+        seconds=float(t.user_attrs.get("seconds", 0.0)),
+        ended=str(t.user_attrs.get("ended", "worker died (no heartbeat)")),
+    )
+
+
 class RunDisplay:
     """The live view of one `run`: readable in a terminal and in a CI log alike."""
 
@@ -60,6 +77,7 @@ class RunDisplay:
             transient=True,
         )
         self.task = self.progress.add_task(spec.name, total=budget, best="", running="")
+        self._shown: set[int] = set()
 
     def __enter__(self) -> RunDisplay:
         self.progress.__enter__()
@@ -68,7 +86,7 @@ class RunDisplay:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
 
-    def start(self, counts: Counts, resumed: bool) -> None:
+    def start(self, counts: Counts, resumed: bool, study: optuna.Study | None = None) -> None:
         what = "resuming" if resumed else "starting"
         self.console.print(
             f"{what} study [bold]{self.spec.name}[/]: {counts.finished}/{self.budget} trials "
@@ -77,6 +95,9 @@ class RunDisplay:
             f"{' & '.join(self.spec.objective.metric_names)}"
         )
         self.progress.update(self.task, completed=counts.finished)
+        if study is not None:  # trials finished before this run are not news
+            self._shown = {t.number for t in study.get_trials(deepcopy=False)
+                           if t.state.is_finished()}
 
     def epoch(self, number: int, m: trainers.EpochMetrics) -> None:
         self.progress.update(
@@ -102,6 +123,22 @@ class RunDisplay:
         )
         self.progress.update(self.task, completed=counts.finished, running="",
                              best=self.best_text(study))
+
+    def poll(self, study: optuna.Study, counts: Counts) -> None:
+        """Show what other processes did since the last poll (the multi-worker view)."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state.is_finished() and t.number not in self._shown:
+                self._shown.add(t.number)
+                self.trial(study, outcome_from_frozen(self.spec, t), counts)
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        self.progress.update(
+            self.task, completed=counts.finished, best=self.best_text(study),
+            running=", ".join(f"#{t.number} ep {len(t.intermediate_values)}"
+                              for t in running[:6]),
+        )
 
     def best_text(self, study: optuna.Study) -> str:
         try:

@@ -72,11 +72,13 @@ def state_counts(study: optuna.Study) -> dict[Any, int]:
 
 
 def retried_from(trial: optuna.Trial) -> int | None:
-    """The number of the dead trial this one retries, without another storage read."""
+    """The number of the dead trial this one retries (the latest, for a retry of a retry)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    # The frozen trial fetched when the trial started carries the retry link (a system attr).
+    # The frozen trial fetched when the trial started carries the retry link (a system attr),
+    # so no further storage read is needed.
     frozen = getattr(trial, "_cached_frozen_trial", None)
     if frozen is None:
         frozen = trial.storage.get_trial(trial._trial_id)
-    return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    return history[-1] if history else None

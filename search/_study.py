@@ -9,6 +9,7 @@ may change between runs.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,22 @@ def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study,
     study.sampler = build_sampler(spec)
     study.pruner = build_pruner(spec)
     return study, spec
+
+
+def reseed(study: optuna.Study, spec: StudySpec, worker: int | None) -> None:
+    """Give this process its own sampler seed: spec seed + trials so far + a worker term.
+
+    A fresh single-worker run keeps the spec's seed (reproducible); a resumed run or a second
+    worker draws new random samples instead of replaying the first ones. A worker that joined
+    from elsewhere (no index) uses its process id.
+    """
+    from search._algorithms import build_sampler
+
+    if spec.sampler.seed is None:
+        return
+    worker_term = os.getpid() if worker is None else worker
+    existing = len(study.get_trials(deepcopy=False))
+    study.sampler = build_sampler(spec, salt=existing + 7919 * worker_term)
 
 
 def budget_of(study: optuna.Study, spec: StudySpec) -> int:

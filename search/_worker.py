@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from search._claim import DatabaseLock, FileLock, NullLock
 from search._errors import SearchError
+from search._retry import is_connection_error, with_retry
 from search._study import Counts, budget_of, count_trials
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ def run_worker(
     on_trial: Callable[[optuna.Study, TrialOutcome], None] | None = None,
     on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
     on_wait: Callable[[Counts], None] | None = None,
+    lock: NullLock | FileLock | DatabaseLock | None = None,
 ) -> WorkerSummary:
     """Run trials until the study's budget is met or `timeout_s` passes; return a summary."""
     import optuna
@@ -64,30 +67,53 @@ def run_worker(
     # Optuna logs every trial at INFO; the progress display says it better.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    budget, budget_read = budget_of(study, spec), time.monotonic()
+    def read_budget() -> int:
+        return with_retry(lambda: budget_of(study, spec), what="reading the budget")
+
+    budget, budget_read = read_budget(), time.monotonic()
+    lock = lock or NullLock()
+    objective.on_start = lock.release  # the new trial exists: others may count it now
     while True:
-        counts = count_trials(study)
-        if counts.finished >= budget or time.monotonic() - budget_read > BUDGET_REFRESH_S:
-            # `run --trials` elsewhere may have moved the budget: read it again before stopping
-            # (and now and then), not before every trial; it is one more query each time.
-            budget, budget_read = budget_of(study, spec), time.monotonic()
-        if counts.finished >= budget:
-            summary.stopped = "budget"
-            break
-        if time.monotonic() >= deadline:
-            summary.stopped = "timeout"
-            break
-        if counts.finished + counts.running >= budget and counts.waiting == 0:
-            # The last trials are running elsewhere. Fail the stale ones (dead workers) so
-            # their retries get queued, then look again.
-            optuna.storages.fail_stale_trials(study)
-            if on_wait is not None:
-                on_wait(counts)
-            time.sleep(POLL_S)
-            continue
-        # No Optuna callback: it would read the finished trial back from the storage, and
-        # the objective already knows how the trial ended.
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        # Held from the budget check until this worker's trial exists in the storage, so two
+        # workers never both take the last slot.
+        with_retry(lock.acquire, what="taking the budget lock")
+        try:
+            counts = with_retry(lambda: count_trials(study), what="counting trials")
+            if counts.finished >= budget or time.monotonic() - budget_read > BUDGET_REFRESH_S:
+                # `run --trials` elsewhere may have moved the budget: read it again before
+                # stopping (and now and then), not before every trial: it is one more query.
+                budget, budget_read = read_budget(), time.monotonic()
+            if counts.finished >= budget:
+                summary.stopped = "budget"
+                break
+            if time.monotonic() >= deadline:
+                summary.stopped = "timeout"
+                break
+            if counts.finished + counts.running >= budget and counts.waiting == 0:
+                # The last trials are running elsewhere. Fail the stale ones (dead workers)
+                # so their retries get queued, then look again.
+                lock.release()
+                with_retry(lambda: optuna.storages.fail_stale_trials(study),
+                           what="checking for dead workers")
+                if on_wait is not None:
+                    on_wait(counts)
+                time.sleep(POLL_S)
+                continue
+            # No Optuna callback: it would read the finished trial back from the storage,
+            # and the objective already knows how the trial ended.
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except Exception as e:
+                # The storage went away outside the objective (asking for or telling a
+                # trial): wait for it and go on. A trial left RUNNING goes stale, is retried.
+                if not is_connection_error(e):
+                    raise
+                lock.release()
+                with_retry(lambda: count_trials(study), what="waiting for the storage")
+                continue
+        finally:
+            lock.release()
+        objective.clear_checkpoints()
         outcome = objective.last
         summary.trials += 1
         failed = outcome is None or outcome.state == "FAIL"

@@ -89,6 +89,23 @@ class Validate(Command):
         return EXIT_OK
 
 
+def _worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_positive_int,
+                        help="CPU worker processes on this machine (they split the cores)")
+    parser.add_argument("--gpus", default="auto",
+                        help="auto (every visible GPU), none, or ids like 0,1: one worker "
+                             "process per GPU slot, pinned with CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--trials-per-gpu", type=_positive_int, default=1,
+                        help="worker processes per GPU (default 1)")
+    parser.add_argument("--timeout", type=_positive_float,
+                        help="stop starting trials after this many seconds")
+    parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    # Set by the supervisor on the processes it starts:
+    parser.add_argument("--threads", type=_positive_int, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+
+
 class Run(Command):
     """Create or resume a study from its file and run trials until the budget is met."""
 
@@ -99,15 +116,14 @@ class Run(Command):
         _storage_arg(parser)
         parser.add_argument("--trials", type=_positive_int,
                             help="global trial budget (COMPLETE+PRUNED), overriding the file")
-        parser.add_argument("--timeout", type=_positive_float,
-                            help="stop starting trials after this many seconds")
-        parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+        _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        slots = _plan(args)  # before torch is imported: a single GPU worker pins here
         from search._spec import load_spec
 
         spec = load_spec(args.study)  # a bad file fails here, before the storage is touched
-        return _run_study(args, spec=spec)
+        return _run_study(args, slots, spec=spec)
 
 
 class Worker(Command):
@@ -118,19 +134,32 @@ class Worker(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", help="study name")
         _storage_arg(parser)
-        parser.add_argument("--timeout", type=_positive_float,
-                            help="stop starting trials after this many seconds")
-        parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+        _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         args.trials = None
-        return _run_study(args, name=args.name)
+        return _run_study(args, _plan(args), name=args.name)
 
 
-def _run_study(args: argparse.Namespace, *, spec: Any = None, name: str | None = None) -> int:
+def _plan(args: argparse.Namespace) -> list[Any]:
+    """The worker processes to run; with one, pin this process itself."""
+    from search._supervisor import Slot, plan_slots
+
+    if args.worker_index is not None:  # started by a supervisor: already pinned
+        return [Slot(args.worker_index, args.device or "auto", "", args.threads or 1)]
+    slots = plan_slots(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
+    if len(slots) == 1 and slots[0].device == "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots[0].cuda_visible_devices
+    return slots
+
+
+def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
+               name: str | None = None) -> int:
+    from search._claim import budget_lock
     from search._progress import RunDisplay
     from search._storage import open_storage, resolve_url
-    from search._study import budget_of, count_trials, create_or_load, load
+    from search._study import budget_of, count_trials, create_or_load, load, reseed
+    from search._supervisor import supervise
     from search._worker import WorkerError, quiet_optuna_warnings, run_worker
 
     quiet_optuna_warnings()
@@ -145,26 +174,58 @@ def _run_study(args: argparse.Namespace, *, spec: Any = None, name: str | None =
     else:
         study, spec = load(name, storage)
     timeout = args.timeout or spec.budget.timeout_s
+    # Each process its own seed: the supervisor's children by index, a joining worker by pid.
+    reseed(study, spec, args.worker_index if args.worker_index is not None
+           else (0 if name is None else None))
+    if args.worker_index is not None:
+        return _child_worker(study, spec, args, timeout, url)
     budget = budget_of(study, spec)
     counts = count_trials(study)
     console = _console()
+    hint, dashboard = _storage_hint(args), redact(url)
     with RunDisplay(spec, budget, console=console) as display:
-        display.start(counts, resumed=counts.finished + counts.failed > 0)
+        display.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
+        if len(slots) > 1:
+            code = supervise(study, spec, url, slots, display=display, timeout_s=timeout)
+            display.finish(study, count_trials(study), hint, dashboard)
+            return code
+        device = args.device or ("cuda" if slots[0].device == "cuda" else None)
         try:
             summary = run_worker(
-                study, spec, device=args.device, timeout_s=timeout,
+                study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
                 on_trial=lambda s, t: display.trial(s, t, count_trials(s)),
                 on_epoch=display.epoch,
             )
         except WorkerError as e:
             console.print(f"[red]error:[/] {e}")
-            display.finish(study, count_trials(study), _storage_hint(args), redact(url))
+            display.finish(study, count_trials(study), hint, dashboard)
             return EXIT_FAILURE
     counts = count_trials(study)
-    display.finish(study, counts, _storage_hint(args), redact(url))
+    display.finish(study, counts, hint, dashboard)
     if summary.stopped == "timeout" and counts.finished < budget:
         console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/{budget} "
                       "trials finished; run the same command again to continue")
+    return EXIT_OK
+
+
+def _child_worker(study: Any, spec: Any, args: argparse.Namespace, timeout: float | None,
+                  url: str) -> int:
+    """A worker process started by a supervisor: no display, SIGTERM ends it like Ctrl-C."""
+    import signal
+
+    from search._claim import budget_lock
+    from search._worker import WorkerError, run_worker
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_worker(study, spec, device=args.device, threads=args.threads, timeout_s=timeout,
+                   lock=budget_lock(url, spec.name))
+    except WorkerError as e:
+        print(f"worker {args.worker_index}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -241,7 +302,38 @@ class Best(Command):
         return EXIT_OK
 
 
-COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best()]
+class StorageProxy(Command):
+    """Serve Optuna's gRPC storage proxy in front of the database, for very many workers."""
+
+    name = "storage-proxy"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _storage_arg(parser)
+        parser.add_argument("--host", default="127.0.0.1",
+                            help="address to bind (default 127.0.0.1; 0.0.0.0 for other hosts)")
+        parser.add_argument("--port", type=_positive_int, default=13000)
+
+    def run(self, args: argparse.Namespace) -> int:
+        import warnings
+
+        import optuna
+        from optuna.storages import run_grpc_proxy_server
+
+        from search._storage import open_storage, resolve_url
+
+        url = resolve_url(args.storage)
+        if url.startswith("grpc://"):
+            raise SpecError("--storage: the proxy serves a database URL, not another proxy")
+        storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
+        print(f"storage proxy for {redact(url)} on grpc://{args.host}:{args.port}; workers use "
+              f"--storage grpc://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            run_grpc_proxy_server(storage, host=args.host, port=args.port)
+        return EXIT_OK
+
+
+COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), StorageProxy()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,7 +135,7 @@ def train(
     start_epoch = 0
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
-        if state["config"] != config.to_dict():
+        if _resumable(state["config"]) != _resumable(config.to_dict()):
             raise ConfigError(f"{checkpoint}: the checkpoint was written by another configuration")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -300,6 +300,15 @@ def evaluate(
         module.train()
     n = split.x.shape[0]
     return loss_sum.item() / n, correct.item() / n
+
+
+# Where and how a run executes may change across a resume (a retry on another worker, another
+# GPU, more threads); what it trains may not.
+_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "eval_batch_size")
+
+
+def _resumable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _EXECUTION_FIELDS}
 
 
 def _divergence(loss: float, first: float, factor: float) -> str:

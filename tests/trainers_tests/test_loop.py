@@ -140,3 +140,14 @@ def test_fashion_mnist_seed_network_reaches_080_in_two_epochs():
     result = train({"dataset": "fashion_mnist", "hidden": [128, 56], "optimizer": "sgd",
                     "lr": 0.1, "momentum": 0.0, "batch_size": 256, "epochs": 2})
     assert result.history[-1].val_accuracy >= 0.80
+
+
+def test_resume_may_change_where_it_runs_but_not_what_it_trains(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
+
+    def stop_first(m):
+        raise StopTraining("interrupted")
+
+    train({**BASE, "threads": 1}, stop_first, store)
+    resumed = train({**BASE, "threads": 2, "eval_batch_size": 512}, None, store)
+    assert resumed.resumed_from_epoch == 1

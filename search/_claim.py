@@ -1,0 +1,109 @@
+"""A lock that makes "count the trials, then start one" atomic across workers and machines.
+
+Without it, two workers can both see 19 of 20 trials finished or running and both start one:
+the budget overshoots (Optuna's MaxTrialsCallback has the same race). A worker holds the lock
+from its budget check until its new trial exists in the storage (the objective's first line),
+a few milliseconds. PostgreSQL and MySQL give named locks across machines; SQLite, one machine
+by design, gets a file lock beside the database. The gRPC proxy offers none: there the budget
+may overshoot by up to the number of workers, as Optuna's own callback does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from search._storage import sqlite_path
+
+
+class NullLock:
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class FileLock:
+    """flock on a file beside the SQLite database; released by the OS if the process dies."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import os
+
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        import fcntl
+        import os
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class DatabaseLock:
+    """A server-side named lock (pg_advisory_lock / GET_LOCK) on a connection of its own."""
+
+    def __init__(self, url: str, key: str) -> None:
+        import sqlalchemy
+
+        self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self._postgres = url.startswith("postgresql")
+        self._key = key
+        self._conn: Any = None
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        if self._conn is not None:
+            return
+        conn = self._engine.connect()
+        try:
+            if self._postgres:
+                number = int.from_bytes(hashlib.sha1(self._key.encode()).digest()[:8], "big",
+                                        signed=True)
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
+            else:
+                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 300)"),
+                                   {"k": self._key[:64]}).scalar()
+                if got != 1:
+                    raise TimeoutError(f"could not take the budget lock {self._key!r}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def release(self) -> None:
+        import sqlalchemy
+
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._postgres:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock_all()"))
+            else:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self._key[:64]})
+        except Exception:  # a dead connection holds no lock: the server dropped it with it
+            pass
+        finally:
+            conn.close()
+
+
+def budget_lock(url: str, study_name: str) -> NullLock | FileLock | DatabaseLock:
+    """The lock that serializes trial starts of `study_name` in the storage at `url`."""
+    key = f"hpsearch:{study_name}"
+    path = sqlite_path(url)
+    if path is not None:
+        return FileLock(f"{path}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock")
+    if url.startswith(("postgresql", "mysql")):
+        return DatabaseLock(url, key)
+    return NullLock()
