@@ -161,7 +161,7 @@ class RunDisplay:
         self.console.print("\nnext:")
         for command, why in (
             (f"hpsearch status {name}{url}", "trials at a glance"),
-            (f"optuna-dashboard {dashboard_url}", "curves and plots in the browser"),
+            (f"hpsearch dashboard{url}", "curves and plots in the browser"),
             (f"hpsearch best {name}{url} --format yaml > best.yaml", "export the best config"),
             ("python -m trainers best.yaml", "and train it again"),
         ):

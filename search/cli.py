@@ -116,6 +116,8 @@ class Run(Command):
         _storage_arg(parser)
         parser.add_argument("--trials", type=_positive_int,
                             help="global trial budget (COMPLETE+PRUNED), overriding the file")
+        parser.add_argument("--create-only", action="store_true",
+                            help="create (or check) the study and exit: workers join it later")
         _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -173,6 +175,12 @@ def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
         study = create_or_load(spec, storage, trials=args.trials)
     else:
         study, spec = load(name, storage)
+    if getattr(args, "create_only", False):
+        counts = count_trials(study)
+        print(f"study {spec.name!r} ready in {redact(url)}: {counts.finished}/"
+              f"{budget_of(study, spec)} trials finished; workers join with "
+              f"`hpsearch worker {spec.name} --storage URL`")
+        return EXIT_OK
     timeout = args.timeout or spec.budget.timeout_s
     # Each process its own seed: the supervisor's children by index, a joining worker by pid.
     reseed(study, spec, args.worker_index if args.worker_index is not None
@@ -302,6 +310,38 @@ class Best(Command):
         return EXIT_OK
 
 
+class Dashboard(Command):
+    """Serve optuna-dashboard on the study storage (live curves, plots, trial tables)."""
+
+    name = "dashboard"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _storage_arg(parser)
+        parser.add_argument("--host", default="127.0.0.1",
+                            help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+        parser.add_argument("--port", type=_positive_int, default=8080)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from search._storage import open_storage, resolve_url
+
+        url = resolve_url(args.storage)
+        storage = open_storage(url, must_exist=True)  # refuse what cannot be opened, now
+        try:
+            from optuna_dashboard import run_server
+        except ImportError as e:
+            raise SearchError("optuna-dashboard is not installed: pip install "
+                              "'hpsearch[dashboard]'") from e
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: the dashboard has no authentication; binding {args.host} lets "
+                  "anyone who can reach this machine read and edit the studies",
+                  file=sys.stderr)
+        shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"optuna-dashboard for {redact(url)} at http://{shown}:{args.port}/ "
+              "(Ctrl-C stops it)", flush=True)
+        run_server(storage, host=args.host, port=args.port)
+        return EXIT_OK
+
+
 class StorageProxy(Command):
     """Serve Optuna's gRPC storage proxy in front of the database, for very many workers."""
 
@@ -333,7 +373,8 @@ class StorageProxy(Command):
         return EXIT_OK
 
 
-COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), StorageProxy()]
+COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(),
+                           StorageProxy()]
 
 
 def build_parser() -> argparse.ArgumentParser:
