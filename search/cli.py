@@ -13,60 +13,20 @@ import sys
 import traceback
 from typing import Any
 
+from search._command import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Command,
+    _console,
+    _positive_float,
+    _positive_int,
+    _storage_arg,
+    _storage_hint,
+)
 from search._errors import SearchError, SpecError
-from search._storage import DEFAULT_URL, ENV_VAR, redact
-
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class Command:
-    """Base of a subcommand: the docstring's first line is its help."""
-
-    name = ""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        pass
-
-    def run(self, args: argparse.Namespace) -> int:
-        raise NotImplementedError
-
-
-def _storage_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage", default=None,
-        help=f"study storage URL (default: ${ENV_VAR}, else {DEFAULT_URL})",
-    )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _storage_hint(args: argparse.Namespace) -> str:
-    return f" --storage {redact(args.storage)}" if args.storage else ""
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # soft_wrap: a CI log or a pipe keeps one line per trial instead of wrapping at 80 columns.
-    return Console(highlight=False, soft_wrap=True)
+from search._storage import redact
 
 
 class Validate(Command):
@@ -310,38 +270,6 @@ class Best(Command):
         return EXIT_OK
 
 
-class Dashboard(Command):
-    """Serve optuna-dashboard on the study storage (live curves, plots, trial tables)."""
-
-    name = "dashboard"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _storage_arg(parser)
-        parser.add_argument("--host", default="127.0.0.1",
-                            help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-        parser.add_argument("--port", type=_positive_int, default=8080)
-
-    def run(self, args: argparse.Namespace) -> int:
-        from search._storage import open_storage, resolve_url
-
-        url = resolve_url(args.storage)
-        storage = open_storage(url, must_exist=True)  # refuse what cannot be opened, now
-        try:
-            from optuna_dashboard import run_server
-        except ImportError as e:
-            raise SearchError("optuna-dashboard is not installed: pip install "
-                              "'hpsearch[dashboard]'") from e
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: the dashboard has no authentication; binding {args.host} lets "
-                  "anyone who can reach this machine read and edit the studies",
-                  file=sys.stderr)
-        shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-        print(f"optuna-dashboard for {redact(url)} at http://{shown}:{args.port}/ "
-              "(Ctrl-C stops it)", flush=True)
-        run_server(storage, host=args.host, port=args.port)
-        return EXIT_OK
-
-
 class StorageProxy(Command):
     """Serve Optuna's gRPC storage proxy in front of the database, for very many workers."""
 
@@ -373,8 +301,13 @@ class StorageProxy(Command):
         return EXIT_OK
 
 
-COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(),
-                           StorageProxy()]
+def _commands() -> list[Command]:
+    from search._dashboard import Dashboard
+
+    return [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), StorageProxy()]
+
+
+COMMANDS: list[Command] = _commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
