@@ -84,13 +84,16 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA where present, else CPU; a CUDA request without CUDA is a clear error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        # Name the GPU: trials record where they ran ("cuda:0" inside CUDA_VISIBLE_DEVICES).
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
