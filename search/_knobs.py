@@ -85,9 +85,16 @@ def _settings(spec: StudySpec) -> list[tuple[str, str, Any]]:
 
 
 def constant_values(spec: StudySpec) -> dict[str, Any]:
-    """Trainer path → value of every constant setting, budget.epochs included."""
+    """Trainer path → value of every constant setting, budget.epochs included.
+
+    A space lr with ``per_batch`` adds ``optimizer.lr_per_batch``: every trial scales its lr.
+    """
     values = {where: value for where, (_, value) in constants_of(spec).items()}
     values["epochs"] = spec.budget.epochs
+    for entry in spec.space.values():
+        per_batch = getattr(entry, "per_batch", None)
+        if per_batch is not None:  # the space samples lr per this many examples
+            values["optimizer.lr_per_batch"] = per_batch
     return values
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import optuna
 
     import trainers
+    from search._artifacts import ArtifactRecorder
     from search._spec import StudySpec
 
 # Fields of EpochMetrics kept on the trial (user attr "history") for curves and reports.
@@ -82,12 +83,14 @@ class Objective:
         threads: int | None = None,
         checkpoint_root: str | os.PathLike[str] | None = None,
         on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
+        artifacts: ArtifactRecorder | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
         self.threads = threads
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.on_epoch = on_epoch
+        self.artifacts = artifacts
         self.metrics = spec.objective.metric_names
         self.host = socket.gethostname()
         self.last: TrialOutcome | None = None
@@ -168,6 +171,11 @@ class Objective:
         }
         if retried_from is not None:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        if self.artifacts is not None:
+            # Now, while the trial is live: Optuna attaches artifacts only to a running trial.
+            spent = self.artifacts.record(trial, result, config)
+            if spent is not None:
+                end_attrs["artifact_seconds"] = round(spent, 3)
         with_retry(lambda: set_user_attrs(trial, end_attrs), what="recording a result")
         if store is not None and not self.spec.run.keep_checkpoints:
             # Deleted once the result is safely told (`clear_checkpoints`), not here: if the

@@ -20,7 +20,14 @@ from optuna.distributions import (
 
 from search._errors import SpecError
 from search._knobs import canonical, check_knob, constants_of, hint, numeric_kind, trainer_error
-from search._space_entries import ChoicesEntry, Entry, GridEntry, Pow2Entry, RangeEntry
+from search._space_entries import (
+    AutoEntry,
+    ChoicesEntry,
+    Entry,
+    GridEntry,
+    Pow2Entry,
+    RangeEntry,
+)
 from search._spec_model import did_you_mean, fail, same, show
 from trainers import ConfigError, TrainConfig, config_from_dict
 
@@ -45,6 +52,7 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
             raise fail(constants[where][0], f"also searched as {path}; a setting is either "
                                             "searched (space) or held constant, not both")
         spec.space[key] = entry = _with_trainer_types(path, key, spec.space[key])
+        _check_lr_forms(path, where, entry, constants)
         for sub, value in _candidates(entry):
             try:
                 config_from_dict({key: value}, base=base)
@@ -77,6 +85,22 @@ def _with_trainer_types(path: str, key: str, entry: Entry) -> Entry:
     return entry
 
 
+def _check_lr_forms(path: str, where: str, entry: Entry,
+                    constants: dict[str, tuple[str, Any]]) -> None:
+    """`auto` and `per_batch` belong to the lr alone."""
+    if isinstance(entry, AutoEntry) and where != "optimizer.lr":
+        raise fail(f"{path}.auto", "only lr can be found by the LR range test; give a range")
+    per_batch = getattr(entry, "per_batch", None)
+    if per_batch is None:
+        return
+    if where != "optimizer.lr":
+        raise fail(f"{path}.per_batch", f"only lr scales with the batch size, got "
+                                        f"per_batch on {path.removeprefix('space.')}")
+    if "optimizer.lr_per_batch" in constants:
+        raise fail(f"{path}.per_batch", f"also set by {constants['optimizer.lr_per_batch'][0]}; "
+                                        "keep one")
+
+
 def _describe(kind: Any) -> str:
     text = str(kind).replace("typing.", "")
     if "tuple" in text:
@@ -93,6 +117,8 @@ def _candidates(entry: Entry) -> list[tuple[str, Any]]:
         return [(f"choices[{i}]", v) for i, v in enumerate(entry.choices)]
     if isinstance(entry, GridEntry):
         return [(f"grid[{i}]", v) for i, v in enumerate(entry.grid_values)]
+    if isinstance(entry, AutoEntry):
+        return []  # no range yet: the LR range test's is checked when it is stored
     assert isinstance(entry, Pow2Entry)
     return [(f"pow2[{i}]", v) for i, v in enumerate(entry.pow2)]
 
@@ -170,8 +196,21 @@ def _active(entry: Entry, values: dict[str, Any]) -> bool:
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
-    """Every parameter that can ever be sampled, by Optuna parameter name, in space order."""
+    """Every parameter that can ever be sampled, by Optuna parameter name, in space order.
+
+    An lr still `{auto: true}` has none yet: a SpecError says so.
+    """
     return {entry.optuna_name(key): entry.distribution() for key, entry in spec.space.items()}
+
+
+def auto_lr_key(spec: StudySpec) -> str | None:
+    """The space key of an lr left to the LR range test (`{auto: true}`), if any."""
+    return next((k for k, e in spec.space.items() if isinstance(e, AutoEntry)), None)
+
+
+def lr_key(spec: StudySpec) -> str | None:
+    """The space key of the searched lr (``lr`` or ``optimizer.lr``), if the lr is searched."""
+    return next((k for k in spec.space if canonical(k) == "optimizer.lr"), None)
 
 
 def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:

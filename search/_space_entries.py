@@ -6,6 +6,12 @@ Each entry maps 1:1 onto one Optuna distribution with Optuna's inclusive bounds:
 - ``{choices: [...]}``                  → CategoricalDistribution
 - ``{grid: [...]}``                     → CategoricalDistribution of the sorted, unique numbers
 - ``{pow2: [a, b]}``                    → IntDistribution(log2 a, log2 b) named ``log2_<key>``
+- ``{auto: true}`` (lr only)            → a log range found by the LR range test when the study is
+                                          created; the stored spec holds that range, never auto
+
+A range or auto lr may carry ``per_batch: 256``: lr is then sampled per 256 examples and the
+trainer uses lr × batch_size / 256 (the linear scaling rule; `_knobs.constant_values` sets
+``optimizer.lr_per_batch``).
 
 Validators raise `spec_error`, which `_spec_model.from_pydantic` turns into one clear line.
 """
@@ -75,6 +81,7 @@ class RangeEntry(Entry):
     log: StrictBool = False
     step: Number | None = None
     is_int: StrictBool | None = Field(None, alias="int")
+    per_batch: StrictInt | None = Field(None, ge=1)  # lr per this many examples (Goyal)
 
     @model_validator(mode="after")
     def _check(self) -> RangeEntry:
@@ -305,9 +312,41 @@ class Pow2Entry(Entry):
         return list(range(dist.low, dist.high + 1))
 
 
-_FORMS = {"choices": "<choices>", "grid": "<grid>", "pow2": "<pow2>"}
+class AutoEntry(Entry):
+    """``{auto: true, per_batch: null}``: an lr range the LR range test finds at `run`.
+
+    A placeholder until then: it has no distribution, and `search._lr_find.resolve`
+    replaces it with a log `RangeEntry` before the spec is stored with the study.
+    """
+
+    auto: StrictBool
+    per_batch: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("auto")
+    @classmethod
+    def _true(cls, value: bool) -> bool:
+        if not value:
+            raise spec_error("expected true (to search a range give {low, high, log: true}), "
+                             "got false")
+        return value
+
+    def distribution(self) -> BaseDistribution:
+        from search._errors import SpecError
+
+        raise SpecError("space.lr: {auto: true} has no range until the LR range test runs "
+                        "(hpsearch run does it when it creates the study)")
+
+    def check_value(self, value: Any) -> str | None:
+        # The range is not known yet; the range test's range is widened to cover enqueued lrs.
+        return None if is_number(value) and value > 0 else "a positive number"
+
+    def discrete(self) -> bool:
+        return False
+
+
+_FORMS = {"choices": "<choices>", "grid": "<grid>", "pow2": "<pow2>", "auto": "<auto>"}
 _CLASSES = {RangeEntry: "<range>", ChoicesEntry: "<choices>", GridEntry: "<grid>",
-            Pow2Entry: "<pow2>"}
+            Pow2Entry: "<pow2>", AutoEntry: "<auto>"}
 
 
 def _entry_form(value: Any) -> str | None:
@@ -328,7 +367,8 @@ SpaceEntry = Annotated[
     Annotated[RangeEntry, Tag("<range>")]
     | Annotated[ChoicesEntry, Tag("<choices>")]
     | Annotated[GridEntry, Tag("<grid>")]
-    | Annotated[Pow2Entry, Tag("<pow2>")],
+    | Annotated[Pow2Entry, Tag("<pow2>")]
+    | Annotated[AutoEntry, Tag("<auto>")],
     Discriminator(_entry_form, custom_error_type="space_entry",
                   custom_error_message="not a search-space entry"),
 ]

@@ -107,7 +107,8 @@ _MESSAGES = {
     "model_type": "expected a mapping",
     "model_attributes_type": "expected a mapping",
     "space_entry": "expected a search-space entry: a range {low, high}, {choices: [...]}, "
-                   "{grid: [...]} or {pow2: [a, b]} (a constant belongs under fixed)",
+                   "{grid: [...]}, {pow2: [a, b]} or, for lr, {auto: true} (a constant "
+                   "belongs under fixed)",
 }
 
 

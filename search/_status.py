@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from search._progress import flat_params, fmt
-from search._study import budget_of, count_trials
+from search._study import RETRAIN_ATTR, budget_of, count_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -92,7 +92,39 @@ def status_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
             "saved_fraction": round(1 - run_epochs / full, 3) if full else 0.0,
         },
         "epochs_run_all_trials": epochs_run,
+        "retrain": retrain_record(study),
     }
+
+
+
+
+def retrain_record(study: optuna.Study) -> dict[str, Any] | None:
+    """The retrain result stored on the study (test metrics over seeds), if there is one."""
+    record = study.user_attrs.get(RETRAIN_ATTR)
+    return record if isinstance(record, dict) else None
+
+
+def retrain_text(record: dict[str, Any]) -> str:
+    """E.g. `trial #4, 8 epochs on train+val: test_accuracy 0.89 ± 0.002 … over 3 seeds`."""
+    parts = []
+    for key in ("test_accuracy", "test_loss"):
+        value = record.get(key)
+        if isinstance(value, dict) and value.get("mean") is not None:
+            std = value.get("std")
+            spread = f" ± {fmt(std)}" if std is not None else ""
+            parts.append(f"{key} {fmt(value['mean'])}{spread}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key} {fmt(value)}")
+    seeds = record.get("seeds")
+    text = ", ".join(parts) or "recorded"
+    if record.get("trial") is not None:
+        epochs = f", {record['epochs']} epochs" if record.get("epochs") else ""
+        text = f"trial #{record['trial']}{epochs} on train+val: {text}"
+    if seeds:
+        text += f" over {seeds} seed{'s' if seeds != 1 else ''}"
+    if record.get("out"):
+        text += f" (out: {record['out']})"
+    return text
 
 
 def render_status(data: dict[str, Any], console: Any) -> None:
@@ -114,6 +146,8 @@ def render_status(data: dict[str, Any], console: Any) -> None:
         console.print("      " + " ".join(f"{k}={fmt(v)}" for k, v in best["params"].items()))
     if not data["best"]:
         console.print("best: no trial completed yet")
+    if data.get("retrain"):
+        console.print(f"retrain: {retrain_text(data['retrain'])}")
     if data["running"]:
         table = Table(title="running", title_justify="left")
         for col in ("trial", "host", "device", "epoch", "elapsed"):

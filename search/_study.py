@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
 BUDGET_ATTR = "hpsearch_budget_trials"  # the global trial budget, updatable by `run --trials`
+LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
+WARM_START_ATTR = "hpsearch_warm_start"  # source trials enqueued by `run --warm-start`
+RETRAIN_ATTR = "hpsearch_retrain"  # the final test of `hpsearch retrain`
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,13 @@ def count_trials(study: optuna.Study) -> Counts:
     )
 
 
-def _comparable(spec: StudySpec) -> dict[str, Any]:
+def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must match between runs of one study: all but the budget, and the lr as the file
+    asked for it when the LR range test chose the stored range."""
     data = spec.model_dump(mode="json")
     data.pop("budget", None)
+    if lr_find is not None and lr_find.get("key") in data["space"]:
+        data["space"][lr_find["key"]] = lr_find["requested"]
     return data
 
 
@@ -67,8 +74,13 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
-                   *, trials: int | None = None) -> optuna.Study:
-    """The study of `spec`: created (with its enqueued configs) or resumed if it exists."""
+                   *, trials: int | None = None, lr_find: dict[str, Any] | None = None
+                   ) -> optuna.Study:
+    """The study of `spec`: created (with its enqueued configs) or resumed if it exists.
+
+    `lr_find` is the LR range test's record when it chose `spec`'s lr range: stored on a new
+    study, and the file's own lr entry is what a later run is compared by.
+    """
     import optuna
 
     from search._algorithms import build_pruner, build_sampler
@@ -84,11 +96,12 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
         if stored is None:
             raise SpecError(f"study {spec.name!r} exists but was not created by hpsearch; "
                             "choose another name")
-        old = spec_from_json(stored)
-        if _comparable(old) != _comparable(spec):
+        old = _comparable(spec_from_json(stored), study.user_attrs.get(LR_FIND_ATTR))
+        new = _comparable(spec, lr_find)
+        if old != new:
             raise SpecError(
                 f"study {spec.name!r} already exists with different settings "
-                f"({_describe_difference(_comparable(old), _comparable(spec))}); "
+                f"({_describe_difference(old, new)}); "
                 "give the changed study a new name, or run the stored one with "
                 f"`hpsearch worker {spec.name}`"
             )
@@ -101,7 +114,9 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
         )
     except optuna.exceptions.DuplicatedStudyError:
         # Another process created it between our check and create: join it.
-        return create_or_load(spec, storage, trials=trials)
+        return create_or_load(spec, storage, trials=trials, lr_find=lr_find)
+    if lr_find is not None:  # before the spec: a study with a spec is complete to a reader
+        study.set_user_attr(LR_FIND_ATTR, lr_find)
     study.set_user_attr(SPEC_ATTR, spec_to_json(spec))
     study.set_user_attr(BUDGET_ATTR, budget)
     study.set_metric_names(spec.objective.metric_names)

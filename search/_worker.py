@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import optuna
 
     import trainers
+    from search._artifacts import ArtifactRecorder
     from search._objective import TrialOutcome
     from search._spec import StudySpec
 
@@ -53,15 +54,25 @@ def run_worker(
     on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
     on_wait: Callable[[Counts], None] | None = None,
     lock: NullLock | FileLock | DatabaseLock | None = None,
+    artifacts: ArtifactRecorder | None | bool = True,
 ) -> WorkerSummary:
-    """Run trials until the study's budget is met or `timeout_s` passes; return a summary."""
+    """Run trials until the study's budget is met or `timeout_s` passes; return a summary.
+
+    `artifacts`: True records each trial's charts and metrics in the store next to the storage
+    (or $HPSEARCH_ARTIFACTS), a recorder records them there, False/None records none.
+    """
     import optuna
 
+    from search._artifacts import ArtifactRecorder, write_study_note
     from search._objective import Objective
 
+    write_study_note(study, spec)  # once per study: kept if present (or edited by hand)
+    if artifacts is True:
+        artifacts = ArtifactRecorder.for_study(study)  # a bad $HPSEARCH_ARTIFACTS stops here
+    recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
     checkpoint_root = spec.run.checkpoint_dir or "checkpoints"
     objective = Objective(spec, device=device, threads=threads, checkpoint_root=checkpoint_root,
-                          on_epoch=on_epoch)
+                          on_epoch=on_epoch, artifacts=recorder)
     summary = WorkerSummary()
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     # Optuna logs every trial at INFO; the progress display says it better.

@@ -38,11 +38,15 @@ class Validate(Command):
         parser.add_argument("study", help="study file (YAML)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from search._space import distributions
+        from search._space import auto_lr_key, distributions
         from search._spec import load_spec
 
         spec = load_spec(args.study)
-        dists = distributions(spec)
+        auto = auto_lr_key(spec)
+        dists = [f"{key} (auto: LR range test at run)" if key == auto else name for key, name in
+                 ((k, e.optuna_name(k)) for k, e in spec.space.items())]
+        if auto is None:
+            distributions(spec)  # every entry maps onto an Optuna distribution
         print(f"{args.study}: valid study {spec.name!r}: {len(dists)} searched parameters "
               f"({', '.join(dists)}), {spec.budget.trials} trials x {spec.budget.epochs} epochs, "
               f"sampler {spec.sampler.type}, pruner {spec.pruner.type}")
@@ -78,6 +82,14 @@ class Run(Command):
                             help="global trial budget (COMPLETE+PRUNED), overriding the file")
         parser.add_argument("--create-only", action="store_true",
                             help="create (or check) the study and exit: workers join it later")
+        parser.add_argument("--lr-find", action="store_true",
+                            help="run the LR range test first and narrow space.lr to what it "
+                                 "suggests (as space.lr: {auto: true} does); new studies only")
+        parser.add_argument("--warm-start", metavar="STUDY[:k]",
+                            help="enqueue the best k (default 5) completed trials of another "
+                                 "study that fit this space, once")
+        parser.add_argument("--warm-start-storage", metavar="URL",
+                            help="storage of the --warm-start study (default: --storage)")
         _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -120,7 +132,7 @@ def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
     from search._claim import budget_lock
     from search._progress import RunDisplay
     from search._storage import open_storage, resolve_url
-    from search._study import budget_of, count_trials, create_or_load, load, reseed
+    from search._study import budget_of, count_trials, load, reseed
     from search._supervisor import supervise
     from search._worker import WorkerError, quiet_optuna_warnings, run_worker
 
@@ -132,7 +144,7 @@ def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
     storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
                            grace_period=spec.run.grace_period)
     if name is None:
-        study = create_or_load(spec, storage, trials=args.trials)
+        study, spec = _create(args, spec, storage)
     else:
         study, spec = load(name, storage)
     if getattr(args, "create_only", False):
@@ -174,6 +186,40 @@ def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
         console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/{budget} "
                       "trials finished; run the same command again to continue")
     return EXIT_OK
+
+
+def _create(args: argparse.Namespace, spec: Any, storage: Any) -> tuple[Any, Any]:
+    """`run`: the LR range test when asked for, the study, then any warm start."""
+    from search._lr_find import needs_test
+    from search._lr_find_cmd import for_new_study
+    from search._space import auto_lr_key
+    from search._study import create_or_load, load
+
+    source = None
+    if args.warm_start:  # a bad source is refused before anything is created
+        from search._storage import open_storage, resolve_url
+        from search._warm_start import load_source, parse_source
+
+        name, k = parse_source(args.warm_start)
+        label = None
+        source_storage = storage
+        if args.warm_start_storage:
+            label = redact(resolve_url(args.warm_start_storage))
+            source_storage = open_storage(args.warm_start_storage, must_exist=True)
+        source = load_source(name, source_storage, target=spec.name, storage_label=label)
+    elif args.warm_start_storage:
+        raise SpecError("--warm-start-storage: goes with --warm-start STUDY[:k]")
+    lr_find = None
+    if needs_test(spec, force=args.lr_find):
+        spec, lr_find = for_new_study(spec, storage, device=args.device)
+    study = create_or_load(spec, storage, trials=args.trials, lr_find=lr_find)
+    if auto_lr_key(spec) is not None:  # an existing study: its stored lr range is the one
+        study, spec = load(spec.name, storage)
+    if source is not None:
+        from search._warm_start import warm_start
+
+        print(warm_start(study, spec, source, k=k, storage_label=label).describe(), flush=True)
+    return study, spec
 
 
 def _child_worker(study: Any, spec: Any, args: argparse.Namespace, timeout: float | None,
@@ -303,8 +349,12 @@ class StorageProxy(Command):
 
 def _commands() -> list[Command]:
     from search._dashboard import Dashboard
+    from search._lr_find_cmd import LrFind
+    from search._report import Report
+    from search._retrain import Retrain
 
-    return [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), StorageProxy()]
+    return [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(), Retrain(),
+            Report(), StorageProxy()]
 
 
 COMMANDS: list[Command] = _commands()

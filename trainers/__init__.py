@@ -21,6 +21,7 @@ from trainers._data import DATASETS, Data, load_data
 from trainers._errors import ConfigError, DataNotFoundError, TrainerError
 from trainers._inits import INITS
 from trainers._loop import EpochMetrics, StopTraining, TrainResult, resolve_device, train
+from trainers._lr_find import LRFindResult, lr_range_test
 from trainers._models import MODELS
 from trainers._optimizers import OPTIMIZERS
 from trainers._schedules import LR_SCHEDULES
@@ -38,6 +39,7 @@ __all__ = [
     "DataNotFoundError",
     "EpochMetrics",
     "InitConfig",
+    "LRFindResult",
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
@@ -48,6 +50,7 @@ __all__ = [
     "config_from_dict",
     "knob_names",
     "load_data",
+    "lr_range_test",
     "resolve_device",
     "train",
 ]

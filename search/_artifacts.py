@@ -1,0 +1,335 @@
+"""What each trial leaves for the dashboard: charts, raw metrics, and the study's note.
+
+Every trial that trained (completed, pruned or diverged; not one that raised) gets four Optuna
+artifacts, which optuna-dashboard lists and shows under the trial:
+
+- ``curves.svg``: train/validation loss and accuracy per epoch;
+- ``lr.svg``: the lr (and momentum, where the optimizer has one) at every step;
+- ``grad_norms.svg``: each layer's weight-gradient norm per epoch, on a log scale;
+- ``metrics.json``: the raw per-epoch history, equal to the trial's ``history`` attribute.
+
+They live in an artifact store next to the storage (``<db file>.artifacts/`` for SQLite, else
+``./hpsearch-artifacts``), or where ``$HPSEARCH_ARTIFACTS`` says: a directory (shared, for many
+machines), ``s3://bucket/prefix`` (any S3-compatible service; boto3 reads the endpoint and keys
+from its usual environment), or ``off``. Artifacts are a view, not the result: a failure to make
+or store them prints one warning line and never fails the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from search._errors import SpecError, StorageError
+from search._storage import redact, sqlite_path
+
+if TYPE_CHECKING:
+    import optuna
+
+    import trainers
+    from search._spec import StudySpec
+
+ENV_VAR = "HPSEARCH_ARTIFACTS"
+DEFAULT_DIR = "hpsearch-artifacts"
+OFF = ("off", "none", "0", "false")
+MAX_LR_POINTS = 800  # per-step lr drawn at most this many points: ~2 per pixel of width
+
+
+def artifact_location(storage_url: str | None) -> str | None:
+    """Where artifacts go: $HPSEARCH_ARTIFACTS, else next to a SQLite file, else ./; None: off."""
+    configured = os.environ.get(ENV_VAR, "").strip()
+    if configured:
+        return None if configured.lower() in OFF else configured
+    path = sqlite_path(storage_url) if storage_url else None
+    if path is not None:
+        return f"{path}.artifacts"
+    return DEFAULT_DIR
+
+
+class _PrefixedStore:
+    """An artifact store whose keys all start with `prefix/` (s3://bucket/prefix)."""
+
+    def __init__(self, store: Any, prefix: str) -> None:
+        self.store, self.prefix = store, prefix.strip("/") + "/"
+
+    def open_reader(self, artifact_id: str) -> IO[bytes]:
+        return self.store.open_reader(self.prefix + artifact_id)
+
+    def write(self, artifact_id: str, content_body: IO[bytes]) -> None:
+        self.store.write(self.prefix + artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(self.prefix + artifact_id)
+
+
+def open_artifact_store(location: str) -> Any:
+    """The Optuna artifact store at `location` (a directory, created if missing, or s3://)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        if not bucket:
+            raise SpecError(f"{ENV_VAR}: expected s3://bucket/prefix, got {location!r}")
+        try:
+            import boto3
+        except ImportError:
+            raise SpecError(f"{ENV_VAR}={location}: an s3:// artifact store needs boto3 "
+                            "(pip install 'hpsearch[s3]')") from None
+        from optuna.artifacts import Boto3ArtifactStore
+
+        store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
+        return _PrefixedStore(store, prefix) if prefix.strip("/") else store
+    if "://" in location:
+        raise SpecError(f"{ENV_VAR}: expected a directory, s3://bucket/prefix or off, "
+                        f"got {redact(location)!r}")
+    try:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create the artifact directory {location}: {e}") from e
+    return FileSystemArtifactStore(location)
+
+
+def storage_url_of(storage: Any) -> str | None:
+    """The URL of an RDB storage, looking through Optuna's cache wrapper (None for gRPC)."""
+    backend = getattr(storage, "_backend", storage)
+    url = getattr(backend, "url", None)
+    return url if isinstance(url, str) else None
+
+
+def lr_per_step(config: trainers.TrainConfig, history: list[trainers.EpochMetrics],
+                n_train: int, *, max_points: int = MAX_LR_POINTS
+                ) -> tuple[list[float], list[float], list[float] | None]:
+    """(x in epochs, lr, momentum or None) over the steps the run took, from its schedule.
+
+    Schedules are pure functions of the step, so the trajectory is recomputed rather than logged
+    on the hot path. Plateau's cuts depend on validation loss: each epoch is scaled to the lr the
+    run recorded at its end.
+    """
+    from trainers._optimizers import effective_lr
+    from trainers._schedules import Schedule
+
+    per_epoch = max(1, math.ceil(n_train / config.batch_size))
+    schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=per_epoch)
+    base = effective_lr(config.optimizer, config.batch_size)
+    total = len(history) * per_epoch
+    if total == 0:
+        return [], [], None
+    n = min(total, max_points)
+    steps = sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)}
+                   | {(e + 1) * per_epoch - 1 for e in range(len(history))})
+    lr = [base * schedule.factor(t) for t in steps]
+    if config.schedule.name == "plateau":
+        scale = []
+        for e, m in enumerate(history):
+            planned = base * schedule.factor((e + 1) * per_epoch - 1)
+            scale.append(m.lr / planned if planned > 0 else 1.0)
+        lr = [v * scale[t // per_epoch] for t, v in zip(steps, lr, strict=True)]
+    momentum: list[float] | None = None
+    if history[0].momentum is not None:
+        if schedule.cycles_momentum:
+            momentum = [float(schedule.momentum(t) or 0.0) for t in steps]
+        else:
+            momentum = [float(history[t // per_epoch].momentum or 0.0) for t in steps]
+    return [(t + 1) / per_epoch for t in steps], lr, momentum
+
+
+def attach(trial: optuna.Trial, store: Any, paths: list[Path]) -> None:
+    """Upload files as artifacts of a running trial: Optuna's `upload_artifact`, batched.
+
+    `upload_artifact` links each file with its own transaction (find the trial, check it,
+    upsert, commit): four round trips per file, half of what a trial's artifacts cost on SQLite
+    and more on a remote database. On an RDB storage the files are written first and then all
+    linked in one transaction, in the exact form `upload_artifact` writes (a trial system
+    attribute `artifacts:<id>` holding the JSON of its ArtifactMeta), so
+    `get_all_artifact_meta` and optuna-dashboard read them as their own. Any other storage, or
+    an Optuna whose internals moved, takes the public path.
+    """
+    import mimetypes
+    import uuid
+    from dataclasses import asdict
+
+    from optuna.artifacts import upload_artifact
+
+    from search._rdb import _rdb_backend
+
+    backend = _rdb_backend(trial.storage)
+    try:
+        from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, DEFAULT_MIME_TYPE, ArtifactMeta
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import insert
+    except ImportError:
+        backend = None
+    if backend is None:
+        for path in paths:
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        return
+    rows = []
+    for path in paths:
+        artifact_id = str(uuid.uuid4())
+        mimetype, encoding = mimetypes.guess_type(path.name)
+        meta = ArtifactMeta(artifact_id=artifact_id, filename=path.name,
+                            mimetype=mimetype or DEFAULT_MIME_TYPE, encoding=encoding)
+        with path.open("rb") as f:  # the bytes first: a link never points at nothing
+            store.write(artifact_id, f)
+        # Stored as Optuna stores it: the attribute's value is the meta's JSON string.
+        rows.append({"trial_id": trial._trial_id, "key": ARTIFACTS_ATTR_PREFIX + artifact_id,
+                     "value_json": json.dumps(json.dumps(asdict(meta)))})
+    with _create_scoped_session(backend.scoped_session) as session:
+        state = models.TrialModel.find_or_raise_by_id(trial._trial_id, session).state
+        backend.check_trial_is_updatable(trial._trial_id, state)
+        session.execute(insert(models.TrialSystemAttributeModel), rows)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class ArtifactRecorder:
+    """Makes and uploads a trial's artifacts; `record` never raises."""
+
+    def __init__(self, store: Any, *, location: str) -> None:
+        self.store = store
+        self.location = location
+
+    @classmethod
+    def for_study(cls, study: optuna.Study) -> ArtifactRecorder | None:
+        """The recorder for a study's storage (None when $HPSEARCH_ARTIFACTS is off)."""
+        location = artifact_location(storage_url_of(study._storage))
+        if location is None:
+            return None
+        return cls(open_artifact_store(location), location=location)
+
+    def record(self, trial: optuna.Trial, result: trainers.TrainResult,
+               config: trainers.TrainConfig) -> float | None:
+        """Upload the trial's artifacts; the seconds it took, or None (and a warning) on failure."""
+        started = time.perf_counter()
+        try:
+            self._record(trial, result, config)
+        except Exception as e:  # the trial's result matters more than its pictures
+            _warn(f"trial #{trial.number}: artifacts not recorded in {self.location} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  "the trial itself is unaffected")
+            return None
+        return time.perf_counter() - started
+
+    def _record(self, trial: optuna.Trial, result: trainers.TrainResult,
+                config: trainers.TrainConfig) -> None:
+        from search._objective import history_record
+
+        history = [history_record(m) for m in result.history]
+        ended = result.reason if result.status != "completed" else "completed"
+        with tempfile.TemporaryDirectory(prefix="hpsearch-artifacts-") as tmp:
+            folder = Path(tmp)
+            files = [folder / "metrics.json"]
+            files[0].write_text(json.dumps({
+                "trial": trial.number, "status": result.status, "ended": ended,
+                "epochs_run": result.epochs_run, "config": config.to_dict(),
+                "history": history,
+            }, indent=1))
+            if history:
+                files += self._draw(trial.number, ended, result, config, history, folder)
+            attach(trial, self.store, files)
+
+    @staticmethod
+    def _draw(number: int, ended: str, result: trainers.TrainResult,
+              config: trainers.TrainConfig, history: list[dict[str, Any]], folder: Path
+              ) -> list[Path]:
+        from search._charts import curves_svg, grad_norms_svg, lr_svg
+        from trainers._loop import data_for
+
+        epochs = config.epochs
+        n_train = int(data_for(config).train.x.shape[0])  # cached: the run just used it
+        x, lrs, momentum = lr_per_step(config, list(result.history), n_train)
+        charts = {
+            "curves.svg": curves_svg(history, epochs, f"trial #{number}: {ended}"),
+            "lr.svg": lr_svg(x, lrs, momentum, epochs, f"trial #{number}: "
+                             f"{config.optimizer.name}, {config.schedule.name} schedule"),
+            "grad_norms.svg": grad_norms_svg(history, epochs,
+                                             f"trial #{number}: gradient norm per layer"),
+        }
+        for name, text in charts.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        return [folder / name for name in charts]
+
+
+def study_note(spec: StudySpec, storage_url: str | None) -> str:
+    """The study's note (Markdown): what it searches, how, and how to reproduce it."""
+    import yaml
+
+    data = spec.model_dump(mode="json")
+    objective = ", ".join(f"{m} ({d})" for m, d in zip(
+        spec.objective.metric_names, spec.objective.direction_names, strict=True))
+    storage = f" --storage {redact(storage_url)}" if storage_url else " --storage URL"
+    space = spec.model_dump(mode="json", exclude_none=True).get("space") or {}
+    flow = [(name, yaml.safe_dump(entry, default_flow_style=True, sort_keys=False).strip())
+            for name, entry in space.items()]
+    rows = "\n".join(f"| `{name}` | `{entry}` |" for name, entry in flow)
+    fixed = data.get("fixed") or {}
+    lines = [
+        f"## {spec.name}",
+        "",
+        f"hpsearch study. Objective: {objective}. Budget: {spec.budget.trials} trials "
+        f"(complete + pruned) of {spec.budget.epochs} epochs. Sampler: {spec.sampler.type}, "
+        f"pruner: {spec.pruner.type}.",
+        "",
+        f"Data: `{json.dumps(data.get('data'))}`  ",
+        f"Model: `{json.dumps(data.get('model'))}`"
+        + (f"  \nFixed: `{json.dumps(fixed)}`" if fixed else ""),
+        "",
+        "### Search space",
+        "",
+        "| parameter | entry |",
+        "|---|---|",
+        rows,
+        "",
+        "Each trial carries `curves.svg`, `lr.svg`, `grad_norms.svg` and `metrics.json` "
+        "(see the trial's artifacts) and the user attributes `history`, `ended`, `host`, "
+        "`device`.",
+        "",
+        "### Reproduce",
+        "",
+        "```",
+        f"hpsearch worker {spec.name}{storage}      # add a worker to this study",
+        f"hpsearch status {spec.name}{storage}      # trials at a glance",
+        f"hpsearch report {spec.name}{storage} --out report.html",
+        f"hpsearch best {spec.name}{storage} --format yaml > best.yaml",
+        "python -m trainers best.yaml                # train the best config, no study needed",
+        "hpsearch run STUDY.yaml                     # a new study from the file below",
+        "```",
+        "",
+        "### Study file",
+        "",
+        "```yaml",
+        yaml.safe_dump(data, sort_keys=False).rstrip(),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_study_note(study: optuna.Study, spec: StudySpec, *,
+                     storage_url: str | None = None, overwrite: bool = False) -> bool:
+    """Save the study note for optuna-dashboard unless one is there; True when written.
+
+    A note edited in the dashboard is the user's: it is kept unless `overwrite`. Never raises:
+    a missing note is a warning, not a reason to stop a worker.
+    """
+    try:
+        from optuna_dashboard import get_note, save_note
+    except ImportError:
+        return False  # the dashboard extra is not installed: nobody would read the note
+    try:
+        if not overwrite and get_note(study).strip():
+            return False
+        url = storage_url or storage_url_of(study._storage)
+        save_note(study, study_note(spec, url))
+    except Exception as e:  # storage hiccups: the next worker to start tries again
+        _warn(f"study note not written ({type(e).__name__}: {e})")
+        return False
+    return True

@@ -1,0 +1,138 @@
+"""`hpsearch retrain`: the final test, and the proof that nothing before it reads the test set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import trainers._data
+from search import SpecError
+from search._lr_find import resolve, run_tests
+from search._retrain import final_test, retrain
+from search._spec import parse_spec
+from search._storage import open_storage
+from search._study import RETRAIN_ATTR, create_or_load
+from search._worker import quiet_optuna_warnings, run_worker
+from trainers import config_from_dict
+
+quiet_optuna_warnings()
+HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
+
+
+def study_data(name: str, **changes) -> dict:
+    data = {
+        "name": name,
+        "budget": {"trials": 3, "epochs": 2},
+        "sampler": {"type": "tpe", "seed": 0},
+        "pruner": {"type": "median"},
+        "data": {"dataset": "synthetic", "size": 512},
+        "model": {"type": "mlp", "hidden": [16]},
+        "space": {
+            "optimizer": {"choices": ["sgd", "adam"]},
+            "lr": {"auto": True},
+            "batch_size": {"pow2": [32, 64]},
+        },
+        "enqueue": [{"optimizer": "sgd", "lr": 0.1, "batch_size": 32}],
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.fixture
+def data_loads(monkeypatch):
+    """Every dataset build in this process, as (include_test, merge_val); caches emptied first
+    so that no earlier load hides one."""
+    trainers._data.clear_cache()
+    calls: list[tuple[bool, bool]] = []
+    build = trainers._data._build
+
+    def recording(raw, config, device, include_test, merge_val):
+        calls.append((include_test, merge_val))
+        return build(raw, config, device, include_test, merge_val)
+
+    monkeypatch.setattr(trainers._data, "_build", recording)
+    yield calls
+    trainers._data.clear_cache()
+
+
+def test_the_search_never_reads_the_test_set_and_retrain_reads_it_once_per_seed(
+        data_loads, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(study_data("honest"))
+    results, note = run_tests(spec, iterations=50)  # the LR range test of `lr: {auto: true}`
+    spec, record = resolve(spec, results, note=note, settings={})
+    study = create_or_load(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"), lr_find=record)
+    run_worker(study, spec, device="cpu", artifacts=None)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 1
+    assert data_loads and all(not include_test for include_test, _ in data_loads)
+    assert all(not merge_val for _, merge_val in data_loads)
+
+    searched = len(data_loads)
+    trainers_seen: list[int] = []
+    summary = retrain(study, spec, out=tmp_path / "final", seeds=2,
+                      on_seed=lambda seed, result: trainers_seen.append(seed))
+    # Retraining loads train+val with the test split, cached for the second seed.
+    assert data_loads[searched:] == [(True, True)]
+    assert trainers_seen == [0, 1]
+    acc = summary["test_accuracy"]
+    assert len(acc["per_seed"]) == 2 and acc["mean"] == pytest.approx(sum(acc["per_seed"]) / 2)
+    assert acc["std"] >= 0 and 0 < acc["mean"] <= 1
+    assert summary["seeds"] == 2 and summary["epochs"] == 2
+    assert summary["trial"] == study.best_trial.number and summary["out"] == str(tmp_path /
+                                                                                  "final")
+    stored = optuna.load_study(study_name="honest", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert stored.user_attrs[RETRAIN_ATTR]["test_accuracy"] == acc
+    files = sorted(p.name for p in (tmp_path / "final").iterdir())
+    assert files == ["config.yaml", "model-seed0.pt", "model-seed1.pt", "results.json"]
+    weights = torch.load(tmp_path / "final" / "model-seed0.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    assert json.loads((tmp_path / "final" / "results.json").read_text())["study"] == "honest"
+
+
+def test_final_test_is_seeded_and_summarised():
+    config = config_from_dict({"dataset": "synthetic", "hidden": [16], "epochs": 2,
+                               "batch_size": 64, "lr": 0.05, "seed": 3})
+    one = final_test(config, seeds=1)
+    assert one["test_accuracy"]["std"] == 0.0 and one["seed_values"] == [3]
+    again = final_test(config, seeds=1)
+    assert again["test_accuracy"] == one["test_accuracy"]  # seeded: the same model and test
+
+
+def test_retrain_command(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec(study_data("cli", space={"optimizer": {"choices": ["sgd", "adam"]},
+                                               "lr": {"low": 0.01, "high": 0.3, "log": True}},
+                                 enqueue=[]))
+    study = create_or_load(spec, open_storage(url))
+    run_worker(study, spec, device="cpu", artifacts=None)
+    out = subprocess.run([HPSEARCH, "retrain", "cli", "--storage", url, "--epochs", "1",
+                          "--out", "final"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "test accuracy" in out.stdout and (tmp_path / "final" / "model-seed0.pt").exists()
+    assert json.loads((tmp_path / "final" / "results.json").read_text())["epochs"] == 1
+    missing = subprocess.run([HPSEARCH, "retrain", "nope", "--storage", url], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no study named 'nope'" in missing.stderr
+    bad = subprocess.run([HPSEARCH, "retrain", "cli", "--storage", url, "--trial", "99"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--trial: expected a finished trial" in bad.stderr
+
+
+def test_several_objectives_need_a_trial(tmp_path):
+    data = study_data("multi", objective={"metrics": ["val_loss", "epoch_seconds"]},
+                      pruner={"type": "none"}, budget={"trials": 2, "epochs": 1},
+                      space={"lr": {"low": 0.01, "high": 0.3, "log": True}}, enqueue=[])
+    spec = parse_spec(data)
+    study = create_or_load(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    run_worker(study, spec, device="cpu", artifacts=None)
+    with pytest.raises(SpecError, match="several objectives: choose one of its best trials"):
+        retrain(study, spec, out=tmp_path / "x")
+    number = study.best_trials[0].number
+    assert retrain(study, spec, out=tmp_path / "x", trial=number)["trial"] == number
