@@ -37,6 +37,13 @@ def is_connection_error(error: BaseException) -> bool:
     return False
 
 
+def _root_cause(error: BaseException) -> str:
+    """The driver's own words (Optuna wraps them in a generic "exception during commit")."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def with_retry(fn: Callable[[], T], *, what: str, deadline_s: float = RETRY_DEADLINE_S,
                log: Callable[[str], None] | None = None) -> T:
     """Call `fn`; on a connection error wait and call again, up to `deadline_s` in all."""
@@ -51,7 +58,7 @@ def with_retry(fn: Callable[[], T], *, what: str, deadline_s: float = RETRY_DEAD
         except Exception as e:
             if not is_connection_error(e) or time.monotonic() - started > deadline_s:
                 raise
-            reason = redact(str(e)).splitlines()[0][:160]
+            reason = redact(_root_cause(e)).splitlines()[0][:160]
             log(f"storage unreachable while {what} ({reason}); retrying in {delay:.1f} s")
             time.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
