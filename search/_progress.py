@@ -164,6 +164,8 @@ class RunDisplay:
             (f"hpsearch dashboard{url}", "curves and plots in the browser"),
             (f"hpsearch best {name}{url} --format yaml > best.yaml", "export the best config"),
             ("python -m trainers best.yaml", "and train it again"),
+            (f"hpsearch retrain {name}{url}", "train+val, then the test set, once"),
+            (f"hpsearch report {name}{url} --out report.html", "one offline HTML report"),
         ):
             self.console.print(f"  {command:<58} [dim]# {why}[/]")
 
