@@ -131,7 +131,7 @@ def _die_with_parent() -> None:
 def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot], *,
               display: RunDisplay, timeout_s: float | None) -> int:
     """Start the workers, show progress until they stop, return the exit code."""
-    from search._study import count_trials
+    from search._study import budget_of, count_trials
 
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
@@ -169,8 +169,13 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
                 p.wait()
     if interrupted:
         return 130
-    codes = [p.returncode for p in procs]
-    return 0 if all(c == 0 for c in codes) else 1
+    # The exit code says whether the budget was met; a worker that failed is reported, and
+    # decides the code only when the study fell short.
+    failed = [(slot.index, p.returncode) for slot, p in zip(slots, procs, strict=True)
+              if p.returncode != 0]
+    for index, code in failed:
+        display.console.print(f"worker #{index} exited with code {code} (its messages are above)")
+    return 0 if count_trials(study).finished >= budget_of(study, spec) else 1
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

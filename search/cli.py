@@ -240,6 +240,12 @@ def _child_worker(study: Any, spec: Any, args: argparse.Namespace, timeout: floa
     except WorkerError as e:
         print(f"worker {args.worker_index}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        # A gRPC proxy client left open races the interpreter's exit (epoll errors, a
+        # non-zero code): close it while the process is still whole.
+        close = getattr(getattr(study._storage, "_backend", study._storage), "close", None)
+        if callable(close):
+            close()
     return EXIT_OK
 
 
