@@ -14,17 +14,6 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
   fi
 fi
 
-# Chromium for the browser tests (tests/search_tests/test_browser.py): Debian's packages, driven
-# by selenium through /usr/bin/chromedriver; no browser is ever downloaded.
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "setup: installing Debian's chromium and chromium-driver (browser tests)"
-    apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null
-  else
-    echo "setup: chromium not found; the browser tests skip (CI fails them): apt install chromium chromium-driver" >&2
-  fi
-fi
-
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -3,4 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+
+# Chromium for the browser tests (tests/search_tests/test_browser.py): Debian's packages, driven
+# by selenium through /usr/bin/chromedriver; no browser is ever downloaded.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's chromium and chromium-driver (browser tests)"
+    apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium not found; the browser tests skip (CI fails them): apt install chromium chromium-driver" >&2
+  fi
+fi
+
 exec .venv/bin/python -m pytest -q "$@"
