@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # Fields of EpochMetrics kept on the trial (user attr "history") for curves and reports.
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                   "momentum", "grad_norms", "epoch_seconds", "train_seconds",
-                  "samples_per_second")
+                  "samples_per_second", "group_lrs", "trained_parameters")
 
 
 def metric_value(metric: str, history: list[trainers.EpochMetrics]) -> float:
@@ -167,10 +167,14 @@ class Objective:
             "history": [history_record(m) for m in result.history],
             "epochs_run": result.epochs_run,
             "seconds": round(result.seconds, 3),
+            "parameters": result.parameters,
+            "trained_parameters": result.trained_parameters,
             "ended": result.reason if result.status != "completed" else "completed",
         }
         if retried_from is not None:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        if result.notes:  # what loading model.weights did: which heads were re-initialized
+            end_attrs["weights_notes"] = list(result.notes)
         if self.artifacts is not None:
             # Now, while the trial is live: Optuna attaches artifacts only to a running trial.
             spent = self.artifacts.record(trial, result, config)

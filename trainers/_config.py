@@ -41,6 +41,16 @@ class ModelConfig:
     widths: tuple[int, ...] = (32, 64)  # cnn: channels of each conv-BN-ReLU stage
     blocks: int = 1  # cnn: 3x3 conv-BN-ReLU blocks per stage
     pool: str = "max"  # cnn: pooling between stages, max | avg
+    # torchvision networks (resnet18, …): "small" swaps the ImageNet stem for a 3x3 stride-1
+    # conv without max-pool (CIFAR-style); "auto" picks small below 64 px; "imagenet" keeps the
+    # torchvision layout, so ImageNet weights load.
+    stem: str = "auto"
+    # Fine-tuning. A state-dict file to start from (loaded with weights_only; nothing downloads).
+    weights: str | None = None
+    freeze: str = "none"  # none | backbone (all but the head) | comma list of name prefixes
+    freeze_blocks: int = 0  # freeze the first N blocks (stem, stages, …) in forward order
+    unfreeze_after: int | None = None  # epochs after which the frozen parameters train too
+    bn_stats: str = "update"  # update | frozen (all BN layers) | frozen_layers (in frozen parts)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,10 @@ class OptimizerConfig:
     rho: float = 0.9  # adadelta
     decay_all: bool = False  # also decay biases and norm weights (off: the usual practice)
     lr_per_batch: int | None = None  # linear scaling: lr is per this many examples (Goyal)
+    # Parameter groups for fine-tuning: the head, and the layers `unfreeze_after` releases.
+    head_lr_mult: float = 1.0
+    head_weight_decay: float | None = None  # None: the same as weight_decay
+    unfrozen_lr_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     amp: bool = False  # mixed precision, used only on CUDA
+    channels_last: bool = False  # NHWC memory format for conv nets, used only on CUDA
     compile: bool = False  # torch.compile, used only on CUDA
     eval_batch_size: int = 2048
     divergence_factor: float = 20.0  # a loss this many times its first value has diverged
@@ -155,6 +170,15 @@ ALIASES: dict[str, str] = {
     "norm": "model.norm",
     "dropout": "model.dropout",
     "widths": "model.widths",
+    "stem": "model.stem",
+    "weights": "model.weights",
+    "freeze": "model.freeze",
+    "freeze_blocks": "model.freeze_blocks",
+    "unfreeze_after": "model.unfreeze_after",
+    "bn_stats": "model.bn_stats",
+    "head_lr_mult": "optimizer.head_lr_mult",
+    "head_weight_decay": "optimizer.head_weight_decay",
+    "unfrozen_lr_mult": "optimizer.unfrozen_lr_mult",
 }
 
 
@@ -282,6 +306,17 @@ def _check_ranges(c: TrainConfig) -> None:
         ("model.dropout", c.model.dropout, 0.0 <= c.model.dropout < 1.0, "in [0, 1)"),
         ("schedule.warmup_epochs", c.schedule.warmup_epochs, c.schedule.warmup_epochs >= 0,
          "zero or positive"),
+        ("optimizer.head_lr_mult", c.optimizer.head_lr_mult, c.optimizer.head_lr_mult > 0,
+         "a positive number"),
+        ("optimizer.unfrozen_lr_mult", c.optimizer.unfrozen_lr_mult,
+         c.optimizer.unfrozen_lr_mult > 0, "a positive number"),
+        ("optimizer.head_weight_decay", c.optimizer.head_weight_decay,
+         c.optimizer.head_weight_decay is None or c.optimizer.head_weight_decay >= 0,
+         "zero or positive"),
+        ("model.freeze_blocks", c.model.freeze_blocks, c.model.freeze_blocks >= 0,
+         "zero or positive"),
+        ("model.unfreeze_after", c.model.unfreeze_after,
+         c.model.unfreeze_after is None or c.model.unfreeze_after >= 1, "at least 1"),
         ("divergence_factor", c.divergence_factor, c.divergence_factor > 1, "greater than 1"),
     ]
     for key, value, ok, expected in checks:

@@ -22,13 +22,13 @@ from trainers._checkpoint import CheckpointStore
 from trainers._config import TrainConfig, config_from_dict
 from trainers._data import Data, Split, augment_batch, load_data
 from trainers._errors import ConfigError
-from trainers._inits import apply_init
-from trainers._models import build_model
+from trainers._finetune import FrozenParts, prepare_model
 from trainers._optimizers import (
     OPTIMIZERS,
     build_optimizer,
     current_momentum,
     effective_lr,
+    group_lrs,
     set_momentum,
 )
 from trainers._schedules import Schedule
@@ -54,6 +54,8 @@ class EpochMetrics:
     epoch_seconds: float  # training pass plus validation
     train_seconds: float  # the training pass alone
     samples_per_second: float
+    group_lrs: dict[str, float] = field(default_factory=dict)  # lr of each parameter group
+    trained_parameters: int = 0  # parameters that were not frozen this epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,9 +69,11 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int = 0
     parameters: int = 0
+    trained_parameters: int = 0  # in the last epoch (freezing may have changed it)
     device: str = "cpu"
     test_loss: float | None = None
     test_accuracy: float | None = None
+    notes: tuple[str, ...] = ()  # what loading `model.weights` did (re-initialized heads, …)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -121,17 +125,23 @@ def train(
     data = load_data(config.data, device=device, include_test=evaluate_test, merge_val=merge_val)
 
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    apply_init(model, config.init)
-    model.to(device)
+    prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
+    model = prepared.model
+    channels_last = config.channels_last and device.type == "cuda" and data.train.x.dim() == 4
+    if channels_last:
+        model.to(device, memory_format=torch.channels_last)
+    else:
+        model.to(device)
+    freezer = FrozenParts(model, prepared.frozen, config.model)
     info = OPTIMIZERS.get(config.optimizer.name)
     base_lr = effective_lr(config.optimizer, config.batch_size)
-    optimizer = build_optimizer(model, config.optimizer, lr=base_lr)
+    optimizer = build_optimizer(model, config.optimizer, lr=base_lr, head=prepared.head,
+                                frozen=prepared.frozen,
+                                unfreezes=config.model.unfreeze_after is not None)
     n_train = data.train.x.shape[0]
     steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
     schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)  # data order, separate from init/dropout
-    layers = _weight_layers(model)
 
     history: list[EpochMetrics] = []
     first_loss: float | None = None
@@ -168,6 +178,8 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         model.train()
+        freezer.start_epoch(epoch)
+        layers = _weight_layers(model)  # the trained ones: unfreezing adds some
         perm = torch.randperm(n_train, generator=order).to(device)
         losses: list[torch.Tensor] = []  # per-batch means, summed once at the epoch's end
         hits: list[torch.Tensor] = []
@@ -180,7 +192,7 @@ def train(
             lr = base_lr * schedule.factor(t)
             if lr != last_lr:  # most schedules hold the lr for many steps: skip the writes
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_mult"]
                 last_lr = lr
             momentum = schedule.momentum(t)
             if momentum is not None:
@@ -191,6 +203,8 @@ def train(
             xb, yb = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
             if config.data.augment:
                 xb = augment_batch(xb, config.data.augment, order)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast():
                 out = forward(xb)
                 loss = F.cross_entropy(out, yb)
@@ -243,12 +257,14 @@ def train(
             train_accuracy=train_correct / n_train,
             val_loss=val_loss,
             val_accuracy=val_acc,
-            lr=optimizer.param_groups[0]["lr"],
+            lr=last_lr,
             momentum=current_momentum(optimizer, info),
             grad_norms={name: norms[k] for k, (name, _) in enumerate(layers)},
             epoch_seconds=seconds,
             train_seconds=train_seconds,
             samples_per_second=n_train / train_seconds if train_seconds > 0 else math.inf,
+            group_lrs=group_lrs(optimizer),
+            trained_parameters=freezer.trained_parameters(),
         )
         history.append(metrics)
         if checkpoint is not None:
@@ -271,9 +287,11 @@ def train(
         seconds=time.perf_counter() - started,
         resumed_from_epoch=start_epoch,
         parameters=params_count,
+        trained_parameters=history[-1].trained_parameters if history else 0,
         device=str(device),
         test_loss=test_loss,
         test_accuracy=test_acc,
+        notes=prepared.notes,
         model=model,
     )
 
@@ -307,7 +325,7 @@ def evaluate(
 
 # Where and how a run executes may change across a resume (a retry on another worker, another
 # GPU, more threads); what it trains may not.
-_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "eval_batch_size")
+_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "channels_last", "eval_batch_size")
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
@@ -323,16 +341,16 @@ def _divergence(loss: float, first: float, factor: float) -> str:
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, weight) of each Linear/Conv layer: 'linear1', 'conv2d2', … in forward order."""
+    """(name, weight) of each trained Linear/Conv layer: 'linear1', 'conv2d2', … in forward
+    order; frozen layers keep their numbers, so a name means one layer throughout a run."""
     counts: dict[str, int] = {}
     layers = []
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if not module.weight.requires_grad:
-                continue
             kind = type(module).__name__.lower()
             counts[kind] = counts.get(kind, 0) + 1
-            layers.append((f"{kind}{counts[kind]}", module.weight))
+            if module.weight.requires_grad:
+                layers.append((f"{kind}{counts[kind]}", module.weight))
     return layers
 
 

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from trainers._config import TrainConfig, config_from_dict
 from trainers._data import load_data
 from trainers._errors import ConfigError
-from trainers._inits import apply_init
+from trainers._finetune import FrozenParts, prepare_model
 from trainers._loop import resolve_device
-from trainers._models import build_model
 from trainers._optimizers import build_optimizer
 
 RULES = ("minimum", "steepest")
@@ -95,10 +94,14 @@ def lr_range_test(
         torch.set_num_threads(config.threads)
     data = load_data(config.data, device=device)  # train/val only: never the test split
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    apply_init(model, config.init)
+    # The network as training starts it: weights loaded, frozen parts frozen (the range test
+    # of a fine-tune is the range test of what trains in its first epochs).
+    prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
+    model = prepared.model
     model.to(device).train()
-    optimizer = build_optimizer(model, config.optimizer, lr=start_lr)
+    FrozenParts(model, prepared.frozen, config.model).start_epoch(0)
+    optimizer = build_optimizer(model, config.optimizer, lr=start_lr, head=prepared.head,
+                                frozen=prepared.frozen)
     order = torch.Generator().manual_seed(config.seed)
     n = data.train.x.shape[0]
     batch = min(config.batch_size, n)
@@ -113,7 +116,7 @@ def lr_range_test(
     for i in range(iterations):
         lr = start_lr * ratio**i
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         if pos + batch > n:  # a new epoch: reshuffle, as training would
             perm, pos = torch.randperm(n, generator=order).to(device), 0
         idx = perm[pos:pos + batch]

@@ -1,4 +1,4 @@
-"""Models: the MLP of the seed report and conv-BN-ReLU 3x3 CNNs, built from `ModelConfig`."""
+"""Models: the seed report's MLP, conv-BN-ReLU 3x3 CNNs and torchvision networks, by name."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ from torch import nn
 from trainers._config import ModelConfig
 from trainers._errors import ConfigError
 from trainers._registry import Registry, unknown_choice_message
+from trainers._vision import (
+    STEMS,
+    Parts,
+    build_mobilenet_v3_small,
+    build_vgg11_bn,
+    mobilenet_parts,
+    resnet_builder,
+    resnet_parts,
+    sequential_parts,
+    vgg_parts,
+)
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -25,12 +36,14 @@ POOLS: dict[str, Callable[[], nn.Module]] = {
 }
 
 BuildFn = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
+BN_STATS = ("update", "frozen", "frozen_layers")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
     build: BuildFn  # (config, input_shape per example, num_classes) -> module
+    parts: Callable[[nn.Module], Parts] = sequential_parts  # head and blocks, for fine-tuning
 
 
 MODELS: Registry[ModelInfo] = Registry("model")
@@ -98,8 +111,15 @@ def build_cnn(config: ModelConfig, input_shape: tuple[int, ...], num_classes: in
     return nn.Sequential(*layers)
 
 
-MODELS.register("mlp", ModelInfo("mlp", build_mlp))
-MODELS.register("cnn", ModelInfo("cnn", build_cnn))
+for _info in (
+    ModelInfo("mlp", build_mlp),
+    ModelInfo("cnn", build_cnn),
+    ModelInfo("resnet18", resnet_builder(18), resnet_parts),
+    ModelInfo("resnet34", resnet_builder(34), resnet_parts),
+    ModelInfo("mobilenet_v3_small", build_mobilenet_v3_small, mobilenet_parts),
+    ModelInfo("vgg11_bn", build_vgg11_bn, vgg_parts),
+):
+    MODELS.register(_info.name, _info)
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -114,4 +134,6 @@ def check_model_config(config: ModelConfig) -> None:
     MODELS.get(config.type)
     _choice("activation", config.activation, list(ACTIVATIONS))
     _choice("pool", config.pool, list(POOLS))
+    _choice("model.stem", config.stem, STEMS)
+    _choice("model.bn_stats", config.bn_stats, BN_STATS)
     layer_norms(config)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from trainers._config import OptimizerConfig
+from trainers._errors import ConfigError
 from trainers._registry import Registry
 
 
@@ -54,7 +55,12 @@ for _info in (
 def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = False
                  ) -> list[dict[str, Any]]:
     """Decay matrices and conv kernels only: biases and norm scales are 1-D (nanoGPT's rule)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return _split_decay([p for p in model.parameters() if p.requires_grad], weight_decay,
+                        decay_all=decay_all)
+
+
+def _split_decay(params: list[nn.Parameter], weight_decay: float, *, decay_all: bool
+                 ) -> list[dict[str, Any]]:
     if decay_all or weight_decay == 0:  # one group: one fused update per step, not two
         return [{"params": params, "weight_decay": weight_decay}]
     decay = [p for p in params if p.dim() >= 2]
@@ -64,6 +70,42 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Fal
     return [g for g in groups if g["params"]]
 
 
+ROLES = ("all", "body", "head", "unfrozen")
+
+
+def role_groups(model: nn.Module, config: OptimizerConfig, *,
+                head: frozenset[str] = frozenset(), frozen: frozenset[str] = frozenset(),
+                unfreezes: bool = False) -> list[dict[str, Any]]:
+    """Parameter groups by role, each with its lr multiplier (``lr_mult``) and weight decay.
+
+    ``head``: the classifier, at ``head_lr_mult`` and ``head_weight_decay`` (merged into the
+    body when both equal the body's). ``unfrozen``: the frozen parameters, present only when
+    they will train later (``unfreezes``), at ``unfrozen_lr_mult``; until then they have no
+    gradients, so the optimizer skips them. The rest is ``body`` (``all`` with no head group).
+    """
+    head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    split_head = config.head_lr_mult != 1 or head_wd != config.weight_decay
+    settings = {"all": (1.0, config.weight_decay), "body": (1.0, config.weight_decay),
+                "head": (config.head_lr_mult, head_wd),
+                "unfrozen": (config.unfrozen_lr_mult, config.weight_decay)}
+    members: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            if unfreezes:
+                members["unfrozen"].append(p)
+        elif name in head and split_head:
+            members["head"].append(p)
+        else:
+            members["body" if split_head else "all"].append(p)
+    groups = []
+    for role, params in members.items():
+        if params:
+            mult, wd = settings[role]
+            for group in _split_decay(params, wd, decay_all=config.decay_all):
+                groups.append({**group, "lr_mult": mult, "role": role})
+    return groups
+
+
 def effective_lr(config: OptimizerConfig, batch_size: int) -> float:
     """The lr the optimizer uses; with `lr_per_batch` set, scaled linearly by the batch size."""
     if config.lr_per_batch:
@@ -71,12 +113,23 @@ def effective_lr(config: OptimizerConfig, batch_size: int) -> float:
     return config.lr
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, *, lr: float
-                    ) -> torch.optim.Optimizer:
-    """The configured optimizer over `model`'s trainable parameters, starting at `lr`."""
+def build_optimizer(model: nn.Module, config: OptimizerConfig, *, lr: float,
+                    head: frozenset[str] = frozenset(), frozen: frozenset[str] = frozenset(),
+                    unfreezes: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over `model`'s parameters by role (`role_groups`) at `lr`."""
     info = OPTIMIZERS.get(config.name)
-    groups = param_groups(model, config.weight_decay, decay_all=config.decay_all)
+    groups = role_groups(model, config, head=head, frozen=frozen, unfreezes=unfreezes)
+    if not groups:
+        raise ConfigError("model.freeze: every parameter is frozen and none unfreezes: nothing "
+                          "would train (freeze fewer blocks, or set model.unfreeze_after)")
+    for group in groups:
+        group["lr"] = lr * group["lr_mult"]
     return info.cls(groups, lr=lr, **info.kwargs(config))
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current lr of each role (the decay/no-decay halves of a role share it)."""
+    return {g.get("role", "all"): float(g["lr"]) for g in optimizer.param_groups}
 
 
 def set_momentum(optimizer: torch.optim.Optimizer, info: OptimInfo, value: float) -> None:
