@@ -279,7 +279,19 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"{where}: invalid YAML: {problem}") from e
     if data is None:
         raise SpecError(f"{path}: the study file is empty")
-    return parse_spec(data, source=str(path))
+    spec = parse_spec(data, source=str(path))
+    _check_files(spec, path)
+    return spec
+
+
+def _check_files(spec: StudySpec, path: Path) -> None:
+    """Files the trials read must exist here before a study starts (workers elsewhere need
+    their own copy, at the same path)."""
+    weights = base_train_config(spec).model.weights
+    if weights and not Path(weights).expanduser().is_file():
+        raise SpecError(f"{path}: model.weights: {weights}: no such file (a relative path is "
+                        f"read from the current directory, {Path.cwd()}); write it first, e.g. "
+                        f"python -m trainers CONFIG.yaml --save {weights}", path="model.weights")
 
 
 class _Loader(yaml.SafeLoader):

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the number of epochs")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--checkpoint", help="directory to checkpoint into and resume from")
+    parser.add_argument("--save", metavar="PATH",
+                        help="write the trained weights (a state dict) here, e.g. to fine-tune "
+                             "from them with model.weights")
     parser.add_argument("--test", action="store_true",
                         help="train on train+validation and evaluate the test set once at the end")
     args = parser.parse_args(argv)
@@ -47,12 +50,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{m.val_accuracy:>8.4f} {m.lr:>9.3g} {m.epoch_seconds:>6.2f}", flush=True)
 
     store = CheckpointStore(args.checkpoint) if args.checkpoint else None
+    if config.model.weights:
+        print(f"starting from {config.model.weights}")
     try:
         result = train(config, show, store, evaluate_test=args.test, merge_val=args.test)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in result.notes:
+        print(f"  {note}")
     print(f"{result.status}: {result.reason} in {result.seconds:.1f} s")
+    if args.save and result.model is not None and result.status != "diverged":
+        import torch
+
+        save = Path(args.save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save.with_name(save.name + ".tmp")
+        torch.save(result.model.state_dict(), tmp)
+        tmp.replace(save)  # whole or absent: a worker never reads a half-written file
+        print(f"weights: {save}")
     if result.test_accuracy is not None:
         print(f"test: loss {result.test_loss:.4f}, accuracy {result.test_accuracy:.4f}")
     return 0 if result.status != "diverged" else 1

@@ -47,6 +47,7 @@ class ModelConfig:
     stem: str = "auto"
     # Fine-tuning. A state-dict file to start from (loaded with weights_only; nothing downloads).
     weights: str | None = None
+    reset_head: bool = False  # re-initialize the head even where its shape fits (a new task)
     freeze: str = "none"  # none | backbone (all but the head) | comma list of name prefixes
     freeze_blocks: int = 0  # freeze the first N blocks (stem, stages, …) in forward order
     unfreeze_after: int | None = None  # epochs after which the frozen parameters train too
@@ -172,6 +173,7 @@ ALIASES: dict[str, str] = {
     "widths": "model.widths",
     "stem": "model.stem",
     "weights": "model.weights",
+    "reset_head": "model.reset_head",
     "freeze": "model.freeze",
     "freeze_blocks": "model.freeze_blocks",
     "unfreeze_after": "model.unfreeze_after",

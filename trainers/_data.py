@@ -313,6 +313,9 @@ def _build(raw: RawData, config: DataConfig, device: torch.device,
             raise ConfigError(f"data.train_subset: expected 1..{len(train_idx)} (the train "
                               f"part), got {config.train_subset}")
         train_idx = train_idx[: config.train_subset]  # perm is random: a prefix is a subset
+        if merge_val:  # the subset's own share of validation, not the whole of it
+            share = config.val_fraction / (1 - config.val_fraction)
+            val_idx = val_idx[: round(config.train_subset * share)]
     if merge_val:
         train_idx, val_idx = torch.cat([train_idx, val_idx]), val_idx[:0]
     if len(train_idx) == 0:

@@ -46,7 +46,8 @@ def prepare_model(model_config: ModelConfig, init: InitConfig, input_shape: tupl
     parts = MODELS.get(model_config.type).parts(model)
     notes: tuple[str, ...] = ()
     if model_config.weights:
-        notes = tuple(load_weights(model, model_config.weights, parts, init.name))
+        notes = tuple(load_weights(model, model_config.weights, parts, init.name,
+                                   reset_head=model_config.reset_head))
     names = [n for n, _ in model.named_parameters()]
     frozen = frozen_names(model_config, parts, names)
     head = frozenset(n for n in names if matches(n, parts.head))
@@ -75,8 +76,10 @@ def frozen_names(config: ModelConfig, parts: Parts, names: list[str]) -> frozens
     return frozenset(n for n in names if matches(n, prefixes))
 
 
-def load_weights(model: nn.Module, path: str, parts: Parts, init_name: str) -> list[str]:
-    """Load a state dict file into `model`; heads whose shape differs keep the fresh init.
+def load_weights(model: nn.Module, path: str, parts: Parts, init_name: str, *,
+                 reset_head: bool = False) -> list[str]:
+    """Load a state dict file into `model`; heads whose shape differs (all heads, with
+    `reset_head`) keep the fresh init.
 
     Anything else that does not fit (a key missing, a key too many, a shape that differs
     outside the head) is one ConfigError naming the file, the keys and the shapes.
@@ -121,6 +124,8 @@ def load_weights(model: nn.Module, path: str, parts: Parts, init_name: str) -> l
         module = head_module(key)
         if module is not None and key not in state:
             reinit.setdefault(module, "not in the file")
+        elif module is not None and reset_head:
+            reinit.setdefault(module, "model.reset_head")
     load = {k: v for k, v in load.items() if head_module(k) not in reinit}
     model.load_state_dict(load, strict=False)
     notes = [f"loaded {len(load)} tensors from {file}"]
