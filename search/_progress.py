@@ -94,6 +94,12 @@ class RunDisplay:
             f"pruner {self.spec.pruner.type}, objective "
             f"{' & '.join(self.spec.objective.metric_names)}"
         )
+        from search._spec import base_train_config
+
+        weights = base_train_config(self.spec).model.weights
+        if weights:
+            self.console.print(f"fine-tuning from [bold]{weights}[/]: what loading did (heads "
+                               f"re-initialized) is each trial's user attr weights_notes")
         self.progress.update(self.task, completed=counts.finished)
         if study is not None:  # trials finished before this run are not news
             self._shown = {t.number for t in study.get_trials(deepcopy=False)

@@ -87,6 +87,17 @@ def test_a_missing_weights_file_stops_before_the_storage(tmp_path):
     assert not (tmp_path / "x.db").exists()
 
 
+def test_cli_run_of_a_fine_tune_study_says_where_it_starts(tmp_path, weights):
+    study = finetune_study("ft", weights)
+    study["budget"] = {"trials": 1, "epochs": 1}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(study))
+    run = subprocess.run([HPSEARCH, "run", str(path), "--storage", f"sqlite:///{tmp_path}/x.db"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"fine-tuning from {weights}" in run.stdout
+
+
 def test_shipped_finetune_study_and_its_pretraining_config_are_valid(tmp_path, monkeypatch):
     """The study file names weights made by its pretraining config: both must stay valid."""
     from trainers import config_from_dict
