@@ -28,6 +28,18 @@ def test_trainer_runs_on_cuda_with_amp_and_compile():
         assert result.history[-1].val_accuracy > 0.5
 
 
+def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path):
+    import trainers
+
+    for model in ("resnet18", "mobilenet_v3_small", "vgg11_bn"):
+        for extra in ({}, {"channels_last": True}, {"amp": True, "channels_last": True}):
+            result = trainers.train({"dataset": "synthetic", "model": model, "epochs": 1,
+                                     "freeze_blocks": 1, "head_lr_mult": 10.0,
+                                     "device": "cuda", **extra})
+            assert result.status == "completed", (model, extra, result.reason)
+            assert result.trained_parameters < result.parameters
+
+
 def test_two_gpu_workers_share_a_study(tmp_path):
     from optuna.trial import TrialState
 

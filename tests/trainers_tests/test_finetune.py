@@ -245,3 +245,27 @@ def test_fashion_mnist_fine_tune_of_classes_5_to_9_beats_scratch(tmp_path):
     assert fine.notes[-1] == "re-initialized head 9 with init kaiming_normal (model.reset_head)"
     assert fine.final.val_accuracy >= 0.70  # measured 0.767 (scratch 0.593)
     assert fine.final.val_accuracy > scratch.final.val_accuracy + 0.1
+
+
+@pytest.mark.parametrize("stop", [1, 3])  # before and after the unfreezing
+def test_a_resumed_fine_tune_equals_an_uninterrupted_one(tmp_path, stop):
+    from trainers import CheckpointStore, StopTraining
+
+    path, _ = save_weights(tmp_path, "cnn", widths=[8, 16])
+    c = config(model="cnn", widths=[8, 16], weights=str(path), freeze_blocks=1,
+               unfreeze_after=2, bn_stats="frozen_layers", head_lr_mult=5.0, epochs=4,
+               scheduler="cosine")
+    whole = train(c)
+    store = CheckpointStore(tmp_path / "ckpt")
+
+    def interrupt(m):
+        if m.epoch == stop:
+            raise StopTraining("interrupted")
+
+    train(c, interrupt, store)
+    resumed = train(c, None, store)
+    assert resumed.resumed_from_epoch == stop
+    assert [m.val_loss for m in resumed.history] == [m.val_loss for m in whole.history]
+    assert resumed.history[-1].group_lrs == whole.history[-1].group_lrs
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
