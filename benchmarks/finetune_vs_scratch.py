@@ -47,6 +47,7 @@ def hpsearch(*args: str) -> None:
 
 def arm(name: str, study: dict[str, Any], storage: str, folder: Path, seeds: int
         ) -> dict[str, Any]:
+    study = {**study, "run": {"checkpoint_dir": str(folder / "checkpoints")}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     started = time.perf_counter()

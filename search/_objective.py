@@ -207,7 +207,12 @@ class Objective:
         directory = self.checkpoint_dir(number)
         if directory is None:
             return None
-        dead = self.checkpoint_dir(retried_from) if retried_from is not None else None
+        if retried_from is None:
+            # A new trial number resumes nothing: what is there was left by another study of
+            # the same name (an earlier storage, a killed run) and must not be mistaken for ours.
+            shutil.rmtree(directory, ignore_errors=True)
+            return trainers.CheckpointStore(directory)
+        dead = self.checkpoint_dir(retried_from)
         if dead is not None and dead.exists() and not directory.exists():
             shutil.copytree(dead, directory)
         return trainers.CheckpointStore(directory)

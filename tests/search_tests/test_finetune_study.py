@@ -54,7 +54,8 @@ def finetune_study(name: str, weights: Path) -> dict:
 
 def test_fine_tune_study_records_groups_and_trained_parameters(sqlite_url, study_name, weights,
                                                               tmp_path):
-    spec = parse_spec(finetune_study(study_name, weights))
+    spec = parse_spec({**finetune_study(study_name, weights),
+                       "run": {"checkpoint_dir": str(tmp_path / "ckpt")}})
     study = create_or_load(spec, open_storage(sqlite_url))
     run_worker(study, spec, device="cpu")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
