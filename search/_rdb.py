@@ -1,15 +1,26 @@
-"""Two fast paths into Optuna's RDB storage, each with a public-API fallback.
+"""Fast paths into Optuna's RDB storage, each with a public-API fallback.
 
 Optuna's public calls are one transaction per user attribute and a full trial listing to count
 states. hpsearch does both every trial (host, pid, device, history, seconds, ended…; the
 budget check), and on PostgreSQL that was ~35 extra statements per trial: 1.5x a hand-written
-loop's per-trial overhead. Here they become one transaction for all attributes and one
-`GROUP BY` for the counts, using the storage's own models. Any other storage (the gRPC proxy,
-an Optuna whose internals moved) takes the public path.
+loop's per-trial overhead. Here they become one transaction for all attributes (and the
+trial's artifact links) and one `GROUP BY` for the counts, using the storage's own models.
+Any other storage (the gRPC proxy, an Optuna whose internals moved) takes the public path.
+
+What a trial costs on PostgreSQL is mostly its commits' WAL flushes (an fsync each, ~1-4 ms
+here; a round trip is ~0.1 ms). hpsearch's own writes to a running trial (its first heartbeat,
+its attributes) commit without waiting for that flush (`synchronous_commit = off` for that
+transaction only): each is followed by a synchronous commit of the same trial (a parameter, a
+report, its tell, or another worker failing it as stale), and WAL is flushed in order, so
+what that commit makes durable includes them. Visibility to other workers is immediate; only a
+crash of the database server itself within ~0.6 s of such a write, with no synchronous commit
+in between, could lose it (the WAL writer flushes every 200 ms).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,29 +34,98 @@ def _rdb_backend(storage: Any) -> Any | None:
     return None
 
 
-def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    """Set `attrs` on a running trial, in one transaction where the storage allows it."""
+@contextmanager
+def _trial_write(backend: Any, trial_id: int) -> Iterator[Any]:
+    """A transaction on a running trial (else UpdateFinishedTrialError), committed without
+    waiting for the WAL flush on PostgreSQL (see the module's docstring)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trial = models.TrialModel
+    with _create_scoped_session(backend.scoped_session) as session:
+        query = select(trial.state).where(trial.trial_id == trial_id)
+        if session.get_bind().dialect.name == "postgresql":
+            # SET LOCAL, in the same round trip as the state.
+            query = query.add_columns(func.set_config("synchronous_commit", "off", True))
+        state = session.execute(query).scalar()
+        if state is None:
+            raise KeyError(models.NOT_FOUND_MSG)  # as Optuna's find_or_raise_by_id
+        backend.check_trial_is_updatable(trial_id, state)
+        yield session
+
+
+UPSERT_DIALECTS = ("postgresql", "sqlite", "mysql")
+
+
+def _upsert(session: Any, model: Any, rows: list[dict[str, Any]], *, key: list[str],
+            update: str) -> bool:
+    """Insert `rows`, overwriting column `update` of rows whose `key` exists: one statement on
+    PostgreSQL, SQLite and MySQL. False (nothing done) on any other database."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(model).values(rows)
+        stmt = stmt.on_conflict_do_update(index_elements=key,
+                                          set_={update: stmt.excluded[update]})
+    elif dialect == "mysql":
+        from sqlalchemy.dialects.mysql import insert
+
+        stmt = insert(model).values(rows)
+        stmt = stmt.on_duplicate_key_update({update: stmt.inserted[update]})
+    else:
+        return False
+    session.execute(stmt)  # one multi-row VALUES: drivers' executemany sends a row at a time
+    return True
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any], *,
+                   system_attrs: dict[str, Any] | None = None) -> None:
+    """Set `attrs` (and `system_attrs`, new keys) on a running trial, in one transaction
+    where the storage allows it."""
     backend = _rdb_backend(trial.storage)
     if backend is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        for key, value in (system_attrs or {}).items():
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
         return
     import json
 
     from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
     from sqlalchemy import delete, insert
 
     model = models.TrialUserAttributeModel
     rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
             for k, v in attrs.items()]
-    with _create_scoped_session(backend.scoped_session) as session:
-        state = models.TrialModel.find_or_raise_by_id(trial._trial_id, session).state
-        backend.check_trial_is_updatable(trial._trial_id, state)
-        # Replace, in one transaction: portable across SQLite, PostgreSQL and MySQL.
-        session.execute(delete(model).where(model.trial_id == trial._trial_id,
-                                            model.key.in_(list(attrs))))
-        session.execute(insert(model), rows)
+    with _trial_write(backend, trial._trial_id) as session:
+        # Replace: a retried trial starts with its dead predecessor's attributes.
+        if rows and not _upsert(session, model, rows, key=["trial_id", "key"],
+                                update="value_json"):
+            session.execute(delete(model).where(model.trial_id == trial._trial_id,
+                                                model.key.in_(list(attrs))))
+            session.execute(insert(model), rows)
+        if system_attrs:
+            session.execute(insert(models.TrialSystemAttributeModel), [
+                {"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
+                for k, v in system_attrs.items()])
+
+
+def first_heartbeat(storage: Any, trial_id: int) -> None:
+    """The first heartbeat of a trial that just started (its later ones: `record_heartbeat`)."""
+    backend = _rdb_backend(storage)
+    if backend is None or backend.engine.dialect.name not in UPSERT_DIALECTS:
+        storage.record_heartbeat(trial_id)
+        return
+    from optuna.storages._rdb import models
+
+    # The column's default is the server's clock, as Optuna's record_heartbeat writes it.
+    with _trial_write(backend, trial_id) as session:
+        _upsert(session, models.TrialHeartbeatModel, [{"trial_id": trial_id}],
+                key=["trial_id"], update="heartbeat")
 
 
 def state_counts(study: optuna.Study) -> dict[Any, int]:

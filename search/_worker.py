@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from search._claim import DatabaseLock, FileLock, NullLock
 from search._errors import SearchError
+from search._heartbeat import WorkerHeartbeat, optimizing_study
 from search._retry import is_connection_error, with_retry
 from search._study import Counts, budget_of, count_trials
 
@@ -83,61 +84,80 @@ def run_worker(
 
     budget, budget_read = read_budget(), time.monotonic()
     lock = lock or NullLock()
-    objective.on_start = lock.release  # the new trial exists: others may count it now
-    while True:
-        # Held from the budget check until this worker's trial exists in the storage, so two
-        # workers never both take the last slot.
-        with_retry(lock.acquire, what="taking the budget lock")
+    heartbeat = WorkerHeartbeat(study)
+    optimizing = optimizing_study(study)  # Optuna's per-trial heartbeat off: ours beats
+
+    def run_trial(trial: optuna.Trial) -> float | list[float]:
+        lock.release()  # the new trial exists: others may count it now
+        with_retry(lambda: heartbeat.begin(trial._trial_id), what="starting a trial")
         try:
-            counts = with_retry(lambda: count_trials(study), what="counting trials")
-            if counts.finished >= budget or time.monotonic() - budget_read > BUDGET_REFRESH_S:
-                # `run --trials` elsewhere may have moved the budget: read it again before
-                # stopping (and now and then), not before every trial: it is one more query.
-                budget, budget_read = read_budget(), time.monotonic()
-            if counts.finished >= budget:
-                summary.stopped = "budget"
-                break
-            if time.monotonic() >= deadline:
-                summary.stopped = "timeout"
-                break
-            if counts.finished + counts.running >= budget and counts.waiting == 0:
-                # The last trials are running elsewhere. Fail the stale ones (dead workers)
-                # so their retries get queued, then look again.
-                lock.release()
-                with_retry(lambda: optuna.storages.fail_stale_trials(study),
-                           what="checking for dead workers")
-                if on_wait is not None:
-                    on_wait(counts)
-                time.sleep(POLL_S)
-                continue
-            # No Optuna callback: it would read the finished trial back from the storage,
-            # and the objective already knows how the trial ended.
-            try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            except Exception as e:
-                # The storage went away outside the objective (asking for or telling a
-                # trial): wait for it and go on. A trial left RUNNING goes stale, is retried.
-                if not is_connection_error(e):
-                    raise
-                lock.release()
-                with_retry(lambda: count_trials(study), what="waiting for the storage")
-                continue
+            return objective(trial)
         finally:
-            lock.release()
-        objective.clear_checkpoints()
-        outcome = objective.last
-        summary.trials += 1
-        failed = outcome is None or outcome.state == "FAIL"
-        summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
-        if outcome is not None and on_trial is not None:
-            on_trial(study, outcome)
-        if summary.failed_in_row >= spec.run.max_failures_in_row:
-            summary.stopped = "failures"
-            raise WorkerError(
-                f"{summary.failed_in_row} trials failed in a row; stopping this worker rather "
-                "than burning the budget on a broken setup (see `hpsearch status "
-                f"{spec.name}` for the reasons)"
-            )
+            heartbeat.end()
+
+    try:
+        while True:
+            # Dead workers' trials fail (and queue their retries) before they are counted.
+            with_retry(heartbeat.fail_stale, what="checking for dead workers")
+            # Held from the budget check until this worker's trial exists in the storage, so
+            # two workers never both take the last slot.
+            with_retry(lock.acquire, what="taking the budget lock")
+            try:
+                counts = with_retry(lambda: count_trials(study), what="counting trials")
+                if (counts.finished >= budget
+                        or time.monotonic() - budget_read > BUDGET_REFRESH_S):
+                    # `run --trials` elsewhere may have moved the budget: read it again
+                    # before stopping (and now and then), not before every trial: it is one
+                    # more query.
+                    budget, budget_read = read_budget(), time.monotonic()
+                if counts.finished >= budget:
+                    summary.stopped = "budget"
+                    break
+                if time.monotonic() >= deadline:
+                    summary.stopped = "timeout"
+                    break
+                if counts.finished + counts.running >= budget and counts.waiting == 0:
+                    # The last trials are running elsewhere. Fail the stale ones (dead
+                    # workers) so their retries get queued, then look again.
+                    lock.release()
+                    with_retry(lambda: heartbeat.fail_stale(now=True),
+                               what="checking for dead workers")
+                    if on_wait is not None:
+                        on_wait(counts)
+                    time.sleep(POLL_S)
+                    continue
+                # No Optuna callback: it would read the finished trial back from the storage,
+                # and the objective already knows how the trial ended.
+                try:
+                    optimizing.optimize(run_trial, n_trials=1, catch=(Exception,),
+                                        gc_after_trial=False)
+                except Exception as e:
+                    # The storage went away outside the objective (asking for or telling a
+                    # trial): wait for it and go on. A trial left RUNNING goes stale and is
+                    # retried.
+                    if not is_connection_error(e):
+                        raise
+                    lock.release()
+                    with_retry(lambda: count_trials(study), what="waiting for the storage")
+                    continue
+            finally:
+                lock.release()
+            objective.clear_checkpoints()
+            outcome = objective.last
+            summary.trials += 1
+            failed = outcome is None or outcome.state == "FAIL"
+            summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
+            if outcome is not None and on_trial is not None:
+                on_trial(optimizing, outcome)  # its cache already holds the trial
+            if summary.failed_in_row >= spec.run.max_failures_in_row:
+                summary.stopped = "failures"
+                raise WorkerError(
+                    f"{summary.failed_in_row} trials failed in a row; stopping this worker "
+                    "rather than burning the budget on a broken setup (see `hpsearch status "
+                    f"{spec.name}` for the reasons)"
+                )
+    finally:
+        heartbeat.close()
     return summary
 
 

@@ -1,0 +1,143 @@
+"""The worker's heartbeat and the RDB fast paths it rides on, on SQLite and PostgreSQL.
+
+The end-to-end proof (a SIGKILLed worker's trial goes stale and its retry resumes) is in
+test_workers.py; these pin the pieces: one thread per worker and none of Optuna's, a beat from
+a trial's first moment, a stale check at most once an interval, attributes replaced in one
+transaction and refused on a finished trial.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+import trainers
+from search._heartbeat import WorkerHeartbeat, optimizing_study
+from search._rdb import first_heartbeat, set_user_attrs
+from search._spec import parse_spec
+from search._storage import open_storage
+from search._study import create_or_load
+from search._worker import quiet_optuna_warnings, run_worker
+
+quiet_optuna_warnings()
+# study.ask on a heartbeat storage warns that heartbeats are meant for optimize: here the test
+# plays the worker.
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+
+
+def _spec(name: str, tmp_path, *, trials: int = 2, epochs: int = 1):
+    return parse_spec({
+        "name": name, "budget": {"trials": trials, "epochs": epochs},
+        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
+        "data": {"dataset": "synthetic", "size": 256}, "model": {"type": "mlp", "hidden": [8]},
+        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
+        "run": {"checkpoint_dir": str(tmp_path / "ckpt"), "heartbeat_interval": 1,
+                "grace_period": 3},
+    })
+
+
+def _open(url: str, spec):
+    storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
+                           grace_period=spec.run.grace_period)
+    return create_or_load(spec, storage)
+
+
+def _beats(study: optuna.Study) -> dict[int, object]:
+    """trial number → its heartbeat time, read straight from the table."""
+    engine = study._storage._backend.engine
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text(
+            "SELECT t.number, h.heartbeat FROM trial_heartbeats h "
+            "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :s"),
+            {"s": study._study_id}).all()
+    return dict(rows)
+
+
+def test_one_worker_thread_beats_from_the_first_moment_and_optuna_starts_none(
+        storage_url, study_name, tmp_path, monkeypatch):
+    spec = _spec(study_name, tmp_path, trials=2)
+    study = _open(storage_url, spec)
+    seen = []
+    real_train = trainers.train
+
+    def train(config, on_epoch=None, checkpoint=None, **kwargs):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        first = _beats(study).get(running[0].number)
+        time.sleep(2.5)  # more than the interval: the worker's thread beats again
+        seen.append((first, _beats(study)[running[0].number],
+                     [t.name for t in threading.enumerate()]))
+        return real_train(config, on_epoch, checkpoint, **kwargs)
+
+    monkeypatch.setattr(trainers, "train", train)
+    run_worker(study, spec, device="cpu", artifacts=False)
+    assert len(seen) == 2
+    for first, later, threads in seen:
+        assert first is not None  # written before the objective ran
+        assert later > first
+        assert threads.count("hpsearch-heartbeat") == 1
+        assert not [n for n in threads if "_record_heartbeat" in n]  # Optuna's per-trial one
+    assert "hpsearch-heartbeat" not in [t.name for t in threading.enumerate()]  # closed
+
+
+def test_optimizing_study_shares_the_engine_with_heartbeats_off(sqlite_url, study_name,
+                                                                 tmp_path):
+    study = _open(sqlite_url, _spec(study_name, tmp_path))
+    view = optimizing_study(study)
+    backend = study._storage._backend
+    assert isinstance(view._storage._backend, RDBStorage)
+    assert view._storage._backend.engine is backend.engine
+    assert view._storage.get_heartbeat_interval() is None
+    assert backend.heartbeat_interval == 1  # the caller's storage is untouched
+    assert view.study_name == study.study_name and view.sampler is study.sampler
+    plain = create_or_load(_spec(study_name + "x", tmp_path), open_storage(sqlite_url))
+    assert optimizing_study(plain) is plain  # no heartbeats configured: nothing to turn off
+
+
+def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(
+        sqlite_url, study_name, tmp_path, monkeypatch):
+    study = _open(sqlite_url, _spec(study_name, tmp_path))
+    calls = []
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", lambda s: calls.append(s))
+    heartbeat = WorkerHeartbeat(study)
+    heartbeat.fail_stale()
+    heartbeat.fail_stale()
+    assert len(calls) == 1
+    heartbeat.fail_stale(now=True)
+    assert len(calls) == 2
+    time.sleep(1.05)
+    heartbeat.fail_stale()
+    assert len(calls) == 3 and calls[0] is study
+
+
+def test_a_dead_trial_goes_stale_and_is_queued_for_retry(storage_url, study_name, tmp_path):
+    study = _open(storage_url, _spec(study_name, tmp_path))
+    trial = study.ask()
+    first_heartbeat(study._storage, trial._trial_id)  # then the "worker" dies: no more beats
+    heartbeat = WorkerHeartbeat(study)
+    heartbeat.fail_stale(now=True)
+    assert study.trials[0].state == TrialState.RUNNING  # within the grace period
+    time.sleep(3.5)
+    heartbeat.fail_stale(now=True)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+
+
+def test_attributes_are_replaced_with_their_links_and_refused_once_finished(
+        storage_url, study_name, tmp_path):
+    study = _open(storage_url, _spec(study_name, tmp_path))
+    trial = study.ask()
+    set_user_attrs(trial, {"host": "dead", "pid": 1})  # as a retry inherits them
+    set_user_attrs(trial, {"host": "alive", "device": "cpu"},
+                   system_attrs={"artifacts:x": "{}"})
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert frozen.user_attrs == {"host": "alive", "pid": 1, "device": "cpu"}
+    assert frozen.system_attrs["artifacts:x"] == "{}"
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"late": True})
