@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -139,60 +140,68 @@ def lr_per_step(config: trainers.TrainConfig, history: list[trainers.EpochMetric
     return [(t + 1) / per_epoch for t in steps], lr, momentum
 
 
-def attach(trial: optuna.Trial, store: Any, paths: list[Path]) -> None:
-    """Upload files as artifacts of a running trial: Optuna's `upload_artifact`, batched.
+def store_files(trial: optuna.Trial, store: Any, files: dict[str, bytes]) -> dict[str, str]:
+    """Write files into the artifact store for a running trial; the links still to be written.
 
-    `upload_artifact` links each file with its own transaction (find the trial, check it,
-    upsert, commit): four round trips per file, half of what a trial's artifacts cost on SQLite
-    and more on a remote database. On an RDB storage the files are written first and then all
-    linked in one transaction, in the exact form `upload_artifact` writes (a trial system
-    attribute `artifacts:<id>` holding the JSON of its ArtifactMeta), so
+    Optuna's `upload_artifact` links each file with its own transaction (find the trial, check
+    it, upsert, commit: a WAL flush each on PostgreSQL). On an RDB storage the bytes are written
+    here and the links returned, to be written with the trial's result in one transaction
+    (`set_user_attrs(..., system_attrs=links)`), in the exact form `upload_artifact` writes (a
+    trial system attribute `artifacts:<id>` holding the JSON of its ArtifactMeta), so
     `get_all_artifact_meta` and optuna-dashboard read them as their own. Any other storage, or
-    an Optuna whose internals moved, takes the public path.
+    an Optuna whose internals moved, takes the public path and gets no links back.
     """
+    import io
     import mimetypes
     import uuid
     from dataclasses import asdict
-
-    from optuna.artifacts import upload_artifact
 
     from search._rdb import _rdb_backend
 
     backend = _rdb_backend(trial.storage)
     try:
         from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, DEFAULT_MIME_TYPE, ArtifactMeta
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy import insert
     except ImportError:
         backend = None
     if backend is None:
-        for path in paths:
-            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
-        return
-    rows = []
-    for path in paths:
+        _upload(trial, store, files)
+        return {}
+    links = {}
+    for name, data in files.items():
         artifact_id = str(uuid.uuid4())
-        mimetype, encoding = mimetypes.guess_type(path.name)
-        meta = ArtifactMeta(artifact_id=artifact_id, filename=path.name,
+        mimetype, encoding = mimetypes.guess_type(name)
+        meta = ArtifactMeta(artifact_id=artifact_id, filename=name,
                             mimetype=mimetype or DEFAULT_MIME_TYPE, encoding=encoding)
-        with path.open("rb") as f:  # the bytes first: a link never points at nothing
-            store.write(artifact_id, f)
+        store.write(artifact_id, io.BytesIO(data))  # the bytes first: a link never dangles
         # Stored as Optuna stores it: the attribute's value is the meta's JSON string.
-        rows.append({"trial_id": trial._trial_id, "key": ARTIFACTS_ATTR_PREFIX + artifact_id,
-                     "value_json": json.dumps(json.dumps(asdict(meta)))})
-    with _create_scoped_session(backend.scoped_session) as session:
-        state = models.TrialModel.find_or_raise_by_id(trial._trial_id, session).state
-        backend.check_trial_is_updatable(trial._trial_id, state)
-        session.execute(insert(models.TrialSystemAttributeModel), rows)
+        links[ARTIFACTS_ATTR_PREFIX + artifact_id] = json.dumps(asdict(meta))
+    return links
+
+
+def _upload(trial: optuna.Trial, store: Any, files: dict[str, bytes]) -> None:
+    from optuna.artifacts import upload_artifact
+
+    with tempfile.TemporaryDirectory(prefix="hpsearch-artifacts-") as tmp:
+        for name, data in files.items():
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
 
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Written:
+    """A trial's artifacts in the store: the seconds that took, and the links to write."""
+
+    seconds: float
+    links: dict[str, str]
+
+
 class ArtifactRecorder:
-    """Makes and uploads a trial's artifacts; `record` never raises."""
+    """Makes and stores a trial's artifacts; `write` and `record` never raise."""
 
     def __init__(self, store: Any, *, location: str) -> None:
         self.store = store
@@ -206,57 +215,73 @@ class ArtifactRecorder:
             return None
         return cls(open_artifact_store(location), location=location)
 
-    def record(self, trial: optuna.Trial, result: trainers.TrainResult,
-               config: trainers.TrainConfig) -> float | None:
-        """Upload the trial's artifacts; the seconds it took, or None (and a warning) on failure."""
+    def write(self, trial: optuna.Trial, result: trainers.TrainResult,
+              config: trainers.TrainConfig) -> Written | None:
+        """Store the trial's artifacts; their links are for the caller to write with the
+        trial's result (`set_user_attrs(..., system_attrs=written.links)`). None (and a
+        warning) on failure."""
         started = time.perf_counter()
         try:
-            self._record(trial, result, config)
+            links = store_files(trial, self.store, self._files(trial, result, config))
         except Exception as e:  # the trial's result matters more than its pictures
-            _warn(f"trial #{trial.number}: artifacts not recorded in {self.location} "
-                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                  "the trial itself is unaffected")
+            self._failed(trial, e)
+            return None
+        return Written(time.perf_counter() - started, links)
+
+    def record(self, trial: optuna.Trial, result: trainers.TrainResult,
+               config: trainers.TrainConfig) -> float | None:
+        """Store and link the trial's artifacts; the seconds it took, or None (and a warning)."""
+        from search._rdb import set_user_attrs
+
+        started = time.perf_counter()
+        written = self.write(trial, result, config)
+        if written is None:
+            return None
+        try:
+            if written.links:
+                set_user_attrs(trial, {}, system_attrs=written.links)
+        except Exception as e:
+            self._failed(trial, e)
             return None
         return time.perf_counter() - started
 
-    def _record(self, trial: optuna.Trial, result: trainers.TrainResult,
-                config: trainers.TrainConfig) -> None:
+    def _failed(self, trial: optuna.Trial, e: Exception) -> None:
+        _warn(f"trial #{trial.number}: artifacts not recorded in {self.location} "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "the trial itself is unaffected")
+
+    def _files(self, trial: optuna.Trial, result: trainers.TrainResult,
+               config: trainers.TrainConfig) -> dict[str, bytes]:
         from search._objective import history_record
 
         history = [history_record(m) for m in result.history]
         ended = result.reason if result.status != "completed" else "completed"
-        with tempfile.TemporaryDirectory(prefix="hpsearch-artifacts-") as tmp:
-            folder = Path(tmp)
-            files = [folder / "metrics.json"]
-            files[0].write_text(json.dumps({
-                "trial": trial.number, "status": result.status, "ended": ended,
-                "epochs_run": result.epochs_run, "config": config.to_dict(),
-                "history": history,
-            }, indent=1))
-            if history:
-                files += self._draw(trial.number, ended, result, config, history, folder)
-            attach(trial, self.store, files)
+        files = {"metrics.json": json.dumps({
+            "trial": trial.number, "status": result.status, "ended": ended,
+            "epochs_run": result.epochs_run, "config": config.to_dict(),
+            "history": history,
+        }, indent=1).encode()}
+        if history:
+            charts = self._draw(trial.number, ended, result, config, history)
+            files.update((name, text.encode()) for name, text in charts.items())
+        return files
 
     @staticmethod
     def _draw(number: int, ended: str, result: trainers.TrainResult,
-              config: trainers.TrainConfig, history: list[dict[str, Any]], folder: Path
-              ) -> list[Path]:
+              config: trainers.TrainConfig, history: list[dict[str, Any]]) -> dict[str, str]:
         from search._charts import curves_svg, grad_norms_svg, lr_svg
         from trainers._loop import data_for
 
         epochs = config.epochs
         n_train = int(data_for(config).train.x.shape[0])  # cached: the run just used it
         x, lrs, momentum = lr_per_step(config, list(result.history), n_train)
-        charts = {
+        return {
             "curves.svg": curves_svg(history, epochs, f"trial #{number}: {ended}"),
             "lr.svg": lr_svg(x, lrs, momentum, epochs, f"trial #{number}: "
                              f"{config.optimizer.name}, {config.schedule.name} schedule"),
             "grad_norms.svg": grad_norms_svg(history, epochs,
                                              f"trial #{number}: gradient norm per layer"),
         }
-        for name, text in charts.items():
-            (folder / name).write_text(text, encoding="utf-8")
-        return [folder / name for name in charts]
 
 
 def study_note(spec: StudySpec, storage_url: str | None) -> str:

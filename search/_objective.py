@@ -175,12 +175,16 @@ class Objective:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
         if result.notes:  # what loading model.weights did: which heads were re-initialized
             end_attrs["weights_notes"] = list(result.notes)
+        links: dict[str, str] = {}
         if self.artifacts is not None:
             # Now, while the trial is live: Optuna attaches artifacts only to a running trial.
-            spent = self.artifacts.record(trial, result, config)
-            if spent is not None:
-                end_attrs["artifact_seconds"] = round(spent, 3)
-        with_retry(lambda: set_user_attrs(trial, end_attrs), what="recording a result")
+            # Their links are written with the result: one transaction.
+            written = self.artifacts.write(trial, result, config)
+            if written is not None:
+                end_attrs["artifact_seconds"] = round(written.seconds, 3)
+                links = written.links
+        with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
+                   what="recording a result")
         if store is not None and not self.spec.run.keep_checkpoints:
             # Deleted once the result is safely told (`clear_checkpoints`), not here: if the
             # storage fails before that, the trial goes stale and its retry resumes from them.
