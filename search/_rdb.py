@@ -36,50 +36,53 @@ def _rdb_backend(storage: Any) -> Any | None:
 
 @contextmanager
 def _trial_write(backend: Any, trial_id: int) -> Iterator[Any]:
-    """A transaction on a running trial (else UpdateFinishedTrialError), committed without
-    waiting for the WAL flush on PostgreSQL (see the module's docstring)."""
+    """A transaction's connection on a running trial (else UpdateFinishedTrialError), committed
+    without waiting for the WAL flush on PostgreSQL (see the module's docstring)."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
     from sqlalchemy import func, select
 
     trial = models.TrialModel
     with _create_scoped_session(backend.scoped_session) as session:
+        # Core, not the ORM: this runs a few times a trial and the ORM's bookkeeping is not free.
+        conn = session.connection()
         query = select(trial.state).where(trial.trial_id == trial_id)
-        if session.get_bind().dialect.name == "postgresql":
+        if conn.dialect.name == "postgresql":
             # SET LOCAL, in the same round trip as the state.
             query = query.add_columns(func.set_config("synchronous_commit", "off", True))
-        state = session.execute(query).scalar()
+        state = conn.execute(query).scalar()
         if state is None:
             raise KeyError(models.NOT_FOUND_MSG)  # as Optuna's find_or_raise_by_id
         backend.check_trial_is_updatable(trial_id, state)
-        yield session
+        yield conn
 
 
-UPSERT_DIALECTS = ("postgresql", "sqlite", "mysql")
+_UPSERTS: dict[tuple[str, str], Any] = {}  # (dialect, table) → statement, built once
 
 
-def _upsert(session: Any, model: Any, rows: list[dict[str, Any]], *, key: list[str],
-            update: str) -> bool:
-    """Insert `rows`, overwriting column `update` of rows whose `key` exists: one statement on
-    PostgreSQL, SQLite and MySQL. False (nothing done) on any other database."""
-    dialect = session.get_bind().dialect.name
+def _upsert_statement(dialect: str, model: Any, key: list[str], update: str) -> Any | None:
+    """INSERT that overwrites column `update` where `key` exists, for PostgreSQL, SQLite and
+    MySQL (None elsewhere). Executed with a list of rows: one batched statement."""
+    cached = _UPSERTS.get((dialect, model.__tablename__))
+    if cached is not None:
+        return cached
     if dialect in ("postgresql", "sqlite"):
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(model).values(rows)
+        stmt = insert(model)
         stmt = stmt.on_conflict_do_update(index_elements=key,
                                           set_={update: stmt.excluded[update]})
     elif dialect == "mysql":
         from sqlalchemy.dialects.mysql import insert
 
-        stmt = insert(model).values(rows)
+        stmt = insert(model)
         stmt = stmt.on_duplicate_key_update({update: stmt.inserted[update]})
     else:
-        return False
-    session.execute(stmt)  # one multi-row VALUES: drivers' executemany sends a row at a time
-    return True
+        return None
+    _UPSERTS[dialect, model.__tablename__] = stmt
+    return stmt
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any], *,
@@ -101,31 +104,34 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any], *,
     model = models.TrialUserAttributeModel
     rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
             for k, v in attrs.items()]
-    with _trial_write(backend, trial._trial_id) as session:
+    with _trial_write(backend, trial._trial_id) as conn:
         # Replace: a retried trial starts with its dead predecessor's attributes.
-        if rows and not _upsert(session, model, rows, key=["trial_id", "key"],
-                                update="value_json"):
-            session.execute(delete(model).where(model.trial_id == trial._trial_id,
-                                                model.key.in_(list(attrs))))
-            session.execute(insert(model), rows)
+        upsert = _upsert_statement(conn.dialect.name, model, ["trial_id", "key"], "value_json")
+        if rows and upsert is not None:
+            conn.execute(upsert, rows)
+        elif rows:
+            conn.execute(delete(model).where(model.trial_id == trial._trial_id,
+                                             model.key.in_(list(attrs))))
+            conn.execute(insert(model), rows)
         if system_attrs:
-            session.execute(insert(models.TrialSystemAttributeModel), [
+            conn.execute(insert(models.TrialSystemAttributeModel), [
                 {"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
                 for k, v in system_attrs.items()])
 
 
 def first_heartbeat(storage: Any, trial_id: int) -> None:
     """The first heartbeat of a trial that just started (its later ones: `record_heartbeat`)."""
-    backend = _rdb_backend(storage)
-    if backend is None or backend.engine.dialect.name not in UPSERT_DIALECTS:
-        storage.record_heartbeat(trial_id)
-        return
     from optuna.storages._rdb import models
 
+    backend = _rdb_backend(storage)
+    upsert = backend and _upsert_statement(backend.engine.dialect.name,
+                                           models.TrialHeartbeatModel, ["trial_id"], "heartbeat")
+    if upsert is None:
+        storage.record_heartbeat(trial_id)
+        return
     # The column's default is the server's clock, as Optuna's record_heartbeat writes it.
-    with _trial_write(backend, trial_id) as session:
-        _upsert(session, models.TrialHeartbeatModel, [{"trial_id": trial_id}],
-                key=["trial_id"], update="heartbeat")
+    with _trial_write(backend, trial_id) as conn:
+        conn.execute(upsert, [{"trial_id": trial_id}])
 
 
 def state_counts(study: optuna.Study) -> dict[Any, int]:
@@ -146,7 +152,7 @@ def state_counts(study: optuna.Study) -> dict[Any, int]:
              .where(models.TrialModel.study_id == study._study_id)
              .group_by(models.TrialModel.state))
     with _create_scoped_session(backend.scoped_session) as session:
-        for state, n in session.execute(query):
+        for state, n in session.connection().execute(query):
             counts[state] = n
     return counts
 
