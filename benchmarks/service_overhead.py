@@ -3,8 +3,10 @@
 Both run the same study: a trivial "trainer" that sleeps a fixed time per epoch and reports a
 made-up validation loss, so everything above the sleeps is overhead (sampling, storage writes,
 pruning, curves, heartbeats). hpsearch runs its real worker loop and objective with only
-`trainers.train` replaced; the hand loop is what an engineer writes from Optuna's docs: TPE + a
-median pruner, suggest, report, should_prune, on the same kind of storage.
+`trainers.train` replaced, as `hpsearch run` does: heartbeats, per-epoch history, artifacts (in a
+temporary directory) and the budget lock. The hand loop is what an engineer writes from
+Optuna's docs: TPE + a median pruner, suggest, report, should_prune, on the same kind of
+storage.
 
     .venv/bin/python benchmarks/service_overhead.py [--sizes 100,1000] [--storages sqlite,postgres]
 
@@ -26,6 +28,8 @@ from typing import Any
 import optuna
 
 import trainers
+from search._artifacts import ArtifactRecorder, open_artifact_store
+from search._claim import budget_lock
 from search._spec import parse_spec
 from search._storage import open_storage
 from search._study import create_or_load
@@ -84,9 +88,11 @@ def run_ours(url: str, n: int, name: str, tmp: Path) -> float:
     study = create_or_load(spec, storage)
     original = trainers.train
     trainers.train = fake_train
+    location = str(tmp / f"artifacts-{name}")  # a file store, not in the working directory
+    artifacts = ArtifactRecorder(open_artifact_store(location), location=location)
     try:
         t0 = time.perf_counter()
-        run_worker(study, spec, device="cpu")
+        run_worker(study, spec, device="cpu", lock=budget_lock(url, name), artifacts=artifacts)
         return time.perf_counter() - t0
     finally:
         trainers.train = original
