@@ -15,7 +15,8 @@ One invocation, FashionMNIST, measured side by side:
 
 Ends with `name: value` lines.
 
-    .venv/bin/python benchmarks/finetune_vs_scratch.py [--seeds 3] [--trials 24] [--pretrain]
+    .venv/bin/python benchmarks/finetune_vs_scratch.py [--seeds 3] [--trials 24] [--subset 1000]
+        [--pretrain]
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, help="trial budget of each arm (default: the file's)")
+    parser.add_argument("--subset", type=int,
+                        help="training images of classes 5-9 (default: the file's 1000)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain even if weights exist")
     args = parser.parse_args()
 
@@ -81,6 +84,8 @@ def main() -> int:
         print(f"pretrained {weights.relative_to(ROOT)} in {time.perf_counter() - started:.0f} s")
     if args.trials:
         finetune["budget"]["trials"] = args.trials
+    if args.subset:
+        finetune["data"]["train_subset"] = args.subset
     scratch = json.loads(json.dumps(finetune))
     scratch["name"] = "fashion-scratch"
     del scratch["model"]["weights"]
@@ -101,8 +106,9 @@ def main() -> int:
                   f"best {r['best_params']}", flush=True)
 
     ft, sc = results["finetune"], results["scratch"]
-    print(f"\n# {dt.date.today()}, {os.cpu_count()} cores, budget "
-          f"{finetune['budget']['trials']} trials x {finetune['budget']['epochs']} epochs per arm")
+    print(f"\n# {dt.date.today()}, {os.cpu_count()} cores, {finetune['data']['train_subset']} "
+          f"training images, budget {finetune['budget']['trials']} trials x "
+          f"{finetune['budget']['epochs']} epochs per arm")
     lines = {
         "finetune_test_accuracy": ft["test"]["mean"],
         "finetune_test_accuracy_std": ft["test"]["std"],
