@@ -53,6 +53,9 @@ def resnet_builder(depth: int):
         from torchvision import models
 
         c, h, w = _image_shape(f"resnet{depth}", input_shape)
+        if config.dropout > 0:  # a Dropout in front of fc would rename fc's weights
+            raise ConfigError(f"model.dropout: resnet{depth} has no dropout layer (torchvision's "
+                              f"layout); expected 0, got {config.dropout}")
         net = getattr(models, f"resnet{depth}")(weights=None, num_classes=num_classes)
         if small_stem(config, h, w):
             net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)

@@ -195,6 +195,9 @@ def test_fine_tuning_knobs_are_flat_config_names():
         config_from_dict({"head_lr_mult": 0})
     with pytest.raises(ConfigError, match="unknown model 'resnet19'.*Did you mean 'resnet18'"):
         config_from_dict({"model": "resnet19"})
+    with pytest.raises(ConfigError, match="model.dropout: resnet18 has no dropout layer"):
+        prepared("resnet18", dropout=0.2)
+    assert prepared("vgg11_bn", dropout=0.2).model.classifier[2].p == 0.2
 
 
 def test_merged_validation_keeps_the_subsets_share():
