@@ -122,7 +122,7 @@ def test_a_dead_trial_goes_stale_and_is_queued_for_retry(storage_url, study_name
     heartbeat = WorkerHeartbeat(study)
     heartbeat.fail_stale(now=True)
     assert study.trials[0].state == TrialState.RUNNING  # within the grace period
-    time.sleep(3.5)
+    time.sleep(4.5)  # past the 3 s grace period, in SQLite's whole seconds too
     heartbeat.fail_stale(now=True)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.FAIL, TrialState.WAITING]
