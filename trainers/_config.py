@@ -121,6 +121,9 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     amp: bool = False  # mixed precision, used only on CUDA
     channels_last: bool = False  # NHWC memory format for conv nets, used only on CUDA
+    # Flush denormal floats to zero on CPU (process-wide, set by each run): tiny weights and
+    # gradients otherwise take the CPU's slow path (measured 1.6x a seed-MLP epoch at batch 32).
+    flush_denormal: bool = True
     compile: bool = False  # torch.compile, used only on CUDA
     eval_batch_size: int = 2048
     divergence_factor: float = 20.0  # a loss this many times its first value has diverged

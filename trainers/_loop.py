@@ -85,6 +85,13 @@ class TrainResult:
         return self.history[-1] if self.history else None
 
 
+def configure_cpu(config: TrainConfig) -> None:
+    """Process-wide CPU settings a run asks for: intra-op threads, denormal flushing."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.set_flush_denormal(config.flush_denormal)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA where present, else CPU; a CUDA request without CUDA is a clear error."""
     if name == "auto":
@@ -120,8 +127,7 @@ def train(
         config = config_from_dict(config)
     started = time.perf_counter()
     device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_cpu(config)
     data = load_data(config.data, device=device, include_test=evaluate_test, merge_val=merge_val)
 
     torch.manual_seed(config.seed)
@@ -325,7 +331,8 @@ def evaluate(
 
 # Where and how a run executes may change across a resume (a retry on another worker, another
 # GPU, more threads); what it trains may not.
-_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "channels_last", "eval_batch_size")
+_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "channels_last", "flush_denormal",
+                     "eval_batch_size")
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from trainers._config import TrainConfig, config_from_dict
 from trainers._data import load_data
 from trainers._errors import ConfigError
 from trainers._finetune import FrozenParts, prepare_model
-from trainers._loop import resolve_device
+from trainers._loop import configure_cpu, resolve_device
 from trainers._optimizers import build_optimizer
 
 RULES = ("minimum", "steepest")
@@ -90,8 +90,7 @@ def lr_range_test(
     _check(start_lr, end_lr, iterations, smoothing, stop_factor, rule)
     started = time.perf_counter()
     device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_cpu(config)
     data = load_data(config.data, device=device)  # train/val only: never the test split
     torch.manual_seed(config.seed)
     # The network as training starts it: weights loaded, frozen parts frozen (the range test

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainers import CheckpointStore, StopTraining, config_from_dict, train
 
@@ -151,3 +152,14 @@ def test_resume_may_change_where_it_runs_but_not_what_it_trains(tmp_path):
     train({**BASE, "threads": 1}, stop_first, store)
     resumed = train({**BASE, "threads": 2, "eval_batch_size": 512}, None, store)
     assert resumed.resumed_from_epoch == 1
+
+
+def test_denormals_are_flushed_on_cpu_unless_turned_off():
+    def tiny() -> float:
+        return float(torch.tensor([1e-39]) * 1.0)  # below float32's smallest normal number
+
+    train({"dataset": "synthetic", "hidden": [8], "epochs": 1, "device": "cpu"})
+    assert tiny() == 0.0
+    train({"dataset": "synthetic", "hidden": [8], "epochs": 1, "device": "cpu",
+           "flush_denormal": False})
+    assert tiny() > 0.0
