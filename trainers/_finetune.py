@@ -172,9 +172,9 @@ def _mismatch(file: Path, model: nn.Module, missing: list[str], unexpected: list
         lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if differ:
         lines.append(f"shapes differ ({len(differ)}): {_listing(differ)}")
-    if stem_differs:
-        lines.append("(a first conv of another kernel size: ImageNet weights need "
-                     "model.stem: imagenet)")
+    if stem_differs or (differ and getattr(model, "small_stem", False)):
+        lines.append("(this network has the small-image stem; weights in torchvision's layout, "
+                     "such as ImageNet's, need model.stem: imagenet)")
     return "; ".join(lines)
 
 

@@ -60,6 +60,7 @@ def resnet_builder(depth: int):
         if small_stem(config, h, w):
             net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
+            net.small_stem = True  # for the weights-mismatch hint
         elif c != 3:
             net.conv1 = nn.Conv2d(c, 64, 7, stride=2, padding=3, bias=False)
         return net
@@ -111,6 +112,7 @@ def build_vgg11_bn(config: ModelConfig, input_shape: tuple[int, ...],
         # Global pooling instead of tiling the last feature map to 7x7: 512 inputs, not 25088.
         net.avgpool = nn.AdaptiveAvgPool2d(1)
         net.classifier[0] = nn.Linear(512, 4096)
+        net.small_stem = True
     return net
 
 

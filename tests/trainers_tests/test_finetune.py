@@ -184,6 +184,15 @@ def test_imagenet_rgb_weights_adapt_to_gray_and_the_small_stem_says_why_not(tmp_
         prepared("resnet18", (1, 28, 28), 10, weights=str(path))
 
 
+def test_vgg_imagenet_layout_weights_load_with_the_imagenet_stem_only(tmp_path):
+    path, source = save_weights(tmp_path, "vgg11_bn", (3, 32, 32), 1000, stem="imagenet")
+    p = prepared("vgg11_bn", (1, 28, 28), 10, stem="imagenet", weights=str(path))
+    assert torch.equal(p.model.classifier[0].weight, source.classifier[0].weight)
+    with pytest.raises(ConfigError, match=r"classifier.0.weight \(file \[4096, 25088\], model "
+                                          r"\[4096, 512\]\).*need model.stem: imagenet"):
+        prepared("vgg11_bn", (1, 28, 28), 10, weights=str(path))
+
+
 def test_fine_tuning_knobs_are_flat_config_names():
     c = config_from_dict({"model": "resnet18", "weights": "w.pt", "freeze": "backbone",
                           "freeze_blocks": 2, "unfreeze_after": 3, "bn_stats": "frozen",
