@@ -280,18 +280,54 @@ def load_spec(path: str | Path) -> StudySpec:
     if data is None:
         raise SpecError(f"{path}: the study file is empty")
     spec = parse_spec(data, source=str(path))
-    _check_files(spec, path)
+    _check_network(spec, path)
     return spec
 
 
-def _check_files(spec: StudySpec, path: Path) -> None:
-    """Files the trials read must exist here before a study starts (workers elsewhere need
-    their own copy, at the same path)."""
-    weights = base_train_config(spec).model.weights
-    if weights and not Path(weights).expanduser().is_file():
-        raise SpecError(f"{path}: model.weights: {weights}: no such file (a relative path is "
-                        f"read from the current directory, {Path.cwd()}); write it first, e.g. "
-                        f"python -m trainers CONFIG.yaml --save {weights}", path="model.weights")
+_FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks")
+
+
+def _check_network(spec: StudySpec, path: Path) -> None:
+    """A fine-tuning study's weights file and freeze settings, checked before a study starts.
+
+    They depend on the network, so only building it tells: it is built (on the CPU, with the
+    data's shape) with the weights and with each searched `freeze` and the deepest searched
+    `freeze_blocks`, so a file that does not fit or a prefix that names nothing is one error
+    now, not a failure in every trial. Workers elsewhere need the file at the same path.
+    """
+    from search._knobs import canonical
+
+    base = base_train_config(spec)
+    searched = {canonical(key): entry for key, entry in spec.space.items()}
+    model = base.model
+    if not (model.weights or model.freeze != "none" or model.freeze_blocks
+            or any(knob in searched for knob in _FINE_TUNING)):
+        return
+    if model.weights and not Path(model.weights).expanduser().is_file():
+        raise SpecError(f"{path}: model.weights: {model.weights}: no such file (a relative path "
+                        f"is read from the current directory, {Path.cwd()}); write it first, "
+                        f"e.g. python -m trainers CONFIG.yaml --save {model.weights}",
+                        path="model.weights")
+    variants: list[dict[str, Any]] = [{}]
+    for knob in ("model.freeze", "model.freeze_blocks"):
+        entry = searched.get(knob)
+        if entry is not None and entry.discrete():
+            values = [entry.to_real(v) for v in entry.grid()]
+            variants += ([{knob: max(values)}] if knob == "model.freeze_blocks"
+                         else [{knob: v} for v in values])
+    from trainers import TrainerError, load_data
+    from trainers._finetune import prepare_model
+    from trainers._optimizers import build_optimizer
+
+    try:
+        data = load_data(base.data)
+        for variant in variants:
+            config = base.replace(**variant, device="cpu")
+            net = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
+            build_optimizer(net.model, config.optimizer, lr=config.optimizer.lr, head=net.head,
+                            frozen=net.frozen, unfreezes=config.model.unfreeze_after is not None)
+    except TrainerError as e:
+        raise SpecError(f"{path}: {e}", path=str(e).partition(":")[0]) from e
 
 
 class _Loader(yaml.SafeLoader):

@@ -7,6 +7,7 @@ The file holds trainer knobs, nested (``optimizer: {name: sgd, lr: 0.1}``) or fl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m.epoch:>5} {m.train_loss:>10.4f} {m.train_accuracy:>9.4f} {m.val_loss:>9.4f} "
               f"{m.val_accuracy:>8.4f} {m.lr:>9.3g} {m.epoch_seconds:>6.2f}", flush=True)
 
+    save = Path(args.save) if args.save else None
+    if save is not None:
+        try:  # before training, not after: a bad path must not cost a whole run
+            save.parent.mkdir(parents=True, exist_ok=True)
+            if save.is_dir() or not os.access(save.parent, os.W_OK):
+                raise OSError(f"cannot write a file at {save}")
+        except OSError as e:
+            print(f"error: --save: {e}", file=sys.stderr)
+            return 2
     store = CheckpointStore(args.checkpoint) if args.checkpoint else None
     if config.model.weights:
         print(f"starting from {config.model.weights}")
@@ -60,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in result.notes:
         print(f"  {note}")
     print(f"{result.status}: {result.reason} in {result.seconds:.1f} s")
-    if args.save and result.model is not None and result.status != "diverged":
+    if save is not None and result.model is not None and result.status != "diverged":
         import torch
 
-        save = Path(args.save)
-        save.parent.mkdir(parents=True, exist_ok=True)
         tmp = save.with_name(save.name + ".tmp")
         torch.save(result.model.state_dict(), tmp)
         tmp.replace(save)  # whole or absent: a worker never reads a half-written file

@@ -88,6 +88,32 @@ def test_a_missing_weights_file_stops_before_the_storage(tmp_path):
     assert not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"model": {**NET, "widths": [8, 32]}},
+     "model.weights: {weights} does not fit this Sequential; shapes differ (5): 4.weight "
+     "(file [16, 8, 3, 3], model [32, 8, 3, 3])"),
+    ({"model": {**NET, "freeze": "7"}}, "model.freeze: '7' names no parameter of cnn"),
+    ({"space": {"lr": {"low": 1e-3, "high": 0.3, "log": True},
+                "freeze_blocks": {"low": 0, "high": 3}}},
+     "model.freeze_blocks: cnn has 2 blocks before its head, got 3"),
+    ({"model": {**NET, "freeze": "0,1,4,5,9"}}, "model.freeze: every parameter is frozen"),
+    ({"model": {**NET, "stem": "tiny"}}, "unknown model.stem 'tiny'"),
+    ({"model": {**NET, "bn_stats": "frozn"}}, "Did you mean 'frozen'?"),
+])
+def test_bad_fine_tuning_settings_stop_before_the_storage(tmp_path, weights, change, message):
+    study = {**finetune_study("ft", weights), **change}
+    study["model"] = {**study["model"], "weights": str(weights)}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(study))
+    for args in (["validate"], ["run", "--storage", f"sqlite:///{tmp_path}/x.db"]):
+        out = subprocess.run([HPSEARCH, args[0], str(path), *args[1:]],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert message.format(weights=weights) in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x.db").exists()
+
+
 def test_cli_run_of_a_fine_tune_study_says_where_it_starts(tmp_path, weights):
     study = finetune_study("ft", weights)
     study["budget"] = {"trials": 1, "epochs": 1}

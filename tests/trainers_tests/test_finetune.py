@@ -233,6 +233,12 @@ def test_python_m_trainers_saves_weights_a_fine_tune_starts_from(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"weights: {tmp_path / 'w' / 'pre.pt'}" in out
     assert "loaded 14 tensors" in out and "re-initialized" not in out  # 5 classes → 5 classes
+    (tmp_path / "file").write_text("")
+    assert main([str(fine), "--save", str(tmp_path / "file" / "w.pt")]) == 2
+    assert main([str(fine), "--save", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("error: --save:") == 2
+    assert "training" not in captured.out  # refused before any training
 
 
 @pytest.mark.slow
