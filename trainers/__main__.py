@@ -40,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
 
+    save = Path(args.save) if args.save else None
+    if save is not None:
+        try:  # before training, not after: a bad path must not cost a whole run
+            save.parent.mkdir(parents=True, exist_ok=True)
+            if save.is_dir() or not os.access(save.parent, os.W_OK):
+                raise OSError(f"cannot write a file at {save}")
+        except OSError as e:
+            print(f"error: --save: {e}", file=sys.stderr)
+            return 2
+
     print(f"training {config.model.type} on {config.data.dataset}: {config.optimizer.name} "
           f"lr={config.optimizer.lr:g}, batch {config.batch_size}, {config.schedule.name} "
           f"schedule, {config.epochs} epochs")
@@ -50,15 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m.epoch:>5} {m.train_loss:>10.4f} {m.train_accuracy:>9.4f} {m.val_loss:>9.4f} "
               f"{m.val_accuracy:>8.4f} {m.lr:>9.3g} {m.epoch_seconds:>6.2f}", flush=True)
 
-    save = Path(args.save) if args.save else None
-    if save is not None:
-        try:  # before training, not after: a bad path must not cost a whole run
-            save.parent.mkdir(parents=True, exist_ok=True)
-            if save.is_dir() or not os.access(save.parent, os.W_OK):
-                raise OSError(f"cannot write a file at {save}")
-        except OSError as e:
-            print(f"error: --save: {e}", file=sys.stderr)
-            return 2
     store = CheckpointStore(args.checkpoint) if args.checkpoint else None
     if config.model.weights:
         print(f"starting from {config.model.weights}")
