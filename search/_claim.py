@@ -1,11 +1,14 @@
 """A lock that makes "count the trials, then start one" atomic across workers and machines.
 
 Without it, two workers can both see 19 of 20 trials finished or running and both start one:
-the budget overshoots (Optuna's MaxTrialsCallback has the same race). A worker holds the lock
-from its budget check until its new trial exists in the storage (the objective's first line),
-a few milliseconds. PostgreSQL and MySQL give named locks across machines; SQLite, one machine
-by design, gets a file lock beside the database. The gRPC proxy offers none: there the budget
-may overshoot by up to the number of workers, as Optuna's own callback does.
+the budget overshoots (Optuna's MaxTrialsCallback has the same race). The count happens in the
+transaction that creates the trial, after Optuna locks the study's row (search._admission); on
+PostgreSQL that row lock is all it takes. SQLite has no row locks: it gets a file lock beside
+the database (one machine by design). MySQL gets a named lock (GET_LOCK) across machines, so
+the count does not depend on when InnoDB takes its repeatable-read snapshot. A worker holds it
+from just before its trial is created until the trial exists (the objective's first line). The
+gRPC proxy offers none: there the budget may overshoot by up to the number of workers, as
+Optuna's own callback does.
 """
 
 from __future__ import annotations
@@ -50,11 +53,10 @@ class FileLock:
 
 
 class DatabaseLock:
-    """A server-side named lock (pg_advisory_lock / GET_LOCK) on a connection of its own.
+    """A MySQL named lock (GET_LOCK) on a connection of its own.
 
     The connection is kept between trials (pinged when it sat idle, so a restarted server is
-    noticed): opening one per trial started a server process each time on PostgreSQL, a few ms
-    a trial. It runs in autocommit: taking and releasing the lock are one round trip each.
+    noticed). It runs in autocommit: taking and releasing the lock are one round trip each.
     """
 
     def __init__(self, url: str, key: str) -> None:
@@ -65,8 +67,7 @@ class DatabaseLock:
         self._engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0,
                                                 pool_recycle=300, isolation_level="AUTOCOMMIT")
         install_idle_ping(self._engine)
-        self._postgres = url.startswith("postgresql")
-        self._key = key
+        self._key = key[:64]  # MySQL's limit on lock names
         self._conn: Any = None
 
     def acquire(self) -> None:
@@ -76,15 +77,10 @@ class DatabaseLock:
             return
         conn = self._engine.connect()
         try:
-            if self._postgres:
-                number = int.from_bytes(hashlib.sha1(self._key.encode()).digest()[:8], "big",
-                                        signed=True)
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": number})
-            else:
-                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 300)"),
-                                   {"k": self._key[:64]}).scalar()
-                if got != 1:
-                    raise TimeoutError(f"could not take the budget lock {self._key!r}")
+            got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 300)"),
+                               {"k": self._key}).scalar()
+            if got != 1:
+                raise TimeoutError(f"could not take the budget lock {self._key!r}")
         except BaseException:
             conn.invalidate()  # whatever state it is in, the server drops its locks with it
             conn.close()
@@ -98,10 +94,7 @@ class DatabaseLock:
         if conn is None:
             return
         try:
-            if self._postgres:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock_all()"))
-            else:
-                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self._key[:64]})
+            conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self._key})
         except Exception:  # closed below: the server drops the lock with the connection
             conn.invalidate()
         finally:
@@ -109,11 +102,12 @@ class DatabaseLock:
 
 
 def budget_lock(url: str, study_name: str) -> NullLock | FileLock | DatabaseLock:
-    """The lock that serializes trial starts of `study_name` in the storage at `url`."""
+    """The lock held around trial starts of `study_name` in the storage at `url`, where the
+    storage's own row lock is not enough."""
     key = f"hpsearch:{study_name}"
     path = sqlite_path(url)
     if path is not None:
         return FileLock(f"{path}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock")
-    if url.startswith(("postgresql", "mysql")):
+    if url.startswith("mysql"):
         return DatabaseLock(url, key)
-    return NullLock()
+    return NullLock()  # PostgreSQL: the study's row lock (search._admission); gRPC: none

@@ -3,9 +3,11 @@
 Optuna's heartbeat starts a thread for every trial and scans the study for stale trials before
 every ask; on PostgreSQL that was ~7 ms a trial, a third of a hand-written loop's whole
 per-trial overhead. A worker runs one trial at a time, so one thread does the same job: each
-trial's first beat is written synchronously as the trial starts (a worker killed at any point
-after that leaves a trial that goes stale and is retried by the storage's
-RetryHeartbeatStaleTrialCallback), then one every `heartbeat_interval` seconds. Dead workers'
+trial's first beat is written with the trial itself (search._admission), or synchronously as
+a WAITING trial is taken (a worker killed at any point after that leaves a trial that goes stale
+and is retried by the storage's RetryHeartbeatStaleTrialCallback), then one every
+`heartbeat_interval` seconds. Optuna's own is turned off for the trials a worker runs
+(`search._admission.worker_study`). Dead workers'
 trials are failed at most once an interval (they cannot go stale faster than beats are due)
 and whenever the worker is about to wait for others.
 """
@@ -19,28 +21,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import optuna
-
-
-def optimizing_study(study: optuna.Study) -> optuna.Study:
-    """`study` as seen through its RDB storage with Optuna's own heartbeat off.
-
-    `study.optimize` on it starts no per-trial heartbeat thread and runs no stale check before
-    each ask; the worker's heartbeat does both. The view shares the storage's engine and
-    sessions (one connection pool); only `heartbeat_interval` differs. Any other storage (the
-    gRPC proxy, heartbeats off) is returned as it is.
-    """
-    import optuna
-    from optuna.storages import RDBStorage
-
-    backend = getattr(study._storage, "_backend", None)
-    if not isinstance(backend, RDBStorage) or backend.heartbeat_interval is None:
-        return study
-    # A shallow copy by hand: copy.copy would go through __getstate__, which builds a new engine.
-    view = object.__new__(RDBStorage)
-    view.__dict__.update(backend.__dict__)
-    view.heartbeat_interval = None
-    return optuna.Study(study_name=study.study_name, storage=view, sampler=study.sampler,
-                        pruner=study.pruner)
 
 
 class WorkerHeartbeat:
@@ -63,13 +43,15 @@ class WorkerHeartbeat:
         self._last_check = -float("inf")
         self._warned = False
 
-    def begin(self, trial_id: int) -> None:
-        """The trial's first beat, written before this returns; later ones from the thread."""
+    def begin(self, trial_id: int, *, written: bool = False) -> None:
+        """The trial's first beat, written before this returns (unless the trial's creation
+        `written` it: search._admission); later ones from the thread."""
         if self.interval is None:
             return
-        from search._rdb import first_heartbeat
+        if not written:
+            from search._rdb import first_heartbeat
 
-        first_heartbeat(self.study._storage, trial_id)
+            first_heartbeat(self.study._storage, trial_id)
         self._trial_id = trial_id
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="hpsearch-heartbeat",

@@ -96,27 +96,33 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any], *,
         for key, value in (system_attrs or {}).items():
             trial.storage.set_trial_system_attr(trial._trial_id, key, value)
         return
+    with _trial_write(backend, trial._trial_id) as conn:
+        write_attrs(conn, trial._trial_id, attrs, system_attrs)
+
+
+def write_attrs(conn: Any, trial_id: int, attrs: dict[str, Any],
+                system_attrs: dict[str, Any] | None = None) -> None:
+    """Upsert user attrs (and insert new system attrs) of a trial on `conn`, in its transaction,
+    without checking the trial's state: the caller's transaction does."""
     import json
 
     from optuna.storages._rdb import models
     from sqlalchemy import delete, insert
 
     model = models.TrialUserAttributeModel
-    rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
+    rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
             for k, v in attrs.items()]
-    with _trial_write(backend, trial._trial_id) as conn:
-        # Replace: a retried trial starts with its dead predecessor's attributes.
-        upsert = _upsert_statement(conn.dialect.name, model, ["trial_id", "key"], "value_json")
-        if rows and upsert is not None:
-            conn.execute(upsert, rows)
-        elif rows:
-            conn.execute(delete(model).where(model.trial_id == trial._trial_id,
-                                             model.key.in_(list(attrs))))
-            conn.execute(insert(model), rows)
-        if system_attrs:
-            conn.execute(insert(models.TrialSystemAttributeModel), [
-                {"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)}
-                for k, v in system_attrs.items()])
+    # Replace: a retried trial starts with its dead predecessor's attributes.
+    upsert = _upsert_statement(conn.dialect.name, model, ["trial_id", "key"], "value_json")
+    if rows and upsert is not None:
+        conn.execute(upsert, rows)
+    elif rows:
+        conn.execute(delete(model).where(model.trial_id == trial_id, model.key.in_(list(attrs))))
+        conn.execute(insert(model), rows)
+    if system_attrs:
+        conn.execute(insert(models.TrialSystemAttributeModel), [
+            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+            for k, v in system_attrs.items()])
 
 
 def first_heartbeat(storage: Any, trial_id: int) -> None:

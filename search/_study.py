@@ -43,19 +43,23 @@ class Counts:
         return self.complete + self.pruned
 
 
-def count_trials(study: optuna.Study) -> Counts:
+def counts_of(states: dict[Any, int]) -> Counts:
+    """Counts from trials by TrialState (missing states: none)."""
     from optuna.trial import TrialState
 
+    return Counts(
+        complete=states.get(TrialState.COMPLETE, 0),
+        pruned=states.get(TrialState.PRUNED, 0),
+        failed=states.get(TrialState.FAIL, 0),
+        running=states.get(TrialState.RUNNING, 0),
+        waiting=states.get(TrialState.WAITING, 0),
+    )
+
+
+def count_trials(study: optuna.Study) -> Counts:
     from search._rdb import state_counts
 
-    counts = state_counts(study)
-    return Counts(
-        complete=counts[TrialState.COMPLETE],
-        pruned=counts[TrialState.PRUNED],
-        failed=counts[TrialState.FAIL],
-        running=counts[TrialState.RUNNING],
-        waiting=counts[TrialState.WAITING],
-    )
+    return counts_of(state_counts(study))
 
 
 def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """A worker: runs trials of one study until the global budget is met.
 
-The budget counts COMPLETE + PRUNED trials of every worker. Before each trial the worker counts
-what is finished and what is running: if the running ones would meet the budget it waits rather
-than start another (so N workers do not overshoot), and if one of them dies its retry shows up as
-a WAITING trial that a waiting worker picks up.
+The budget counts COMPLETE + PRUNED trials of every worker. As a trial starts, what is finished
+and what is running is counted in the transaction that creates it (search._admission): if the
+running ones would meet the budget the worker waits rather than start another (so N workers do
+not overshoot), and if one of them dies its retry shows up as a WAITING trial that a waiting
+worker picks up.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from search._claim import DatabaseLock, FileLock, NullLock
 from search._errors import SearchError
-from search._heartbeat import WorkerHeartbeat, optimizing_study
+from search._heartbeat import WorkerHeartbeat
 from search._retry import is_connection_error, with_retry
 from search._study import Counts, budget_of, count_trials
 
@@ -64,6 +65,7 @@ def run_worker(
     """
     import optuna
 
+    from search._admission import BudgetReached, set_budget, worker_study
     from search._artifacts import ArtifactRecorder, write_study_note
     from search._objective import Objective
 
@@ -85,61 +87,77 @@ def run_worker(
     budget, budget_read = read_budget(), time.monotonic()
     lock = lock or NullLock()
     heartbeat = WorkerHeartbeat(study)
-    optimizing = optimizing_study(study)  # Optuna's per-trial heartbeat off: ours beats
+    # Trials start through a view that checks the budget in the transaction creating the trial
+    # and writes its first beat there (Optuna's per-trial heartbeat off: ours beats).
+    optimizing = worker_study(study, budget)
+    storage_admits = optimizing is not study
 
     def run_trial(trial: optuna.Trial) -> float | list[float]:
         lock.release()  # the new trial exists: others may count it now
-        with_retry(lambda: heartbeat.begin(trial._trial_id), what="starting a trial")
+        backend = getattr(optimizing._storage, "_backend", None)
+        written = getattr(backend, "beaten", None) == trial._trial_id
+        with_retry(lambda: heartbeat.begin(trial._trial_id, written=written),
+                   what="starting a trial")
         try:
             return objective(trial)
         finally:
             heartbeat.end()
 
+    def start_trial() -> None:
+        if not storage_admits:  # the gRPC proxy: count first (no lock there either)
+            counts = with_retry(lambda: count_trials(study), what="counting trials")
+            if counts.finished >= budget or (counts.finished + counts.running >= budget
+                                             and counts.waiting == 0):
+                raise BudgetReached(counts)
+        # No Optuna callback: it would read the finished trial back from the storage, and the
+        # objective already knows how the trial ended.
+        optimizing.optimize(run_trial, n_trials=1, catch=(Exception,), gc_after_trial=False)
+
     try:
         while True:
             # Dead workers' trials fail (and queue their retries) before they are counted.
             with_retry(heartbeat.fail_stale, what="checking for dead workers")
-            # Held from the budget check until this worker's trial exists in the storage, so
-            # two workers never both take the last slot.
+            if time.monotonic() - budget_read > BUDGET_REFRESH_S:
+                # `run --trials` elsewhere may have moved the budget: read it now and then
+                # (and before stopping), not before every trial: it is one more query.
+                budget, budget_read = read_budget(), time.monotonic()
+                set_budget(optimizing, budget)
+            if time.monotonic() >= deadline:
+                summary.stopped = "timeout"
+                break
+            # SQLite and MySQL: held from the budget check until this worker's trial exists,
+            # so two workers never both take the last slot (PostgreSQL: the study's row lock).
             with_retry(lock.acquire, what="taking the budget lock")
             try:
-                counts = with_retry(lambda: count_trials(study), what="counting trials")
-                if (counts.finished >= budget
-                        or time.monotonic() - budget_read > BUDGET_REFRESH_S):
-                    # `run --trials` elsewhere may have moved the budget: read it again
-                    # before stopping (and now and then), not before every trial: it is one
-                    # more query.
-                    budget, budget_read = read_budget(), time.monotonic()
+                start_trial()
+            except BudgetReached as full:
+                lock.release()
+                counts = full.counts
                 if counts.finished >= budget:
-                    summary.stopped = "budget"
-                    break
-                if time.monotonic() >= deadline:
-                    summary.stopped = "timeout"
-                    break
-                if counts.finished + counts.running >= budget and counts.waiting == 0:
-                    # The last trials are running elsewhere. Fail the stale ones (dead
-                    # workers) so their retries get queued, then look again.
-                    lock.release()
-                    with_retry(lambda: heartbeat.fail_stale(now=True),
-                               what="checking for dead workers")
-                    if on_wait is not None:
-                        on_wait(counts)
-                    time.sleep(POLL_S)
+                    budget, budget_read = read_budget(), time.monotonic()
+                    set_budget(optimizing, budget)
+                    if counts.finished >= budget:
+                        summary.stopped = "budget"
+                        break
                     continue
-                # No Optuna callback: it would read the finished trial back from the storage,
-                # and the objective already knows how the trial ended.
-                try:
-                    optimizing.optimize(run_trial, n_trials=1, catch=(Exception,),
-                                        gc_after_trial=False)
-                except Exception as e:
-                    # The storage went away outside the objective (asking for or telling a
-                    # trial): wait for it and go on. A trial left RUNNING goes stale and is
-                    # retried.
-                    if not is_connection_error(e):
-                        raise
-                    lock.release()
-                    with_retry(lambda: count_trials(study), what="waiting for the storage")
+                if counts.waiting:  # a retry was queued meanwhile: take it
                     continue
+                # The last trials are running elsewhere. Fail the stale ones (dead workers)
+                # so their retries get queued, then look again.
+                with_retry(lambda: heartbeat.fail_stale(now=True),
+                           what="checking for dead workers")
+                if on_wait is not None:
+                    on_wait(counts)
+                time.sleep(POLL_S)
+                continue
+            except Exception as e:
+                # The storage went away outside the objective (asking for or telling a trial):
+                # wait for it and go on. A trial left RUNNING goes stale and is retried.
+                if not is_connection_error(e):
+                    raise
+                lock.release()
+                with_retry(lambda: count_trials(study), what="waiting for the storage")
+                continue
             finally:
                 lock.release()
             objective.clear_checkpoints()

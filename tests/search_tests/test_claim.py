@@ -1,26 +1,94 @@
-"""The budget lock on a real PostgreSQL server: exclusive, cheap to retake, and it survives its
-connection being killed."""
+"""Starting trials against the budget: exact under concurrent workers on every backend, and the
+MySQL named lock (exclusive, one kept connection, survives its connection being killed)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import optuna
+import pytest
 import sqlalchemy
 
-from search._claim import DatabaseLock, budget_lock
+from search._admission import BudgetReached, worker_study
+from search._claim import DatabaseLock, FileLock, NullLock, budget_lock
 from search._retry import with_retry
+from search._spec import parse_spec
+from search._storage import open_storage
+from search._study import create_or_load
+from search._worker import quiet_optuna_warnings
+
+quiet_optuna_warnings()
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 
 
-def _backend_pid(lock: DatabaseLock) -> int:
-    return lock._conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+def _spec(name: str):
+    return parse_spec({
+        "name": name, "budget": {"trials": 12, "epochs": 1},
+        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
+        "data": {"dataset": "synthetic"}, "model": {"type": "mlp", "hidden": [8]},
+        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
+    })
 
 
-def test_one_holder_at_a_time_and_one_connection_kept(postgres_url, study_name):
-    first, second = budget_lock(postgres_url, study_name), budget_lock(postgres_url, study_name)
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+def test_concurrent_starts_never_overshoot_the_budget(backend, request, study_name):
+    url = request.getfixturevalue(f"{backend}_url")
+    spec = _spec(study_name)
+    create_or_load(spec, open_storage(url))
+    # PostgreSQL needs no lock of ours: the study's row lock in the creating transaction.
+    expected = {"sqlite": FileLock, "postgres": NullLock, "mysql": DatabaseLock}[backend]
+    assert type(budget_lock(url, study_name)) is expected
+    started: list[int] = []
+    refused: list[BudgetReached] = []
+    go = threading.Barrier(4)
+
+    def worker() -> None:
+        # Each its own storage, engine and lock, as separate processes or machines have.
+        study = optuna.load_study(study_name=study_name, storage=open_storage(
+            url, heartbeat_interval=5, grace_period=20))
+        view, lock = worker_study(study, budget=12), budget_lock(url, study_name)
+        go.wait()
+        while True:
+            lock.acquire()
+            try:
+                started.append(view.ask().number)  # stays RUNNING: counts against the budget
+            except BudgetReached as full:
+                refused.append(full)
+                return
+            finally:
+                lock.release()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(started) == list(range(12))
+    assert len(refused) == 4 and all(r.counts.running == 12 for r in refused)
+
+
+def test_a_waiting_trial_is_not_taken_once_the_budget_is_finished(sqlite_url, study_name):
+    spec = _spec(study_name)
+    study = create_or_load(spec, open_storage(sqlite_url))
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    study.enqueue_trial({"lr": 0.01})
+    with pytest.raises(BudgetReached) as full:
+        worker_study(study, budget=2).ask()
+    assert full.value.counts.finished == 2 and full.value.counts.waiting == 1
+    taken = worker_study(study, budget=3).ask()
+    assert taken.number == 2 and taken.suggest_float("lr", 1e-3, 0.1, log=True) == 0.01
+
+
+def _connection_id(lock: DatabaseLock) -> int:
+    return lock._conn.execute(sqlalchemy.text("SELECT CONNECTION_ID()")).scalar()
+
+
+def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, study_name):
+    first, second = budget_lock(mysql_url, study_name), budget_lock(mysql_url, study_name)
     assert isinstance(first, DatabaseLock)
     first.acquire()
-    pid = _backend_pid(first)
     got = threading.Event()
     waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
     waiter.start()
@@ -31,19 +99,22 @@ def test_one_holder_at_a_time_and_one_connection_kept(postgres_url, study_name):
     assert got.is_set()
     second.release()
     first.acquire()
-    assert _backend_pid(first) == pid  # the same connection, not a new one per trial
+    connection = _connection_id(first)
+    first.release()
+    first.acquire()
+    assert _connection_id(first) == connection  # the same connection, not a new one per trial
     first.release()
 
 
-def test_a_killed_lock_connection_is_replaced(postgres_url, study_name):
-    lock = budget_lock(postgres_url, study_name)
+def test_a_killed_mysql_lock_connection_is_replaced(mysql_url, study_name):
+    lock = budget_lock(mysql_url, study_name)
     lock.acquire()
-    pid = _backend_pid(lock)
+    connection = _connection_id(lock)
     lock.release()
-    engine = sqlalchemy.create_engine(postgres_url)
+    engine = sqlalchemy.create_engine(mysql_url)
     with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        conn.execute(sqlalchemy.text(f"KILL {int(connection)}"))
     engine.dispose()
     with_retry(lock.acquire, what="taking the budget lock", log=lambda message: None)
-    assert _backend_pid(lock) != pid
+    assert _connection_id(lock) != connection
     lock.release()

@@ -14,11 +14,11 @@ import time
 import optuna
 import pytest
 import sqlalchemy
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 import trainers
-from search._heartbeat import WorkerHeartbeat, optimizing_study
+from search._admission import WorkerStorage, worker_study
+from search._heartbeat import WorkerHeartbeat
 from search._rdb import first_heartbeat, set_user_attrs
 from search._spec import parse_spec
 from search._storage import open_storage
@@ -85,18 +85,28 @@ def test_one_worker_thread_beats_from_the_first_moment_and_optuna_starts_none(
     assert "hpsearch-heartbeat" not in [t.name for t in threading.enumerate()]  # closed
 
 
-def test_optimizing_study_shares_the_engine_with_heartbeats_off(sqlite_url, study_name,
-                                                                 tmp_path):
+def test_worker_study_shares_the_engine_with_heartbeats_off(sqlite_url, study_name, tmp_path):
     study = _open(sqlite_url, _spec(study_name, tmp_path))
-    view = optimizing_study(study)
+    view = worker_study(study, budget=5)
     backend = study._storage._backend
-    assert isinstance(view._storage._backend, RDBStorage)
+    assert isinstance(view._storage._backend, WorkerStorage)
     assert view._storage._backend.engine is backend.engine
     assert view._storage.get_heartbeat_interval() is None
     assert backend.heartbeat_interval == 1  # the caller's storage is untouched
     assert view.study_name == study.study_name and view.sampler is study.sampler
     plain = create_or_load(_spec(study_name + "x", tmp_path), open_storage(sqlite_url))
-    assert optimizing_study(plain) is plain  # no heartbeats configured: nothing to turn off
+    assert not worker_study(plain, budget=5)._storage._backend.beat  # none configured
+
+
+def test_a_started_trial_has_its_heartbeat_from_its_creation(storage_url, study_name, tmp_path):
+    study = _open(storage_url, _spec(study_name, tmp_path))
+    view = worker_study(study, budget=5)
+    trial = view.ask()
+    # Read on another connection: the row was committed with the trial, in one transaction.
+    assert list(_beats(study)) == [trial.number]
+    assert view._storage._backend.beaten == trial._trial_id
+    study.enqueue_trial({"lr": 0.01})  # a template trial: not started, no beat
+    assert list(_beats(study)) == [trial.number]
 
 
 def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(
@@ -141,3 +151,4 @@ def test_attributes_are_replaced_with_their_links_and_refused_once_finished(
     study.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         set_user_attrs(trial, {"late": True})
+
