@@ -15,7 +15,8 @@ One invocation, FashionMNIST, measured side by side:
 
 Ends with `name: value` lines.
 
-    .venv/bin/python benchmarks/finetune_vs_scratch.py [--seeds 3] [--trials 24] [--subset 1000]
+    .venv/bin/python benchmarks/finetune_vs_scratch.py [--seeds 3] [--trials 24] [--epochs 15]
+        [--subset 1000]
         [--pretrain]
 """
 
@@ -70,6 +71,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, help="trial budget of each arm (default: the file's)")
+    parser.add_argument("--epochs", type=int,
+                        help="epoch budget of each trial (default: the file's)")
     parser.add_argument("--subset", type=int,
                         help="training images of classes 5-9 (default: the file's 1000)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain even if weights exist")
@@ -84,6 +87,8 @@ def main() -> int:
         print(f"pretrained {weights.relative_to(ROOT)} in {time.perf_counter() - started:.0f} s")
     if args.trials:
         finetune["budget"]["trials"] = args.trials
+    if args.epochs:
+        finetune["budget"]["epochs"] = args.epochs
     if args.subset:
         finetune["data"]["train_subset"] = args.subset
     scratch = json.loads(json.dumps(finetune))

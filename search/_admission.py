@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
+from search._rdb import write_attrs
 from search._study import Counts, counts_of
 
 MAX_RETRIES = 5  # as Optuna's own trial creation: deadlocks between machines are retried
@@ -51,6 +54,16 @@ class WorkerStorage(RDBStorage):
     budget: int | None = None
     beat: bool = False
     beaten: int | None = None  # the trial id whose first heartbeat creation wrote
+    # User attrs written with the trial's creation (host, pid, device), and those written with
+    # a parameter (`optuna name → (attr key, to_real)`: a pow2 parameter's real value).
+    created_attrs: dict[str, Any] = {}
+    param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] = {}
+    _written: tuple[int | None, dict[str, Any]] = (None, {})
+
+    def written(self, trial_id: int) -> dict[str, Any]:
+        """The user attrs this view has written on trial `trial_id` (its current trial)."""
+        written_id, attrs = self._written
+        return attrs if written_id == trial_id else {}
 
     def _create_new_trial(self, study_id: int,
                           template_trial: FrozenTrial | None = None) -> FrozenTrial:
@@ -65,18 +78,41 @@ class WorkerStorage(RDBStorage):
                     trial = self._get_prepared_new_trial(study_id, None, session)
                     if self.beat:  # the column defaults to the server's clock
                         session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+                    if self.created_attrs:
+                        write_attrs(session.connection(), trial.trial_id, self.created_attrs)
                     frozen = FrozenTrial(
                         number=trial.number, state=trial.state, value=None, values=None,
                         datetime_start=trial.datetime_start, datetime_complete=None, params={},
                         distributions={}, user_attrs={}, system_attrs={},
                         intermediate_values={}, trial_id=trial.trial_id)
                 self.beaten = frozen._trial_id if self.beat else None
+                self._written = (frozen._trial_id, dict(self.created_attrs))
                 return frozen
             except optuna.exceptions.StorageInternalError:
                 if attempt == MAX_RETRIES:
                     raise
                 time.sleep(random.random() * 2.0)
         raise AssertionError("unreachable")
+
+    def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                         distribution: BaseDistribution,
+                         previous_distribution: BaseDistribution | None) -> None:
+        # A pow2 parameter's real value (`batch_size: 128` beside `log2_batch_size: 7`) is
+        # written in the transaction that sets the parameter: no transaction of its own.
+        attr = self.param_attrs.get(param_name)
+        if attr is None:
+            super()._set_trial_param(trial_id, param_name, param_value_internal, distribution,
+                                     previous_distribution)
+            return
+        key, to_real = attr
+        real = to_real(distribution.to_external_repr(param_value_internal))
+        with _create_scoped_session(self.scoped_session, True) as session:
+            self._set_trial_param_without_commit(session, trial_id, param_name,
+                                                 param_value_internal, distribution,
+                                                 previous_distribution)
+            write_attrs(session.connection(), trial_id, {key: real})
+        written_id, attrs = self._written
+        self._written = (trial_id, {**(attrs if written_id == trial_id else {}), key: real})
 
 
 def _states(session: Any, study_id: int) -> dict[TrialState, int]:
@@ -128,9 +164,20 @@ def set_budget(study: optuna.Study, budget: int) -> None:
         backend.budget = budget
 
 
-def worker_study(study: optuna.Study, budget: int | None) -> optuna.Study:
+def written_attrs(trial: optuna.Trial) -> dict[str, Any]:
+    """The user attrs the storage wrote on `trial` as it created it or set its parameters."""
+    backend = getattr(trial.storage, "_backend", None)
+    return backend.written(trial._trial_id) if isinstance(backend, WorkerStorage) else {}
+
+
+def worker_study(study: optuna.Study, budget: int | None, *,
+                 created_attrs: dict[str, Any] | None = None,
+                 param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] | None = None
+                 ) -> optuna.Study:
     """`study` as a worker starts trials in it: budget-checked, first beat at creation, and
     Optuna's per-trial heartbeat thread and stale scan off (the worker's heartbeat does both).
+    `created_attrs` are written on each new trial as it is created, `param_attrs` with their
+    parameter (see WorkerStorage): the objective then writes only what is left.
 
     The view shares the storage's engine and sessions (one connection pool). A storage that is
     not an RDBStorage (the gRPC proxy) is returned as it is: there the worker counts first.
@@ -144,5 +191,7 @@ def worker_study(study: optuna.Study, budget: int | None) -> optuna.Study:
     view.beat = backend.heartbeat_interval is not None
     view.heartbeat_interval = None
     view.budget = budget
+    view.created_attrs = dict(created_attrs or {})
+    view.param_attrs = dict(param_attrs or {})
     return WorkerStudy(study_name=study.study_name, storage=view, sampler=study.sampler,
                        pruner=study.pruner)

@@ -97,6 +97,21 @@ class Objective:
         self._to_clear: list[Path | None] = []
         self.on_start: Callable[[], None] | None = None  # called once the trial exists
 
+    def creation_attrs(self) -> dict[str, Any]:
+        """The start attrs every trial of this worker shares (host, pid, and the device where
+        the space does not choose it): written with the trial as it is created."""
+        import trainers
+        from search._spec import base_train_config
+
+        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid()}
+        if "device" not in self.spec.space:
+            try:
+                device = self.device or base_train_config(self.spec).device
+                attrs["device"] = str(trainers.resolve_device(device))
+            except Exception:  # noqa: BLE001 - the trial reports it, with the trial's config
+                pass
+        return attrs
+
     def checkpoint_dir(self, number: int) -> Path | None:
         if self.checkpoint_root is None:
             return None
@@ -106,6 +121,7 @@ class Objective:
         import optuna
 
         import trainers
+        from search._admission import written_attrs
         from search._space import suggest
         from search._spec import train_config_for
 
@@ -143,7 +159,13 @@ class Objective:
             retried_from = retry_link(trial)
             if retried_from is not None:
                 start_attrs["retried_from"] = retried_from
-            with_retry(lambda: set_user_attrs(trial, start_attrs), what="starting a trial")
+            # What the storage wrote as it created the trial and set its parameters is not
+            # written again: a trial this worker created needs no transaction here.
+            written = written_attrs(trial)
+            left = {k: v for k, v in start_attrs.items()
+                    if k not in written or written[k] != v}
+            if left:
+                with_retry(lambda: set_user_attrs(trial, left), what="starting a trial")
             store = self._checkpoint_store(trial.number, retried_from)
             result = trainers.train(config, report, store)
         except Exception as e:

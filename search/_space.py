@@ -32,6 +32,8 @@ from search._spec_model import did_you_mean, fail, same, show
 from trainers import ConfigError, TrainConfig, config_from_dict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from search._spec import StudySpec
 
 
@@ -249,6 +251,13 @@ def suggest(trial: optuna.Trial, spec: StudySpec, *,
             trial.set_user_attr(key, real)
         sampled[key] = values[canonical(key)] = real
     return {key: sampled[key] for key in spec.space if key in sampled}
+
+
+def real_value_attrs(spec: StudySpec) -> dict[str, tuple[str, Callable[[Any], Any]]]:
+    """Parameters that Optuna stores under another name (``log2_batch_size``), with the user
+    attribute that shows their real value and how to compute it: what `suggest` adds."""
+    return {entry.optuna_name(key): (key, entry.to_real) for key, entry in spec.space.items()
+            if entry.optuna_name(key) != key}
 
 
 def params_from_optuna(spec: StudySpec, optuna_params: dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def run_worker(
     from search._admission import BudgetReached, set_budget, worker_study
     from search._artifacts import ArtifactRecorder, write_study_note
     from search._objective import Objective
+    from search._space import real_value_attrs
 
     write_study_note(study, spec)  # once per study: kept if present (or edited by hand)
     if artifacts is True:
@@ -89,7 +90,8 @@ def run_worker(
     heartbeat = WorkerHeartbeat(study)
     # Trials start through a view that checks the budget in the transaction creating the trial
     # and writes its first beat there (Optuna's per-trial heartbeat off: ours beats).
-    optimizing = worker_study(study, budget)
+    optimizing = worker_study(study, budget, created_attrs=objective.creation_attrs(),
+                              param_attrs=real_value_attrs(spec))
     storage_admits = optimizing is not study
 
     def run_trial(trial: optuna.Trial) -> float | list[float]:

@@ -31,12 +31,12 @@ quiet_optuna_warnings()
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 
 
-def _spec(name: str, tmp_path, *, trials: int = 2, epochs: int = 1):
+def _spec(name: str, tmp_path, *, trials: int = 2, epochs: int = 1, space=None):
     return parse_spec({
         "name": name, "budget": {"trials": trials, "epochs": epochs},
         "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
         "data": {"dataset": "synthetic", "size": 256}, "model": {"type": "mlp", "hidden": [8]},
-        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
+        "space": space or {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
         "run": {"checkpoint_dir": str(tmp_path / "ckpt"), "heartbeat_interval": 1,
                 "grace_period": 3},
     })
@@ -107,6 +107,42 @@ def test_a_started_trial_has_its_heartbeat_from_its_creation(storage_url, study_
     assert view._storage._backend.beaten == trial._trial_id
     study.enqueue_trial({"lr": 0.01})  # a template trial: not started, no beat
     assert list(_beats(study)) == [trial.number]
+
+
+def test_a_created_trial_carries_its_start_attrs_with_no_transaction_of_its_own(
+        storage_url, study_name, tmp_path, monkeypatch):
+    import os
+    import socket
+
+    import search._objective
+
+    spec = _spec(study_name, tmp_path, trials=1,
+                 space={"lr": {"low": 1e-3, "high": 0.1, "log": True},
+                        "batch_size": {"pow2": [16, 64]}})
+    study = _open(storage_url, spec)
+    seen, writes = [], []
+    real_train, real_set = trainers.train, search._objective.set_user_attrs
+
+    def train(config, on_epoch=None, checkpoint=None, **kwargs):
+        # Read on another connection while the trial runs: committed before training.
+        fresh = optuna.load_study(study_name=study_name, storage=storage_url)
+        seen.append((config.batch_size, fresh.get_trials(states=(TrialState.RUNNING,))))
+        return real_train(config, on_epoch, checkpoint, **kwargs)
+
+    monkeypatch.setattr(trainers, "train", train)
+    monkeypatch.setattr(search._objective, "set_user_attrs",
+                        lambda trial, attrs, **kw: (writes.append(sorted(attrs)),
+                                                    real_set(trial, attrs, **kw)))
+    run_worker(study, spec, device="cpu", artifacts=False)
+    (batch_size, running), = seen
+    attrs = running[0].user_attrs
+    assert attrs["host"] == socket.gethostname() and attrs["pid"] == os.getpid()
+    assert attrs["device"] == "cpu"
+    assert attrs["batch_size"] == batch_size == 2 ** running[0].params["log2_batch_size"]
+    assert writes == [sorted(["history", "epochs_run", "seconds", "parameters",
+                              "trained_parameters", "ended"])]  # the result only
+    done = study.get_trials()[0]
+    assert done.state == TrialState.COMPLETE and done.user_attrs["batch_size"] == batch_size
 
 
 def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(

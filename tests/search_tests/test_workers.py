@@ -253,9 +253,9 @@ def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
                            text=True)
     study = wait_for(lambda: _study_if_created(url, study_name), timeout=60, what="the study")
     try:
-        wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 2, timeout=90,
-                 what="both workers in a trial")
-        pids = {t.user_attrs["pid"] for t in study.get_trials(states=(TrialState.RUNNING,))}
+        running = wait_for(lambda: _running_pids(study, 2), timeout=90,
+                           what="both workers in a trial")
+        pids = set(running)
         sent = time.monotonic()
         run.send_signal(signal.SIGINT)
         out, _ = run.communicate(timeout=15)
@@ -269,6 +269,12 @@ def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
     ended = [t.user_attrs.get("ended") for t in study.get_trials(states=(TrialState.FAIL,))]
     assert ended.count("interrupted") == 2, ended
     assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def _running_pids(study, n: int) -> list[int] | None:
+    """The pids of the running trials once there are `n`, each with its pid written."""
+    pids = [t.user_attrs.get("pid") for t in study.get_trials(states=(TrialState.RUNNING,))]
+    return pids if len(pids) == n and None not in pids else None
 
 
 def _study_if_created(url: str, name: str):
