@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -29,6 +30,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError
 
 from search._rdb import write_attrs
 from search._study import Counts, counts_of
@@ -59,6 +61,8 @@ class WorkerStorage(RDBStorage):
     created_attrs: dict[str, Any] = {}
     param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] = {}
     _written: tuple[int | None, dict[str, Any]] = (None, {})
+    # The result's attrs of the trial being told: (trial id, user attrs, system attrs).
+    _with_result: tuple[int, dict[str, Any], dict[str, Any]] | None = None
 
     def written(self, trial_id: int) -> dict[str, Any]:
         """The user attrs this view has written on trial `trial_id` (its current trial)."""
@@ -93,6 +97,28 @@ class WorkerStorage(RDBStorage):
                     raise
                 time.sleep(random.random() * 2.0)
         raise AssertionError("unreachable")
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        pending, self._with_result = self._with_result, None
+        if pending is None or pending[0] != trial_id or not state.is_finished():
+            return super().set_trial_state_values(trial_id, state, values)
+        _, attrs, system_attrs = pending
+        # Optuna's own, with the result's attrs (history, seconds, artifact links…) written in
+        # the transaction that finishes the trial: no transaction of their own.
+        try:
+            with _create_scoped_session(self.scoped_session) as session:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                # Before any write: on a finished trial this reads it back on this session.
+                self.check_trial_is_updatable(trial_id, trial.state)
+                for objective, value in enumerate(values or ()):
+                    self._set_trial_value_without_commit(session, trial, objective, value)
+                write_attrs(session.connection(), trial_id, attrs, system_attrs)
+                trial.state = state
+                trial.datetime_complete = datetime.now()
+        except IntegrityError:
+            return False
+        return True
 
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                          distribution: BaseDistribution,
@@ -168,6 +194,17 @@ def written_attrs(trial: optuna.Trial) -> dict[str, Any]:
     """The user attrs the storage wrote on `trial` as it created it or set its parameters."""
     backend = getattr(trial.storage, "_backend", None)
     return backend.written(trial._trial_id) if isinstance(backend, WorkerStorage) else {}
+
+
+def with_result(trial: optuna.Trial, attrs: dict[str, Any],
+                system_attrs: dict[str, Any] | None = None) -> bool:
+    """Have `attrs` (and new `system_attrs`) written as `trial` is told, in the transaction that
+    finishes it. False where the storage cannot (not a worker's view): the caller writes them."""
+    backend = getattr(trial.storage, "_backend", None)
+    if not isinstance(backend, WorkerStorage):
+        return False
+    backend._with_result = (trial._trial_id, dict(attrs), dict(system_attrs or {}))
+    return True
 
 
 def worker_study(study: optuna.Study, budget: int | None, *,

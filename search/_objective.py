@@ -121,7 +121,7 @@ class Objective:
         import optuna
 
         import trainers
-        from search._admission import written_attrs
+        from search._admission import with_result, written_attrs
         from search._space import suggest
         from search._spec import train_config_for
 
@@ -205,8 +205,11 @@ class Objective:
             if written is not None:
                 end_attrs["artifact_seconds"] = round(written.seconds, 3)
                 links = written.links
-        with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
-                   what="recording a result")
+        # Written with the trial's state as Optuna tells it (one transaction) where the storage
+        # allows it, else now.
+        if not with_result(trial, end_attrs, links):
+            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
+                       what="recording a result")
         if store is not None and not self.spec.run.keep_checkpoints:
             # Deleted once the result is safely told (`clear_checkpoints`), not here: if the
             # storage fails before that, the trial goes stale and its retry resumes from them.

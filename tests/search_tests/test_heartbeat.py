@@ -109,7 +109,7 @@ def test_a_started_trial_has_its_heartbeat_from_its_creation(storage_url, study_
     assert list(_beats(study)) == [trial.number]
 
 
-def test_a_created_trial_carries_its_start_attrs_with_no_transaction_of_its_own(
+def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
         storage_url, study_name, tmp_path, monkeypatch):
     import os
     import socket
@@ -139,10 +139,45 @@ def test_a_created_trial_carries_its_start_attrs_with_no_transaction_of_its_own(
     assert attrs["host"] == socket.gethostname() and attrs["pid"] == os.getpid()
     assert attrs["device"] == "cpu"
     assert attrs["batch_size"] == batch_size == 2 ** running[0].params["log2_batch_size"]
-    assert writes == [sorted(["history", "epochs_run", "seconds", "parameters",
-                              "trained_parameters", "ended"])]  # the result only
+    assert writes == []  # start attrs with the creation, the result's with the tell
     done = study.get_trials()[0]
     assert done.state == TrialState.COMPLETE and done.user_attrs["batch_size"] == batch_size
+    assert done.user_attrs["ended"] == "completed" and len(done.user_attrs["history"]) == 1
+
+
+@pytest.mark.parametrize("state", [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
+def test_result_attrs_are_written_by_the_tell_that_finishes_the_trial(
+        storage_url, study_name, tmp_path, state):
+    from search._admission import with_result
+
+    study = _open(storage_url, _spec(study_name, tmp_path))
+    view = worker_study(study, budget=5)
+    trial = view.ask()
+    trial.report(0.5, 1)
+    assert with_result(trial, {"ended": state.name.lower(), "history": [{"epoch": 1}]},
+                       {"artifact:curves": "abc"})
+    assert "ended" not in study.get_trials()[0].user_attrs  # not before the tell
+    view.tell(trial, 0.25 if state == TrialState.COMPLETE else None, state=state)
+    done = optuna.load_study(study_name=study_name, storage=storage_url).get_trials()[0]
+    assert done.state == state
+    assert done.value == (0.25 if state == TrialState.COMPLETE else
+                          (0.5 if state == TrialState.PRUNED else None))
+    assert done.user_attrs["ended"] == state.name.lower()
+    assert done.system_attrs["artifact:curves"] == "abc"
+    # A result for another trial is not written on this one, and is dropped once told.
+    other = view.ask()
+    with_result(trial, {"ended": "stale"})
+    view.tell(other, 1.0)
+    assert "ended" not in study.get_trials()[1].user_attrs
+    assert view._storage._backend._with_result is None
+    # A trial already finished elsewhere: refused, and nothing is written on it.
+    third = view.ask()
+    study.tell(third.number, 2.0)
+    with_result(third, {"ended": "late"})
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        view._storage._backend.set_trial_state_values(third._trial_id, TrialState.COMPLETE,
+                                                      [3.0])
+    assert "ended" not in study.get_trials()[2].user_attrs
 
 
 def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(
