@@ -14,6 +14,11 @@ lock, count, release, check the trial, beat) and two commits on top of Optuna's 
 
 A WAITING trial (a retry, an enqueued configuration) is not created but taken: `WorkerStudy`
 checks the finished count before taking one, as the worker did before every trial.
+
+The trial's own attributes ride on Optuna's transactions too: host, pid and device on its
+creation, a pow2 parameter's real value on the parameter's, and the result (history, seconds,
+how it ended, artifact links) on the tell that finishes it. A trial this worker creates costs no
+transaction beyond a hand-written loop's; a taken WAITING trial writes its start attrs once.
 """
 
 from __future__ import annotations

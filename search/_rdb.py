@@ -14,7 +14,9 @@ transaction only): each is followed by a synchronous commit of the same trial (a
 report, its tell, or another worker failing it as stale), and WAL is flushed in order, so
 what that commit makes durable includes them. Visibility to other workers is immediate; only a
 crash of the database server itself within ~0.6 s of such a write, with no synchronous commit
-in between, could lose it (the WAL writer flushes every 200 ms).
+in between, could lose it (the WAL writer flushes every 200 ms). A trial a worker creates
+needs none of these: its beat and attributes ride on Optuna's own transactions
+(`search._admission`); they remain for taken WAITING trials, failures and other callers.
 """
 
 from __future__ import annotations
