@@ -256,11 +256,12 @@ class ArtifactRecorder:
 
         history = [history_record(m) for m in result.history]
         ended = result.reason if result.status != "completed" else "completed"
-        files = {"metrics.json": json.dumps({
-            "trial": trial.number, "status": result.status, "ended": ended,
-            "epochs_run": result.epochs_run, "config": config.to_dict(),
-            "history": history,
-        }, indent=1).encode()}
+        head = json.dumps({"trial": trial.number, "status": result.status, "ended": ended,
+                           "epochs_run": result.epochs_run, "config": config.to_dict()})
+        # One line per epoch: readable, and json's C encoder (`indent` takes the Python one).
+        epochs = ",\n".join(json.dumps(h) for h in history)
+        text = f'{head[:-1]},\n"history": [\n{epochs}\n]}}\n'
+        files = {"metrics.json": text.encode()}
         if history:
             charts = self._draw(trial.number, ended, result, config, history)
             files.update((name, text.encode()) for name, text in charts.items())

@@ -137,7 +137,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested plain-data form; `config_from_dict(c.to_dict()) == c`."""
-        return _plain(dataclasses.asdict(self))
+        return _plain(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with flat or dotted knobs changed, validated like `config_from_dict`."""
@@ -335,6 +335,10 @@ def _check_ranges(c: TrainConfig) -> None:
 
 
 def _plain(value: Any) -> Any:
+    # dataclasses.asdict, without its deepcopy of every leaf: the config is frozen, its leaves
+    # immutable (this runs for every trial's artifacts).
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
