@@ -77,6 +77,10 @@ def main() -> int:
                         help="training images of classes 5-9 (default: the file's 1000)")
     parser.add_argument("--pretrain", action="store_true", help="pretrain even if weights exist")
     args = parser.parse_args()
+    for flag in ("seeds", "trials", "epochs", "subset"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag}: expected 1 or more, got {value}")
 
     finetune = yaml.safe_load(STUDY.read_text())
     weights = ROOT / finetune["model"]["weights"]

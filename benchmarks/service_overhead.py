@@ -134,12 +134,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds per size and storage; the median is reported")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected 1 or more, got {args.rounds}")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes: expected trial counts such as 100,1000, got {args.sizes!r}")
+    storages = args.storages.split(",")
+    if not set(storages) <= {"sqlite", "postgres"}:
+        parser.error(f"--storages: expected sqlite and/or postgres, got {args.storages!r}")
     quiet_optuna_warnings()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp(prefix="hpsearch-overhead-"))
-    sizes = [int(s) for s in args.sizes.split(",")]
-    storages = args.storages.split(",")
     results: dict[str, float] = {}
     for n in sizes:
         for storage in storages:

@@ -216,13 +216,15 @@ class ArtifactRecorder:
         return cls(open_artifact_store(location), location=location)
 
     def write(self, trial: optuna.Trial, result: trainers.TrainResult,
-              config: trainers.TrainConfig) -> Written | None:
+              config: trainers.TrainConfig,
+              history: list[dict[str, Any]] | None = None) -> Written | None:
         """Store the trial's artifacts; their links are for the caller to write with the
-        trial's result (`set_user_attrs(..., system_attrs=written.links)`). None (and a
-        warning) on failure."""
+        trial's result (as system attrs). `history`: the result's `history_record`s, when the
+        caller has made them. None (and a warning) on failure."""
         started = time.perf_counter()
         try:
-            links = store_files(trial, self.store, self._files(trial, result, config))
+            links = store_files(trial, self.store,
+                                self._files(trial, result, config, history))
         except Exception as e:  # the trial's result matters more than its pictures
             self._failed(trial, e)
             return None
@@ -251,10 +253,12 @@ class ArtifactRecorder:
               "the trial itself is unaffected")
 
     def _files(self, trial: optuna.Trial, result: trainers.TrainResult,
-               config: trainers.TrainConfig) -> dict[str, bytes]:
+               config: trainers.TrainConfig,
+               history: list[dict[str, Any]] | None = None) -> dict[str, bytes]:
         from search._objective import history_record
 
-        history = [history_record(m) for m in result.history]
+        if history is None:  # the objective passes the records it already made
+            history = [history_record(m) for m in result.history]
         ended = result.reason if result.status != "completed" else "completed"
         head = json.dumps({"trial": trial.number, "status": result.status, "ended": ended,
                            "epochs_run": result.epochs_run, "config": config.to_dict()})

@@ -201,7 +201,7 @@ class Objective:
         if self.artifacts is not None:
             # Now, while the trial is live: Optuna attaches artifacts only to a running trial.
             # Their links are written with the result: one transaction.
-            written = self.artifacts.write(trial, result, config)
+            written = self.artifacts.write(trial, result, config, end_attrs["history"])
             if written is not None:
                 end_attrs["artifact_seconds"] = round(written.seconds, 3)
                 links = written.links
