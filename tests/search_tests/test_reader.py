@@ -1,0 +1,138 @@
+"""The worker's trial reader (search._reader) returns exactly what Optuna's RDB storage returns,
+in two queries where Optuna's take seven."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import TrialState
+
+from search._admission import worker_study
+from search._reader import reader_for
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def any_url(request):
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+def _same(a: list[optuna.trial.FrozenTrial], b: list[optuna.trial.FrozenTrial]) -> None:
+    # repr, not ==: NaN intermediate values are equal to themselves only in their text.
+    assert [repr(sorted(t.__dict__.items())) for t in a] == \
+           [repr(sorted(t.__dict__.items())) for t in b]
+
+
+def _rich_study(storage: RDBStorage, name: str) -> tuple[int, int]:
+    """Two studies holding every kind of row the reader builds trials from."""
+    study = optuna.create_study(storage=storage, study_name=name,
+                                directions=["minimize", "maximize"])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        x = trial.suggest_float("x", 1e-3, 1.0, log=True)
+        c = trial.suggest_categorical("c", ["a", None, 3.5, True])
+        trial.suggest_int("i", 1, 9, step=2)
+        trial.set_user_attr("history", [{"epoch": 1, "loss": 0.5, "gn": {"fc": 1e-9}}, None])
+        trial.set_user_attr("host", "h\u00e9")
+        trial.storage.set_trial_system_attr(trial._trial_id, "sys", {"k": [1, 2]})
+        return x, float("inf") if c == "a" else -1.5
+
+    study.optimize(objective, n_trials=10)
+    study.enqueue_trial({"x": 0.5, "c": None})  # WAITING, with template params
+    failed = study.ask()
+    failed.suggest_float("x", 1e-3, 1.0, log=True)
+    study.tell(failed, state=TrialState.FAIL)
+    single = optuna.create_study(storage=storage, study_name=name + "-single")
+    running = single.ask()
+    running.suggest_float("y", -1.0, 1.0)
+    for step, value in enumerate([1.0, float("nan"), float("inf"), float("-inf"), 1e-300]):
+        running.report(value, step)
+    done = single.ask()
+    done.report(2.0, 0)
+    single.tell(done, -math.inf)
+    pruned = single.ask()
+    pruned.report(3.0, 0)
+    single.tell(pruned, state=TrialState.PRUNED)
+    return study._study_id, single._study_id
+
+
+def test_reads_equal_optunas_own(any_url, study_name):
+    storage = RDBStorage(any_url)
+    reader = reader_for()
+    assert reader is not None
+    for study_id in _rich_study(storage, study_name):
+        ids = [t._trial_id for t in storage.get_all_trials(study_id)]
+        cuts = [(set(), -1), (set(ids[:2]) | {10**9}, ids[len(ids) // 2]),
+                (set(ids), ids[-1]), (set(), ids[0]), (set(), 10**9)]
+        for states in (None, (TrialState.RUNNING,), (TrialState.WAITING,),
+                       (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+            for included, greater in cuts:
+                theirs = storage._get_trials(study_id, states, included, greater)
+                with _create_scoped_session(storage.scoped_session) as session:
+                    ours = reader.read(session, study_id, states, included, greater)
+                _same(ours, theirs)
+        for trial_id in ids:
+            with _create_scoped_session(storage.scoped_session) as session:
+                _same([reader.read_one(session, trial_id)], [storage.get_trial(trial_id)])
+
+
+def test_a_workers_view_reads_what_optuna_reads(storage_url, study_name):
+    storage = RDBStorage(storage_url)
+    _rich_study(storage, study_name)
+    for name in (study_name, study_name + "-single"):
+        plain = optuna.load_study(study_name=name, storage=storage)
+        view = worker_study(plain, budget=None)
+        _same(view.get_trials(deepcopy=False), plain.get_trials(deepcopy=False))
+        for trial in plain.get_trials(deepcopy=False):
+            _same([view._storage.get_trial(trial._trial_id)], [trial])
+
+
+def test_unknown_study_or_trial_is_a_key_error_as_in_optuna(sqlite_url):
+    storage = RDBStorage(sqlite_url)
+    reader = reader_for()
+    with _create_scoped_session(storage.scoped_session) as session:
+        with pytest.raises(KeyError):
+            reader.read(session, 12345, None, set(), -1)
+    with _create_scoped_session(storage.scoped_session) as session:
+        with pytest.raises(KeyError):
+            reader.read_one(session, 12345)
+    with pytest.raises(KeyError):
+        storage._get_trials(12345, None, set(), -1)
+
+
+def _statements(storage: RDBStorage, read) -> int:
+    count = [0]
+
+    def counted(*_args) -> None:
+        count[0] += 1
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", counted)
+    try:
+        read()
+    finally:
+        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", counted)
+    return count[0]
+
+
+def test_a_read_takes_two_statements_where_optunas_takes_seven(postgres_url, study_name):
+    storage = RDBStorage(postgres_url)
+    study_id, single_id = _rich_study(storage, study_name)
+    reader = reader_for()
+
+    def ours(study_id=study_id) -> None:
+        with _create_scoped_session(storage.scoped_session) as session:
+            reader.read(session, study_id, None, set(), -1)
+
+    def one(trial_id: int) -> None:
+        with _create_scoped_session(storage.scoped_session) as session:
+            reader.read_one(session, trial_id)
+
+    assert _statements(storage, lambda: storage._get_trials(study_id, None, set(), -1)) == 7
+    assert _statements(storage, ours) == 2
+    running = storage.get_all_trials(single_id, states=(TrialState.RUNNING,))[0]._trial_id
+    assert _statements(storage, lambda: storage.get_trial(running)) == 6
+    assert _statements(storage, lambda: one(running)) == 2
