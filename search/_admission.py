@@ -20,7 +20,7 @@ creation, a pow2 parameter's real value on the parameter's, and the result (hist
 how it ended, artifact links) on the tell that finishes it. A trial this worker creates costs no
 transaction beyond a hand-written loop's; a taken WAITING trial writes its start attrs once.
 
-Reads go the other way: the view reads trials in two queries where Optuna's take seven
+Reads are cheaper too: the view reads trials in two queries where Optuna's take seven
 (`search._reader`), and reading is most of what a worker does to its storage.
 """
 

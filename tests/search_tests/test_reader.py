@@ -136,3 +136,21 @@ def test_a_read_takes_two_statements_where_optunas_takes_seven(postgres_url, stu
     running = storage.get_all_trials(single_id, states=(TrialState.RUNNING,))[0]._trial_id
     assert _statements(storage, lambda: storage.get_trial(running)) == 6
     assert _statements(storage, lambda: one(running)) == 2
+
+
+def test_a_study_larger_than_a_chunk_reads_whole(sqlite_url, study_name):
+    from search._reader import CHUNK
+
+    storage = RDBStorage(sqlite_url)
+    study = optuna.create_study(storage=storage, study_name=study_name)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("i", 0, 3),
+                   n_trials=2 * CHUNK + 5)
+    reader = reader_for()
+
+    def ours() -> list[optuna.trial.FrozenTrial]:
+        with _create_scoped_session(storage.scoped_session) as session:
+            return reader.read(session, study._study_id, None, set(), -1)
+
+    _same(ours(), storage._get_trials(study._study_id, None, set(), -1))
+    # One query for the trials and one per CHUNK of them for their rows.
+    assert _statements(storage, ours) == 1 + 3
