@@ -32,6 +32,7 @@ _SPECIAL = {_INF_POS: float("inf"), _INF_NEG: float("-inf"), _NAN: float("nan")}
 _PARAM, _VALUE, _USER, _SYSTEM, _INTERMEDIATE = range(5)
 # Trials per children query: 5 x 150 bound ids stay under SQLite's oldest limit (999).
 CHUNK = 150
+MAX_DISTRIBUTIONS = 4096  # parsed distributions kept for reuse
 
 
 class TrialReader:
@@ -162,6 +163,8 @@ class TrialReader:
         # Distributions are immutable values: one object per distinct JSON is shared.
         distribution = self._distributions.get(text)
         if distribution is None:
+            if len(self._distributions) >= MAX_DISTRIBUTIONS:  # a space with moving ranges
+                self._distributions.clear()
             distribution = self._distributions[text] = json_to_distribution(text)
         return distribution
 
