@@ -30,6 +30,8 @@ def _text(trial: optuna.trial.FrozenTrial) -> str:
 
 def _same(a: list[optuna.trial.FrozenTrial], b: list[optuna.trial.FrozenTrial]) -> None:
     assert [_text(t) for t in a] == [_text(t) for t in b]
+    # Parameters keep Optuna's order (by param_id, as they were suggested).
+    assert [list(t.params) for t in a] == [list(t.params) for t in b]
 
 
 def _rich_study(storage: RDBStorage, name: str) -> tuple[int, int]:
