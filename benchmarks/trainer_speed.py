@@ -8,8 +8,9 @@ validation), median over the timed epochs after one warm-up epoch:
 Then the conv nets, on a seeded subset of the same training data (`--conv-subset`): the CBR
 CNN of studies/fashion_cnn.yaml and resnet18 (small stem, 1x28x28), batch 128, SGD, ours against
 a plain DataLoader loop (torchvision dataset, ToTensor + Normalize, the same network built by
-`trainers`). Where CUDA is present, ours also runs with `channels_last` and with mixed precision
-(`amp`), and the conv nets train on the GPU.
+`trainers`). Where CUDA is present, (a) and (c) also run on the GPU (`ratio_to_bare_loop_cuda_*`,
+`speedup_cuda_over_cpu_*`), the conv nets train on the GPU, and ours also runs with
+`channels_last` and with mixed precision (`amp`).
 Ends with `name: value` lines. Ratios are the result; absolute times on this noisy machine are
 context only.
 
@@ -44,11 +45,11 @@ def seed_network() -> nn.Module:
                          nn.ReLU(), nn.Linear(56, 10))
 
 
-def ours(batch: int, epochs: int) -> list[float]:
+def ours(batch: int, epochs: int, device: str = "cpu") -> list[float]:
     times: list[float] = []
     trainers.train(
         {"dataset": "fashion_mnist", "hidden": [128, 56], "optimizer": "sgd", "lr": 0.1,
-         "batch_size": batch, "epochs": epochs + 1, "device": "cpu"},
+         "batch_size": batch, "epochs": epochs + 1, "device": device},
         lambda m: times.append(m.train_seconds),
     )
     return times[1:]
@@ -78,25 +79,30 @@ def textbook(batch: int, epochs: int, root: Path) -> list[float]:
     return times[1:]
 
 
-def bare(batch: int, epochs: int) -> list[float]:
-    data = trainers.load_data(trainers.DataConfig(dataset="fashion_mnist"))
+def bare(batch: int, epochs: int, device: str = "cpu") -> list[float]:
+    data = trainers.load_data(trainers.DataConfig(dataset="fashion_mnist"),
+                              device=torch.device(device))
     x, y = data.train.x, data.train.y
     torch.manual_seed(0)
-    model = seed_network()
+    model = seed_network().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     times = []
     for _ in range(epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(x.shape[0])
+        perm = torch.randperm(x.shape[0], device=device)
         for i in range(0, x.shape[0], batch):
             idx = perm[i:i + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times[1:]
 
+
+N_TRAIN = 48_000  # FashionMNIST's training split: 80% of 60,000
 
 CONV_NETS = {"cnn": {"type": "cnn", "widths": [32, 64], "blocks": 1},
              "resnet18": {"type": "resnet18"}}
@@ -207,11 +213,20 @@ def main() -> None:
             row["ours"] = statistics.median(ours(batch, args.epochs))
             row["bare"] = statistics.median(bare(batch, args.epochs))
             row["textbook"] = statistics.median(textbook(batch, max(1, args.epochs - 1), root))
+            if torch.cuda.is_available():
+                row["ours_cuda"] = statistics.median(ours(batch, args.epochs, "cuda"))
+                row["bare_cuda"] = statistics.median(bare(batch, args.epochs, "cuda"))
             results[batch] = row
             print(f"batch {batch:>5}: ours {row['ours']:.3f} s/epoch, bare loop "
                   f"{row['bare']:.3f} s, textbook {row['textbook']:.3f} s  "
                   f"(ours/bare {row['ours'] / row['bare']:.2f}x, "
                   f"textbook/ours {row['textbook'] / row['ours']:.1f}x)", flush=True)
+            if "ours_cuda" in row:
+                print(f"batch {batch:>5} on cuda: ours {row['ours_cuda']:.3f} s/epoch "
+                      f"({1000 * row['ours_cuda'] * batch / N_TRAIN:.3f} ms/step), bare loop "
+                      f"{row['bare_cuda']:.3f} s (ours/bare "
+                      f"{row['ours_cuda'] / row['bare_cuda']:.2f}x, cpu/cuda "
+                      f"{row['ours'] / row['ours_cuda']:.2f}x)", flush=True)
         conv = conv_rows(conv_models, subsets, max(1, args.epochs - 1), root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -224,6 +239,9 @@ def main() -> None:
     for batch, r in results.items():
         print(f"ratio_to_bare_loop_batch_{batch}: {r['ours'] / r['bare']:.3f}")
         print(f"speedup_vs_textbook_batch_{batch}: {r['textbook'] / r['ours']:.2f}")
+        if "ours_cuda" in r:
+            print(f"ratio_to_bare_loop_cuda_batch_{batch}: {r['ours_cuda'] / r['bare_cuda']:.3f}")
+            print(f"speedup_cuda_over_cpu_batch_{batch}: {r['ours'] / r['ours_cuda']:.2f}")
     for name, r in conv.items():
         print(f"seconds_per_epoch_{name}_ours: {r['ours']:.3f}")
         print(f"seconds_per_epoch_{name}_dataloader: {r['dataloader']:.3f}")

@@ -34,7 +34,7 @@ def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path)
     for model in ("resnet18", "mobilenet_v3_small", "vgg11_bn"):
         for extra in ({}, {"channels_last": True}, {"amp": True, "channels_last": True}):
             result = trainers.train({"dataset": "synthetic", "model": model, "epochs": 1,
-                                     "freeze_blocks": 1, "head_lr_mult": 10.0,
+                                     "freeze_blocks": 1, "head_lr_mult": 10.0, "lr": 0.01,
                                      "device": "cuda", **extra})
             assert result.status == "completed", (model, extra, result.reason)
             assert result.trained_parameters < result.parameters
