@@ -28,11 +28,11 @@ from pathlib import Path
 import optuna
 
 import trainers
-from search._artifacts import ArtifactRecorder, open_artifact_store
+from search.run import ArtifactRecorder
+from search.storage import open_artifact_store
 
 # Trials of a quickstart fashion-mlp run by epochs run (Hyperband, 30 trials, 2026-11-22).
 STUDY_MIX = {1: 8, 3: 11, 8: 11}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,7 +91,6 @@ def main() -> None:
         art = sum(n * results[e][0] for e, n in STUDY_MIX.items())
         train = sum(n * results[e][1] for e, n in STUDY_MIX.items())
         print(f"artifact_share_study: {art / train:.4f}")
-
 
 if __name__ == "__main__":
     main()

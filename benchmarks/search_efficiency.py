@@ -45,7 +45,6 @@ TARGET_VAL = 0.88
 LOOP_EPOCHS = 8
 ARMS = ("ours", "hand_loop", "random", "ours_cold")
 
-
 # --------------------------------------------------------------------- the hand-written loops
 
 def hand_loop_params(trial: Any) -> dict[str, Any]:
@@ -60,13 +59,11 @@ def hand_loop_params(trial: Any) -> dict[str, Any]:
         params["momentum"] = trial.suggest_float("momentum", 0.0, 0.99)
     return params
 
-
 def loop_config(params: dict[str, Any]) -> Any:
     from trainers import config_from_dict
 
     return config_from_dict({**params, "dataset": "fashion_mnist", "hidden": [128, 56],
                              "epochs": LOOP_EPOCHS})
-
 
 def run_loop(kind: str, budget_s: float, result: Path) -> None:
     """One loop arm, in this (fresh) process; trial records to `result` as JSON lines."""
@@ -104,7 +101,6 @@ def run_loop(kind: str, budget_s: float, result: Path) -> None:
 
     study.optimize(objective, timeout=budget_s)
 
-
 # --------------------------------------------------------------------- running and reading arms
 
 def launch(argv: list[str], log: Path, env: dict[str, str] | None = None) -> float:
@@ -117,7 +113,6 @@ def launch(argv: list[str], log: Path, env: dict[str, str] | None = None) -> flo
         raise SystemExit(f"{argv[:4]} failed with exit code {code}; see {log}")
     return started
 
-
 def cold_study(path: Path) -> Path:
     """The shipped study without its enqueued config, under another name."""
     import yaml
@@ -127,14 +122,12 @@ def cold_study(path: Path) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
-
 def run_ours(out: Path, budget_s: float, *, cold: bool) -> dict[str, Any]:
     """hpsearch as a user runs it; trial records read back from its storage."""
     import optuna
 
-    from search._retrain import retrain
-    from search._storage import open_storage
-    from search._study import load
+    from search.run import retrain
+    from search.storage import load, open_storage
 
     arm = "ours_cold" if cold else "ours"
     study_file = cold_study(out / "cold.yaml") if cold else ROOT / "studies" / "fashion_mlp.yaml"
@@ -160,9 +153,8 @@ def run_ours(out: Path, budget_s: float, *, cold: bool) -> dict[str, Any]:
             "best_val_accuracy": best.user_attrs["history"][-1]["val_accuracy"],
             "best_params": final["params"], "test": final, "epochs_per_trial": spec.budget.epochs}
 
-
 def run_hand(kind: str, out: Path, budget_s: float) -> dict[str, Any]:
-    from search._retrain import final_test
+    from search.run import final_test
 
     result = out / f"{kind}.jsonl"
     started = launch([sys.executable, __file__, "--loop", kind, "--budget-s", str(budget_s),
@@ -178,19 +170,16 @@ def run_hand(kind: str, out: Path, budget_s: float) -> dict[str, Any]:
             "best_val_accuracy": best["val_accuracy"][-1], "best_params": best["params"],
             "test": final, "epochs_per_trial": LOOP_EPOCHS}
 
-
 def time_to(arm: dict[str, Any], target: float) -> float | None:
     """Seconds from launch until the first trial that reached `target` finished."""
     hits = [t["finished_at"] for t in arm["trials"]
             if t["val_accuracy"] and max(t["val_accuracy"]) >= target]
     return min(hits) - arm["started"] if hits else None
 
-
 # --------------------------------------------------------------------- report
 
 def _fmt_time(seconds: float | None, unit: str = "") -> str:
     return "never" if seconds is None else f"{seconds:.1f}{unit}"
-
 
 def report(arms: dict[str, dict[str, Any]], budget_s: float) -> None:
     print(f"\nsearch efficiency on FashionMNIST, seed MLP 784-128-56-10, {budget_s:g} s per arm "
@@ -224,7 +213,6 @@ def report(arms: dict[str, dict[str, Any]], budget_s: float) -> None:
         met = test >= 0.895 and ours is not None and (hand is None or ours <= 0.5 * hand)
         print(f"target_met: {'yes' if met else 'no'} (test >= 0.895 and time to 0.88 <= half "
               "the hand loop's)")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -262,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     report(results, args.budget_s)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return 0 if all(math.isfinite(r["best_val_accuracy"]) for r in results.values()) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

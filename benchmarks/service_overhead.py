@@ -33,23 +33,18 @@ from typing import Any
 import optuna
 
 import trainers
-from search._artifacts import ArtifactRecorder, open_artifact_store
-from search._claim import budget_lock
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import ArtifactRecorder, create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import budget_lock, open_artifact_store, open_storage, quiet_optuna_warnings
 
 EPOCHS = 3
 SLEEP_S = 0.002  # per epoch: the "training"
 POSTGRES = os.environ.get("HPSEARCH_TEST_POSTGRES",
                           "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
-
 def fake_loss(lr: float, epoch: int) -> float:
     """A smooth made-up validation loss: best near lr = 0.01, falling with epochs."""
     return (math.log10(lr) + 2) ** 2 + 1.0 / epoch
-
 
 def fake_train(config: trainers.TrainConfig, on_epoch=None, checkpoint=None, **_: Any):
     history = []
@@ -71,14 +66,12 @@ def fake_train(config: trainers.TrainConfig, on_epoch=None, checkpoint=None, **_
     return trainers.TrainResult(status=status, reason=reason, history=tuple(history),
                                 seconds=SLEEP_S * len(history))
 
-
 SPACE = {
     "optimizer": {"choices": ["sgd", "adam"]},
     "lr": {"low": 1e-4, "high": 1.0, "log": True},
     "batch_size": {"pow2": [32, 1024]},
     "momentum": {"low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
 }
-
 
 def run_ours(url: str, n: int, name: str, tmp: Path) -> float:
     spec = parse_spec({
@@ -102,7 +95,6 @@ def run_ours(url: str, n: int, name: str, tmp: Path) -> float:
     finally:
         trainers.train = original
 
-
 def run_hand(url: str, n: int, name: str) -> float:
     def objective(trial: optuna.Trial) -> float:
         opt = trial.suggest_categorical("optimizer", ["sgd", "adam"])
@@ -125,7 +117,6 @@ def run_hand(url: str, n: int, name: str) -> float:
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=n)
     return time.perf_counter() - t0
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -173,7 +164,6 @@ def main() -> None:
         worst = max(results[f"overhead_ratio_{storage}_{n}"] for storage in storages)
         print(f"overhead_ratio_{n}: {worst:.3f}")
 
-
 def one_round(storage: str, n: int, tmp: Path, *, ours_first: bool) -> tuple[float, float]:
     """Per-trial overhead in ms of the hand loop and of hpsearch, run back to back."""
     tag = uuid.uuid4().hex[:6]
@@ -189,7 +179,6 @@ def one_round(storage: str, n: int, tmp: Path, *, ours_first: bool) -> tuple[flo
     # on the same made-up curve, so they sleep about the same.
     work = SLEEP_S * EPOCHS  # upper bound of sleep per trial; pruned trials sleep less
     return (seconds["hand"] / n - work) * 1e3, (seconds["ours"] / n - work) * 1e3
-
 
 if __name__ == "__main__":
     main()

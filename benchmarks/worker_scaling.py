@@ -31,7 +31,6 @@ HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 POSTGRES = os.environ.get("HPSEARCH_TEST_POSTGRES",
                           "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
-
 def seed_mlp_spec(name: str, trials: int, epochs: int, tmp: Path) -> Path:
     spec = {
         "name": name,
@@ -48,7 +47,6 @@ def seed_mlp_spec(name: str, trials: int, epochs: int, tmp: Path) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path
 
-
 def throughput(url: str, name: str) -> tuple[float, int, int]:
     """Trials per minute between the first start and the last end; (rate, finished, failed)."""
     import optuna
@@ -60,7 +58,6 @@ def throughput(url: str, name: str) -> tuple[float, int, int]:
     span = (max(t.datetime_complete for t in done)
             - min(t.datetime_start for t in done)).total_seconds()
     return len(done) / span * 60, len(done), failed
-
 
 def real_scaling(trials: int, epochs: int, tmp: Path) -> dict[str, float]:
     url = f"sqlite:///{tmp / 'scaling.db'}"
@@ -77,16 +74,15 @@ def real_scaling(trials: int, epochs: int, tmp: Path) -> dict[str, float]:
               flush=True)
     return out
 
-
 TRIVIAL_WORKER = """
 import sys, time
 sys.path.insert(0, {bench!r})
 import service_overhead as so
 import trainers
-from search._claim import budget_lock
-from search._storage import open_storage
-from search._study import load, reseed
-from search._worker import quiet_optuna_warnings, run_worker
+from search.storage._locks import budget_lock
+from search.storage._open import open_storage
+from search.storage._studies import load, reseed
+from search.run._worker import quiet_optuna_warnings, run_worker
 quiet_optuna_warnings()
 trainers.train = so.fake_train
 url, name, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -96,15 +92,14 @@ lock = budget_lock(url, name) if not url.startswith("grpc") else None
 run_worker(study, spec, device="cpu", lock=lock)
 """
 
-
 def trivial_many(url: str, label: str, n_workers: int, trials: int, tmp: Path,
                  create_url: str) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import service_overhead as so
 
-    from search._spec import parse_spec
-    from search._storage import open_storage
-    from search._study import create_or_load
+    from search.run import create_or_load
+    from search.spec import parse_spec
+    from search.storage import open_storage
 
     name = f"many-{label}-{uuid.uuid4().hex[:6]}"
     spec = parse_spec({"name": name, "budget": {"trials": trials, "epochs": so.EPOCHS},
@@ -132,7 +127,6 @@ def trivial_many(url: str, label: str, n_workers: int, trials: int, tmp: Path,
     return {f"trials_per_second_8_workers_{label}": per_s,
             f"errors_8_workers_{label}": float(errors + failed)}
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=24)
@@ -159,12 +153,10 @@ def main() -> None:
     for key, value in results.items():
         print(f"{key}: {value:.3f}")
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 if __name__ == "__main__":
     main()

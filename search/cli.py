@@ -1,32 +1,85 @@
 """The `hpsearch` command line: a table of subcommands whose help comes from their docstrings.
 
-Heavy imports (torch, optuna) happen inside each command, so `hpsearch --help` is instant.
-Exit codes: 0 success, 2 bad input (spec, arguments, unknown study), 1 a runtime failure.
+Each command parses its arguments and calls into the packages: `spec` (the study file), `run`
+(studies and workers), `views` (what is shown) and `storage`. They load on first use, so
+`hpsearch --help` is instant. Exit codes: 0 success, 2 bad input (spec, arguments, unknown
+study), 1 a runtime failure, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from search._command import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    Command,
-    _console,
-    _positive_float,
-    _positive_int,
-    _storage_arg,
-    _storage_hint,
-)
 from search._errors import SearchError, SpecError
-from search._storage import redact
+from search._urls import DEFAULT_URL, ENV_VAR, redact, resolve_url
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _package(name: str) -> ModuleType:
+    """A package of search/, imported when a command first needs it (torch and Optuna load
+    with it)."""
+    return import_module(f"search.{name}")
+
+
+def _storage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", default=None,
+        help=f"study storage URL (default: ${ENV_VAR}, else {DEFAULT_URL})",
+    )
+
+
+def _study_arg(parser: argparse.ArgumentParser) -> None:
+    """A command on one stored study: its name and storage."""
+    parser.add_argument("name", help="study name")
+    _storage_arg(parser)
+
+
+def _server_args(parser: argparse.ArgumentParser, *, port: int, other_hosts: str) -> None:
+    """A command that serves the storage: where it listens."""
+    _storage_arg(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help=f"address to bind (default 127.0.0.1; {other_hosts})")
+    parser.add_argument("--port", type=_positive_int, default=port)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+class Command:
+    """Base of a subcommand: the docstring's first line is its help."""
+
+    name = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
 
 
 class Validate(Command):
@@ -38,18 +91,8 @@ class Validate(Command):
         parser.add_argument("study", help="study file (YAML)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from search._space import auto_lr_key, distributions
-        from search._spec import load_spec
-
-        spec = load_spec(args.study)
-        auto = auto_lr_key(spec)
-        dists = [f"{key} (auto: LR range test at run)" if key == auto else name for key, name in
-                 ((k, e.optuna_name(k)) for k, e in spec.space.items())]
-        if auto is None:
-            distributions(spec)  # every entry maps onto an Optuna distribution
-        print(f"{args.study}: valid study {spec.name!r}: {len(dists)} searched parameters "
-              f"({', '.join(dists)}), {spec.budget.trials} trials x {spec.budget.epochs} epochs, "
-              f"sampler {spec.sampler.type}, pruner {spec.pruner.type}")
+        spec = _package("spec")
+        print(f"{args.study}: {spec.describe(spec.load_spec(args.study))}")
         return EXIT_OK
 
 
@@ -68,6 +111,23 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+
+
+def _launch(args: argparse.Namespace, **extra: Any) -> tuple[Any, list[Any]]:
+    """What `run`/`worker` was asked for, and the worker slots (a single GPU worker is pinned
+    here, before torch loads)."""
+    run = _package("run")
+    slots = run.plan(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
+                     worker_index=args.worker_index, device=args.device, threads=args.threads)
+    launch = run.Launch(storage=args.storage, timeout_s=args.timeout, device=args.device,
+                        threads=args.threads, worker_index=args.worker_index, **extra)
+    return launch, slots
+
+
+def _display() -> Any:
+    views = _package("views")
+    console = views.make_console()
+    return lambda spec, budget: views.RunDisplay(spec, budget, console=console)
 
 
 class Run(Command):
@@ -93,11 +153,12 @@ class Run(Command):
         _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        slots = _plan(args)  # before torch is imported: a single GPU worker pins here
-        from search._spec import load_spec
-
-        spec = load_spec(args.study)  # a bad file fails here, before the storage is touched
-        return _run_study(args, slots, spec=spec)
+        launch, slots = _launch(args, trials=args.trials, create_only=args.create_only,
+                                lr_find=args.lr_find, warm_start=args.warm_start,
+                                warm_start_storage=args.warm_start_storage)
+        # A bad file fails here, before the storage is touched.
+        spec = _package("spec").load_spec(args.study)
+        return _package("run").run_study(launch, slots, spec=spec, display=_display())
 
 
 class Worker(Command):
@@ -106,147 +167,13 @@ class Worker(Command):
     name = "worker"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("name", help="study name")
-        _storage_arg(parser)
+        _study_arg(parser)
         _worker_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        args.trials = None
-        return _run_study(args, _plan(args), name=args.name)
-
-
-def _plan(args: argparse.Namespace) -> list[Any]:
-    """The worker processes to run; with one, pin this process itself."""
-    from search._supervisor import Slot, plan_slots
-
-    if args.worker_index is not None:  # started by a supervisor: already pinned
-        return [Slot(args.worker_index, args.device or "auto", "", args.threads or 1)]
-    slots = plan_slots(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
-    if len(slots) == 1 and slots[0].device == "cuda":
-        os.environ["CUDA_VISIBLE_DEVICES"] = slots[0].cuda_visible_devices
-    return slots
-
-
-def _run_study(args: argparse.Namespace, slots: list[Any], *, spec: Any = None,
-               name: str | None = None) -> int:
-    from search._claim import budget_lock
-    from search._progress import RunDisplay
-    from search._storage import open_storage, resolve_url
-    from search._study import budget_of, count_trials, load, reseed
-    from search._supervisor import supervise
-    from search._worker import WorkerError, quiet_optuna_warnings, run_worker
-
-    quiet_optuna_warnings()
-    url = resolve_url(args.storage)
-    if spec is None:
-        # A worker learns the heartbeat settings from the stored spec: open once to read it.
-        _, spec = load(name, open_storage(url, must_exist=True))
-    storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
-                           grace_period=spec.run.grace_period)
-    if name is None:
-        study, spec = _create(args, spec, storage)
-    else:
-        study, spec = load(name, storage)
-    if getattr(args, "create_only", False):
-        counts = count_trials(study)
-        print(f"study {spec.name!r} ready in {redact(url)}: {counts.finished}/"
-              f"{budget_of(study, spec)} trials finished; workers join with "
-              f"`hpsearch worker {spec.name} --storage URL`")
-        return EXIT_OK
-    timeout = args.timeout or spec.budget.timeout_s
-    # Each process its own seed: the supervisor's children by index, a joining worker by pid.
-    reseed(study, spec, args.worker_index if args.worker_index is not None
-           else (0 if name is None else None))
-    if args.worker_index is not None:
-        return _child_worker(study, spec, args, timeout, url)
-    budget = budget_of(study, spec)
-    counts = count_trials(study)
-    console = _console()
-    hint, dashboard = _storage_hint(args), redact(url)
-    with RunDisplay(spec, budget, console=console) as display:
-        display.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
-        if len(slots) > 1:
-            code = supervise(study, spec, url, slots, display=display, timeout_s=timeout)
-            display.finish(study, count_trials(study), hint, dashboard)
-            return code
-        device = args.device or ("cuda" if slots[0].device == "cuda" else None)
-        try:
-            summary = run_worker(
-                study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
-                on_trial=lambda s, t: display.trial(s, t, count_trials(s)),
-                on_epoch=display.epoch,
-            )
-        except WorkerError as e:
-            console.print(f"[red]error:[/] {e}")
-            display.finish(study, count_trials(study), hint, dashboard)
-            return EXIT_FAILURE
-    counts = count_trials(study)
-    display.finish(study, counts, hint, dashboard)
-    if summary.stopped == "timeout" and counts.finished < budget:
-        console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/{budget} "
-                      "trials finished; run the same command again to continue")
-    return EXIT_OK
-
-
-def _create(args: argparse.Namespace, spec: Any, storage: Any) -> tuple[Any, Any]:
-    """`run`: the LR range test when asked for, the study, then any warm start."""
-    from search._lr_find import needs_test
-    from search._lr_find_cmd import for_new_study
-    from search._space import auto_lr_key
-    from search._study import create_or_load, load
-
-    source = None
-    if args.warm_start:  # a bad source is refused before anything is created
-        from search._storage import open_storage, resolve_url
-        from search._warm_start import load_source, parse_source
-
-        name, k = parse_source(args.warm_start)
-        label = None
-        source_storage = storage
-        if args.warm_start_storage:
-            label = redact(resolve_url(args.warm_start_storage))
-            source_storage = open_storage(args.warm_start_storage, must_exist=True)
-        source = load_source(name, source_storage, target=spec.name, storage_label=label)
-    elif args.warm_start_storage:
-        raise SpecError("--warm-start-storage: goes with --warm-start STUDY[:k]")
-    lr_find = None
-    if needs_test(spec, force=args.lr_find):
-        spec, lr_find = for_new_study(spec, storage, device=args.device)
-    study = create_or_load(spec, storage, trials=args.trials, lr_find=lr_find)
-    if auto_lr_key(spec) is not None:  # an existing study: its stored lr range is the one
-        study, spec = load(spec.name, storage)
-    if source is not None:
-        from search._warm_start import warm_start
-
-        print(warm_start(study, spec, source, k=k, storage_label=label).describe(), flush=True)
-    return study, spec
-
-
-def _child_worker(study: Any, spec: Any, args: argparse.Namespace, timeout: float | None,
-                  url: str) -> int:
-    """A worker process started by a supervisor: no display, SIGTERM ends it like Ctrl-C."""
-    import signal
-
-    from search._claim import budget_lock
-    from search._worker import WorkerError, run_worker
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        run_worker(study, spec, device=args.device, threads=args.threads, timeout_s=timeout,
-                   lock=budget_lock(url, spec.name))
-    except WorkerError as e:
-        print(f"worker {args.worker_index}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        # A gRPC proxy client left open races the interpreter's exit (epoll errors, a
-        # non-zero code): close it while the process is still whole.
-        close = getattr(getattr(study._storage, "_backend", study._storage), "close", None)
-        if callable(close):
-            close()
-    return EXIT_OK
+        launch, slots = _launch(args)
+        display = None if args.worker_index is not None else _display()
+        return _package("run").run_study(launch, slots, name=args.name, display=display)
 
 
 class Status(Command):
@@ -260,31 +187,7 @@ class Status(Command):
         parser.add_argument("--json", action="store_true", help="print the same as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from search._status import render_status, status_data, studies_overview
-        from search._storage import open_storage
-        from search._study import load
-        from search._worker import quiet_optuna_warnings
-
-        quiet_optuna_warnings()
-        storage = open_storage(args.storage, must_exist=True)
-        if args.name is None:
-            rows = studies_overview(storage)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            elif not rows:
-                print("no studies in this storage")
-            else:
-                for r in rows:
-                    best = "" if r["best_value"] is None else f"  best {r['best_value']:.4g}"
-                    print(f"{r['study']:<30} {r['trials']:>5} trials{best}")
-            return EXIT_OK
-        study, spec = load(args.name, storage)
-        data = status_data(study, spec)
-        if args.json:
-            print(json.dumps(data, indent=2, default=str))
-        else:
-            render_status(data, _console())
-        return EXIT_OK
+        return _package("views").show_status(args.name, args.storage, as_json=args.json)
 
 
 class Best(Command):
@@ -293,33 +196,96 @@ class Best(Command):
     name = "best"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("name", help="study name")
-        _storage_arg(parser)
+        _study_arg(parser)
         parser.add_argument("--format", choices=("yaml", "json"), default="yaml")
 
     def run(self, args: argparse.Namespace) -> int:
-        import yaml
+        return _package("views").show_best(args.name, args.storage, as_format=args.format)
 
-        from search._status import best_record
-        from search._storage import open_storage
-        from search._study import load
-        from search._worker import quiet_optuna_warnings
 
-        quiet_optuna_warnings()
-        study, spec = load(args.name, open_storage(args.storage, must_exist=True))
-        records = best_record(study, spec)
-        if not records:
-            print(f"error: study {args.name!r} has no completed trial yet", file=sys.stderr)
-            return EXIT_FAILURE
-        out: Any = records[0] if len(records) == 1 else {"pareto_front": records}
-        if isinstance(out, dict) and "config" in out:
-            out = {"study": args.name, **out}
-        if args.format == "json":
-            print(json.dumps(out, indent=2))
-        else:
-            print(f"# best of study {args.name}; train it with: python -m trainers FILE.yaml")
-            print(yaml.safe_dump(out, sort_keys=False), end="")
+class Dashboard(Command):
+    """Serve optuna-dashboard on the study storage (live curves, plots, trial artifacts)."""
+
+    name = "dashboard"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _server_args(parser, port=8080, other_hosts="0.0.0.0 exposes it")
+
+    def run(self, args: argparse.Namespace) -> int:
+        _package("views").serve_dashboard(resolve_url(args.storage), host=args.host,
+                                          port=args.port)
         return EXIT_OK
+
+
+class LrFind(Command):
+    """LR range test (Smith) for a study's model and data; suggests the lr range."""
+
+    name = "lr-find"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", help="study file (YAML)")
+        parser.add_argument("--optimizer", help="test only this optimizer (default: each in "
+                                                "the space, or the study's)")
+        parser.add_argument("--start-lr", type=_positive_float, default=1e-7,
+                            help="first lr of the ramp (default 1e-7)")
+        parser.add_argument("--end-lr", type=_positive_float, default=10.0,
+                            help="last lr of the ramp (default 10)")
+        parser.add_argument("--iterations", type=_positive_int, default=300,
+                            help="optimizer steps of the ramp (default 300)")
+        parser.add_argument("--rule", choices=("minimum", "steepest"), default="minimum",
+                            help="max lr at the smoothed loss's minimum (default) or where it "
+                                 "falls fastest; min lr is max/10 either way")
+        parser.add_argument("--out", help="folder for the plots and curves "
+                                          "(default lr-find-<study name>)")
+        parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+
+    def run(self, args: argparse.Namespace) -> int:
+        spec = _package("spec").load_spec(args.study)
+        settings = {"start_lr": args.start_lr, "end_lr": args.end_lr,
+                    "iterations": args.iterations, "rule": args.rule}
+        _package("run").lr_find(spec, settings, out=Path(args.out) if args.out else None,
+                                optimizer=args.optimizer, device=args.device)
+        return EXIT_OK
+
+
+class Retrain(Command):
+    """Train the best config on train+validation and evaluate the test set, once per seed."""
+
+    name = "retrain"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _study_arg(parser)
+        parser.add_argument("--out", help="folder for weights, config and results "
+                                          "(default retrain-<NAME>)")
+        parser.add_argument("--epochs", type=_positive_int,
+                            help="epochs to train (default: the study's budget.epochs)")
+        parser.add_argument("--seeds", type=_positive_int, default=1,
+                            help="independent runs (seeds) to average (default 1)")
+        parser.add_argument("--trial", type=int, help="retrain this trial instead of the best")
+        parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+
+    def run(self, args: argparse.Namespace) -> int:
+        _package("run").retrain_and_report(
+            args.name, args.storage, out=Path(args.out) if args.out else None,
+            epochs=args.epochs, seeds=args.seeds, trial=args.trial, device=args.device)
+        return EXIT_OK
+
+
+class Report(Command):
+    """Write one self-contained HTML report of a study (plots, curves, top trials)."""
+
+    name = "report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _study_arg(parser)
+        parser.add_argument("--out", default="report.html",
+                            help="the HTML file to write (default report.html)")
+        parser.add_argument("--top", type=_positive_int, default=10,
+                            help="rows in the top-trials table (default 10)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return _package("views").write_report(args.name, args.storage, out=Path(args.out),
+                                              top=args.top)
 
 
 class StorageProxy(Command):
@@ -328,42 +294,24 @@ class StorageProxy(Command):
     name = "storage-proxy"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        _storage_arg(parser)
-        parser.add_argument("--host", default="127.0.0.1",
-                            help="address to bind (default 127.0.0.1; 0.0.0.0 for other hosts)")
-        parser.add_argument("--port", type=_positive_int, default=13000)
+        _server_args(parser, port=13000, other_hosts="0.0.0.0 for other hosts")
 
     def run(self, args: argparse.Namespace) -> int:
-        import warnings
-
-        import optuna
-        from optuna.storages import run_grpc_proxy_server
-
-        from search._storage import open_storage, resolve_url
-
-        url = resolve_url(args.storage)
-        if url.startswith("grpc://"):
-            raise SpecError("--storage: the proxy serves a database URL, not another proxy")
-        storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
-        print(f"storage proxy for {redact(url)} on grpc://{args.host}:{args.port}; workers use "
-              f"--storage grpc://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            run_grpc_proxy_server(storage, host=args.host, port=args.port)
+        _package("storage").serve_proxy(args.storage, host=args.host, port=args.port)
         return EXIT_OK
 
 
-def _commands() -> list[Command]:
-    from search._dashboard import Dashboard
-    from search._lr_find_cmd import LrFind
-    from search._report import Report
-    from search._retrain import Retrain
-
-    return [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(), Retrain(),
-            Report(), StorageProxy()]
+COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(),
+                           Retrain(), Report(), StorageProxy()]
 
 
-COMMANDS: list[Command] = _commands()
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"hpsearch {version('hpsearch')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "hpsearch (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpsearch",
         description="Automated hyperparameter search for PyTorch models, built on Optuna.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -383,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments, as DESIGN.md asks
+    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT

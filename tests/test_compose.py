@@ -18,15 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 
-
 def hpsearch_services() -> list[str]:
     return [name for name, s in SERVICES.items() if s.get("command", [None])[0] == "hpsearch"]
-
 
 def test_expected_services_exist():
     assert {"postgres", "dashboard", "worker", "create-study"} <= set(SERVICES)
     assert set(hpsearch_services()) == {"dashboard", "worker", "create-study"}
-
 
 @pytest.mark.parametrize("name", hpsearch_services())
 def test_each_command_is_a_real_hpsearch_command(name):
@@ -38,16 +35,14 @@ def test_each_command_is_a_real_hpsearch_command(name):
         pytest.fail(f"{name}: `{' '.join(argv)}` is not a valid hpsearch command ({e})")
     assert args.command, name
 
-
 def test_the_study_file_exists_and_workers_join_it_by_its_name():
-    from search._spec import load_spec
+    from search.spec import load_spec
 
     create = SERVICES["create-study"]["command"]
     study_file = next(a for a in create if a.endswith(".yaml"))
     spec = load_spec(ROOT / study_file)
     assert "--create-only" in create
     assert SERVICES["worker"]["command"][2] == spec.name
-
 
 def test_every_hpsearch_service_uses_the_same_storage():
     urls = set()
@@ -65,7 +60,6 @@ def test_every_hpsearch_service_uses_the_same_storage():
     pg = SERVICES["postgres"]["environment"]
     assert pg["POSTGRES_USER"] == "hpsearch" and pg["POSTGRES_DB"] == "hpsearch"
 
-
 def test_no_password_is_written_in_the_file():
     text = (ROOT / "docker-compose.yml").read_text()
     assert not re.search(r"^\s*-?\s*POSTGRES_PASSWORD\s*[:=]", text, re.M)  # never a value
@@ -74,13 +68,11 @@ def test_no_password_is_written_in_the_file():
     assert SERVICES["postgres"]["env_file"] == ".env"
     assert (ROOT / ".env.example").exists()
 
-
 def test_postgres_has_a_volume_and_a_healthcheck():
     pg = SERVICES["postgres"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in pg["volumes"])
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     assert "pgdata" in COMPOSE["volumes"]
-
 
 def test_workers_reserve_gpus_and_wait_for_the_study():
     worker = SERVICES["worker"]
@@ -90,7 +82,6 @@ def test_workers_reserve_gpus_and_wait_for_the_study():
     assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "replicas" not in worker.get("deploy", {})  # scaled with --scale
     assert any(v.endswith(":/app/checkpoints") for v in worker["volumes"])
-
 
 def test_dashboard_listens_on_all_interfaces_inside_but_publishes_on_localhost():
     dash = SERVICES["dashboard"]

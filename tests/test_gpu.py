@@ -17,7 +17,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
-
 def test_trainer_runs_on_cuda_with_amp_and_compile():
     import trainers
 
@@ -26,7 +25,6 @@ def test_trainer_runs_on_cuda_with_amp_and_compile():
                                  "device": "cuda", **extra})
         assert result.status == "completed" and result.device.startswith("cuda")
         assert result.history[-1].val_accuracy > 0.5
-
 
 def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path):
     import trainers
@@ -39,12 +37,10 @@ def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path)
             assert result.status == "completed", (model, extra, result.reason)
             assert result.trained_parameters < result.parameters
 
-
 def test_two_gpu_workers_share_a_study(tmp_path):
     from optuna.trial import TrialState
 
-    from search._storage import open_storage
-    from search._study import load
+    from search.storage import load, open_storage
 
     spec = {
         "name": "gpu-smoke", "budget": {"trials": 6, "epochs": 2},

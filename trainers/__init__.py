@@ -7,6 +7,8 @@ watches progress through `on_epoch`.
 from __future__ import annotations
 
 from trainers._checkpoint import CheckpointStore
+from trainers._config import ALIASES as KNOB_ALIASES
+from trainers._config import SECTIONS as CONFIG_SECTIONS
 from trainers._config import (
     DataConfig,
     InitConfig,
@@ -19,16 +21,28 @@ from trainers._config import (
 )
 from trainers._data import DATASETS, Data, load_data
 from trainers._errors import ConfigError, DataNotFoundError, TrainerError
+from trainers._finetune import prepare_model
 from trainers._inits import INITS
-from trainers._loop import EpochMetrics, StopTraining, TrainResult, resolve_device, train
+from trainers._loop import (
+    EpochMetrics,
+    StopTraining,
+    TrainResult,
+    data_for,
+    resolve_device,
+    train,
+)
 from trainers._lr_find import LRFindResult, lr_range_test
 from trainers._models import MODELS
-from trainers._optimizers import OPTIMIZERS
-from trainers._schedules import LR_SCHEDULES
+from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
+from trainers._registry import closest
+from trainers._schedules import LR_SCHEDULES, Schedule
+from trainers._validate import check_names
 
 __all__ = [
+    "CONFIG_SECTIONS",
     "DATASETS",
     "INITS",
+    "KNOB_ALIASES",
     "LR_SCHEDULES",
     "MODELS",
     "OPTIMIZERS",
@@ -42,15 +56,22 @@ __all__ = [
     "LRFindResult",
     "ModelConfig",
     "OptimizerConfig",
+    "Schedule",
     "ScheduleConfig",
     "StopTraining",
     "TrainConfig",
     "TrainResult",
     "TrainerError",
+    "build_optimizer",
+    "check_names",
+    "closest",
     "config_from_dict",
+    "data_for",
+    "effective_lr",
     "knob_names",
     "load_data",
     "lr_range_test",
+    "prepare_model",
     "resolve_device",
     "train",
 ]

@@ -9,13 +9,14 @@ value's type, and names the offending key path when something is wrong.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from trainers._errors import ConfigError
+from trainers._registry import guess
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ class InitConfig:
     gain: float = 1.0  # xavier, orthogonal
 
 
+# Checks of names against the registries (data, models, optimizers, schedules, inits), added
+# by `trainers._validate` when the package loads: the registries import this module.
+NAME_CHECKS: list[Callable[[TrainConfig], None]] = []
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,10 +136,9 @@ class TrainConfig:
     max_grad_norm: float | None = None  # gradient clipping, off by default
 
     def __post_init__(self) -> None:
-        from trainers._validate import check_names  # the registries import torch: lazily
-
         _check_ranges(self)
-        check_names(self)
+        for check in NAME_CHECKS:
+            check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The nested plain-data form; `config_from_dict(c.to_dict()) == c`."""
@@ -253,9 +258,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    guess = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{key}: unknown setting.{guess} Known settings: {', '.join(choices)}"
+    return f"{key}: unknown setting.{guess(key, choices)} Known settings: {', '.join(choices)}"
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

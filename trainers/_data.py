@@ -1,7 +1,7 @@
 """Datasets as device-resident tensors: find and parse the files, split, normalize, augment.
 
 Everything a trial touches per step is a tensor on the training device; there is no per-sample
-Python on the hot path (DESIGN.md). Files are parsed once per process and the finished `Data`
+Python on the hot path. Files are parsed once per process and the finished `Data`
 is reused across trials that share a data config.
 """
 

@@ -42,10 +42,20 @@ class Registry(Generic[T]):
         return len(self._entries)
 
 
+def closest(word: object, choices: list[str]) -> str | None:
+    """The choice a typo most likely meant (difflib's closest match), or None."""
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, choices, n=1)
+    return close[0] if close else None
+
+
+def guess(word: object, choices: list[str]) -> str:
+    """`` Did you mean 'x'?`` when a choice is close to `word`, else the empty string."""
+    close = closest(word, choices)
+    return f" Did you mean {close!r}?" if close else ""
+
+
 def unknown_choice_message(family: str, value: object, choices: list[str]) -> str:
-    guess = ""
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value, choices, n=1)
-        if close:
-            guess = f" Did you mean {close[0]!r}?"
-    return f"unknown {family} {value!r}; expected one of: {', '.join(choices)}.{guess}"
+    return (f"unknown {family} {value!r}; expected one of: {', '.join(choices)}."
+            f"{guess(value, choices)}")

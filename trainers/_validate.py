@@ -1,23 +1,19 @@
-"""Name checks that need the registries: run when a `TrainConfig` is created, before any work."""
+"""Name checks against the registries, run whenever a `TrainConfig` is created, before any work."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from trainers._config import TrainConfig
+from trainers._config import NAME_CHECKS, TrainConfig
+from trainers._data import check_data_config
+from trainers._errors import ConfigError
+from trainers._inits import check_init_config
+from trainers._models import check_model_config
+from trainers._optimizers import OPTIMIZERS
+from trainers._registry import unknown_choice_message
+from trainers._schedules import CYCLIC_MODES, LR_SCHEDULES
 
 
 def check_names(config: TrainConfig) -> None:
     """Raise ConfigError naming the value and the choices for any unknown registry name."""
-    from trainers._data import check_data_config
-    from trainers._errors import ConfigError
-    from trainers._inits import check_init_config
-    from trainers._models import check_model_config
-    from trainers._optimizers import OPTIMIZERS
-    from trainers._registry import unknown_choice_message
-    from trainers._schedules import CYCLIC_MODES, LR_SCHEDULES
-
     check_data_config(config.data)
     check_model_config(config.model)
     OPTIMIZERS.get(config.optimizer.name)
@@ -27,3 +23,6 @@ def check_names(config: TrainConfig) -> None:
             unknown_choice_message("schedule.mode", config.schedule.mode, list(CYCLIC_MODES))
         )
     check_init_config(config.init)
+
+
+NAME_CHECKS.append(check_names)

@@ -15,43 +15,26 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
 import trainers
-from search import SpecError
-from search._artifacts import (
-    ENV_VAR,
-    ArtifactRecorder,
-    _PrefixedStore,
+from search._errors import SpecError
+from search.run import ArtifactRecorder, create_or_load, run_worker, write_study_note
+from search.run._artifacts import lr_per_step
+from search.run._charts import curves_svg, grad_norms_svg, lr_svg
+from search.spec import parse_spec
+from search.storage import (
     artifact_location,
-    lr_per_step,
     open_artifact_store,
-    write_study_note,
+    open_storage,
+    quiet_optuna_warnings,
 )
-from search._charts import curves_svg, grad_norms_svg, lr_svg
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.storage._artifact_store import ENV_VAR, _PrefixedStore
+from tests.search_tests.studies import OPTIMIZER_LR_BATCH, SGD_MOMENTUM, searched
 from trainers._loop import data_for
 
 quiet_optuna_warnings()
 FILES = {"curves.svg", "lr.svg", "grad_norms.svg", "metrics.json"}
 
-
 def spec_data(name: str, tmp_path: Path, **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": 6, "epochs": 3},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "hyperband"},
-        "data": {"dataset": "synthetic", "size": 1024},
-        "model": {"type": "mlp", "hidden": [32]},
-        "space": {"optimizer": {"choices": ["sgd", "adam"]},
-                  "lr": {"low": 1e-3, "high": 1.0, "log": True},
-                  "batch_size": {"pow2": [32, 128]},
-                  "momentum": {"low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}}},
-        "run": {"checkpoint_dir": str(tmp_path / "ckpt")},
-    }
-    data.update(changes)
-    return data
+    return searched(name, tmp_path, **{"space": {**OPTIMIZER_LR_BATCH, **SGD_MOMENTUM}, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +49,6 @@ def finished(tmp_path_factory):
         run_worker(study, spec, device="cpu")
     return study, spec, tmp
 
-
 def _download(study: optuna.Study, store_dir: Path, trial: optuna.trial.FrozenTrial
               ) -> dict[str, bytes]:
     store = open_artifact_store(str(store_dir))
@@ -75,7 +57,6 @@ def _download(study: optuna.Study, store_dir: Path, trial: optuna.trial.FrozenTr
         with store.open_reader(meta.artifact_id) as f:
             out[meta.filename] = f.read()
     return out
-
 
 def test_every_trained_trial_has_artifacts_that_match_its_metrics(finished):
     study, spec, tmp = finished
@@ -99,7 +80,6 @@ def test_every_trained_trial_has_artifacts_that_match_its_metrics(finished):
         assert f"trial #{t.number}" in files["curves.svg"].decode()
         assert t.user_attrs["artifact_seconds"] < 1.0
 
-
 def test_pruned_trial_curves_stop_short_of_the_budget(finished):
     study, spec, tmp = finished
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
@@ -109,7 +89,6 @@ def test_pruned_trial_curves_stop_short_of_the_budget(finished):
     # x axis spans the whole budget: its last tick is the last epoch, beyond the run's points
     assert f">{spec.budget.epochs}</text>" in svg
     assert len(t.user_attrs["history"]) < spec.budget.epochs
-
 
 def test_study_note_describes_the_study_and_is_kept_once_edited(finished):
     from optuna_dashboard import get_note, save_note
@@ -125,7 +104,6 @@ def test_study_note_describes_the_study_and_is_kept_once_edited(finished):
     assert get_note(study) == "my own notes"
     assert write_study_note(study, spec, overwrite=True)
     assert get_note(study).startswith("## art")
-
 
 @pytest.mark.parametrize("schedule", sorted(trainers.LR_SCHEDULES.names()))
 def test_lr_per_step_is_what_the_trainer_applied(schedule):
@@ -147,7 +125,6 @@ def test_lr_per_step_is_what_the_trainer_applied(schedule):
         assert lr[k] == pytest.approx(m.lr, rel=1e-9), (schedule, m.epoch)
         assert momentum is not None and momentum[k] == pytest.approx(m.momentum, rel=1e-9)
 
-
 def test_lr_per_step_follows_a_real_plateau_cut():
     config = trainers.config_from_dict({
         "data": {"dataset": "synthetic", "size": 256}, "model": {"type": "mlp", "hidden": [8]},
@@ -161,7 +138,6 @@ def test_lr_per_step_follows_a_real_plateau_cut():
     assert momentum is not None  # adam's beta1, constant
     for m in result.history:
         assert lr[x.index(float(m.epoch))] == pytest.approx(m.lr)
-
 
 def test_artifacts_that_cannot_be_written_never_fail_the_trial(tmp_path, capsys):
     class Broken:
@@ -179,7 +155,6 @@ def test_artifacts_that_cannot_be_written_never_fail_the_trial(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("artifacts not recorded in /nowhere (OSError: disk full)") == 2
 
-
 def test_artifacts_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "off")
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -188,7 +163,6 @@ def test_artifacts_can_be_turned_off(tmp_path, monkeypatch):
     run_worker(study, spec, device="cpu")
     assert get_all_artifact_meta(study.trials[0], storage=study._storage) == []
     assert not (tmp_path / "s.db.artifacts").exists()
-
 
 def test_artifact_location(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_VAR, raising=False)
@@ -212,7 +186,6 @@ def test_artifact_location(monkeypatch, tmp_path):
     store.write("a", io.BytesIO(b"x"))
     assert (tmp_path / "new" / "dir" / "a").read_bytes() == b"x"
 
-
 def test_prefixed_store_keeps_keys_under_the_prefix():
     class Memory:
         def __init__(self):
@@ -234,7 +207,6 @@ def test_prefixed_store_keeps_keys_under_the_prefix():
     assert store.open_reader("id1").read() == b"png"
     store.remove("id1")
     assert memory.data == {}
-
 
 def test_charts_survive_missing_and_odd_values():
     history = [

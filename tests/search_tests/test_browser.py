@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from search._artifacts import ENV_VAR
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import open_storage, quiet_optuna_warnings
+from search.storage._artifact_store import ENV_VAR
+from tests.search_tests.studies import OPTIMIZER_LR_BATCH, WEIGHT_DECAY_GRID, searched
 
 quiet_optuna_warnings()
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,6 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
          "--disable-dev-shm-usage", "--window-size=1400,1000")
 WAIT_S = 30
 
-
 def _missing() -> str | None:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not (Path(path).is_file() and os.access(path, os.X_OK)):
@@ -44,7 +43,6 @@ def _missing() -> str | None:
     except ImportError:
         return "selenium is not installed (pip install -e '.[dev]')"
     return None
-
 
 @pytest.fixture
 def browser(tmp_path):
@@ -66,7 +64,6 @@ def browser(tmp_path):
     yield driver
     driver.quit()
 
-
 def wait(driver, condition, what: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -77,29 +74,15 @@ def wait(driver, condition, what: str):
         driver.save_screenshot(str(shot))
         raise AssertionError(f"timed out waiting for {what} (screenshot: {shot})") from None
 
-
 def small_study(tmp: Path, monkeypatch) -> tuple[str, Any, Any]:
     """A finished study with complete and pruned trials, run by the real worker."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     url = f"sqlite:///{tmp / 'hp.db'}"
-    spec = parse_spec({
-        "name": "browsed",
-        "budget": {"trials": 6, "epochs": 3},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "hyperband"},
-        "data": {"dataset": "synthetic", "size": 1024},
-        "model": {"type": "mlp", "hidden": [32]},
-        "space": {"optimizer": {"choices": ["sgd", "adam"]},
-                  "lr": {"low": 1e-3, "high": 1.0, "log": True},
-                  "batch_size": {"pow2": [32, 128]},
-                  "weight_decay": {"grid": [0, 1e-4, 1e-3]}},
-        "run": {"checkpoint_dir": str(tmp / "ckpt")},
-    })
+    spec = parse_spec(searched("browsed", tmp, space={**OPTIMIZER_LR_BATCH, **WEIGHT_DECAY_GRID}))
     study = create_or_load(spec, open_storage(url))
     run_worker(study, spec, device="cpu")
     assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.PRUNED}
     return url, study, spec
-
 
 def test_dashboard_shows_the_study_and_a_trials_curve_artifact(browser, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
@@ -153,11 +136,10 @@ def test_dashboard_shows_the_study_and_a_trials_curve_artifact(browser, tmp_path
     finally:
         stop(proc, tmp_path)
 
-
 def test_report_opens_offline_with_its_plots_rendered(browser, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
 
-    from search._report import build_report
+    from search.views import build_report
 
     url, study, spec = small_study(tmp_path, monkeypatch)
     out = OUTPUT / "report.html"  # kept: the page the screenshots show

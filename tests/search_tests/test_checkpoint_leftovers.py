@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from optuna.trial import TrialState
 
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import open_storage, quiet_optuna_warnings
 from trainers import CheckpointStore, StopTraining, train
 
 quiet_optuna_warnings()
-
 
 def test_a_leftover_checkpoint_of_another_study_is_not_resumed(tmp_path, study_name):
     # A run killed mid-trial under this study name, in another storage, left trial-0 behind.

@@ -10,25 +10,26 @@ import optuna
 import pytest
 import sqlalchemy
 
-from search._admission import BudgetReached, worker_study
-from search._claim import DatabaseLock, FileLock, NullLock, budget_lock
-from search._retry import with_retry
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings
+from search.run import create_or_load
+from search.spec import parse_spec
+from search.storage import (
+    BudgetReached,
+    DatabaseLock,
+    FileLock,
+    NullLock,
+    budget_lock,
+    open_storage,
+    quiet_optuna_warnings,
+    with_retry,
+    worker_study,
+)
+from tests.search_tests.studies import study_data
 
 quiet_optuna_warnings()
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 
-
 def _spec(name: str):
-    return parse_spec({
-        "name": name, "budget": {"trials": 12, "epochs": 1},
-        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
-        "data": {"dataset": "synthetic"}, "model": {"type": "mlp", "hidden": [8]},
-        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
-    })
+    return parse_spec(study_data(name, trials=12, epochs=1, size=None, hidden=8))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
@@ -67,7 +68,6 @@ def test_concurrent_starts_never_overshoot_the_budget(backend, request, study_na
     assert sorted(started) == list(range(12))
     assert len(refused) == 4 and all(r.counts.running == 12 for r in refused)
 
-
 def test_a_waiting_trial_is_not_taken_once_the_budget_is_finished(sqlite_url, study_name):
     spec = _spec(study_name)
     study = create_or_load(spec, open_storage(sqlite_url))
@@ -80,10 +80,8 @@ def test_a_waiting_trial_is_not_taken_once_the_budget_is_finished(sqlite_url, st
     taken = worker_study(study, budget=3).ask()
     assert taken.number == 2 and taken.suggest_float("lr", 1e-3, 0.1, log=True) == 0.01
 
-
 def _connection_id(lock: DatabaseLock) -> int:
     return lock._conn.execute(sqlalchemy.text("SELECT CONNECTION_ID()")).scalar()
-
 
 def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, study_name):
     first, second = budget_lock(mysql_url, study_name), budget_lock(mysql_url, study_name)
@@ -104,7 +102,6 @@ def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, stud
     first.acquire()
     assert _connection_id(first) == connection  # the same connection, not a new one per trial
     first.release()
-
 
 def test_a_killed_mysql_lock_connection_is_replaced(mysql_url, study_name):
     lock = budget_lock(mysql_url, study_name)

@@ -14,41 +14,27 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search._artifacts import ENV_VAR
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import open_storage, quiet_optuna_warnings
+from search.storage._artifact_store import ENV_VAR
+from tests.search_tests.studies import searched
 
 quiet_optuna_warnings()
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
 def spec_data(name: str, tmp: Path, *, trials: int, epochs: int, size: int = 1024) -> dict:
-    return {
-        "name": name,
-        "budget": {"trials": trials, "epochs": epochs},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "hyperband"},
-        "data": {"dataset": "synthetic", "size": size},
-        "model": {"type": "mlp", "hidden": [32]},
-        "space": {"optimizer": {"choices": ["sgd", "adam"]},
-                  "lr": {"low": 1e-3, "high": 1.0, "log": True},
-                  "batch_size": {"pow2": [32, 128]}},
-        "run": {"checkpoint_dir": str(tmp / "ckpt")},
-    }
+    return searched(name, tmp, trials=trials, epochs=epochs, size=size)
 
 
 def get(url: str, timeout: float = 10) -> tuple[int, str, bytes]:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.headers.get("Content-Type", ""), r.read()
-
 
 def start_dashboard(url: str, cwd: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """`hpsearch dashboard` on a free port, once it answers."""
@@ -71,7 +57,6 @@ def start_dashboard(url: str, cwd: Path, *extra: str) -> tuple[subprocess.Popen[
     proc.kill()
     raise AssertionError("the dashboard did not answer within 60 s")
 
-
 def stop(proc: subprocess.Popen[str], cwd: Path) -> tuple[str, str]:
     """Stop the dashboard; its (stdout, stderr)."""
     proc.terminate()
@@ -81,7 +66,6 @@ def stop(proc: subprocess.Popen[str], cwd: Path) -> tuple[str, str]:
         proc.kill()
         proc.wait()
     return (cwd / "dashboard.out").read_text(), (cwd / "dashboard.err").read_text()
-
 
 @pytest.mark.parametrize("case, code, message", [
     ("missing", 2, "error: --storage: no database at {tmp}/missing.db (run `hpsearch run"),
@@ -105,7 +89,6 @@ def test_dashboard_refuses_a_storage_it_cannot_open(tmp_path, case, code, messag
     assert "secret" not in result.stderr + result.stdout
     assert not (tmp_path / "missing.db").exists()  # watching never creates a database
 
-
 def test_dashboard_serves_trial_artifacts_and_warns_on_a_public_address(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     url = f"sqlite:///{tmp_path / 'hp.db'}"
@@ -126,7 +109,6 @@ def test_dashboard_serves_trial_artifacts_and_warns_on_a_public_address(tmp_path
         out, err = stop(proc, tmp_path)
     assert f"at http://localhost:{port}/ (artifacts from {tmp_path}/hp.db.artifacts;" in out
     assert "warning: the dashboard has no authentication; binding 0.0.0.0" in err
-
 
 def test_watching_never_disturbs_a_running_worker(tmp_path):
     """optuna-dashboard#545: a dashboard polling SQLite must not make a worker's writes fail."""

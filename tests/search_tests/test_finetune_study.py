@@ -11,10 +11,9 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from search._spec import load_spec, parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import create_or_load, run_worker
+from search.spec import load_spec, parse_spec
+from search.storage import open_storage, quiet_optuna_warnings
 from trainers import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +22,6 @@ NET = {"type": "cnn", "widths": [8, 16]}
 
 quiet_optuna_warnings()
 
-
 @pytest.fixture
 def weights(tmp_path) -> Path:
     pre = train({"data": {"dataset": "synthetic", "size": 512, "classes": [0, 1, 2, 3, 4]},
@@ -31,7 +29,6 @@ def weights(tmp_path) -> Path:
     path = tmp_path / "pre.pt"
     torch.save(pre.model.state_dict(), path)
     return path
-
 
 def finetune_study(name: str, weights: Path) -> dict:
     return {
@@ -50,7 +47,6 @@ def finetune_study(name: str, weights: Path) -> dict:
             "bn_stats": {"choices": ["update", "frozen_layers"]},
         },
     }
-
 
 def test_fine_tune_study_records_groups_and_trained_parameters(sqlite_url, study_name, weights,
                                                               tmp_path):
@@ -75,7 +71,6 @@ def test_fine_tune_study_records_groups_and_trained_parameters(sqlite_url, study
         assert t.user_attrs["weights_notes"][-1].startswith("re-initialized head 9")
         assert t.user_attrs["parameters"] == total
 
-
 def test_a_missing_weights_file_stops_before_the_storage(tmp_path):
     study = finetune_study("ft", tmp_path / "absent.pt")
     path = tmp_path / "ft.yaml"
@@ -86,7 +81,6 @@ def test_a_missing_weights_file_stops_before_the_storage(tmp_path):
     assert "model.weights" in run.stderr and "absent.pt: no such file" in run.stderr
     assert "python -m trainers CONFIG.yaml --save" in run.stderr
     assert not (tmp_path / "x.db").exists()
-
 
 @pytest.mark.parametrize("change, message", [
     ({"model": {**NET, "widths": [8, 32]}},
@@ -113,7 +107,6 @@ def test_bad_fine_tuning_settings_stop_before_the_storage(tmp_path, weights, cha
         assert len(out.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x.db").exists()
 
-
 def test_cli_run_of_a_fine_tune_study_says_where_it_starts(tmp_path, weights):
     study = finetune_study("ft", weights)
     study["budget"] = {"trials": 1, "epochs": 1}
@@ -123,7 +116,6 @@ def test_cli_run_of_a_fine_tune_study_says_where_it_starts(tmp_path, weights):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr
     assert f"fine-tuning from {weights}" in run.stdout
-
 
 def test_shipped_finetune_study_and_its_pretraining_config_are_valid(tmp_path, monkeypatch):
     """The study file names weights made by its pretraining config: both must stay valid."""

@@ -17,36 +17,33 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 import trainers
-from search._admission import WorkerStorage, worker_study
-from search._heartbeat import WorkerHeartbeat
-from search._rdb import first_heartbeat, set_user_attrs
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import (
+    WorkerHeartbeat,
+    open_storage,
+    quiet_optuna_warnings,
+    set_user_attrs,
+    worker_study,
+)
+from search.storage._tables import first_heartbeat
+from search.storage._trial_start import WorkerStorage
+from tests.search_tests.studies import study_data
 
 quiet_optuna_warnings()
 # study.ask on a heartbeat storage warns that heartbeats are meant for optimize: here the test
 # plays the worker.
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 
-
 def _spec(name: str, tmp_path, *, trials: int = 2, epochs: int = 1, space=None):
-    return parse_spec({
-        "name": name, "budget": {"trials": trials, "epochs": epochs},
-        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
-        "data": {"dataset": "synthetic", "size": 256}, "model": {"type": "mlp", "hidden": [8]},
-        "space": space or {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
-        "run": {"checkpoint_dir": str(tmp_path / "ckpt"), "heartbeat_interval": 1,
-                "grace_period": 3},
-    })
+    return parse_spec(study_data(name, trials=trials, epochs=epochs, space=space, size=256,
+                                 hidden=8, checkpoints=tmp_path / "ckpt", heartbeat=True))
 
 
 def _open(url: str, spec):
     storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
                            grace_period=spec.run.grace_period)
     return create_or_load(spec, storage)
-
 
 def _beats(study: optuna.Study) -> dict[int, object]:
     """trial number → its heartbeat time, read straight from the table."""
@@ -57,7 +54,6 @@ def _beats(study: optuna.Study) -> dict[int, object]:
             "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :s"),
             {"s": study._study_id}).all()
     return dict(rows)
-
 
 def test_one_worker_thread_beats_from_the_first_moment_and_optuna_starts_none(
         storage_url, study_name, tmp_path, monkeypatch):
@@ -84,7 +80,6 @@ def test_one_worker_thread_beats_from_the_first_moment_and_optuna_starts_none(
         assert not [n for n in threads if "_record_heartbeat" in n]  # Optuna's per-trial one
     assert "hpsearch-heartbeat" not in [t.name for t in threading.enumerate()]  # closed
 
-
 def test_worker_study_shares_the_engine_with_heartbeats_off(sqlite_url, study_name, tmp_path):
     study = _open(sqlite_url, _spec(study_name, tmp_path))
     view = worker_study(study, budget=5)
@@ -97,7 +92,6 @@ def test_worker_study_shares_the_engine_with_heartbeats_off(sqlite_url, study_na
     plain = create_or_load(_spec(study_name + "x", tmp_path), open_storage(sqlite_url))
     assert not worker_study(plain, budget=5)._storage._backend.beat  # none configured
 
-
 def test_a_started_trial_has_its_heartbeat_from_its_creation(storage_url, study_name, tmp_path):
     study = _open(storage_url, _spec(study_name, tmp_path))
     view = worker_study(study, budget=5)
@@ -108,20 +102,19 @@ def test_a_started_trial_has_its_heartbeat_from_its_creation(storage_url, study_
     study.enqueue_trial({"lr": 0.01})  # a template trial: not started, no beat
     assert list(_beats(study)) == [trial.number]
 
-
 def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
         storage_url, study_name, tmp_path, monkeypatch):
     import os
     import socket
 
-    import search._objective
+    import search.run._objective
 
     spec = _spec(study_name, tmp_path, trials=1,
                  space={"lr": {"low": 1e-3, "high": 0.1, "log": True},
                         "batch_size": {"pow2": [16, 64]}})
     study = _open(storage_url, spec)
     seen, writes = [], []
-    real_train, real_set = trainers.train, search._objective.set_user_attrs
+    real_train, real_set = trainers.train, search.run._objective.set_user_attrs
 
     def train(config, on_epoch=None, checkpoint=None, **kwargs):
         # Read on another connection while the trial runs: committed before training.
@@ -130,7 +123,7 @@ def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
         return real_train(config, on_epoch, checkpoint, **kwargs)
 
     monkeypatch.setattr(trainers, "train", train)
-    monkeypatch.setattr(search._objective, "set_user_attrs",
+    monkeypatch.setattr(search.run._objective, "set_user_attrs",
                         lambda trial, attrs, **kw: (writes.append(sorted(attrs)),
                                                     real_set(trial, attrs, **kw)))
     run_worker(study, spec, device="cpu", artifacts=False)
@@ -144,11 +137,10 @@ def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
     assert done.state == TrialState.COMPLETE and done.user_attrs["batch_size"] == batch_size
     assert done.user_attrs["ended"] == "completed" and len(done.user_attrs["history"]) == 1
 
-
 @pytest.mark.parametrize("state", [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
 def test_result_attrs_are_written_by_the_tell_that_finishes_the_trial(
         storage_url, study_name, tmp_path, state):
-    from search._admission import with_result
+    from search.storage import with_result
 
     study = _open(storage_url, _spec(study_name, tmp_path))
     view = worker_study(study, budget=5)
@@ -179,7 +171,6 @@ def test_result_attrs_are_written_by_the_tell_that_finishes_the_trial(
                                                       [3.0])
     assert "ended" not in study.get_trials()[2].user_attrs
 
-
 def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(
         sqlite_url, study_name, tmp_path, monkeypatch):
     study = _open(sqlite_url, _spec(study_name, tmp_path))
@@ -195,7 +186,6 @@ def test_stale_trials_fail_at_most_once_an_interval_unless_waiting(
     heartbeat.fail_stale()
     assert len(calls) == 3 and calls[0] is study
 
-
 def test_a_dead_trial_goes_stale_and_is_queued_for_retry(storage_url, study_name, tmp_path):
     study = _open(storage_url, _spec(study_name, tmp_path))
     trial = study.ask()
@@ -207,7 +197,6 @@ def test_a_dead_trial_goes_stale_and_is_queued_for_retry(storage_url, study_name
     heartbeat.fail_stale(now=True)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.FAIL, TrialState.WAITING]
-
 
 def test_attributes_are_replaced_with_their_links_and_refused_once_finished(
         storage_url, study_name, tmp_path):

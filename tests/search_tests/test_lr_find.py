@@ -10,37 +10,29 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search import SpecError
-from search._lr_find import narrowed_range, plan, resolve
-from search._space import distributions
-from search._space_entries import AutoEntry, RangeEntry
-from search._spec import parse_spec, spec_from_json, train_config_for
-from search._storage import open_storage
-from search._study import LR_FIND_ATTR, SPEC_ATTR, create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search._errors import SpecError
+from search.run import create_or_load, run_worker
+from search.run._lr_find import narrowed_range, resolve
+from search.run._lr_find import plan_tests as plan
+from search.spec import (
+    AutoEntry,
+    RangeEntry,
+    distributions,
+    parse_spec,
+    spec_from_json,
+    train_config_for,
+)
+from search.storage import LR_FIND_ATTR, SPEC_ATTR, open_storage, quiet_optuna_warnings
+from tests.search_tests import studies
+from tests.search_tests.studies import AUTO_LR
 from trainers import LRFindResult
 
 quiet_optuna_warnings()
 ROOT = Path(__file__).resolve().parents[2]
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
-
 def study_data(name: str = "lrf", **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": 2, "epochs": 1},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": {"type": "none"},
-        "data": {"dataset": "synthetic", "size": 512},
-        "model": {"type": "mlp", "hidden": [16]},
-        "space": {
-            "optimizer": {"choices": ["sgd", "adam"]},
-            "lr": {"auto": True},
-            "batch_size": {"pow2": [32, 64]},
-        },
-    }
-    data.update(changes)
-    return data
+    return studies.study_data(name, **{"trials": 2, "epochs": 1, "space": AUTO_LR, **changes})
 
 
 def fake(optimizer: str, batch: int, low: float, high: float) -> LRFindResult:
@@ -48,7 +40,6 @@ def fake(optimizer: str, batch: int, low: float, high: float) -> LRFindResult:
                         suggested_min=low, steepest_lr=low, min_loss_lr=high, rule="minimum",
                         rule_text="minimum: …", stopped="", optimizer=optimizer,
                         batch_size=batch, seconds=0.0)
-
 
 def test_plan_tests_each_optimizer_and_few_batch_sizes():
     spec = parse_spec(study_data())
@@ -64,7 +55,6 @@ def test_plan_tests_each_optimizer_and_few_batch_sizes():
     with pytest.raises(SpecError, match="--optimizer: expected one of .*got 'adamx'"):
         plan(parse_spec(study_data()), optimizer="adamx")
 
-
 def test_narrowed_range_is_the_widened_union_in_space_units():
     spec = parse_spec(study_data())
     results = [fake("sgd", 32, 0.01, 0.1), fake("adam", 64, 1e-4, 1e-3)]
@@ -74,7 +64,6 @@ def test_narrowed_range_is_the_widened_union_in_space_units():
     # lr per 256 examples: an optimizer lr of 0.1 at batch 32 is 0.8 per 256.
     assert narrowed_range(per, "lr", [fake("sgd", 32, 0.01, 0.1)]) == (0.04, 1.6)
 
-
 def test_run_lr_find_narrows_the_files_range_never_widens_it():
     ranged = study_data(space={"lr": {"low": 1e-3, "high": 0.1, "log": True}})
     spec = parse_spec(ranged)
@@ -82,11 +71,9 @@ def test_run_lr_find_narrows_the_files_range_never_widens_it():
     with pytest.raises(SpecError, match=r"space.lr: .*suggests \[2, 20\], outside the file's"):
         narrowed_range(spec, "lr", [fake("sgd", 32, 4.0, 10.0)])
 
-
 def test_enqueued_lr_stays_inside_the_auto_range():
     spec = parse_spec(study_data(enqueue=[{"optimizer": "sgd", "lr": 3.0}]))
     assert narrowed_range(spec, "lr", [fake("sgd", 32, 0.01, 0.1)]) == (0.005, 3.0)
-
 
 def test_auto_lr_has_no_distribution_until_resolved():
     spec = parse_spec(study_data())
@@ -99,7 +86,6 @@ def test_auto_lr_has_no_distribution_until_resolved():
     assert record["requested"]["auto"] is True and record["range"] == [0.005, 0.2]
     assert distributions(resolved)["lr"].high == 0.2
 
-
 def test_per_batch_sets_linear_scaling_in_every_trial_config():
     spec = parse_spec(study_data(space={"lr": {"low": 0.01, "high": 1.0, "log": True,
                                                "per_batch": 256}}))
@@ -111,7 +97,6 @@ def test_per_batch_sets_linear_scaling_in_every_trial_config():
                               fixed={"optimizer.lr_per_batch": 128}))
     with pytest.raises(SpecError, match="space.dropout.per_batch: only lr scales"):
         parse_spec(study_data(space={"dropout": {"low": 0.0, "high": 0.5, "per_batch": 256}}))
-
 
 def test_auto_study_stores_the_resolved_range_and_workers_use_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -137,7 +122,6 @@ def test_auto_study_stores_the_resolved_range_and_workers_use_it(tmp_path, monke
     assert "no LR range test" in again.stdout and "rule minimum" not in again.stdout
     assert len(optuna.load_study(study_name="lrf", storage=url).trials) == 3
 
-
 def test_lr_find_reruns_on_a_changed_file_are_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = parse_spec(study_data())
@@ -152,7 +136,6 @@ def test_lr_find_reruns_on_a_changed_file_are_refused(tmp_path):
     trial_spec = spec_from_json(stored.user_attrs[SPEC_ATTR])
     run_worker(stored, trial_spec, device="cpu", artifacts=None)
     assert all(0.005 <= t.params["lr"] <= 0.2 for t in stored.trials)
-
 
 def test_lr_find_command_prints_suggestions_and_saves_plots(tmp_path):
     out = subprocess.run([HPSEARCH, "lr-find", str(ROOT / "studies" / "smoke.yaml"),

@@ -14,24 +14,23 @@ import pytest
 from optuna.trial import TrialState
 
 import search.cli
-from search._report import Report
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import create_or_load
-from search._worker import WorkerError, quiet_optuna_warnings, run_worker
+from search.cli import Report
+from search.run import WorkerError, create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import open_storage, quiet_optuna_warnings
+from tests.search_tests import studies
+from tests.search_tests.studies import OPTIMIZER_LR_BATCH, WEIGHT_DECAY_GRID
 
 quiet_optuna_warnings()
 FIGURES = ("Optimization history", "Parameter importances", "Parallel coordinates",
            "Validation loss of every trial", "lr x batch_size", "lr x weight_decay", "Slices",
            "curves and gradient norms")
 
-
 def _section(page: str, heading: str) -> str:
     """The body of the section whose heading contains `heading`."""
     match = re.search(rf"<h2>[^<]*{re.escape(heading)}[^<]*</h2>(.*?)</section>", page, re.S)
     assert match, f"no section {heading!r}"
     return match.group(1)
-
 
 @pytest.fixture
 def cli(monkeypatch):
@@ -44,23 +43,9 @@ def cli(monkeypatch):
 
     return run
 
-
 def spec_data(name: str, tmp: Path, **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": 8, "epochs": 3},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "hyperband"},
-        "data": {"dataset": "synthetic", "size": 1024},
-        "model": {"type": "mlp", "hidden": [32]},
-        "space": {"optimizer": {"choices": ["sgd", "adam"]},
-                  "lr": {"low": 1e-3, "high": 1.0, "log": True},
-                  "batch_size": {"pow2": [32, 128]},
-                  "weight_decay": {"grid": [0, 1e-4, 1e-3]}},
-        "run": {"checkpoint_dir": str(tmp / "ckpt")},
-    }
-    data.update(changes)
-    return data
+    space = {**OPTIMIZER_LR_BATCH, **WEIGHT_DECAY_GRID}
+    return studies.searched(name, tmp, **{"trials": 8, "space": space, **changes})
 
 
 def make_study(tmp: Path, data: dict, *, run: bool = True):
@@ -71,12 +56,10 @@ def make_study(tmp: Path, data: dict, *, run: bool = True):
         run_worker(study, spec, device="cpu", artifacts=False)
     return study, spec, url
 
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     return make_study(tmp, spec_data("rep", tmp))
-
 
 def test_report_is_one_offline_html_file_with_every_section(searched, cli, tmp_path, capsys):
     study, spec, url = searched
@@ -95,7 +78,6 @@ def test_report_is_one_offline_html_file_with_every_section(searched, cli, tmp_p
     assert f"<td>#{best.number}</td>" in _section(page, "Top trials")
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert pruned and f"trial #{pruned[0].number} (PRUNED: pruned at epoch" in page
-
 
 def test_report_shows_the_retrain_result(searched, cli, tmp_path, capsys):
     study, spec, url = searched
@@ -118,7 +100,6 @@ def test_report_shows_the_retrain_result(searched, cli, tmp_path, capsys):
     finally:
         study.set_user_attr("hpsearch_retrain", None)
 
-
 def test_status_json_has_every_field(searched, cli, capsys):
     study, spec, url = searched
     assert cli("status", "rep", "--storage", url, "--json") == 0
@@ -135,7 +116,6 @@ def test_status_json_has_every_field(searched, cli, capsys):
                                     "saved_fraction"}
     assert data["pruning"]["epochs_full_budget"] == 8 * 3
 
-
 def test_report_on_an_empty_study_says_so_in_one_line(tmp_path, cli, capsys):
     make_study(tmp_path, spec_data("empty", tmp_path), run=False)
     url = f"sqlite:///{tmp_path / 'studies.db'}"
@@ -144,7 +124,6 @@ def test_report_on_an_empty_study_says_so_in_one_line(tmp_path, cli, capsys):
     assert err == ("error: study 'empty' has no completed or pruned trial yet: nothing to "
                    "report\n")
     assert not (tmp_path / "r.html").exists()
-
 
 def test_report_on_failed_trials_only_says_so_in_one_line(tmp_path, cli, capsys, monkeypatch):
     monkeypatch.setenv("HPSEARCH_DATA", str(tmp_path / "empty"))
@@ -159,7 +138,6 @@ def test_report_on_failed_trials_only_says_so_in_one_line(tmp_path, cli, capsys,
         "error: study 'failing' has no completed or pruned trial yet (2 failed; see "
         "`hpsearch status failing`): nothing to report\n")
 
-
 def test_report_of_a_multi_objective_study_shows_the_pareto_front(tmp_path, cli, capsys):
     data = spec_data("multi", tmp_path, objective={"metrics": ["val_loss", "epoch_seconds"]},
                      pruner={"type": "none"}, budget={"trials": 5, "epochs": 2},
@@ -171,15 +149,13 @@ def test_report_of_a_multi_objective_study_shows_the_pareto_front(tmp_path, cli,
     assert "plotly-graph-div" in _section(page, "Pareto front")
     assert "Pareto-optimal trials" in page and "epoch_seconds" in page
 
-
 def test_report_of_an_unknown_study_exits_2(searched, cli, capsys, tmp_path):
     study, spec, url = searched
     assert cli("report", "nope", "--storage", url, "--out", str(tmp_path / "x.html")) == 2
     assert "no study named 'nope'" in capsys.readouterr().err
 
-
 def test_status_shows_running_trials_and_failures_with_reasons(tmp_path, cli, capsys):
-    from search._space import suggest
+    from search.spec import suggest
 
     study, spec, url = make_study(tmp_path, spec_data("live", tmp_path), run=False)
     running = study.ask()
@@ -205,10 +181,9 @@ def test_status_shows_running_trials_and_failures_with_reasons(tmp_path, cli, ca
     assert "gpu-box-3" in text and "cuda:1" in text and "2/3" in text
     assert "CUDA out of memory" in text
 
-
 def test_report_of_pruned_trials_only_shows_their_curves_and_says_what_is_missing(tmp_path):
-    from search._report import build_report
-    from search._space import suggest
+    from search.spec import suggest
+    from search.views import build_report
 
     study, spec, url = make_study(tmp_path, spec_data("cut", tmp_path), run=False)
     for k in range(3):

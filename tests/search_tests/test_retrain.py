@@ -12,36 +12,22 @@ import pytest
 import torch
 
 import trainers._data
-from search import SpecError
-from search._lr_find import resolve, run_tests
-from search._retrain import final_test, retrain
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import RETRAIN_ATTR, create_or_load
-from search._worker import quiet_optuna_warnings, run_worker
+from search._errors import SpecError
+from search.run import create_or_load, final_test, retrain, run_worker
+from search.run._lr_find import resolve, run_tests
+from search.spec import parse_spec
+from search.storage import RETRAIN_ATTR, open_storage, quiet_optuna_warnings
+from tests.search_tests import studies
+from tests.search_tests.studies import AUTO_LR
 from trainers import config_from_dict
 
 quiet_optuna_warnings()
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
-
 def study_data(name: str, **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": 3, "epochs": 2},
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "median"},
-        "data": {"dataset": "synthetic", "size": 512},
-        "model": {"type": "mlp", "hidden": [16]},
-        "space": {
-            "optimizer": {"choices": ["sgd", "adam"]},
-            "lr": {"auto": True},
-            "batch_size": {"pow2": [32, 64]},
-        },
-        "enqueue": [{"optimizer": "sgd", "lr": 0.1, "batch_size": 32}],
-    }
-    data.update(changes)
-    return data
+    settings = {"trials": 3, "sampler": "tpe", "pruner": "median", "space": AUTO_LR,
+                "enqueue": [{"optimizer": "sgd", "lr": 0.1, "batch_size": 32}], **changes}
+    return studies.study_data(name, **settings)
 
 
 @pytest.fixture
@@ -59,7 +45,6 @@ def data_loads(monkeypatch):
     monkeypatch.setattr(trainers._data, "_build", recording)
     yield calls
     trainers._data.clear_cache()
-
 
 def test_the_search_never_reads_the_test_set_and_retrain_reads_it_once_per_seed(
         data_loads, tmp_path, monkeypatch):
@@ -94,7 +79,6 @@ def test_the_search_never_reads_the_test_set_and_retrain_reads_it_once_per_seed(
     assert all(isinstance(v, torch.Tensor) for v in weights.values())
     assert json.loads((tmp_path / "final" / "results.json").read_text())["study"] == "honest"
 
-
 def test_final_test_is_seeded_and_summarised():
     config = config_from_dict({"dataset": "synthetic", "hidden": [16], "epochs": 2,
                                "batch_size": 64, "lr": 0.05, "seed": 3})
@@ -102,7 +86,6 @@ def test_final_test_is_seeded_and_summarised():
     assert one["test_accuracy"]["std"] == 0.0 and one["seed_values"] == [3]
     again = final_test(config, seeds=1)
     assert again["test_accuracy"] == one["test_accuracy"]  # seeded: the same model and test
-
 
 def test_retrain_command(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -123,7 +106,6 @@ def test_retrain_command(tmp_path):
     bad = subprocess.run([HPSEARCH, "retrain", "cli", "--storage", url, "--trial", "99"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--trial: expected a finished trial" in bad.stderr
-
 
 def test_several_objectives_need_a_trial(tmp_path):
     data = study_data("multi", objective={"metrics": ["val_loss", "epoch_seconds"]},

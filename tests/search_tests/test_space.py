@@ -11,14 +11,16 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from search._errors import SpecError
-from search._space import (
+from search.spec import (
+    StudySpec,
     distributions,
     enqueue_params,
     grid_search_space,
     params_from_optuna,
+    parse_spec,
     suggest,
+    train_config_for,
 )
-from search._spec import StudySpec, parse_spec, train_config_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -35,7 +37,6 @@ SPACE: dict[str, Any] = {
 FIXED: dict[str, Any] = {"scheduler": "step", "init": "xavier_uniform", "eval_batch_size": 512}
 N = 200
 
-
 def _spec(space: dict[str, Any] | None = None, **changes: Any) -> StudySpec:
     return parse_spec({
         "name": "space-test",
@@ -45,7 +46,6 @@ def _spec(space: dict[str, Any] | None = None, **changes: Any) -> StudySpec:
         "fixed": FIXED,
         **changes,
     })
-
 
 @pytest.fixture(scope="module")
 def sampled() -> list[tuple[optuna.trial.FrozenTrial, dict[str, Any]]]:
@@ -60,7 +60,6 @@ def sampled() -> list[tuple[optuna.trial.FrozenTrial, dict[str, Any]]]:
         out.append((frozen, params))
     return out
 
-
 def test_distributions_map_one_to_one() -> None:
     dists = distributions(_spec())
     assert list(dists) == ["optimizer", "lr", "log2_batch_size", "momentum", "weight_decay",
@@ -71,13 +70,11 @@ def test_distributions_map_one_to_one() -> None:
     assert dists["hidden"] == CategoricalDistribution(["32", "64,32"])
     assert dists["dropout"] == FloatDistribution(0.0, 0.5, step=0.1)
 
-
 def test_recorded_distributions_are_the_declared_ones(sampled: list) -> None:
     dists = distributions(_spec())
     for frozen, _ in sampled:
         for name, dist in frozen.distributions.items():
             assert dists[name] == dist
-
 
 def test_log_range_stays_in_bounds_and_covers_decades(sampled: list) -> None:
     lrs = [params["lr"] for _, params in sampled]
@@ -85,7 +82,6 @@ def test_log_range_stays_in_bounds_and_covers_decades(sampled: list) -> None:
     decades = Counter(math.floor(math.log10(lr)) for lr in lrs if lr < 1.0)
     assert set(decades) == {-4, -3, -2, -1}
     assert min(decades.values()) > N / 10  # log-uniform: about N/4 each
-
 
 def test_pow2_gives_powers_of_two_and_records_the_real_value(sampled: list) -> None:
     seen = set()
@@ -97,13 +93,11 @@ def test_pow2_gives_powers_of_two_and_records_the_real_value(sampled: list) -> N
         seen.add(size)
     assert seen == {32, 64, 128, 256, 512, 1024}
 
-
 def test_grid_and_step_values_only(sampled: list) -> None:
     decays = Counter(params["weight_decay"] for _, params in sampled)
     assert set(decays) == {0, 1e-5, 1e-4, 1e-3}
     dropouts = {round(params["dropout"], 10) for _, params in sampled}
     assert dropouts == {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}
-
 
 def test_list_choices_come_back_as_lists(sampled: list) -> None:
     spec = _spec()
@@ -111,7 +105,6 @@ def test_list_choices_come_back_as_lists(sampled: list) -> None:
     assert hidden == {(32,), (64, 32)}
     _, params = sampled[0]
     assert train_config_for(spec, params).model.hidden == tuple(params["hidden"])
-
 
 def test_conditional_momentum_only_with_sgd(sampled: list) -> None:
     with_sgd = 0
@@ -123,11 +116,9 @@ def test_conditional_momentum_only_with_sgd(sampled: list) -> None:
             assert 0.8 <= params["momentum"] <= 0.99
     assert 0 < with_sgd < N
 
-
 def test_condition_on_a_fixed_setting(sampled: list) -> None:
     # fixed scheduler: step satisfies schedule.gamma's `when`, so it is always sampled
     assert all("schedule.gamma" in params for _, params in sampled)
-
 
 def test_fixed_values_land_in_the_trial_config(sampled: list) -> None:
     spec = _spec()
@@ -140,12 +131,10 @@ def test_fixed_values_land_in_the_trial_config(sampled: list) -> None:
         assert config.optimizer.lr == params["lr"]
         assert config.optimizer.name == params["optimizer"]
 
-
 def test_params_from_optuna_inverts_the_trial(sampled: list) -> None:
     spec = _spec()
     for frozen, params in sampled:
         assert params_from_optuna(spec, frozen.params) == params
-
 
 @pytest.mark.parametrize("flat", [
     {"optimizer": "sgd", "lr": 0.1, "batch_size": 128, "momentum": 0.9},
@@ -159,7 +148,6 @@ def test_enqueue_params_and_params_from_optuna_invert_each_other(flat: dict[str,
     assert params_from_optuna(spec, optuna_params) == flat
     assert enqueue_params(spec, params_from_optuna(spec, optuna_params)) == optuna_params
 
-
 def test_enqueued_trial_is_sampled_as_given() -> None:
     spec = _spec()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
@@ -170,7 +158,6 @@ def test_enqueued_trial_is_sampled_as_given() -> None:
     params = suggest(trial, spec)
     assert {k: params[k] for k in flat} == flat
     assert trial.user_attrs["batch_size"] == 64
-
 
 def test_enqueue_errors_name_the_key() -> None:
     spec = _spec()
@@ -183,7 +170,6 @@ def test_enqueue_errors_name_the_key() -> None:
     with pytest.raises(SpecError, match="not in study 'space-test'"):
         params_from_optuna(spec, {"batch_size": 64})
 
-
 def test_int_range_for_an_integer_setting() -> None:
     spec = _spec({"batch_size": {"low": 16, "high": 512, "step": 16}, "lr": SPACE["lr"]})
     assert distributions(spec)["batch_size"] == IntDistribution(16, 512, step=16)
@@ -192,11 +178,9 @@ def test_int_range_for_an_integer_setting() -> None:
         params = suggest(study.ask(), spec)
         assert isinstance(params["batch_size"], int) and params["batch_size"] % 16 == 0
 
-
 def test_explicit_int_range_on_a_float_setting() -> None:
     spec = _spec({"warmup_epochs": {"low": 0, "high": 3, "int": True}})
     assert distributions(spec)["warmup_epochs"] == IntDistribution(0, 3)
-
 
 def test_grid_sampler_walks_the_whole_grid() -> None:
     space = {"optimizer": {"choices": ["sgd", "adam"]}, "batch_size": {"pow2": [32, 128]},
@@ -216,7 +200,6 @@ def test_grid_sampler_walks_the_whole_grid() -> None:
     study.optimize(objective, n_trials=20)  # the grid sampler stops the study when done
     assert len(study.trials) == len(seen) == 12
 
-
 def test_tpe_handles_the_conditional_space() -> None:
     spec = _spec()
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
@@ -225,7 +208,6 @@ def test_tpe_handles_the_conditional_space() -> None:
         params = suggest(trial, spec)
         study.tell(trial, params["lr"] + i * 1e-3)
     assert ("momentum" in study.best_trial.params) == (study.best_params["optimizer"] == "sgd")
-
 
 def test_chained_conditions_are_sampled_in_order() -> None:
     # declared before the parameters they depend on; inactive parents switch children off

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from search._errors import SearchError, SpecError
-from search._spec import (
+from search.spec import (
     SPEC_VERSION,
     base_train_config,
     load_spec,
@@ -165,22 +165,18 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
      "budget", "expected a mapping, got [60, 10]"),
 ]
 
-
 def _write(tmp_path: Path, data: dict[str, Any]) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
-
 def _with(changes: dict[str, Any]) -> dict[str, Any]:
     data = {**GOOD, **changes}
     return {k: v for k, v in data.items() if v is not None}
 
-
 def test_bad_cases_are_distinct() -> None:
     assert len(BAD) >= 22
     assert len({case[0] for case in BAD}) == len(BAD)
-
 
 @pytest.mark.parametrize(("changes", "path", "fragment"),
                          [case[1:] for case in BAD], ids=[case[0] for case in BAD])
@@ -194,20 +190,17 @@ def test_bad_study_file(tmp_path: Path, changes: dict[str, Any], path: str, frag
     assert fragment in message
     assert "\n" not in message and "pydantic" not in message.lower()
 
-
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     file = tmp_path / "broken.yaml"
     file.write_text("name: x\nspace:\n  lr: {low: 0.1, high: 1\n  optimizer: [sgd\n")
     with pytest.raises(SpecError, match=rf"^{file}:\d+:\d+: invalid YAML: "):
         load_spec(file)
 
-
 def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
     file = tmp_path / "dup.yaml"
     file.write_text(yaml.safe_dump(GOOD, sort_keys=False) + "name: again\n")
     with pytest.raises(SpecError, match="duplicate key 'name'"):
         load_spec(file)
-
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="no such study file"):
@@ -219,12 +212,10 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="expected a mapping of study settings"):
         load_spec(tmp_path / "list.yaml")
 
-
 def test_errors_form_a_hierarchy() -> None:
     assert issubclass(SpecError, SearchError)
     with pytest.raises(SpecError, match=r"^<spec>: name: "):
         parse_spec(_with({"name": 3}))
-
 
 def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     # PyYAML reads 1e-4 as a string; a study file means the number.
@@ -233,12 +224,10 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     spec = load_spec(_write_text(tmp_path, text))
     assert spec.space["lr"].low == 1e-4
 
-
 def _write_text(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(text)
     return path
-
 
 def test_defaults_are_filled() -> None:
     spec = parse_spec(GOOD)
@@ -257,7 +246,6 @@ def test_defaults_are_filled() -> None:
     assert spec.space["batch_size"].is_int is True
     assert spec.model_dump()["space"]["batch_size"]["int"] is True
 
-
 @pytest.mark.parametrize(("metric", "direction"),
                          [("val_loss", "minimize"), ("val_accuracy", "maximize"),
                           ("train_accuracy", "maximize"), ("epoch_seconds", "minimize")])
@@ -266,14 +254,12 @@ def test_direction_follows_metric(metric: str, direction: str) -> None:
     assert spec.objective.direction_names == [direction]
     assert not spec.objective.is_multi
 
-
 def test_multi_objective_defaults() -> None:
     spec = parse_spec(_with({"objective": {"metrics": ["val_accuracy", "epoch_seconds"]}}))
     assert spec.objective.is_multi
     assert spec.objective.metric_names == ["val_accuracy", "epoch_seconds"]
     assert spec.objective.direction_names == ["maximize", "minimize"]
     assert spec.pruner.type == "none"  # Optuna cannot prune several objectives
-
 
 def test_json_round_trip_is_stable() -> None:
     data = _with({
@@ -295,7 +281,6 @@ def test_json_round_trip_is_stable() -> None:
     assert json.loads(text)["version"] == SPEC_VERSION
     assert again.model_dump() == spec.model_dump()
 
-
 def test_stored_spec_of_another_version_is_refused() -> None:
     stored = json.loads(spec_to_json(parse_spec(GOOD)))
     stored["version"] = SPEC_VERSION + 1
@@ -303,7 +288,6 @@ def test_stored_spec_of_another_version_is_refused() -> None:
         spec_from_json(json.dumps(stored))
     with pytest.raises(SpecError, match="not valid JSON"):
         spec_from_json("{")
-
 
 def test_base_train_config_applies_data_model_fixed_and_epochs() -> None:
     spec = parse_spec(_with({
@@ -320,7 +304,6 @@ def test_base_train_config_applies_data_model_fixed_and_epochs() -> None:
     trial = train_config_for(spec, {"lr": 0.01, "batch_size": 64, "optimizer": "adam"})
     assert (trial.optimizer.lr, trial.batch_size, trial.optimizer.name) == (0.01, 64, "adam")
     assert trial.init.name == "xavier_uniform"
-
 
 @pytest.mark.parametrize("name", ["fashion_mlp", "fashion_cnn", "smoke"])
 def test_shipped_studies_validate(name: str) -> None:

@@ -10,32 +10,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import SpecError
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import count_trials, create_or_load, load
-from search._worker import WorkerError, quiet_optuna_warnings, run_worker
+from search._errors import SpecError
+from search.run import WorkerError, create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import count_trials, load, open_storage, quiet_optuna_warnings
+from tests.search_tests.studies import OPTIMIZER_LR_BATCH, SGD_MOMENTUM, study_data
 
 quiet_optuna_warnings()
 
-
 def smoke(name: str, **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": 4, "epochs": 2},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": {"type": "none"},
-        "data": {"dataset": "synthetic", "size": 512},
-        "model": {"type": "mlp", "hidden": [16]},
-        "space": {
-            "optimizer": {"choices": ["sgd", "adam"]},
-            "lr": {"low": 1e-3, "high": 0.3, "log": True},
-            "batch_size": {"pow2": [32, 128]},
-            "momentum": {"low": 0.8, "high": 0.99, "when": {"optimizer": "sgd"}},
-        },
-    }
-    data.update(changes)
-    return data
+    space = {**OPTIMIZER_LR_BATCH, "lr": {"low": 1e-3, "high": 0.3, "log": True},
+             **SGD_MOMENTUM}
+    return study_data(name, **{"space": space, **changes})
 
 
 def start(url: str, data: dict, tmp_path: Path, *, trials: int | None = None):
@@ -45,7 +31,6 @@ def start(url: str, data: dict, tmp_path: Path, *, trials: int | None = None):
     storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
                            grace_period=spec.run.grace_period)
     return create_or_load(spec, storage, trials=trials), spec
-
 
 def test_study_runs_to_its_budget(storage_url, study_name, tmp_path):
     study, spec = start(storage_url, smoke(study_name), tmp_path)
@@ -61,7 +46,6 @@ def test_study_runs_to_its_budget(storage_url, study_name, tmp_path):
         assert ("momentum" in t.params) == (t.params["optimizer"] == "sgd")
     assert not list((tmp_path / "ckpt").rglob("*.pt"))  # checkpoints cleared when done
 
-
 def test_budget_is_exact_across_a_resumed_study(sqlite_url, study_name, tmp_path):
     study, spec = start(sqlite_url, smoke(study_name), tmp_path, trials=2)
     run_worker(study, spec, device="cpu")
@@ -70,7 +54,6 @@ def test_budget_is_exact_across_a_resumed_study(sqlite_url, study_name, tmp_path
     run_worker(study, spec, device="cpu")
     assert count_trials(study).finished == 5
     assert [t.number for t in study.trials] == list(range(5))
-
 
 def test_enqueued_config_runs_first_and_once(sqlite_url, study_name, tmp_path):
     data = smoke(study_name, enqueue=[{"optimizer": "sgd", "lr": 0.05, "batch_size": 64,
@@ -84,7 +67,6 @@ def test_enqueued_config_runs_first_and_once(sqlite_url, study_name, tmp_path):
     study, spec = start(sqlite_url, data, tmp_path, trials=3)  # resuming enqueues nothing
     run_worker(study, spec, device="cpu")
     assert sum(1 for t in study.trials if t.params.get("lr") == 0.05) == 1
-
 
 def test_hopeless_trial_is_pruned_early(sqlite_url, study_name, tmp_path):
     data = smoke(
@@ -101,7 +83,6 @@ def test_hopeless_trial_is_pruned_early(sqlite_url, study_name, tmp_path):
     assert bad.user_attrs["epochs_run"] < 4
     assert bad.user_attrs["ended"].startswith("pruned at epoch")
 
-
 def test_diverged_trial_is_pruned_with_its_reason(sqlite_url, study_name, tmp_path):
     data = smoke(study_name, budget={"trials": 1, "epochs": 3},
                  space={"lr": {"low": 1.0, "high": 1e4, "log": True}},
@@ -112,7 +93,6 @@ def test_diverged_trial_is_pruned_with_its_reason(sqlite_url, study_name, tmp_pa
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs["ended"].startswith("diverged")
-
 
 def test_failing_trials_are_recorded_and_a_broken_setup_stops_the_worker(
         sqlite_url, study_name, tmp_path, monkeypatch):
@@ -127,7 +107,6 @@ def test_failing_trials_are_recorded_and_a_broken_setup_stops_the_worker(
     assert len(failed) == 2
     assert all("DataNotFoundError" in t.user_attrs["ended"] for t in failed)
 
-
 def test_a_changed_study_file_is_refused(sqlite_url, study_name, tmp_path):
     start(sqlite_url, smoke(study_name), tmp_path)
     changed = smoke(study_name)
@@ -136,14 +115,12 @@ def test_a_changed_study_file_is_refused(sqlite_url, study_name, tmp_path):
         start(sqlite_url, changed, tmp_path)
     start(sqlite_url, smoke(study_name, budget={"trials": 9, "epochs": 2}), tmp_path)  # ok
 
-
 def test_a_worker_finds_the_spec_by_name(storage_url, study_name, tmp_path):
     _, spec = start(storage_url, smoke(study_name), tmp_path)
     study, stored = load(study_name, open_storage(storage_url))
     assert stored == spec
     with pytest.raises(SpecError, match="no study named 'nope'"):
         load("nope", open_storage(storage_url))
-
 
 def test_plain_optuna_reads_the_study(storage_url, study_name, tmp_path):
     study, spec = start(storage_url, smoke(study_name, budget={"trials": 2, "epochs": 1}),
@@ -160,7 +137,6 @@ def test_plain_optuna_reads_the_study(storage_url, study_name, tmp_path):
     loaded = optuna.load_study(study_name=study_name, storage=storage_url)
     assert loaded.best_value == study.best_value
 
-
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2"])
 def test_every_sampler_runs_a_study(sampler, sqlite_url, study_name, tmp_path):
     space = {"optimizer": {"choices": ["sgd", "adam"]}, "batch_size": {"pow2": [32, 64]}}
@@ -172,14 +148,12 @@ def test_every_sampler_runs_a_study(sampler, sqlite_url, study_name, tmp_path):
     run_worker(study, spec, device="cpu")
     assert count_trials(study).complete == 3
 
-
 @pytest.mark.parametrize("pruner", ["hyperband", "asha", "median", "percentile", "none"])
 def test_every_pruner_runs_a_study(pruner, sqlite_url, study_name, tmp_path):
     data = smoke(study_name, budget={"trials": 4, "epochs": 3}, pruner={"type": pruner})
     study, spec = start(sqlite_url, data, tmp_path)
     run_worker(study, spec, device="cpu")
     assert count_trials(study).finished == 4
-
 
 def test_multi_objective_study_finds_a_pareto_front(sqlite_url, study_name, tmp_path):
     data = smoke(study_name, budget={"trials": 3, "epochs": 1},
@@ -190,7 +164,6 @@ def test_multi_objective_study_finds_a_pareto_front(sqlite_url, study_name, tmp_
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
     assert study.metric_names == ["val_loss", "epoch_seconds"]
     assert 1 <= len(study.best_trials) <= 3
-
 
 def test_mysql_storage_runs_a_study(mysql_url, study_name, tmp_path):
     study, spec = start(mysql_url, smoke(study_name, budget={"trials": 2, "epochs": 1}),

@@ -10,23 +10,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import SpecError, StudyNotFoundError
-from search._space import distributions, enqueue_params
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import WARM_START_ATTR, create_or_load
-from search._warm_start import load_source, parse_source, warm_start
-from search._worker import quiet_optuna_warnings
+from search._errors import SpecError, StudyNotFoundError
+from search.run import create_or_load, load_source, parse_source, warm_start
+from search.spec import distributions, enqueue_params, parse_spec
+from search.storage import WARM_START_ATTR, open_storage, quiet_optuna_warnings
 
 quiet_optuna_warnings()
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
-
 
 def study_data(name: str, space: dict, **changes) -> dict:
     return {"name": name, "budget": {"trials": 4, "epochs": 1},
             "data": {"dataset": "synthetic", "size": 256}, "model": {"type": "mlp"},
             "space": space, **changes}
-
 
 SOURCE_SPACE = {
     "optimizer": {"choices": ["sgd", "adam"]},
@@ -36,7 +31,6 @@ SOURCE_SPACE = {
 # (optimizer, lr, batch size, val_loss), best first by val_loss: 0.30, 0.31, …
 SOURCE_TRIALS = [("sgd", 0.1, 64, 0.31), ("adam", 3e-3, 128, 0.30), ("sgd", 0.5, 256, 0.40),
                  ("adam", 1e-4, 32, 0.50), ("sgd", 0.05, 32, 0.35)]
-
 
 @pytest.fixture
 def source(tmp_path):
@@ -52,15 +46,12 @@ def source(tmp_path):
         distributions=distributions(spec), intermediate_values={0: 0.1}))
     return url, study
 
-
 def target(url: str, space: dict, name: str = "target", **changes):
     spec = parse_spec(study_data(name, space, **changes))
     return create_or_load(spec, open_storage(url)), spec
 
-
 def queued(study: optuna.Study) -> list[dict]:
     return [t.system_attrs["fixed_params"] for t in study.get_trials(states=(TrialState.WAITING,))]
-
 
 def test_parse_source():
     assert parse_source("fashion-mlp") == ("fashion-mlp", 5)
@@ -68,7 +59,6 @@ def test_parse_source():
     for bad in ("x:0", "x:k", ":3"):
         with pytest.raises(SpecError, match="--warm-start: expected STUDY or STUDY:k"):
             parse_source(bad)
-
 
 def test_top_k_fitting_trials_are_enqueued_best_first_once(source):
     url, other = source
@@ -88,7 +78,6 @@ def test_top_k_fitting_trials_are_enqueued_best_first_once(source):
     again = warm_start(study, spec, other, k=2)
     assert again.already and len(queued(study)) == 2
 
-
 def test_constants_and_linear_scaling_are_translated(source):
     url, other = source
     # This study holds the optimizer at sgd (adam trials do not fit) and samples lr per 256.
@@ -101,7 +90,6 @@ def test_constants_and_linear_scaling_are_translated(source):
     # Optimizer lr 0.1 at batch 64 is 0.4 per 256 examples; 0.05 at 32 is 0.4; 0.5 at 256 is 0.5.
     assert lrs == pytest.approx([0.4, 0.4, 0.5])
 
-
 def test_unknown_or_self_source_is_refused_before_anything_runs(source, tmp_path):
     url, _ = source
     storage = open_storage(url)
@@ -109,7 +97,6 @@ def test_unknown_or_self_source_is_refused_before_anything_runs(source, tmp_path
         load_source("nope", storage, target="t")
     with pytest.raises(SpecError, match="cannot warm-start itself"):
         load_source("source", storage, target="source")
-
 
 def test_run_warm_start_from_another_storage(source, tmp_path):
     url, _ = source

@@ -19,30 +19,19 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from search._spec import parse_spec
-from search._storage import open_storage
-from search._study import count_trials, create_or_load, load
-from search._supervisor import Slot, plan_slots, visible_gpu_ids, worker_command
+from search.run import Slot, create_or_load, plan_slots, visible_gpu_ids, worker_command
+from search.spec import parse_spec
+from search.storage import count_trials, load, open_storage
+from tests.search_tests.studies import LR, study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
-
 def spec_data(name: str, tmp_path: Path, *, trials: int, epochs: int, size: int = 512,
               hidden: int = 16, **changes) -> dict:
-    data = {
-        "name": name,
-        "budget": {"trials": trials, "epochs": epochs},
-        "sampler": {"type": "random", "seed": 0},
-        "pruner": {"type": "none"},
-        "data": {"dataset": "synthetic", "size": size},
-        "model": {"type": "mlp", "hidden": [hidden]},
-        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True},
-                  "batch_size": {"pow2": [32, 64]}},
-        "run": {"checkpoint_dir": str(tmp_path / "ckpt"), "heartbeat_interval": 1,
-                "grace_period": 3},
-    }
-    data.update(changes)
-    return data
+    space = {**LR, "batch_size": {"pow2": [32, 64]}}
+    return study_data(name, trials=trials, epochs=epochs, size=size, hidden=hidden,
+                      checkpoints=tmp_path / "ckpt", heartbeat=True,
+                      **{"space": space, **changes})
 
 
 def write_spec(tmp_path: Path, data: dict) -> Path:
@@ -50,11 +39,9 @@ def write_spec(tmp_path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
-
 def slow(name: str, tmp_path: Path, *, trials: int, epochs: int = 8) -> dict:
     """Trials of a few seconds (about 0.3 s an epoch here), long enough to kill mid-trial."""
     return spec_data(name, tmp_path, trials=trials, epochs=epochs, size=30000, hidden=256)
-
 
 def create(url: str, data: dict):
     spec = parse_spec(data)
@@ -62,12 +49,10 @@ def create(url: str, data: dict):
                            grace_period=spec.run.grace_period)
     return create_or_load(spec, storage), spec
 
-
 def start_worker(name: str, url: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([HPSEARCH, "worker", name, "--storage", url, "--gpus", "none"],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-
 
 def wait_for(predicate, *, timeout: float, what: str, poll: float = 0.2):
     deadline = time.monotonic() + timeout
@@ -78,14 +63,12 @@ def wait_for(predicate, *, timeout: float, what: str, poll: float = 0.2):
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
-
 def running_with_epochs(study, min_epochs: int, **attrs):
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if len(t.intermediate_values) >= min_epochs and all(
                 t.user_attrs.get(k) == v for k, v in attrs.items()):
             return t
     return None
-
 
 def alive(pid: int) -> bool:
     try:
@@ -97,7 +80,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
 
 # ---- dispatch (pure logic; CUDA itself is exercised only where a GPU exists) ----
 
@@ -119,25 +101,22 @@ def test_plan_slots(gpus, per_gpu, workers, ids, expected):
     assert [s.index for s in slots] == list(range(len(expected)))
     assert all(s.threads == max(1, 8 // len(expected)) for s in slots)
 
-
 @pytest.mark.parametrize(("gpus", "workers", "fragment"), [
     ("2", None, "GPU 2 not visible here (visible: 0, 1)"),
     ("0,x", None, "expected auto, none or GPU ids"),
     ("auto", 2, "use --trials-per-gpu"),
 ])
 def test_plan_slots_rejects_bad_requests(gpus, workers, fragment):
-    from search import SpecError
+    from search._errors import SpecError
 
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         plan_slots(gpus, workers=workers, gpu_ids=["0", "1"])
-
 
 def test_visible_gpus_from_environment():
     assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
     assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == ["0"]
     assert visible_gpu_ids({"HPSEARCH_FAKE_GPU_COUNT": "4"}) == ["0", "1", "2", "3"]
-
 
 def test_each_worker_process_is_pinned_before_torch_starts():
     argv, env = worker_command(Slot(3, "cuda", "1", 4), "s", "sqlite:///x.db", timeout_s=None,
@@ -149,7 +128,6 @@ def test_each_worker_process_is_pinned_before_torch_starts():
     assert argv[argv.index("--worker-index") + 1] == "3"
     _, cpu_env = worker_command(Slot(0, "cpu", "", 1), "s", "u", timeout_s=None, base_env={})
     assert cpu_env["CUDA_VISIBLE_DEVICES"] == ""  # CPU workers see no GPU
-
 
 def test_faked_gpus_give_one_pinned_process_per_slot(tmp_path, study_name):
     """With 2 faked GPUs and 2 per GPU, `run` starts 4 processes pinned 0, 0, 1, 1.
@@ -171,7 +149,6 @@ def test_faked_gpus_give_one_pinned_process_per_slot(tmp_path, study_name):
     assert failed and all("CUDA is not available" in t.user_attrs["ended"] for t in failed)
     assert result.returncode == 1  # every worker stopped: a broken setup, said clearly
 
-
 # ---- many workers, one study ----
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
@@ -191,7 +168,6 @@ def test_four_workers_meet_the_budget_exactly(backend, tmp_path, study_name, req
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 4  # every worker ran trials
     assert "locked" not in result.stdout + result.stderr
-
 
 # ---- faults ----
 
@@ -216,7 +192,6 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     assert retry.user_attrs["resumed_from_epoch"] >= 2
     assert retry.params == victim.params
     assert sorted(retry.intermediate_values) == list(range(1, 9))  # inherited + its own
-
 
 def test_two_kills_in_a_row_still_resume_and_meet_the_budget(tmp_path, study_name,
                                                               postgres_url):
@@ -244,7 +219,6 @@ def test_two_kills_in_a_row_still_resume_and_meet_the_budget(tmp_path, study_nam
     assert final.user_attrs["resumed_from_epoch"] >= 4
     assert len(study.get_trials(states=(TrialState.FAIL,))) == 2
 
-
 def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
     path = write_spec(tmp_path, slow(study_name, tmp_path, trials=6, epochs=20))
@@ -270,19 +244,16 @@ def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
     assert ended.count("interrupted") == 2, ended
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
-
 def _running_pids(study, n: int) -> list[int] | None:
     """The pids of the running trials once there are `n`, each with its pid written."""
     pids = [t.user_attrs.get("pid") for t in study.get_trials(states=(TrialState.RUNNING,))]
     return pids if len(pids) == n and None not in pids else None
-
 
 def _study_if_created(url: str, name: str):
     try:
         return load(name, open_storage(url, must_exist=True))[0]
     except Exception:
         return None
-
 
 def test_worker_recovers_when_postgres_kills_its_connections(tmp_path, study_name,
                                                              postgres_url):
@@ -309,7 +280,6 @@ def test_worker_recovers_when_postgres_kills_its_connections(tmp_path, study_nam
     assert worker.returncode == 0, out
     assert count_trials(study).finished == 3
 
-
 def test_workers_through_the_grpc_storage_proxy(tmp_path, study_name, postgres_url):
     port = _free_port()
     proxy = subprocess.Popen([HPSEARCH, "storage-proxy", "--storage", postgres_url,
@@ -334,7 +304,6 @@ def test_workers_through_the_grpc_storage_proxy(tmp_path, study_name, postgres_u
     assert 12 <= count_trials(study).finished <= 12 + 3
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) >= 2  # trials of ms: late starters may idle
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -23,7 +23,6 @@ from trainers._errors import ConfigError, DataNotFoundError
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No user env, no ./data, no system dirs, no downloads, empty caches: every test alike."""
@@ -39,7 +38,6 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     yield
     _data.clear_cache()
 
-
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
     codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
     header = bytes([0, 0, codes[array.dtype], array.ndim])
@@ -49,7 +47,6 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
         path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
     else:
         path.write_bytes(data)
-
 
 def write_fake_idx_dataset(folder: Path, *, gz: bool = False, n: int = 50, label: int = 0):
     """A tiny MNIST-shaped dataset (6x5 images); `label` offsets labels to tell copies apart."""
@@ -64,9 +61,7 @@ def write_fake_idx_dataset(folder: Path, *, gz: bool = False, n: int = 50, label
         write_idx(folder / name, array, gz=gz)
     return arrays
 
-
 # ----------------------------------------------------------------------------- files
-
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
@@ -77,12 +72,10 @@ def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
     np.testing.assert_array_equal(_data._read_idx(tmp_path / "images"), images)
     np.testing.assert_array_equal(_data._read_idx(tmp_path / "ints"), ints.astype(np.int32))
 
-
 def test_idx_rejects_garbage(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")  # says 9, has 3
     with pytest.raises(ValueError, match="bad"):
         _data._read_idx(tmp_path / "bad")
-
 
 @pytest.mark.parametrize("layout", ["plain", "gz", "torchvision"])
 def test_fashion_layouts_load(tmp_path: Path, layout: str) -> None:
@@ -97,7 +90,6 @@ def test_fashion_layouts_load(tmp_path: Path, layout: str) -> None:
     assert data.num_classes == 10 and data.train.x.dtype == torch.float32
     expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"]).float().unsqueeze(1) / 255
     torch.testing.assert_close(data.test.x, expected)
-
 
 def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     given, env, cwd_data, system = (tmp_path / d for d in ("given", "env", "data", "system"))
@@ -118,7 +110,6 @@ def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = [DATASETS.get("fashion_mnist").load(DataConfig(data_dir=str(d))) for d in (given, env)]
     assert [int(raw.train_y[0]) for raw in loaded] == [0, 0]  # env: its FashionMNIST/raw copy
     assert int(DATASETS.get("fashion_mnist").load(DataConfig()).train_y[0]) == 3  # system
-
 
 def test_not_found_names_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     system = tmp_path / "usr-share"
@@ -142,7 +133,6 @@ def test_not_found_names_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert calls == [("fashion_mnist", tmp_path / "given")]
     assert isinstance(err.value, FileNotFoundError)
 
-
 def test_download_is_the_last_resort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPSEARCH_DATA", str(tmp_path / "env"))
     monkeypatch.setattr(_data, "_download",
@@ -150,7 +140,6 @@ def test_download_is_the_last_resort(tmp_path: Path, monkeypatch: pytest.MonkeyP
     data = load_data(DataConfig(dataset="fashion_mnist"))
     assert data.train.x.shape == (40, 1, 6, 5)
     assert (tmp_path / "env" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
-
 
 @pytest.mark.parametrize("dataset, hint", [("mnist", "MNIST/raw"),
                                            ("cifar10", "cifar-10-batches-py/data_batch_1")])
@@ -161,13 +150,11 @@ def test_absent_datasets_say_how_to_fix(tmp_path: Path, dataset: str, hint: str)
     assert hint in message and str(tmp_path / "data") in message
     assert "HPSEARCH_DATA" in message and "download=True" in message
 
-
 def test_mnist_reads_its_own_layout(tmp_path: Path) -> None:
     write_fake_idx_dataset(tmp_path / "data" / "MNIST" / "raw")
     assert load_data(DataConfig(dataset="mnist")).train.x.shape == (40, 1, 6, 5)
     with pytest.raises(DataNotFoundError):  # FashionMNIST must not pick up MNIST's folder
         load_data(DataConfig(dataset="fashion_mnist"))
-
 
 def test_registry_and_unknown_names() -> None:
     assert sorted(DATASETS) == ["cifar10", "fashion_mnist", "mnist", "synthetic"]
@@ -176,7 +163,6 @@ def test_registry_and_unknown_names() -> None:
         load_data(DataConfig(dataset="fashion_mnst"))
     with pytest.raises(ConfigError, match="size"):
         load_data(DataConfig(dataset="mnist", size=10))
-
 
 @pytest.mark.parametrize("bad, key", [
     ({"dataset": "cifar"}, "'cifar10'"),
@@ -195,17 +181,13 @@ def test_check_data_config_reads_no_data(bad: dict, key: str,
         check_data_config(DataConfig(**bad))
     check_data_config(DataConfig())
 
-
 # ----------------------------------------------------------------------------- splits
-
 
 def rows(x: torch.Tensor) -> set[bytes]:
     return {r.numpy().tobytes() for r in x.flatten(1)}
 
-
 def synth(**kw) -> DataConfig:
     return DataConfig(**{"dataset": "synthetic", "size": 1000, "normalize": False, **kw})
-
 
 def test_split_sizes_disjoint_and_complete() -> None:
     data = load_data(synth(val_fraction=0.2))
@@ -218,7 +200,6 @@ def test_split_sizes_disjoint_and_complete() -> None:
     merged = load_data(synth(val_fraction=0.2), merge_val=True)
     assert merged.val is None and rows(merged.train.x) == rows(raw.train_x)
 
-
 def test_split_is_seeded() -> None:
     a, b = load_data(synth(seed=1)), load_data(synth(seed=2))
     _data.clear_cache()
@@ -227,7 +208,6 @@ def test_split_is_seeded() -> None:
     assert torch.equal(a.val.y, again.val.y)
     assert not torch.equal(a.val.y, b.val.y)
     assert rows(a.train.x) | rows(a.val.x) == rows(b.train.x) | rows(b.val.x)  # same examples
-
 
 @pytest.mark.parametrize("classes", [(3, 7), (7, 3, 0)])
 def test_classes_relabel_in_given_order(classes: tuple[int, ...]) -> None:
@@ -246,7 +226,6 @@ def test_classes_relabel_in_given_order(classes: tuple[int, ...]) -> None:
     with pytest.raises(ConfigError, match="classes"):
         load_data(synth(classes=(1, 10)))
 
-
 def test_train_subset() -> None:
     full, sub = load_data(synth(val_fraction=0.2)), load_data(synth(val_fraction=0.2,
                                                                     train_subset=100))
@@ -254,7 +233,6 @@ def test_train_subset() -> None:
     assert rows(sub.train.x) <= rows(full.train.x)
     with pytest.raises(ConfigError, match="train_subset"):
         load_data(synth(val_fraction=0.2, train_subset=801))
-
 
 def test_normalization_uses_train_stats_only() -> None:
     data = load_data(synth(normalize=True, val_fraction=0.5, train_subset=100), include_test=True)
@@ -269,14 +247,12 @@ def test_normalization_uses_train_stats_only() -> None:
         torch.testing.assert_close(normed.x, (raw.x - m) / s)
     assert plain.mean == (0.0,) and plain.std == (1.0,)
 
-
 def test_uint8_scaled_to_unit_range(tmp_path: Path) -> None:
     write_fake_idx_dataset(tmp_path / "data")
     data = load_data(DataConfig(dataset="mnist", normalize=False))
     assert 0.0 <= float(data.train.x.min()) and float(data.train.x.max()) <= 1.0
     normed = load_data(DataConfig(dataset="mnist"))
     assert 0.4 < normed.mean[0] < 0.6 and 0.2 < normed.std[0] < 0.4  # uniform bytes
-
 
 def test_cache_returns_the_same_tensors() -> None:
     config = synth()
@@ -291,7 +267,6 @@ def test_cache_returns_the_same_tensors() -> None:
     test = load_data(config, include_test=True).test
     assert test.x.data_ptr() != raw.test_x.data_ptr() and raw.test_x.abs().max() > 1.5
 
-
 def test_synthetic_is_fast_and_fixed() -> None:
     start = time.perf_counter()
     raw = DATASETS.get("synthetic").load(DataConfig(dataset="synthetic"))
@@ -299,7 +274,6 @@ def test_synthetic_is_fast_and_fixed() -> None:
     assert raw.train_x.shape == (2048, 1, 8, 8) and raw.test_x.shape == (512, 1, 8, 8)
     bigger = DATASETS.get("synthetic").load(synth(size=4096))
     assert torch.equal(raw.test_x, bigger.test_x)
-
 
 def test_synthetic_is_learnable() -> None:
     torch.manual_seed(0)
@@ -317,13 +291,10 @@ def test_synthetic_is_learnable() -> None:
         accuracy = (model(data.val.x).argmax(1) == data.val.y).float().mean()
     assert accuracy > 0.8
 
-
 # ----------------------------------------------------------------------------- augmentation
-
 
 def batch(n: int = 64) -> torch.Tensor:
     return torch.randn(n, 3, 10, 12, generator=torch.Generator().manual_seed(1))
-
 
 def test_flip_flips_about_half() -> None:
     x = batch()
@@ -332,7 +303,6 @@ def test_flip_flips_about_half() -> None:
     kept = (out == x).flatten(1).all(1)
     assert out.shape == x.shape and bool((flipped | kept).all())
     assert 16 <= int(flipped.sum()) <= 48
-
 
 def test_crop_shifts_each_example() -> None:
     x, p = batch(), _data.CROP_PAD
@@ -347,7 +317,6 @@ def test_crop_shifts_each_example() -> None:
         offsets.append(found[0])
     assert len(set(offsets)) > 10  # per-example offsets, not one shift for the batch
 
-
 def test_augment_is_seeded_and_pure() -> None:
     x = batch()
     before = x.clone()
@@ -356,14 +325,12 @@ def test_augment_is_seeded_and_pure() -> None:
     assert torch.equal(a, b) and torch.equal(x, before)
     assert augment_batch(x, (), torch.Generator()) is x
 
-
 def test_bad_augment_names() -> None:
     with pytest.raises(ConfigError, match=r"'rotate'.*crop, flip"):
         augment_batch(batch(), ("flip", "rotate"), torch.Generator())
     with pytest.raises(ConfigError, match="'flp'"):  # at load time, before any training
         load_data(DataConfig(dataset="fashion_mnist", augment=("flp",)))
     assert load_data(synth(augment=("flip",))) is load_data(synth())  # augment: per batch
-
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device() -> None:
@@ -374,9 +341,7 @@ def test_cuda_device() -> None:
         out = augment_batch(batch().cuda(), ("crop", "flip"), generator.manual_seed(0))
         assert out.device.type == "cuda" and out.shape == (64, 3, 10, 12)
 
-
 # ----------------------------------------------------------------------------- real data
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="apt install dataset-fashion-mnist")

@@ -120,7 +120,7 @@ def test_config_object_accepted():
 
 
 def test_trainers_never_import_optuna_or_search():
-    """The dependency direction of DESIGN.md: search imports trainers, never the reverse."""
+    """The dependency direction: search imports trainers, never the reverse."""
     root = Path(__file__).resolve().parents[2] / "trainers"
     for path in root.rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -1,0 +1,152 @@
+"""`run` and `worker`: a study created or joined, then trials run until the budget is met.
+
+One worker runs in this process; several run as supervised child processes, each pinned to its
+slot. A child started by a supervisor runs with no display and ends on SIGTERM as on Ctrl-C.
+What is shown comes from the `Display` the caller passes in (`search.views.RunDisplay`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from search._errors import SpecError
+from search._urls import redact, resolve_url
+from search.run._lr_find import for_new_study, needs_test
+from search.run._slots import Slot
+from search.run._study import create_or_load, reseed
+from search.run._supervisor import Display, supervise
+from search.run._warm_start import load_source, parse_source, warm_start
+from search.run._worker import WorkerError, run_worker
+from search.spec import StudySpec, auto_lr_key
+from search.storage import (
+    backend_of,
+    budget_lock,
+    budget_of,
+    count_trials,
+    load,
+    open_storage,
+    quiet_optuna_warnings,
+    storage_of,
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What `run` or `worker` was asked for (None: the study file's or the default)."""
+
+    storage: str | None = None
+    trials: int | None = None
+    timeout_s: float | None = None
+    create_only: bool = False
+    lr_find: bool = False
+    warm_start: str | None = None
+    warm_start_storage: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    worker_index: int | None = None  # set on the processes a supervisor starts
+
+def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = None,
+              name: str | None = None,
+              display: Callable[[StudySpec, int], Display] | None = None) -> int:
+    """Create (`spec`) or join (`name`) the study and run its trials; the exit code."""
+    quiet_optuna_warnings()
+    url = resolve_url(launch.storage)
+    if spec is None:
+        # A worker learns the heartbeat settings from the stored spec: open once to read it.
+        _, spec = load(name, open_storage(url, must_exist=True))
+    storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
+                           grace_period=spec.run.grace_period)
+    if name is None:
+        study, spec = _create(launch, spec, storage)
+    else:
+        study, spec = load(name, storage)
+    if launch.create_only:
+        counts = count_trials(study)
+        print(f"study {spec.name!r} ready in {redact(url)}: {counts.finished}/"
+              f"{budget_of(study, spec)} trials finished; workers join with "
+              f"`hpsearch worker {spec.name} --storage URL`")
+        return 0
+    timeout = launch.timeout_s or spec.budget.timeout_s
+    # Each process its own seed: the supervisor's children by index, a joining worker by pid.
+    reseed(study, spec, launch.worker_index if launch.worker_index is not None
+           else (0 if name is None else None))
+    if launch.worker_index is not None or display is None:
+        return _child_worker(study, spec, launch, timeout, url)
+    budget = budget_of(study, spec)
+    counts = count_trials(study)
+    hint = f" --storage {redact(launch.storage)}" if launch.storage else ""
+    dashboard = redact(url)
+    with display(spec, budget) as shown:
+        shown.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
+        if len(slots) > 1:
+            code = supervise(study, spec, url, slots, display=shown, timeout_s=timeout)
+            shown.finish(study, count_trials(study), hint, dashboard)
+            return code
+        device = launch.device or ("cuda" if slots[0].device == "cuda" else None)
+        try:
+            summary = run_worker(
+                study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
+                on_trial=lambda s, t: shown.trial(s, t, count_trials(s)),
+                on_epoch=shown.epoch,
+            )
+        except WorkerError as e:
+            shown.console.print(f"[red]error:[/] {e}")
+            shown.finish(study, count_trials(study), hint, dashboard)
+            return 1
+    counts = count_trials(study)
+    shown.finish(study, counts, hint, dashboard)
+    if summary.stopped == "timeout" and counts.finished < budget:
+        shown.console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/"
+                            f"{budget} trials finished; run the same command again to continue")
+    return 0
+
+def _create(launch: Launch, spec: StudySpec, storage: Any) -> tuple[optuna.Study, StudySpec]:
+    """`run`: the LR range test when asked for, the study, then any warm start."""
+    source = None
+    if launch.warm_start:  # a bad source is refused before anything is created
+        source_name, k = parse_source(launch.warm_start)
+        label = None
+        source_storage = storage
+        if launch.warm_start_storage:
+            label = redact(resolve_url(launch.warm_start_storage))
+            source_storage = open_storage(launch.warm_start_storage, must_exist=True)
+        source = load_source(source_name, source_storage, target=spec.name, storage_label=label)
+    elif launch.warm_start_storage:
+        raise SpecError("--warm-start-storage: goes with --warm-start STUDY[:k]")
+    lr_find = None
+    if needs_test(spec, force=launch.lr_find):
+        spec, lr_find = for_new_study(spec, storage, device=launch.device)
+    study = create_or_load(spec, storage, trials=launch.trials, lr_find=lr_find)
+    if auto_lr_key(spec) is not None:  # an existing study: its stored lr range is the one
+        study, spec = load(spec.name, storage)
+    if source is not None:
+        print(warm_start(study, spec, source, k=k, storage_label=label).describe(), flush=True)
+    return study, spec
+
+def _child_worker(study: optuna.Study, spec: StudySpec, launch: Launch,
+                  timeout: float | None, url: str) -> int:
+    """A worker process started by a supervisor: no display, SIGTERM ends it like Ctrl-C."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_worker(study, spec, device=launch.device, threads=launch.threads, timeout_s=timeout,
+                   lock=budget_lock(url, spec.name))
+    except WorkerError as e:
+        print(f"worker {launch.worker_index}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        # A gRPC proxy client left open races the interpreter's exit (epoll errors, a
+        # non-zero code): close it while the process is still whole.
+        close = getattr(backend_of(storage_of(study)), "close", None)
+        if callable(close):
+            close()
+    return 0

@@ -1,0 +1,221 @@
+"""The objective: a trial's sampled params → a trainer config → `trainers.train` → a value.
+
+Optuna stays on this side: the trainer reports through `on_epoch`, and this module turns the
+pruner's verdict into `StopTraining` (inside the trainer) and then `TrialPruned` (for Optuna),
+the way the Lightning pruning callback keeps Optuna out of training code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+
+import trainers
+from search.run._history import history_record
+from search.spec import base_train_config, suggest, train_config_for
+from search.storage import retried_from as retry_link
+from search.storage import set_user_attrs, with_result, with_retry, written_attrs
+
+if TYPE_CHECKING:
+    import optuna
+
+    import trainers
+    from search.run._artifacts import ArtifactRecorder
+    from search.spec import StudySpec
+
+def metric_value(metric: str, history: list[trainers.EpochMetrics]) -> float:
+    """An objective metric of a run: the last epoch's value, or the mean of epoch_seconds."""
+    if metric == "epoch_seconds":
+        return sum(m.epoch_seconds for m in history) / len(history)
+    return float(getattr(history[-1], metric))
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial ended, as the worker saw it: enough to show it without reading it back."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL
+    values: list[float] | None
+    last_value: float | None  # the last reported value (pruned trials have no final value)
+    params: dict[str, Any]
+    epochs_run: int
+    seconds: float
+    ended: str
+
+class Objective:
+    """Callable for `study.optimize`: trains one trial and returns its objective value(s)."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        checkpoint_root: str | os.PathLike[str] | None = None,
+        on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
+        artifacts: ArtifactRecorder | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.threads = threads
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        self.on_epoch = on_epoch
+        self.artifacts = artifacts
+        self.metrics = spec.objective.metric_names
+        self.host = socket.gethostname()
+        self.last: TrialOutcome | None = None
+        self._to_clear: list[Path | None] = []
+
+    def creation_attrs(self) -> dict[str, Any]:
+        """The start attrs every trial of this worker shares (host, pid, and the device where
+        the space does not choose it): written with the trial as it is created."""
+
+        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid()}
+        if "device" not in self.spec.space:
+            try:
+                device = self.device or base_train_config(self.spec).device
+                attrs["device"] = str(trainers.resolve_device(device))
+            except Exception:  # noqa: BLE001 - the trial reports it, with the trial's config
+                pass
+        return attrs
+
+    def checkpoint_dir(self, number: int) -> Path | None:
+        if self.checkpoint_root is None:
+            return None
+        return self.checkpoint_root / self.spec.name / f"trial-{number}"
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+
+        start_attrs: dict[str, Any] = {}
+        params = suggest(trial, self.spec, user_attrs=start_attrs)
+        single = len(self.metrics) == 1
+
+        def report(m: trainers.EpochMetrics) -> None:
+            if self.on_epoch is not None:
+                self.on_epoch(trial.number, m)
+            if single:
+                value = getattr(m, self.metrics[0])
+                if math.isfinite(value):
+                    with_retry(lambda: trial.report(float(value), m.epoch), what="reporting")
+                if with_retry(trial.should_prune, what="asking the pruner"):
+                    raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
+
+        started = time.perf_counter()
+        self.last = None
+        device = ""
+        try:
+            config = train_config_for(self.spec, params)
+            overrides: dict[str, Any] = {}
+            if self.device:
+                overrides["device"] = self.device
+            if self.threads:
+                overrides["threads"] = self.threads
+            config = config.replace(**overrides) if overrides else config
+            start_attrs.update(host=self.host, pid=os.getpid(), device=config.device)
+            device = str(trainers.resolve_device(config.device))
+            start_attrs["device"] = device
+            # A retry of a trial whose worker died resumes from that trial's last checkpoint.
+            retried_from = retry_link(trial)
+            if retried_from is not None:
+                start_attrs["retried_from"] = retried_from
+            # What the storage wrote as it created the trial and set its parameters is not
+            # written again: a trial this worker created needs no transaction here.
+            written = written_attrs(trial)
+            left = {k: v for k, v in start_attrs.items()
+                    if k not in written or written[k] != v}
+            if left:
+                with_retry(lambda: set_user_attrs(trial, left), what="starting a trial")
+            store = self._checkpoint_store(trial.number, retried_from)
+            result = trainers.train(config, report, store)
+        except Exception as e:
+            ended = f"error: {type(e).__name__}: {e}"[:500]
+            seconds = round(time.perf_counter() - started, 3)
+            attrs = {**start_attrs, "ended": ended, "seconds": seconds}
+            with_retry(lambda: set_user_attrs(trial, attrs), what="recording a failure")
+            self.last = TrialOutcome(trial.number, "FAIL", None, None, params, 0, seconds, ended)
+            raise
+        except KeyboardInterrupt:
+            set_user_attrs(trial, {"ended": "interrupted",
+                                   "seconds": round(time.perf_counter() - started, 3)})
+            raise
+        finally:
+            if device.startswith("cuda"):
+
+                torch.cuda.empty_cache()
+
+        end_attrs: dict[str, Any] = {
+            "history": [history_record(m) for m in result.history],
+            "epochs_run": result.epochs_run,
+            "seconds": round(result.seconds, 3),
+            "parameters": result.parameters,
+            "trained_parameters": result.trained_parameters,
+            "ended": result.reason if result.status != "completed" else "completed",
+        }
+        if retried_from is not None:
+            end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        if result.notes:  # what loading model.weights did: which heads were re-initialized
+            end_attrs["weights_notes"] = list(result.notes)
+        links: dict[str, str] = {}
+        if self.artifacts is not None:
+            # Now, while the trial is live: Optuna attaches artifacts only to a running trial.
+            # Their links are written with the result: one transaction.
+            written = self.artifacts.write(trial, result, config, end_attrs["history"])
+            if written is not None:
+                end_attrs["artifact_seconds"] = round(written.seconds, 3)
+                links = written.links
+        # Written with the trial's state as Optuna tells it (one transaction) where the storage
+        # allows it, else now.
+        if not with_result(trial, end_attrs, links):
+            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
+                       what="recording a result")
+        if store is not None and not self.spec.run.keep_checkpoints:
+            # Deleted once the result is safely told (`clear_checkpoints`), not here: if the
+            # storage fails before that, the trial goes stale and its retry resumes from them.
+            self._to_clear = [store.directory] + (
+                [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
+        values = None
+        if result.status == "completed":
+            values = [metric_value(metric, list(result.history)) for metric in self.metrics]
+        last = (float(getattr(result.history[-1], self.metrics[0])) if result.history
+                else None)
+        self.last = TrialOutcome(trial.number, "COMPLETE" if values else "PRUNED", values, last,
+                                 params, result.epochs_run, end_attrs["seconds"],
+                                 end_attrs["ended"])
+        if values is None:
+            # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
+            # so it is pruned too; the budget counts it and the sampler learns from it.
+            raise optuna.TrialPruned(result.reason)
+        return values[0] if single else values
+
+    def _checkpoint_store(self, number: int, retried_from: int | None
+                          ) -> trainers.CheckpointStore | None:
+
+        directory = self.checkpoint_dir(number)
+        if directory is None:
+            return None
+        if retried_from is None:
+            # A new trial number resumes nothing: what is there was left by another study of
+            # the same name (an earlier storage, a killed run) and must not be mistaken for ours.
+            shutil.rmtree(directory, ignore_errors=True)
+            return trainers.CheckpointStore(directory)
+        dead = self.checkpoint_dir(retried_from)
+        if dead is not None and dead.exists() and not directory.exists():
+            shutil.copytree(dead, directory)
+        return trainers.CheckpointStore(directory)
+
+    def clear_checkpoints(self) -> None:
+        """Delete the checkpoints of the last trial (and of the dead trial it resumed)."""
+        for directory in self._to_clear:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+        self._to_clear = []

@@ -1,0 +1,139 @@
+"""`hpsearch retrain NAME`: the honest final test of a search.
+
+The validation split chose the hyperparameters, so its accuracy flatters them. The best
+configuration is trained again on train + validation and evaluated on the test set once per
+seed; nothing before this command reads the test set. The weights (one state_dict per seed),
+the full config and the test metrics go to a folder, and the summary to the study's user
+attribute ``hpsearch_retrain``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from optuna.trial import TrialState
+
+import trainers
+from search._errors import SearchError, SpecError
+from search.spec import params_from_optuna, train_config_for
+from search.storage import RETRAIN_ATTR, load, open_storage, quiet_optuna_warnings
+
+if TYPE_CHECKING:
+    import optuna
+
+    import trainers
+    from search.spec import StudySpec
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    # Sample standard deviation: the seeds are a sample of the run-to-run spread.
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "per_seed": values}
+
+def final_test(
+    config: trainers.TrainConfig,
+    *,
+    seeds: int = 1,
+    out: Path | None = None,
+    on_seed: Callable[[int, trainers.TrainResult], None] | None = None,
+) -> dict[str, Any]:
+    """Train `config` on train+val with seeds config.seed … config.seed+seeds-1, test each once.
+
+    Returns {"test_accuracy": {mean, std, per_seed}, "test_loss": {…}, "seeds", "epochs",
+    "seed_values", "seconds"}. With `out`, writes model-seed<s>.pt per seed and config.yaml.
+    """
+
+    accuracies, losses, seconds = [], [], 0.0
+    seed_values = [config.seed + i for i in range(seeds)]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    for seed in seed_values:
+        result = trainers.train(config.replace(seed=seed), evaluate_test=True, merge_val=True)
+        if result.test_accuracy is None or result.test_loss is None:
+            raise SearchError(f"retrain: seed {seed} did not finish ({result.reason}); "
+                              "no test result")
+        accuracies.append(result.test_accuracy)
+        losses.append(result.test_loss)
+        seconds += result.seconds
+        if out is not None and result.model is not None:
+            torch.save(result.model.state_dict(), out / f"model-seed{seed}.pt")
+        if on_seed is not None:
+            on_seed(seed, result)
+    return {"test_accuracy": _spread(accuracies), "test_loss": _spread(losses),
+            "seeds": seeds, "epochs": config.epochs, "seed_values": seed_values,
+            "seconds": round(seconds, 2)}
+
+def chosen_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """The best trial, or trial `number` (COMPLETE or PRUNED); SpecError/SearchError if none."""
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    if number is not None:
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not trials or trials[0].state not in finished:
+            raise SpecError(f"--trial: expected a finished trial of study {study.study_name!r}, "
+                            f"got {number}")
+        return trials[0]
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise SearchError(f"study {study.study_name!r} has no completed trial yet")
+    if len(study.directions) > 1:
+        numbers = ", ".join(f"#{t.number}" for t in study.best_trials)
+        raise SpecError(f"study {study.study_name!r} has several objectives: choose one of its "
+                        f"best trials ({numbers}) with --trial")
+    return study.best_trial
+
+def retrain(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    out: Path,
+    epochs: int | None = None,
+    seeds: int = 1,
+    trial: int | None = None,
+    device: str | None = None,
+    on_seed: Callable[[int, trainers.TrainResult], None] | None = None,
+) -> dict[str, Any]:
+    """Retrain the best (or the given) trial's config and test it; stored on the study too."""
+
+    chosen = chosen_trial(study, trial)
+    params = params_from_optuna(spec, chosen.params)
+    config = train_config_for(spec, params)
+    changes: dict[str, Any] = {"epochs": epochs or spec.budget.epochs}
+    if device:
+        changes["device"] = device
+    config = config.replace(**changes)
+    summary = final_test(config, seeds=seeds, out=out, on_seed=on_seed)
+    summary.update(trial=chosen.number, out=str(out), params=params)
+    (out / "results.json").write_text(json.dumps({"study": spec.name, **summary}, indent=2))
+    study.set_user_attr(RETRAIN_ATTR, summary)
+    return summary
+
+def retrain_and_report(name: str, storage: str | None, *, out: Path | None = None,
+                       epochs: int | None = None, seeds: int = 1, trial: int | None = None,
+                       device: str | None = None) -> None:
+    """`hpsearch retrain`: retrain a study's best (or chosen) trial and print the test result."""
+    quiet_optuna_warnings()
+    study, spec = load(name, open_storage(storage, must_exist=True))
+    out = out or Path(f"retrain-{name}")
+    chosen = chosen_trial(study, trial)
+    epochs = epochs or spec.budget.epochs
+    print(f"retraining trial #{chosen.number} of {name!r} on train+validation for "
+          f"{epochs} epochs, {seeds} seed(s); the test set is read once per seed", flush=True)
+
+    def show(seed: int, result: trainers.TrainResult) -> None:
+        print(f"  seed {seed}: test accuracy {result.test_accuracy:.4f}, loss "
+              f"{result.test_loss:.4f} ({result.epochs_run} epochs, {result.seconds:.1f} s)",
+              flush=True)
+
+    s = retrain(study, spec, out=out, epochs=epochs, seeds=seeds, trial=chosen.number,
+                device=device, on_seed=show)
+    acc, loss = s["test_accuracy"], s["test_loss"]
+    spread = f" ± {acc['std']:.4f}" if seeds > 1 else ""
+    print(f"test accuracy {acc['mean']:.4f}{spread}, test loss {loss['mean']:.4f} "
+          f"(trial #{s['trial']}, {epochs} epochs, {seeds} seed(s)); weights, config "
+          f"and results.json in {out}/, summary in study attr {RETRAIN_ATTR}")

@@ -1,0 +1,186 @@
+"""A worker: runs trials of one study until the global budget is met.
+
+The budget counts COMPLETE + PRUNED trials of every worker; the storage admits each new trial
+against it (`search.storage.worker_study`). When the running trials would meet the budget the
+worker waits rather than start another, and a dead worker's trial comes back as a WAITING retry
+that a waiting worker picks up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import optuna
+
+from search._errors import SearchError
+from search.run._artifacts import ArtifactRecorder, write_study_note
+from search.run._objective import Objective
+from search.spec import real_value_attrs
+from search.storage import (
+    BudgetReached,
+    Counts,
+    DatabaseLock,
+    FileLock,
+    NullLock,
+    WorkerHeartbeat,
+    beat_written,
+    budget_of,
+    count_trials,
+    is_connection_error,
+    set_budget,
+    trial_id_of,
+    with_retry,
+    worker_study,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    import trainers
+    from search.run._artifacts import ArtifactRecorder
+    from search.run._objective import TrialOutcome
+    from search.spec import StudySpec
+
+POLL_S = 1.0
+BUDGET_REFRESH_S = 30.0
+
+class WorkerError(SearchError):
+    """The worker gave up (for instance after too many failed trials in a row)."""
+
+@dataclass
+class WorkerSummary:
+    trials: int = 0
+    failed_in_row: int = 0
+    stopped: str = ""  # why the worker stopped: budget, timeout, failures
+
+def run_worker(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    timeout_s: float | None = None,
+    on_trial: Callable[[optuna.Study, TrialOutcome], None] | None = None,
+    on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
+    on_wait: Callable[[Counts], None] | None = None,
+    lock: NullLock | FileLock | DatabaseLock | None = None,
+    artifacts: ArtifactRecorder | None | bool = True,
+) -> WorkerSummary:
+    """Run trials until the study's budget is met or `timeout_s` passes; return a summary.
+
+    `artifacts`: True records each trial's charts and metrics in the store next to the storage
+    (or $HPSEARCH_ARTIFACTS), a recorder records them there, False/None records none.
+    """
+
+    write_study_note(study, spec)  # once per study: kept if present (or edited by hand)
+    if artifacts is True:
+        artifacts = ArtifactRecorder.for_study(study)  # a bad $HPSEARCH_ARTIFACTS stops here
+    recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
+    checkpoint_root = spec.run.checkpoint_dir or "checkpoints"
+    objective = Objective(spec, device=device, threads=threads, checkpoint_root=checkpoint_root,
+                          on_epoch=on_epoch, artifacts=recorder)
+    summary = WorkerSummary()
+    deadline = time.monotonic() + timeout_s if timeout_s else math.inf
+    # Optuna logs every trial at INFO; the progress display says it better.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def read_budget() -> int:
+        return with_retry(lambda: budget_of(study, spec), what="reading the budget")
+
+    budget, budget_read = read_budget(), time.monotonic()
+    lock = lock or NullLock()
+    heartbeat = WorkerHeartbeat(study)
+    # Trials start through a view that checks the budget in the transaction creating the trial
+    # and writes its first beat there (Optuna's per-trial heartbeat off: ours beats).
+    optimizing = worker_study(study, budget, created_attrs=objective.creation_attrs(),
+                              param_attrs=real_value_attrs(spec))
+    storage_admits = optimizing is not study
+
+    def run_trial(trial: optuna.Trial) -> float | list[float]:
+        lock.release()  # the new trial exists: others may count it now
+        trial_id, written = trial_id_of(trial), beat_written(optimizing, trial)
+        with_retry(lambda: heartbeat.begin(trial_id, written=written),
+                   what="starting a trial")
+        try:
+            return objective(trial)
+        finally:
+            heartbeat.end()
+
+    def start_trial() -> None:
+        if not storage_admits:  # the gRPC proxy: count first (no lock there either)
+            counts = with_retry(lambda: count_trials(study), what="counting trials")
+            if counts.finished >= budget or (counts.finished + counts.running >= budget
+                                             and counts.waiting == 0):
+                raise BudgetReached(counts)
+        # No Optuna callback: it would read the finished trial back from the storage, and the
+        # objective already knows how the trial ended.
+        optimizing.optimize(run_trial, n_trials=1, catch=(Exception,), gc_after_trial=False)
+
+    try:
+        while True:
+            # Dead workers' trials fail (and queue their retries) before they are counted.
+            with_retry(heartbeat.fail_stale, what="checking for dead workers")
+            if time.monotonic() - budget_read > BUDGET_REFRESH_S:
+                # `run --trials` elsewhere may have moved the budget: read it now and then
+                # (and before stopping), not before every trial: it is one more query.
+                budget, budget_read = read_budget(), time.monotonic()
+                set_budget(optimizing, budget)
+            if time.monotonic() >= deadline:
+                summary.stopped = "timeout"
+                break
+            # SQLite and MySQL: held from the budget check until this worker's trial exists,
+            # so two workers never both take the last slot (PostgreSQL: the study's row lock).
+            with_retry(lock.acquire, what="taking the budget lock")
+            try:
+                start_trial()
+            except BudgetReached as full:
+                lock.release()
+                counts = full.counts
+                if counts.finished >= budget:
+                    budget, budget_read = read_budget(), time.monotonic()
+                    set_budget(optimizing, budget)
+                    if counts.finished >= budget:
+                        summary.stopped = "budget"
+                        break
+                    continue
+                if counts.waiting:  # a retry was queued meanwhile: take it
+                    continue
+                # The last trials are running elsewhere. Fail the stale ones (dead workers)
+                # so their retries get queued, then look again.
+                with_retry(lambda: heartbeat.fail_stale(now=True),
+                           what="checking for dead workers")
+                if on_wait is not None:
+                    on_wait(counts)
+                time.sleep(POLL_S)
+                continue
+            except Exception as e:
+                # The storage went away outside the objective (asking for or telling a trial):
+                # wait for it and go on. A trial left RUNNING goes stale and is retried.
+                if not is_connection_error(e):
+                    raise
+                lock.release()
+                with_retry(lambda: count_trials(study), what="waiting for the storage")
+                continue
+            finally:
+                lock.release()
+            objective.clear_checkpoints()
+            outcome = objective.last
+            summary.trials += 1
+            failed = outcome is None or outcome.state == "FAIL"
+            summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
+            if outcome is not None and on_trial is not None:
+                on_trial(optimizing, outcome)  # its cache already holds the trial
+            if summary.failed_in_row >= spec.run.max_failures_in_row:
+                summary.stopped = "failures"
+                raise WorkerError(
+                    f"{summary.failed_in_row} trials failed in a row; stopping this worker "
+                    "rather than burning the budget on a broken setup (see `hpsearch status "
+                    f"{spec.name}` for the reasons)"
+                )
+    finally:
+        heartbeat.close()
+    return summary

@@ -1,0 +1,73 @@
+"""The study file: its schema, validation against the trainer, the search space and its mapping
+onto Optuna's distributions, and the samplers and pruners it names.
+
+`load_spec` reads and checks a file (every problem one SpecError naming the key); a `StudySpec`
+then gives each trial its parameters (`suggest`), its trainer config (`train_config_for`) and
+the study its sampler and pruner. Nothing here touches a storage.
+"""
+
+from __future__ import annotations
+
+from search.spec._algorithms import PRUNERS, SAMPLERS
+from search.spec._entries import AutoEntry, ChoicesEntry, Entry, GridEntry, Pow2Entry, RangeEntry
+from search.spec._knobs import canonical, constant_values, constants_of
+from search.spec._model import same, show
+from search.spec._schema import METRICS, StudySpec
+from search.spec._space import (
+    auto_lr_key,
+    distributions,
+    enqueue_params,
+    grid_search_space,
+    lr_key,
+    params_from_optuna,
+    real_value_attrs,
+    suggest,
+)
+from search.spec._study_file import (
+    SPEC_VERSION,
+    base_train_config,
+    build_pruner,
+    build_sampler,
+    describe,
+    load_spec,
+    parse_spec,
+    spec_from_json,
+    spec_to_json,
+    train_config_for,
+)
+
+__all__ = [
+    "METRICS",
+    "PRUNERS",
+    "SAMPLERS",
+    "SPEC_VERSION",
+    "AutoEntry",
+    "ChoicesEntry",
+    "Entry",
+    "GridEntry",
+    "Pow2Entry",
+    "RangeEntry",
+    "StudySpec",
+    "auto_lr_key",
+    "base_train_config",
+    "build_pruner",
+    "build_sampler",
+    "canonical",
+    "constant_values",
+    "constants_of",
+    "describe",
+    "distributions",
+    "enqueue_params",
+    "grid_search_space",
+    "load_spec",
+    "lr_key",
+    "params_from_optuna",
+    "parse_spec",
+    "real_value_attrs",
+    "same",
+    "show",
+    "spec_from_json",
+    "spec_to_json",
+    "suggest",
+    "train_config_for",
+]

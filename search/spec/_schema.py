@@ -1,0 +1,213 @@
+"""The study file's schema: strict pydantic models for every top-level key.
+
+The shape of a file and each value's type and range are checked here; every setting against
+the trainer's own config is `_study_file`'s second pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Annotated, Any
+
+import optuna
+from pydantic import (
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+from search.spec._algorithms import PRUNERS as _PRUNER_INFO
+from search.spec._algorithms import SAMPLERS as _SAMPLER_INFO
+from search.spec._entries import SpaceEntry
+from search.spec._model import Number, SpecModel, did_you_mean, show, spec_error
+
+METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epoch_seconds")
+DIRECTIONS = ("minimize", "maximize")
+# The registries live with the factories; the spec only needs names and Optuna classes.
+SAMPLERS = {name: info.optuna_class for name, info in _SAMPLER_INFO.items()}
+PRUNERS = {name: info.optuna_class for name, info in _PRUNER_INFO.items()}
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+def default_direction(metric: str) -> str:
+    """Accuracies are maximized; losses and seconds minimized."""
+    return "maximize" if metric.endswith("accuracy") else "minimize"
+
+def _one_of(choices: tuple[str, ...] | list[str], what: str) -> Any:
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        guess = did_you_mean(value, list(choices)) if isinstance(value, str) else ""
+        raise spec_error(f"expected {what}: {', '.join(choices)}; got {show(value)}{guess}")
+
+    return Annotated[str, PlainValidator(check)]
+
+def _study_name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise spec_error(f"expected a study name of letters, digits, '-', '_' and '.', "
+                         f"got {show(value)}")
+    return value
+
+Metric = _one_of(METRICS, "a metric, one of")
+Direction = _one_of(DIRECTIONS, "one of")
+SamplerType = _one_of(list(SAMPLERS), "a sampler, one of")
+PrunerType = _one_of(list(PRUNERS), "a pruner, one of")
+
+class ObjectiveSpec(SpecModel):
+    """``{metric, direction}`` for one objective, ``{metrics, directions}`` for several."""
+
+    metric: Metric | None = None
+    direction: Direction | None = None
+    metrics: list[Metric] | None = None
+    directions: list[Direction] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ObjectiveSpec:
+        if self.metrics is None:
+            if self.directions is not None:
+                raise spec_error("directions go with metrics (several objectives); "
+                                 "use direction", key="directions")
+            self.metric = self.metric or "val_loss"
+            self.direction = self.direction or default_direction(self.metric)
+        else:
+            for key in ("metric", "direction"):
+                if getattr(self, key) is not None:
+                    raise spec_error(f"give {key} (one objective) or {key}s (several), "
+                                     "not both", key=key)
+            if len(self.metrics) < 2 or len(set(self.metrics)) != len(self.metrics):
+                raise spec_error(f"expected two or more distinct metrics, got "
+                                 f"{show(self.metrics)}", key="metrics")
+            if self.directions is None:
+                self.directions = [default_direction(m) for m in self.metrics]
+            if len(self.directions) != len(self.metrics):
+                raise spec_error(f"expected one direction per metric ({len(self.metrics)}), "
+                                 f"got {show(self.directions)}", key="directions")
+        pairs = zip(self.metric_names, self.direction_names, strict=True)
+        for i, (metric, direction) in enumerate(pairs):
+            if direction != default_direction(metric):
+                key = "direction" if self.metrics is None else f"directions[{i}]"
+                raise spec_error(f"expected {default_direction(metric)} for {metric}, "
+                                 f"got {show(direction)}", key=key)
+        return self
+
+    @property
+    def is_multi(self) -> bool:
+        return self.metrics is not None
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self.metrics) if self.metrics is not None else [str(self.metric)]
+
+    @property
+    def direction_names(self) -> list[str]:
+        """The directions in order, as ``optuna.create_study(directions=…)`` takes them."""
+        if self.directions is not None:
+            return list(self.directions)
+        return [str(self.direction)]
+
+class Budget(SpecModel):
+    trials: StrictInt = Field(60, ge=1)  # COMPLETE + PRUNED, across every worker
+    epochs: StrictInt = Field(10, ge=1)
+    timeout_s: Number | None = None
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise spec_error(f"expected a positive number of seconds or null, got {show(value)}")
+        return value
+
+def _check_options(options: dict[str, Any], cls: type, reserved: dict[str, str]) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    known = [n for n, p in params.items() if n != "self" and n not in reserved
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in options:
+        if key in reserved:
+            raise spec_error(reserved[key], key=f"options.{key}")
+        if key not in known:
+            raise spec_error(f"unknown option of {cls.__name__}{did_you_mean(key, known)} "
+                             f"(expected one of: {', '.join(known) or 'none'})",
+                             key=f"options.{key}")
+
+class SamplerSpec(SpecModel):
+    type: SamplerType = "tpe"
+    seed: StrictInt | None = 0
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the sampler
+
+    @model_validator(mode="after")
+    def _options(self) -> SamplerSpec:
+        _check_options(self.options, getattr(optuna.samplers, SAMPLERS[self.type]), {
+            "seed": "set sampler.seed instead",
+            "search_space": "the grid sampler takes its grid from the space",
+        })
+        return self
+
+class PrunerSpec(SpecModel):
+    type: PrunerType = "hyperband"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the pruner
+
+    @model_validator(mode="after")
+    def _options(self) -> PrunerSpec:
+        _check_options(self.options, getattr(optuna.pruners, PRUNERS[self.type]), {})
+        return self
+
+class RunSpec(SpecModel):
+    checkpoint_dir: StrictStr | None = None
+    keep_checkpoints: StrictBool = False
+    heartbeat_interval: StrictInt = Field(10, gt=0)  # seconds between a trial's heartbeats
+    grace_period: StrictInt = Field(30, gt=0)  # seconds without one before a trial is failed
+    max_failures_in_row: StrictInt = Field(5, gt=0)  # a worker stops after this many
+
+    @model_validator(mode="after")
+    def _grace(self) -> RunSpec:
+        if self.grace_period <= self.heartbeat_interval:
+            raise spec_error(f"expected more than heartbeat_interval "
+                             f"({self.heartbeat_interval}), got {self.grace_period}",
+                             key="grace_period")
+        return self
+
+class StudySpec(SpecModel):
+    """A validated study file; ``model_dump()`` is the plain dict stored with the study."""
+
+    name: Annotated[str, PlainValidator(_study_name)]
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    budget: Budget = Field(default_factory=Budget)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    data: dict[str, Any]
+    model: dict[str, Any]
+    space: dict[str, SpaceEntry]
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_pruning_for_several_objectives(cls, data: Any) -> Any:
+        # Optuna cannot prune a multi-objective study, so there the default pruner is none.
+        if isinstance(data, dict) and "pruner" not in data:
+            objective = data.get("objective")
+            if isinstance(objective, dict) and objective.get("metrics") is not None:
+                return {**data, "pruner": {"type": "none"}}
+        return data
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, space: dict[str, Any]) -> dict[str, Any]:
+        if not space:
+            raise spec_error("expected at least one parameter to search, got {}")
+        return space
+
+    @model_validator(mode="after")
+    def _objectives_and_pruning(self) -> StudySpec:
+        if self.objective.is_multi and self.pruner.type != "none":
+            raise spec_error(f"Optuna cannot prune multi-objective studies; set pruner: "
+                             f"{{type: none}}, got {show(self.pruner.type)}", key="pruner.type")
+        if self.objective.is_multi and self.sampler.type == "cmaes":
+            raise spec_error("CMA-ES optimizes a single objective; for several use tpe, nsga2, "
+                             "gp or random, got 'cmaes'", key="sampler.type")
+        return self

@@ -1,0 +1,195 @@
+"""The study file as a whole: read, validated in two passes, stored as JSON, and what it builds.
+
+``load_spec`` reads YAML, ``parse_spec`` validates it in two passes — the shape with pydantic
+(`_schema`), then every setting against the trainer's own config (``config_from_dict``) — and
+reports the first problem as ``<file>: <key path>: <what was expected>, got <value>``. From a
+spec come a trial's trainer config, the sampler and the pruner.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from pydantic import ValidationError
+
+import trainers
+from search._errors import SpecError
+from search.spec._algorithms import Settings, build
+from search.spec._knobs import canonical, check_constants, constant_values
+from search.spec._model import fail, from_pydantic, show
+from search.spec._schema import StudySpec
+from search.spec._space import (
+    auto_lr_key,
+    check_space,
+    distributions,
+    enqueue_params,
+    grid_search_space,
+)
+from trainers import ConfigError, TrainConfig, TrainerError, config_from_dict, load_data
+
+SPEC_VERSION = 1
+
+def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
+    """Validate a study file's contents; raise one SpecError naming the first bad key."""
+    try:
+        if not isinstance(data, dict):
+            raise fail("(top level)", f"expected a mapping of study settings, got {show(data)}")
+        try:
+            spec = StudySpec.model_validate(data)
+        except ValidationError as e:
+            raise from_pydantic(e) from e
+        constants = check_constants(spec)
+        check_space(spec, base_train_config(spec), constants)
+        for i, entry in enumerate(spec.enqueue):
+            enqueue_params(spec, entry, path=f"enqueue[{i}]")
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}", path=e.path) from e
+    return spec
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a YAML study file; a missing file or bad YAML is a SpecError too."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise SpecError(f"{path}: no such study file") from e
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the study file: {e.strerror}") from e
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}: invalid YAML: {problem}") from e
+    if data is None:
+        raise SpecError(f"{path}: the study file is empty")
+    spec = parse_spec(data, source=str(path))
+    _check_network(spec, path)
+    return spec
+
+_FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks")
+
+def _check_network(spec: StudySpec, path: Path) -> None:
+    """A fine-tuning study's weights file and freeze settings, checked before a study starts.
+
+    They depend on the network, so only building it tells: it is built (on the CPU, with the
+    data's shape) with the weights and with each searched `freeze` and the deepest searched
+    `freeze_blocks`, so a file that does not fit or a prefix that names nothing is one error
+    now, not a failure in every trial. Workers elsewhere need the file at the same path.
+    """
+    base = base_train_config(spec)
+    searched = {canonical(key): entry for key, entry in spec.space.items()}
+    model = base.model
+    if not (model.weights or model.freeze != "none" or model.freeze_blocks
+            or any(knob in searched for knob in _FINE_TUNING)):
+        return
+    if model.weights and not Path(model.weights).expanduser().is_file():
+        raise SpecError(f"{path}: model.weights: {model.weights}: no such file (a relative path "
+                        f"is read from the current directory, {Path.cwd()}); write it first, "
+                        f"e.g. python -m trainers CONFIG.yaml --save {model.weights}",
+                        path="model.weights")
+    variants: list[dict[str, Any]] = [{}]
+    for knob in ("model.freeze", "model.freeze_blocks"):
+        entry = searched.get(knob)
+        if entry is not None and entry.discrete():
+            values = [entry.to_real(v) for v in entry.grid()]
+            variants += ([{knob: max(values)}] if knob == "model.freeze_blocks"
+                         else [{knob: v} for v in values])
+    try:
+        data = load_data(base.data)
+        for variant in variants:
+            config = base.replace(**variant, device="cpu")
+            net = trainers.prepare_model(config.model, config.init, data.input_shape,
+                                         data.num_classes)
+            trainers.build_optimizer(net.model, config.optimizer, lr=config.optimizer.lr,
+                                     head=net.head, frozen=net.frozen,
+                                     unfreezes=config.model.unfreeze_after is not None)
+    except TrainerError as e:
+        raise SpecError(f"{path}: {e}", path=str(e).partition(":")[0]) from e
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a number (YAML 1.2) and rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)(?:\.[\d_]*)?[eE][-+]?\d+$"),
+    list("-+0123456789"),
+)
+
+def spec_to_json(spec: StudySpec) -> str:
+    """The stored form of a spec: stable JSON text, versioned."""
+    return json.dumps({"version": SPEC_VERSION, "spec": spec.model_dump(mode="json")})
+
+def spec_from_json(text: str) -> StudySpec:
+    """The spec stored with a study, validated again against this version of the trainer."""
+    try:
+        stored = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"<stored spec>: not valid JSON: {e}") from e
+    version = stored.get("version") if isinstance(stored, dict) else None
+    if version != SPEC_VERSION:
+        raise SpecError(f"<stored spec>: expected spec version {SPEC_VERSION}, got "
+                        f"{show(version)}; was the study written by another hpsearch?")
+    return parse_spec(stored["spec"], source="<stored spec>")
+
+def base_train_config(spec: StudySpec) -> TrainConfig:
+    """The trainer config every trial starts from: data, model, fixed and budget.epochs."""
+    try:
+        return config_from_dict(constant_values(spec))
+    except ConfigError as e:
+        raise SpecError(f"the study's constant settings: {e}") from e
+
+def train_config_for(spec: StudySpec, params: dict[str, Any]) -> TrainConfig:
+    """The trainer config of one trial: the base plus its flat params (real values)."""
+    try:
+        return config_from_dict(params, base=base_train_config(spec))
+    except ConfigError as e:
+        raise SpecError(f"trial params {show(params)}: {e}") from e
+
+def build_sampler(spec: StudySpec, *, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler; options the sampler rejects are a SpecError naming them.
+
+    `salt` shifts the seed: parallel workers, and a resumed study, must not replay the same
+    random draws as the first worker of the first run.
+    """
+    seed = spec.sampler.seed
+    if salt and seed is not None:
+        seed += salt
+    return build("sampler", spec.sampler.type, dict(spec.sampler.options),
+                 Settings(seed=seed, epochs=spec.budget.epochs,
+                          grid=lambda: grid_search_space(spec)))
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The study's pruner; options the pruner rejects are a SpecError naming them."""
+    return build("pruner", spec.pruner.type, dict(spec.pruner.options),
+                 Settings(seed=spec.sampler.seed, epochs=spec.budget.epochs))
+
+def describe(spec: StudySpec) -> str:
+    """One line on a valid spec: what it searches, how long, with which sampler and pruner."""
+    auto = auto_lr_key(spec)
+    dists = [f"{key} (auto: LR range test at run)" if key == auto else entry.optuna_name(key)
+             for key, entry in spec.space.items()]
+    if auto is None:
+        distributions(spec)  # every entry maps onto an Optuna distribution
+    return (f"valid study {spec.name!r}: {len(dists)} searched parameters ({', '.join(dists)}), "
+            f"{spec.budget.trials} trials x {spec.budget.epochs} epochs, "
+            f"sampler {spec.sampler.type}, pruner {spec.pruner.type}")

@@ -1,0 +1,96 @@
+"""Everything hpsearch keeps in the study storage, and the only package that touches Optuna's
+tables or private names.
+
+Opening storages (`open_storage`, URLs, passwords redacted), studies as stored (`load`, the
+attributes kept on a study), the global budget (`Counts`, `admit`, `budget_of`), the worker's
+view that starts a trial in one transaction (`worker_study`), fast writes and the two-query
+trial reader, locks, retries, heartbeats and the artifact store. Optuna's private names are
+reached through `_compat` alone, which turns every fast path off (with one warning) on an Optuna
+release they are not tested against.
+"""
+
+from __future__ import annotations
+
+from search._urls import DEFAULT_URL, ENV_VAR, redact, resolve_url, sqlite_path
+from search.storage._artifact_store import (
+    artifact_location,
+    open_artifact_store,
+    storage_url_of,
+    store_files,
+)
+from search.storage._budget import (
+    BUDGET_ATTR,
+    BudgetReached,
+    Counts,
+    admit,
+    budget_of,
+    count_trials,
+    counts_of,
+)
+from search.storage._compat import (
+    backend_of,
+    fast_paths,
+    quiet_optuna_warnings,
+    storage_of,
+    trial_id_of,
+)
+from search.storage._heartbeat import WorkerHeartbeat
+from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
+from search.storage._open import open_for_watching, open_storage, serve_proxy
+from search.storage._retry import is_connection_error, with_retry
+from search.storage._studies import LR_FIND_ATTR, RETRAIN_ATTR, SPEC_ATTR, WARM_START_ATTR, load
+from search.storage._tables import retried_from, set_user_attrs
+from search.storage._trial_start import (
+    beat_written,
+    set_budget,
+    with_result,
+    worker_study,
+    written_attrs,
+)
+
+__all__ = [
+    "BUDGET_ATTR",
+    "DEFAULT_URL",
+    "ENV_VAR",
+    "LR_FIND_ATTR",
+    "RETRAIN_ATTR",
+    "SPEC_ATTR",
+    "WARM_START_ATTR",
+    "BudgetReached",
+    "Counts",
+    "DatabaseLock",
+    "FileLock",
+    "Lock",
+    "NullLock",
+    "WorkerHeartbeat",
+    "admit",
+    "artifact_location",
+    "backend_of",
+    "beat_written",
+    "budget_lock",
+    "budget_of",
+    "count_trials",
+    "counts_of",
+    "fast_paths",
+    "is_connection_error",
+    "load",
+    "open_artifact_store",
+    "open_for_watching",
+    "open_storage",
+    "quiet_optuna_warnings",
+    "redact",
+    "resolve_url",
+    "retried_from",
+    "serve_proxy",
+    "set_budget",
+    "set_user_attrs",
+    "sqlite_path",
+    "storage_of",
+    "storage_url_of",
+    "store_files",
+    "trial_id_of",
+    "with_result",
+    "with_retry",
+    "worker_study",
+    "written_attrs",
+]

@@ -1,0 +1,162 @@
+"""The one door to Optuna's internals: the tested release, and every private name hpsearch uses.
+
+hpsearch's fast paths (a trial created with its budget check and first heartbeat, the two-query
+trial reader, batched attribute and artifact-link writes, the one-query state count) work on
+Optuna's RDB tables through the private names imported here, and nowhere else. They are taken
+only on the Optuna release they are tested against (`TESTED`); on any other release, or where a
+name is missing or a table lacks a column, `fast_paths()` is False, one warning line says so,
+and every caller takes Optuna's public path. `HPSEARCH_FAST_PATHS=0` turns them off by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+
+TESTED = (5, 0)  # the Optuna minor release the fast paths are written and tested against
+FAST_PATHS_ENV = "HPSEARCH_FAST_PATHS"
+# Set once the warning is printed: worker processes started after it do not repeat it.
+WARNED_ENV = "HPSEARCH_FAST_PATHS_WARNED"
+
+# Private names, each used only through this module. None where the installed Optuna lacks it.
+try:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+except ImportError:  # pragma: no cover - another Optuna; fast_paths() says why
+    models = None
+    _create_scoped_session = None
+try:
+    from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, DEFAULT_MIME_TYPE, ArtifactMeta
+except ImportError:  # pragma: no cover
+    ARTIFACTS_ATTR_PREFIX = DEFAULT_MIME_TYPE = ArtifactMeta = None
+try:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+except ImportError:  # pragma: no cover
+    is_heartbeat_enabled = None
+
+# The columns the fast paths read and write, table by table.
+COLUMNS = {
+    "StudyModel": ("study_id",),
+    "TrialModel": ("trial_id", "number", "study_id", "state", "datetime_start",
+                   "datetime_complete"),
+    "TrialParamModel": ("trial_id", "param_name", "param_value", "distribution_json"),
+    "TrialValueModel": ("trial_id", "objective", "value", "value_type"),
+    "TrialUserAttributeModel": ("trial_id", "key", "value_json"),
+    "TrialSystemAttributeModel": ("trial_id", "key", "value_json"),
+    "TrialIntermediateValueModel": ("trial_id", "step", "intermediate_value",
+                                    "intermediate_value_type"),
+    "TrialHeartbeatModel": ("trial_id", "heartbeat"),
+}
+# Private methods of RDBStorage and Study that search.storage calls or overrides.
+METHODS = {
+    RDBStorage: ("_create_new_trial", "_get_prepared_new_trial", "_get_trials",
+                 "_set_trial_param", "_set_trial_param_without_commit",
+                 "_set_trial_value_without_commit", "check_trial_is_updatable"),
+    optuna.Study: ("_pop_waiting_trial_id",),
+}
+
+_STATE: list[str | None] = []  # [] unchecked; [None] fast paths on; [reason] off
+
+
+def version() -> tuple[int, int]:
+    major, minor = optuna.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def missing() -> str | None:
+    """Why the fast paths cannot run on the installed Optuna, or None when they can."""
+    if os.environ.get(FAST_PATHS_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return f"{FAST_PATHS_ENV}={os.environ[FAST_PATHS_ENV]}"
+    if version() != TESTED:
+        return f"Optuna {optuna.__version__} is not the tested {TESTED[0]}.{TESTED[1]}"
+    if models is None or _create_scoped_session is None or ArtifactMeta is None:
+        return "a private module of Optuna moved"
+    for model, columns in COLUMNS.items():
+        table = getattr(getattr(models, model, None), "__table__", None)
+        if table is None:
+            return f"optuna.storages._rdb.models.{model} is missing"
+        lacking = [c for c in columns if c not in table.c]
+        if lacking:
+            return f"{model} lacks the columns {', '.join(lacking)}"
+    for cls, names in METHODS.items():
+        lacking = [n for n in names if not callable(getattr(cls, n, None))]
+        if lacking:
+            return f"{cls.__name__} lacks {', '.join(lacking)}"
+    return None
+
+
+def fast_paths() -> bool:
+    """Whether the installed Optuna is the one the fast paths are tested against (checked once,
+    with one warning line when it is not)."""
+    if not _STATE:
+        reason = missing()
+        _STATE.append(reason)
+        if reason is not None and not os.environ.get(WARNED_ENV):
+            print(f"warning: hpsearch uses Optuna's public storage API ({reason}): correct, "
+                  "but slower per trial", file=sys.stderr, flush=True)
+            os.environ[WARNED_ENV] = "1"
+    return _STATE[0] is None
+
+
+def reset() -> None:
+    """Check again, and warn again, at the next `fast_paths()` (tests change the environment)."""
+    _STATE.clear()
+    os.environ.pop(WARNED_ENV, None)
+
+
+def backend_of(storage: Any) -> Any:
+    """The storage behind Optuna's cache wrapper (the storage itself when it has none)."""
+    return getattr(storage, "_backend", storage)
+
+
+def rdb_backend(storage: Any) -> RDBStorage | None:
+    """The RDBStorage behind `storage` when the fast paths may use it; None: the public path."""
+    backend = backend_of(storage)
+    return backend if isinstance(backend, RDBStorage) and fast_paths() else None
+
+
+def storage_of(study: optuna.Study) -> Any:
+    """The storage a study reads and writes through (Optuna's cached wrapper)."""
+    return study._storage
+
+
+def study_id_of(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def trial_id_of(trial: Any) -> int:
+    """The storage id of a Trial or FrozenTrial (not its number)."""
+    return trial._trial_id
+
+
+def cached_frozen(trial: optuna.Trial) -> Any:
+    """The FrozenTrial a running Trial fetched when it started, or None."""
+    return getattr(trial, "_cached_frozen_trial", None)
+
+
+@contextmanager
+def session(backend: RDBStorage, *, ignore_integrity_error: bool = False) -> Iterator[Any]:
+    """A transaction on the backend's sessions, committed on exit, as Optuna's own methods run
+    (storage errors wrapped in StorageInternalError; connection errors kept for retries)."""
+    with _create_scoped_session(backend.scoped_session, ignore_integrity_error) as s:
+        yield s
+
+
+def heartbeat_enabled(storage: Any) -> bool:
+    if is_heartbeat_enabled is not None:
+        return is_heartbeat_enabled(storage)
+    return getattr(backend_of(storage), "heartbeat_interval", None) is not None
+
+
+def quiet_optuna_warnings() -> None:
+    """Experimental-feature warnings (heartbeats, retries) are ours to know, not the user's."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logging.getLogger("optuna").setLevel(logging.WARNING)

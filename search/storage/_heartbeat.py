@@ -1,0 +1,93 @@
+"""A worker's heartbeat: one thread for the worker's life, beating for the trial it runs.
+
+Each trial's first beat is written with the trial itself (`_trial_start`), or synchronously as a
+WAITING trial is taken, then one every `heartbeat_interval` seconds; a worker killed at any point
+after that leaves a trial that goes stale and is retried by the storage's
+RetryHeartbeatStaleTrialCallback. Optuna's own per-trial heartbeat thread and its stale scan
+before every ask are off for the trials a worker runs: this does both, dead workers' trials
+failed at most once an interval and whenever the worker is about to wait for others.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import warnings
+
+import optuna
+
+from search.storage._compat import heartbeat_enabled, storage_of
+from search.storage._retry import is_connection_error
+from search.storage._tables import first_heartbeat
+
+
+class WorkerHeartbeat:
+    """Beats for the trial between `begin` and `end`; fails stale trials with `fail_stale`.
+
+    `study` must be on the heartbeat-enabled storage (it is the one stale trials are failed
+    through, so its RetryHeartbeatStaleTrialCallback queues their retries). Without heartbeats
+    (none configured, or the gRPC proxy) every method does nothing.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.storage = storage_of(study)
+        self.interval: int | None = (self.storage.get_heartbeat_interval()
+                                     if heartbeat_enabled(self.storage) else None)
+        self._trial_id: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_check = -float("inf")
+        self._warned = False
+
+    def begin(self, trial_id: int, *, written: bool = False) -> None:
+        """The trial's first beat, written before this returns (unless the trial's creation
+        `written` it: search.storage._trial_start); later ones from the thread."""
+        if self.interval is None:
+            return
+        if not written:
+            first_heartbeat(self.storage, trial_id)
+        self._trial_id = trial_id
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="hpsearch-heartbeat",
+                                            daemon=True)
+            self._thread.start()
+
+    def end(self) -> None:
+        self._trial_id = None
+
+    def close(self) -> None:
+        self._trial_id = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def fail_stale(self, *, now: bool = False) -> None:
+        """Fail the trials of dead workers (their retries get queued): at most once an
+        interval unless `now`."""
+        if self.interval is None:
+            return
+        if not now and time.monotonic() - self._last_check < self.interval:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        self._last_check = time.monotonic()
+
+    def _beat(self) -> None:
+        assert self.interval is not None
+        while not self._stop.wait(self.interval):
+            trial_id = self._trial_id
+            if trial_id is None:
+                continue
+            try:
+                self.storage.record_heartbeat(trial_id)
+            except Exception as e:
+                # The storage is away: the worker's own calls wait for it; a beat missed for
+                # longer than the grace period makes the trial stale, as a dead worker's would.
+                if not is_connection_error(e) and not self._warned:
+                    self._warned = True
+                    print(f"warning: heartbeat of trial id {trial_id} not recorded "
+                          f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)

@@ -1,0 +1,184 @@
+"""Opening Optuna's storage: RDB for SQLite, PostgreSQL and MySQL, or the gRPC proxy.
+
+SQLite is set up for a few local processes (WAL journal, a long busy timeout) so local parallel
+workers do not fail with "database is locked" (optuna#820). PostgreSQL and MySQL get a small
+pool, recycled connections and a ping on checkout of a connection that sat idle for a few
+seconds (not on every checkout: Optuna checks one out per storage call), so a server restart or
+an idle-connection reaper does not kill a worker (optuna#1347, #5600).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import warnings
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy import event, exc
+
+from search._errors import SpecError, StorageError
+from search._urls import redact, resolve_url, sqlite_path
+
+SQLITE_BUSY_TIMEOUT_S = 60
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite:"):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {"pool_pre_ping": False, "pool_size": 2, "max_overflow": 4, "pool_recycle": 300}
+
+IDLE_PING_S = 5.0
+
+def install_idle_ping(engine: Any, *, idle_s: float = IDLE_PING_S) -> None:
+    """Ping a pooled connection at checkout when it sat idle longer than `idle_s`.
+
+    SQLAlchemy's recipe for custom pessimistic disconnect handling: a failed ping raises
+    DisconnectionError, and the pool replaces the connection (and retries) transparently.
+    """
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["hpsearch_checkin"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        last = record.info.get("hpsearch_checkin")
+        if last is None or time.monotonic() - last < idle_s:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as e:  # any driver error: this connection is gone
+            raise exc.DisconnectionError(str(e)) from e
+
+def prepare_sqlite(url: str) -> None:
+    """Switch a SQLite file to WAL once (it persists in the file): readers stop blocking writers."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot open SQLite database {path}: {e}") from e
+
+def open_storage(
+    url: str | None,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    retry_stale: bool = True,
+    must_exist: bool = False,
+) -> optuna.storages.BaseStorage:
+    """Open the study storage; heartbeats on when an interval is given.
+
+    With `must_exist`, a SQLite file that is not there is an error rather than a new empty
+    database (commands that only read never create files).
+    """
+    url = resolve_url(url)
+    if url.startswith("grpc://"):
+        host, _, port = url[len("grpc://"):].rstrip("/").partition(":")
+        try:
+            from optuna.storages import GrpcStorageProxy
+
+            proxy = GrpcStorageProxy(host=host or "localhost", port=int(port or 13000))
+            proxy.wait_server_ready(timeout=30)
+            return proxy
+        except Exception as e:  # grpc raises its own error types
+            raise StorageError(f"cannot reach the storage proxy at {url}: {e}") from e
+    path = sqlite_path(url)
+    if must_exist and path is not None and not path.exists():
+        raise SpecError(f"--storage: no database at {path} (run `hpsearch run STUDY.yaml` first)")
+    if path is not None:
+        prepare_sqlite(url)
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval:
+        kwargs = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period,
+            "heartbeat_stale_trial_callback": (
+                RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+                if retry_stale else None
+            ),
+        }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        if not url.startswith("sqlite:"):
+            install_idle_ping(storage.engine)
+        return storage
+    except Exception as e:  # sqlalchemy/driver errors: name the URL without its password
+        reason = redact(str(e)).splitlines()[0]
+        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e
+
+def open_for_watching(url: str) -> optuna.storages.BaseStorage:
+    """The study storage opened for a dashboard: nothing created, refused if it is not Optuna's.
+
+    Watching must never disturb the workers (optuna-dashboard#545: a dashboard on SQLite made a
+    running study fail with "database is locked"). SQLite is opened in WAL mode (readers never
+    block writers), with no schema created or checked (opening writes nothing, and a path that
+    holds no Optuna database is refused, not initialised), and a 60 s busy timeout for the few
+    writes a person makes from the UI (notes, deleting a study). Read-only (`?mode=ro`) would
+    turn those edits into "readonly database" errors.
+    """
+    if url.startswith("grpc://"):
+        return open_storage(url)
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.is_file():
+            raise SpecError(f"--storage: no database at {path} (run `hpsearch run STUDY.yaml` "
+                            "first, or pass the URL of an existing study database)")
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise SpecError(f"--storage: {path} is not a SQLite database")
+        prepare_sqlite(url)
+    try:
+        # Looked at before Optuna opens it: RDBStorage would stamp a version row into any
+        # database, and a dashboard pointed at the wrong file must leave it as it was.
+        optuna_tables = _has_tables(url, ("studies", "version_info"))
+        if not optuna_tables:
+            raise SpecError(f"--storage: {redact(url)} holds no Optuna studies (no 'studies' "
+                            "table); point it at the database your workers use")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs(url),
+                                 skip_table_creation=True, skip_compatibility_check=True)
+    except SpecError:
+        raise
+    except Exception as e:  # sqlalchemy/driver errors: the server is not there
+        reason = redact(str(e)).splitlines()[0] if str(e) else type(e).__name__
+        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e
+    if path is None:
+        install_idle_ping(storage.engine)
+    return storage
+
+def _has_tables(url: str, names: tuple[str, ...]) -> bool:
+    # A short connect timeout: an unreachable server is an answer the user is waiting for.
+    connect = {"timeout": 60} if url.startswith("sqlite:") else {"connect_timeout": 10}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=connect)
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        return all(inspector.has_table(name) for name in names)
+    finally:
+        engine.dispose()
+
+def serve_proxy(url: str | None, *, host: str, port: int) -> None:
+    """`hpsearch storage-proxy`: Optuna's gRPC proxy in front of the database, until Ctrl-C."""
+    from optuna.storages import run_grpc_proxy_server
+
+    url = resolve_url(url)
+    if url.startswith("grpc://"):
+        raise SpecError("--storage: the proxy serves a database URL, not another proxy")
+    storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
+    print(f"storage proxy for {redact(url)} on grpc://{host}:{port}; workers use "
+          f"--storage grpc://{host}:{port} (Ctrl-C stops it)", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        run_grpc_proxy_server(storage, host=host, port=port)

@@ -1,0 +1,38 @@
+"""Studies as stored: the attributes hpsearch keeps on a study, and loading one by name.
+
+The validated spec is stored on the study (user attr, versioned JSON), so a worker on another
+machine needs only the study name and the storage URL.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+
+from search._errors import SpecError, StudyNotFoundError
+from search.spec import StudySpec, build_pruner, build_sampler, spec_from_json
+
+SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
+LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
+WARM_START_ATTR = "hpsearch_warm_start"  # source trials enqueued by `run --warm-start`
+RETRAIN_ATTR = "hpsearch_retrain"  # the final test of `hpsearch retrain`
+
+
+def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
+    """An existing hpsearch study and its stored spec; unknown names list the studies there."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        listing = ", ".join(names) if names else "none"
+        raise StudyNotFoundError(f"no study named {name!r} in this storage (studies: {listing})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=name, storage=storage)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise SpecError(f"study {name!r} was not created by hpsearch (no stored spec)")
+    spec = spec_from_json(stored)
+    study.sampler = build_sampler(spec)
+    study.pruner = build_pruner(spec)
+    return study, spec
+
