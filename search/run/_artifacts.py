@@ -8,10 +8,8 @@ artifacts, which optuna-dashboard lists and shows under the trial:
 - ``grad_norms.svg``: each layer's weight-gradient norm per epoch, on a log scale;
 - ``metrics.json``: the raw per-epoch history, equal to the trial's ``history`` attribute.
 
-They live in an artifact store next to the storage (``<db file>.artifacts/`` for SQLite, else
-``./hpsearch-artifacts``), or where ``$HPSEARCH_ARTIFACTS`` says: a directory (shared, for many
-machines), ``s3://bucket/prefix`` (any S3-compatible service; boto3 reads the endpoint and keys
-from its usual environment), or ``off``. Artifacts are a view, not the result: a failure to make
+They go to the study's artifact store (`search.storage.artifact_location`: next to the storage,
+or where ``$HPSEARCH_ARTIFACTS`` says). Artifacts are a view, not the result: a failure to make
 or store them prints one warning line and never fails the trial.
 """
 

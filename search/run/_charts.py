@@ -1,11 +1,9 @@
 """A trial's charts as small SVG files: learning curves, lr (and momentum) per step, grad norms.
 
-Drawn by hand as SVG text rather than with matplotlib: a trial's artifacts must cost under 5%
-of its time, and a FashionMNIST trial that Hyperband stops after one epoch trains for ~0.25 s
-on the 2-core build machine. matplotlib needed ~25 ms per figure even with the figures reused
-(~75 ms for the three, 30% of such a trial; measured with benchmarks/artifact_overhead.py);
-these take about a millisecond each, stay sharp at any size in the dashboard, and weigh a few
-kilobytes. The browser does the text layout.
+Drawn by hand as SVG text rather than with matplotlib: a trial's artifacts must cost a small
+fraction of even a one-epoch trial (benchmarks/artifact_overhead.py), and these take about a
+millisecond each, stay sharp at any size in the dashboard and weigh a few kilobytes. The
+browser does the text layout.
 """
 
 from __future__ import annotations

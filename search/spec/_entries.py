@@ -13,7 +13,7 @@ A range or auto lr may carry ``per_batch: 256``: lr is then sampled per 256 exam
 trainer uses lr × batch_size / 256 (the linear scaling rule; `_knobs.constant_values` sets
 ``optimizer.lr_per_batch``).
 
-Validators raise `spec_error`, which `_spec_model.from_pydantic` turns into one clear line.
+Validators raise `spec_error`, which `_model.from_pydantic` turns into one clear line.
 """
 
 from __future__ import annotations
