@@ -27,6 +27,23 @@ def test_help_is_instant_and_imports_no_torch():
         assert command in out.stdout
 
 
+def test_version_is_the_installed_distributions(tmp_path):
+    from importlib.metadata import version
+
+    out = hp("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"hpsearch {version('hpsearch')}"
+
+
+def test_a_single_gpu_worker_is_pinned_before_torch_or_optuna_loads():
+    """Planning the worker slots loads neither: CUDA_VISIBLE_DEVICES is set before them."""
+    code = ("import os, sys; from search import run; "
+            "os.environ['HPSEARCH_FAKE_GPU_COUNT'] = '1'; "
+            "slots = run.plan('auto'); "
+            "assert os.environ['CUDA_VISIBLE_DEVICES'] == '0', slots; "
+            "assert 'torch' not in sys.modules and 'optuna' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_smoke_study_end_to_end(tmp_path):
     run = hp("run", str(ROOT / "studies" / "smoke.yaml"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
