@@ -5,6 +5,8 @@ validation), median over the timed epochs after one warm-up epoch:
   (a) `trainers.train`
   (b) the textbook pipeline: torchvision's FashionMNIST with ToTensor() and a shuffling DataLoader
   (c) a bare hand-written loop over preloaded, normalized tensors
+  (d) `trainers.train` with the same network as a user's own, by import path
+      (`model.type: trainer_speed:seed_model`): the on-device path for users' models
 Then the conv nets, on a seeded subset of the same training data (`--conv-subset`): the CBR
 CNN of studies/fashion_cnn.yaml and resnet18 (small stem, 1x28x28), batch 128, SGD, ours against
 a plain DataLoader loop (torchvision dataset, ToTensor + Normalize, the same network built by
@@ -46,14 +48,23 @@ def seed_network() -> nn.Module:
                          nn.ReLU(), nn.Linear(56, 10))
 
 
-def ours(batch: int, epochs: int, device: str = "cpu") -> list[float]:
+def seed_model(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The seed network as a user's own builder (`model.type: trainer_speed:seed_model`)."""
+    return seed_network()
+
+
+def ours(batch: int, epochs: int, device: str = "cpu", model: str = "mlp") -> list[float]:
     times: list[float] = []
+    network = {"type": "mlp", "hidden": [128, 56]} if model == "mlp" else {"type": model}
     trainers.train(
-        {"dataset": "fashion_mnist", "hidden": [128, 56], "optimizer": "sgd", "lr": 0.1,
+        {"dataset": "fashion_mnist", "model": network, "optimizer": "sgd", "lr": 0.1,
          "batch_size": batch, "epochs": epochs + 1, "device": device},
         lambda m: times.append(m.train_seconds),
     )
     return times[1:]
+
+
+USER_MODEL = "trainer_speed:seed_model"
 
 
 def textbook(batch: int, epochs: int, root: Path) -> list[float]:
@@ -212,15 +223,19 @@ def main() -> None:
             # Interleaved in one process, so drift in machine load hits all three alike.
             row["ours"] = statistics.median(ours(batch, args.epochs))
             row["bare"] = statistics.median(bare(batch, args.epochs))
+            row["user"] = statistics.median(ours(batch, args.epochs, model=USER_MODEL))
             row["textbook"] = statistics.median(textbook(batch, max(1, args.epochs - 1), root))
             if torch.cuda.is_available():
                 row["ours_cuda"] = statistics.median(ours(batch, args.epochs, "cuda"))
                 row["bare_cuda"] = statistics.median(bare(batch, args.epochs, "cuda"))
+                row["user_cuda"] = statistics.median(ours(batch, args.epochs, "cuda",
+                                                          model=USER_MODEL))
             results[batch] = row
             print(f"batch {batch:>5}: ours {row['ours']:.3f} s/epoch, bare loop "
                   f"{row['bare']:.3f} s, textbook {row['textbook']:.3f} s  "
                   f"(ours/bare {row['ours'] / row['bare']:.2f}x, "
-                  f"textbook/ours {row['textbook'] / row['ours']:.1f}x)", flush=True)
+                  f"textbook/ours {row['textbook'] / row['ours']:.1f}x); import-path model "
+                  f"{row['user']:.3f} s (/bare {row['user'] / row['bare']:.2f}x)", flush=True)
             if "ours_cuda" in row:
                 steps = math.ceil(n_train / batch)
                 print(f"batch {batch:>5} on cuda: ours {row['ours_cuda']:.3f} s/epoch "
@@ -239,9 +254,12 @@ def main() -> None:
     print(f"seconds_per_epoch_textbook: {row['textbook']:.3f}")
     for batch, r in results.items():
         print(f"ratio_to_bare_loop_batch_{batch}: {r['ours'] / r['bare']:.3f}")
+        print(f"ratio_to_bare_loop_import_path_batch_{batch}: {r['user'] / r['bare']:.3f}")
         print(f"speedup_vs_textbook_batch_{batch}: {r['textbook'] / r['ours']:.2f}")
         if "ours_cuda" in r:
             print(f"ratio_to_bare_loop_cuda_batch_{batch}: {r['ours_cuda'] / r['bare_cuda']:.3f}")
+            print(f"ratio_to_bare_loop_import_path_cuda_batch_{batch}: "
+                  f"{r['user_cuda'] / r['bare_cuda']:.3f}")
             print(f"speedup_cuda_over_cpu_batch_{batch}: {r['ours'] / r['ours_cuda']:.2f}")
     for name, r in conv.items():
         print(f"seconds_per_epoch_{name}_ours: {r['ours']:.3f}")

@@ -288,6 +288,27 @@ class Report(Command):
                                               top=args.top)
 
 
+class List(Command):
+    """List the models, datasets, optimizers… a study file may name, built in and installed."""
+
+    name = "list"
+    KINDS = ("models", "datasets", "optimizers", "schedules", "inits", "samplers", "pruners")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("kind", nargs="*", type=self._kind, metavar="KIND",
+                            help=f"one or more of: {', '.join(self.KINDS)} (default: all)")
+
+    def _kind(self, text: str) -> str:
+        if text not in self.KINDS:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(self.KINDS)}, "
+                                             f"got {text!r}")
+        return text
+
+    def run(self, args: argparse.Namespace) -> int:
+        print(_package("views").choices_text(args.kind or list(self.KINDS)))
+        return EXIT_OK
+
+
 class StorageProxy(Command):
     """Serve Optuna's gRPC storage proxy in front of the database, for very many workers."""
 
@@ -302,7 +323,7 @@ class StorageProxy(Command):
 
 
 COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(),
-                           Retrain(), Report(), StorageProxy()]
+                           Retrain(), Report(), List(), StorageProxy()]
 
 
 def _version() -> str:

@@ -17,7 +17,9 @@ from trainers._config import (
     ScheduleConfig,
     TrainConfig,
     config_from_dict,
+    is_plugin_argument,
     knob_names,
+    plugin_sections,
 )
 from trainers._data import DATASETS, Data, load_data
 from trainers._errors import ConfigError, DataNotFoundError, TrainerError
@@ -34,6 +36,8 @@ from trainers._loop import (
 from trainers._lr_find import LRFindResult, lr_range_test
 from trainers._models import MODELS
 from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
+from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args
+from trainers._plugins import installed as installed_plugins
 from trainers._registry import closest
 from trainers._schedules import LR_SCHEDULES, Schedule
 from trainers._validate import check_names
@@ -41,11 +45,14 @@ from trainers._validate import check_names
 __all__ = [
     "CONFIG_SECTIONS",
     "DATASETS",
+    "DATASET_GROUP",
     "INITS",
     "KNOB_ALIASES",
     "LR_SCHEDULES",
+    "MODEL_GROUP",
     "MODELS",
     "OPTIMIZERS",
+    "Args",
     "CheckpointStore",
     "ConfigError",
     "Data",
@@ -68,9 +75,12 @@ __all__ = [
     "config_from_dict",
     "data_for",
     "effective_lr",
+    "installed_plugins",
+    "is_plugin_argument",
     "knob_names",
     "load_data",
     "lr_range_test",
+    "plugin_sections",
     "prepare_model",
     "resolve_device",
     "train",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from trainers._errors import ConfigError
+from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, is_plugin
 from trainers._registry import guess
 
 
@@ -30,6 +31,8 @@ class DataConfig:
     classes: tuple[int, ...] | None = None  # keep only these labels (relabelled 0..k-1)
     train_subset: int | None = None  # seeded subset of the training part
     size: int | None = None  # synthetic only: number of training examples
+    # A plugin dataset's own keyword arguments: the data section's keys that are not the above.
+    args: Args = field(default_factory=Args)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class ModelConfig:
     freeze_blocks: int = 0  # freeze the first N blocks (stem, stages, …) in forward order
     unfreeze_after: int | None = None  # epochs after which the frozen parameters train too
     bn_stats: str = "update"  # update | frozen (all BN layers) | frozen_layers (in frozen parts)
+    # The head's module name, for fine-tuning (its own lr, re-initialized when its shape
+    # differs); None finds it: the built-in networks know theirs, a plugin's is its last Linear.
+    head: str | None = None
+    # A plugin model's own keyword arguments: the model section's keys other than `OWN_KEYS`.
+    args: Args = field(default_factory=Args)
 
 
 @dataclass(frozen=True)
@@ -141,8 +149,19 @@ class TrainConfig:
             check(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """The nested plain-data form; `config_from_dict(c.to_dict()) == c`."""
-        return _plain(self)
+        """The nested plain-data form; `config_from_dict(c.to_dict()) == c`.
+
+        A plugin's section holds hpsearch's own keys and the plugin's arguments beside them, as
+        a study file writes it; a built-in's has no `args`."""
+        out = _plain(self)
+        for name, (type_field, group) in _PLUGIN_KIND.items():
+            section = out[name]
+            args = section.pop("args")
+            if is_plugin(section[type_field], group):
+                own = {k: v for k, v in section.items() if k in OWN_KEYS[name]}
+                clash = any(k in OWN_KEYS[name] for k in args)
+                out[name] = {**own, "args": args} if clash else {**own, **args}
+        return out
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with flat or dotted knobs changed, validated like `config_from_dict`."""
@@ -156,6 +175,17 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "init": InitConfig,
 }
+
+# The model and data settings that stay hpsearch's when the section names a plugin; every other
+# key of the section is one of the plugin's keyword arguments.
+OWN_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("type", "weights", "reset_head", "freeze", "freeze_blocks", "unfreeze_after",
+              "bn_stats", "head", "args"),
+    "data": ("dataset", "val_fraction", "seed", "normalize", "augment", "data_dir", "classes",
+             "train_subset", "args"),
+}
+_PLUGIN_KIND = {"model": ("type", MODEL_GROUP), "data": ("dataset", DATASET_GROUP)}
+
 
 # Flat knob names a search space or a `fixed:` block uses, and where each lives.
 ALIASES: dict[str, str] = {
@@ -210,10 +240,14 @@ def config_from_dict(values: dict[str, Any], *, base: TrainConfig | None = None)
     base = base or TrainConfig()
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for key, value in _flatten(values):
-        path = ALIASES.get(key, key)
+    flat = [(key, ALIASES.get(key, key), value) for key, value in _flatten(values)]
+    plugin = _plugin_sections(flat, base)
+    plugin_args: dict[str, dict[str, Any]] = {name: {} for name in plugin}
+    for key, path, value in flat:
         head, _, rest = path.partition(".")
-        if head in SECTIONS and rest:
+        if head in plugin and rest not in OWN_KEYS[head]:
+            plugin_args[head][rest] = value  # the plugin's own argument: its code checks it
+        elif head in SECTIONS and rest:
             cls = SECTIONS[head]
             if rest not in _field_names(cls):
                 raise ConfigError(_unknown_key(key, [f"{head}.{n}" for n in _field_names(cls)]))
@@ -224,10 +258,42 @@ def config_from_dict(values: dict[str, Any], *, base: TrainConfig | None = None)
             top[head] = _coerce(key, value, _hints(TrainConfig)[head])
         else:
             raise ConfigError(_unknown_key(key, knob_names()))
+    for name, args in plugin_args.items():
+        given = sections[name].get("args", getattr(base, name).args)
+        sections[name]["args"] = Args({**given, **args})
     built = {
         name: dataclasses.replace(getattr(base, name), **sections[name]) for name in SECTIONS
     }
+    for name, (type_field, group) in _PLUGIN_KIND.items():
+        section = built[name]
+        if section.args and not is_plugin(getattr(section, type_field), group):
+            if "args" in sections[name]:
+                what = "network" if name == "model" else "dataset"
+                raise ConfigError(f"{name}.args: only your own {what} (an import path or an "
+                                  f"installed plugin) takes arguments; "
+                                  f"{getattr(section, type_field)!r} is built in")
+            # Arguments of the plugin `base` named, which this config replaces.
+            built[name] = dataclasses.replace(section, args=Args())
     return dataclasses.replace(base, **built, **top)
+
+
+def plugin_sections(model_type: str, dataset: str) -> set[str]:
+    """Which of "model" and "data" name a plugin (an import path or an installed name)."""
+    chosen = {"model": model_type, "data": dataset}
+    return {name for name, (_, group) in _PLUGIN_KIND.items() if is_plugin(chosen[name], group)}
+
+
+def is_plugin_argument(path: str, plugins: set[str]) -> bool:
+    """Whether a dotted trainer path (`model.width`) is a keyword argument of a plugin section."""
+    head, _, rest = path.partition(".")
+    return head in plugins and bool(rest) and rest not in OWN_KEYS[head]
+
+
+def _plugin_sections(flat: list[tuple[str, str, Any]], base: TrainConfig) -> set[str]:
+    """The sections (model, data) whose type, as `flat` sets it over `base`, is a plugin."""
+    chosen = {path: value for _, path, value in flat}
+    return plugin_sections(chosen.get("model.type", base.model.type),
+                           chosen.get("data.dataset", base.data.dataset))
 
 
 def _flatten(values: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -297,6 +363,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is Args:
+        if isinstance(value, Mapping):
+            return Args(value)
+        raise ConfigError(f"{key}: expected a mapping of keyword arguments, got {value!r}")
     raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug here, not input
 
 
@@ -342,7 +412,7 @@ def _plain(value: Any) -> Any:
     # immutable (this runs for every trial's artifacts).
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
+    if isinstance(value, (dict, Args)):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]

@@ -3,6 +3,12 @@
 Everything a trial touches per step is a tensor on the training device; there is no per-sample
 Python on the hot path. Files are parsed once per process and the finished `Data`
 is reused across trials that share a data config.
+
+A user's dataset is named by import path (`data.dataset: mypkg.data:load`) or by an installed
+package's entry point (group `hpsearch.datasets`), called with the data section's other keys,
+and returns tensors: `{"train_x", "train_y", "test_x", "test_y", "num_classes"}` (the test
+split and num_classes optional) or a tuple `(train_x, train_y[, test_x, test_y])`; inputs
+[N, ...] (images [N, C, H, W], uint8 or float), labels integers 0..num_classes-1.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from trainers._config import DataConfig
 from trainers._errors import ConfigError, DataNotFoundError
+from trainers._plugins import DATASET_GROUP, call_plugin, load_plugin, lookup
 from trainers._registry import Registry, unknown_choice_message
 
 
@@ -171,7 +179,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 # A worker process runs many trials, often of one dataset: files are parsed and held once per
 # process rather than once per trial (FashionMNIST is ~55 MB of uint8 on the CPU).
-_RAW_CACHE: dict[tuple[str, Path | None, int | None], RawData] = {}
+_RAW_CACHE: dict[tuple[Any, ...], RawData] = {}
 
 
 def _file_loader(dataset: str, read: Callable[[Path], RawData]) -> Callable[[DataConfig], RawData]:
@@ -235,6 +243,81 @@ for _info in (
 ):
     DATASETS.register(_info.name, _info)
 
+
+
+def _tensor(value: Any, what: str, name: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"data.dataset: {name} returned {type(value).__name__} as {what}, "
+                          "expected a tensor or a numpy array")
+    return value.cpu()
+
+
+def _raw_from_plugin(result: Any, name: str) -> RawData:
+    """A plugin's tensors as RawData; shapes, label types and ranges checked, one error each."""
+    keys = ("train_x", "train_y", "test_x", "test_y")
+    if isinstance(result, dict):
+        missing = [k for k in keys[:2] if k not in result]
+        if missing:
+            raise ConfigError(f"data.dataset: {name} returned a mapping without "
+                              f"{', '.join(missing)} (expected train_x, train_y and optionally "
+                              "test_x, test_y, num_classes)")
+        parts = [result.get(k) for k in keys]
+        num_classes = result.get("num_classes")
+    elif isinstance(result, (tuple, list)) and len(result) in (2, 4):
+        parts, num_classes = [*result, None, None][:4], None
+    else:
+        raise ConfigError(f"data.dataset: {name} returned {type(result).__name__}, expected "
+                          "a mapping {train_x, train_y, test_x, test_y, num_classes} or a tuple "
+                          "(train_x, train_y[, test_x, test_y])")
+    x, y = _tensor(parts[0], "train_x", name), _tensor(parts[1], "train_y", name)
+    if parts[2] is None:  # no test split: retrain says so when it needs one
+        tx, ty = x[:0], y[:0]
+    else:
+        tx, ty = _tensor(parts[2], "test_x", name), _tensor(parts[3], "test_y", name)
+    for what, xs, ys in (("train", x, y), ("test", tx, ty)):
+        if xs.dim() < 2 or ys.dim() != 1 or len(xs) != len(ys):
+            raise ConfigError(f"data.dataset: {name}: expected {what}_x [N, ...] and {what}_y "
+                              f"[N], got {tuple(xs.shape)} and {tuple(ys.shape)}")
+        if ys.is_floating_point() or ys.dtype == torch.bool:
+            raise ConfigError(f"data.dataset: {name}: expected integer class labels in {what}_y, "
+                              f"got {ys.dtype}")
+        if xs.dtype != torch.uint8 and not xs.is_floating_point():
+            raise ConfigError(f"data.dataset: {name}: expected {what}_x of floats or uint8 "
+                              f"pixels, got {xs.dtype}")
+    if len(y) == 0:
+        raise ConfigError(f"data.dataset: {name} returned no training examples")
+    if tx.shape[1:] != x.shape[1:] and len(tx):
+        raise ConfigError(f"data.dataset: {name}: test_x examples are {tuple(tx.shape[1:])}, "
+                          f"train_x examples {tuple(x.shape[1:])}")
+    labels = torch.cat([y, ty]).long()
+    top = int(labels.max()) + 1
+    k = top if num_classes is None else num_classes
+    if not isinstance(k, int) or k < 2 or int(labels.min()) < 0 or top > k:
+        raise ConfigError(f"data.dataset: {name}: expected labels in 0..num_classes-1 with at "
+                          f"least 2 classes, got labels {int(labels.min())}..{top - 1} and "
+                          f"num_classes {num_classes}")
+    return RawData(x, y.long(), tx, ty.long(), num_classes=k)
+
+
+def _plugin(name: str) -> DatasetInfo:
+    def load(config: DataConfig) -> RawData:
+        key = ("plugin", name, config.args)
+        if key not in _RAW_CACHE:
+            fn = load_plugin(name, DATASET_GROUP, "data.dataset")
+            result = call_plugin(fn, name, "data.dataset", **config.args.kwargs())
+            _RAW_CACHE[key] = _raw_from_plugin(result, name)
+        return _RAW_CACHE[key]
+
+    return DatasetInfo(name, load, image=True)  # augment checks the shape when it loads
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The built-in dataset `name`, or the user's loader it names; unknown names list both."""
+    return lookup(DATASETS, name, DATASET_GROUP, "data.dataset", _plugin, "loader")
+
+
 # --------------------------------------------------------------------------- splitting
 
 # The finished Data of the most recent configs: trials of one study share a data config, so a
@@ -252,7 +335,7 @@ def clear_cache() -> None:
 
 def check_data_config(config: DataConfig) -> None:
     """Raise ConfigError for what is wrong without reading any data (spec-load time)."""
-    info = DATASETS.get(config.dataset)
+    info = dataset_info(config.dataset)
     _check_augment(config.augment)
     if config.augment and not info.image:
         raise ConfigError(f"data.augment: {config.dataset} is not image data; got "
@@ -275,7 +358,7 @@ def load_data(config: DataConfig, *, device: torch.device | str = "cpu",
     when asked for.
     """
     check_data_config(config)
-    raw = DATASETS.get(config.dataset).load(config)
+    raw = dataset_info(config.dataset).load(config)
     device = torch.device(device)
     # id(raw) is stable (raw data stays cached); augmentation happens later, per batch.
     key = (id(raw), replace(config, augment=()), str(device), include_test, merge_val)
@@ -329,15 +412,23 @@ def _build(raw: RawData, config: DataConfig, device: torch.device,
         return xs.to(device, torch.float32, copy=not owned)
 
     train_x = to_device(x[train_idx])  # indexing copies: ours to normalize in place
+    if config.augment and train_x.dim() != 4:
+        raise ConfigError(f"data.augment: crops and flips need images [N, C, H, W]; "
+                          f"{config.dataset} gives {tuple(train_x.shape)}")
+    # Per channel for images [N, C, H, W]; per feature for [N, D]; over the rest for [N, C, L].
+    dims, view = (0, *range(2, train_x.dim())), (1, -1) + (1,) * (train_x.dim() - 2)
     ones = torch.ones(train_x.shape[1], device=device)
-    std, mean = torch.std_mean(train_x, dim=(0, 2, 3)) if config.normalize else (ones, 0 * ones)
+    std, mean = torch.std_mean(train_x, dim=dims) if config.normalize else (ones, 0 * ones)
     std = torch.where(std > 0, std, ones)  # a constant channel is left as it is
 
     def split(xs: torch.Tensor, ys: torch.Tensor) -> Split:
-        return Split(xs.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)), ys.to(device))
+        return Split(xs.sub_(mean.view(view)).div_(std.view(view)), ys.to(device))
 
     test = None
     if include_test:
+        if len(raw.test_y) == 0:
+            raise ConfigError(f"data.dataset: {config.dataset} has no test split (its loader "
+                              "returned no test_x, test_y): the final test needs one")
         test_x, test_y = _keep_classes(raw.test_x, raw.test_y, classes, k)
         # Without a class filter these are the cached raw tensors themselves: copy them.
         test = split(to_device(test_x, owned=False), test_y)

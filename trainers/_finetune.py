@@ -18,7 +18,7 @@ from torch import nn
 from trainers._config import InitConfig, ModelConfig
 from trainers._errors import ConfigError
 from trainers._inits import apply_init
-from trainers._models import MODELS, build_model
+from trainers._models import build_model, model_info, plugin_parts
 from trainers._vision import Parts
 
 _SHOW = 8  # keys named in an error before "… and N more"
@@ -43,7 +43,10 @@ def prepare_model(model_config: ModelConfig, init: InitConfig, input_shape: tupl
     """Build, initialize, load `model.weights`, and work out what is frozen and what is head."""
     model = build_model(model_config, input_shape, num_classes)
     apply_init(model, init)
-    parts = MODELS.get(model_config.type).parts(model)
+    info = model_info(model_config.type)
+    parts = info.parts(model)
+    if model_config.head:
+        parts = named_head(parts, model_config.head, model, plugin=info.plugin)
     notes: tuple[str, ...] = ()
     if model_config.weights:
         notes = tuple(load_weights(model, model_config.weights, parts, init.name,
@@ -52,6 +55,24 @@ def prepare_model(model_config: ModelConfig, init: InitConfig, input_shape: tupl
     frozen = frozen_names(model_config, parts, names)
     head = frozenset(n for n in names if matches(n, parts.head))
     return Prepared(model, parts, frozen, head, notes)
+
+
+def named_head(parts: Parts, head: str, model: nn.Module, *, plugin: bool) -> Parts:
+    """`parts` with the head that `model.head` names; a name that matches no module fails.
+
+    A plugin's blocks are worked out again around it; a built-in network keeps its blocks, less
+    the named head, and its own head becomes the last block."""
+    modules = dict(model.named_modules())
+    if head not in modules or not any(True for _ in modules[head].parameters()):
+        layers = [n for n, m in modules.items() if n and not any(True for _ in m.children())
+                  and any(True for _ in m.parameters())]
+        raise ConfigError(f"model.head: {head!r} names no module with parameters; expected one "
+                          f"of: {', '.join(layers)}")
+    if plugin:
+        return plugin_parts(model, head)
+    blocks = [tuple(p for p in block if not matches(p, [head])) for block in parts.blocks]
+    blocks.append(tuple(p for p in parts.head if not matches(p, [head])))
+    return Parts(head=(head,), blocks=tuple(b for b in blocks if b), first_conv=parts.first_conv)
 
 
 def frozen_names(config: ModelConfig, parts: Parts, names: list[str]) -> frozenset[str]:

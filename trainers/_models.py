@@ -1,4 +1,10 @@
-"""Models: the seed report's MLP, conv-BN-ReLU 3x3 CNNs and torchvision networks, by name."""
+"""Models: the seed report's MLP, conv-BN-ReLU 3x3 CNNs, torchvision networks, and users' own.
+
+A user's network is named by import path (`model.type: mypkg.nets:build_net`) or by an installed
+package's entry point (group `hpsearch.models`). It is called with the data's shape and the model
+section's other keys: `build_net(input_shape=(1, 28, 28), num_classes=10, **args)`, and returns a
+`torch.nn.Module`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ from torch import nn
 
 from trainers._config import ModelConfig
 from trainers._errors import ConfigError
+from trainers._plugins import MODEL_GROUP, call_plugin, load_plugin, lookup
 from trainers._registry import Registry, unknown_choice_message
 from trainers._vision import (
     STEMS,
+    WEIGHT_LAYERS,
     Parts,
     build_mobilenet_v3_small,
     build_vgg11_bn,
@@ -44,6 +52,7 @@ class ModelInfo:
     name: str
     build: BuildFn  # (config, input_shape per example, num_classes) -> module
     parts: Callable[[nn.Module], Parts] = sequential_parts  # head and blocks, for fine-tuning
+    plugin: bool = False  # a user's network
 
 
 MODELS: Registry[ModelInfo] = Registry("model")
@@ -122,16 +131,65 @@ for _info in (
     MODELS.register(_info.name, _info)
 
 
+def plugin_parts(model: nn.Module, head: str | None = None) -> Parts:
+    """A user's network: `head` (`model.head`), else its last Linear (or Conv) in registration
+    order is the head; each top-level child with parameters is a block."""
+    if head is None:
+        layers = [name for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
+        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        head = linear[-1] if linear else (layers[-1] if layers else None)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return Parts(head=(head,) if head else (), blocks=_blocks_around(model, head),
+                 first_conv=f"{convs[0]}.weight" if convs else None)
+
+
+def _blocks_around(model: nn.Module, head: str | None) -> tuple[tuple[str, ...], ...]:
+    """Top-level children with parameters, in order; the one holding the head is split into
+    its own children, so that freezing a block never freezes the head."""
+    blocks: list[tuple[str, ...]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            if not any(True for _ in child.parameters()) or full == head:
+                continue
+            if head is not None and head.startswith(full + "."):
+                visit(child, full + ".")
+            else:
+                blocks.append((full,))
+
+    visit(model, "")
+    return tuple(blocks)
+
+
+def _plugin(name: str) -> ModelInfo:
+    def build(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        fn = load_plugin(name, MODEL_GROUP, "model.type")
+        model = call_plugin(fn, name, "model.type", input_shape=tuple(input_shape),
+                            num_classes=num_classes, **config.args.kwargs())
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.type: {name} returned {type(model).__name__}, expected a "
+                              "torch.nn.Module")
+        return model
+
+    return ModelInfo(name, build, plugin_parts, plugin=True)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The built-in model `name`, or the user's network it names; unknown names list both."""
+    return lookup(MODELS, name, MODEL_GROUP, "model.type", _plugin, "network")
+
+
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The configured network for inputs of `input_shape` and `num_classes` outputs."""
     if config.type == "cnn" and not config.widths:
         raise ConfigError("model.widths: expected at least one stage width, got []")
-    return MODELS.get(config.type).build(config, input_shape, num_classes)
+    return model_info(config.type).build(config, input_shape, num_classes)
 
 
 def check_model_config(config: ModelConfig) -> None:
     """Validate names without building anything (used when a config is created)."""
-    MODELS.get(config.type)
+    model_info(config.type)
     _choice("activation", config.activation, list(ACTIVATIONS))
     _choice("pool", config.pool, list(POOLS))
     _choice("model.stem", config.stem, STEMS)

@@ -16,7 +16,14 @@ from search.spec._model import did_you_mean, fail
 from search.spec._schema import StudySpec
 from trainers import CONFIG_SECTIONS as SECTIONS
 from trainers import KNOB_ALIASES as ALIASES
-from trainers import ConfigError, TrainConfig, config_from_dict, knob_names
+from trainers import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    is_plugin_argument,
+    knob_names,
+    plugin_sections,
+)
 
 _TRAINER_KEY = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\])*): (.*)$", re.DOTALL)
 
@@ -48,8 +55,17 @@ def flat_settings(values: dict[str, Any], prefix: str) -> list[tuple[str, str, A
     return out
 
 
-def check_knob(path: str, key: str) -> None:
-    """Raise unless ``key`` names a trainer setting a study may fix or search."""
+def plugins_of(spec: StudySpec) -> set[str]:
+    """The sections ("model", "data") of the spec that name a user's plugin."""
+    return plugin_sections(str(spec.model.get("type", "mlp")),
+                           str(spec.data.get("dataset", "fashion_mnist")))
+
+
+def check_knob(path: str, key: str, plugins: set[str] = frozenset()) -> None:
+    """Raise unless ``key`` names a trainer setting a study may fix or search (a plugin's own
+    arguments, `model.width`, included)."""
+    if is_plugin_argument(canonical(key), plugins):
+        return
     if key == "epochs":
         raise fail(path, "the number of epochs is budget.epochs (the pruners' resource); "
                          "set it there")
@@ -59,17 +75,23 @@ def check_knob(path: str, key: str) -> None:
                          f"optimizer.beta1 or schedule.gamma)")
 
 
-def hint(key: str) -> Any:
-    """The type hint of a trainer setting, by flat or dotted name."""
+def hint(key: str, plugins: set[str] = frozenset()) -> Any:
+    """The type hint of a trainer setting, by flat or dotted name (Any: a plugin's argument)."""
+    if is_plugin_argument(canonical(key), plugins):
+        return Any
     head, _, rest = canonical(key).partition(".")
     if rest:
         return typing.get_type_hints(SECTIONS[head])[rest]
     return typing.get_type_hints(TrainConfig)[head]
 
 
-def numeric_kind(key: str) -> type | None:
-    """int or float when the trainer setting is a (possibly optional) number, else None."""
-    args = [a for a in (typing.get_args(hint(key)) or (hint(key),)) if a is not type(None)]
+def numeric_kind(key: str, plugins: set[str] = frozenset()) -> type | None:
+    """int or float when the trainer setting is a (possibly optional) number, else None; a
+    plugin's argument is a float unless its range says `int: true`."""
+    if is_plugin_argument(canonical(key), plugins):
+        return float
+    kind = hint(key)
+    args = [a for a in (typing.get_args(kind) or (kind,)) if a is not type(None)]
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
@@ -99,17 +121,18 @@ def constant_values(spec: StudySpec) -> dict[str, Any]:
 
 def check_constants(spec: StudySpec) -> dict[str, tuple[str, Any]]:
     """Check data, model and fixed against the trainer; return what `check_space` needs."""
+    plugins = plugins_of(spec)
     for section in ("data", "model"):
         known = list(SECTIONS[section].__dataclass_fields__)
         for key in getattr(spec, section):
-            if key not in known:
+            if key not in known and section not in plugins:
                 raise fail(f"{section}.{key}", f"unknown key{did_you_mean(key, known)} "
                                                f"(expected one of: {', '.join(known)})")
     settings = _settings(spec)
     seen: dict[str, str] = {}
     for path, where, _ in settings:
         if path.startswith("fixed."):
-            check_knob(path, path.removeprefix("fixed."))
+            check_knob(path, path.removeprefix("fixed."), plugins)
         if where in seen:
             raise fail(path, f"also set by {seen[where]}; keep one")
         seen[where] = path

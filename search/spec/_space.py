@@ -27,11 +27,12 @@ from search.spec._knobs import (
     constants_of,
     hint,
     numeric_kind,
+    plugins_of,
     trainer_error,
 )
 from search.spec._model import did_you_mean, fail, same, show
 from search.spec._schema import StudySpec
-from trainers import ConfigError, TrainConfig, config_from_dict
+from trainers import ConfigError, TrainConfig, config_from_dict, is_plugin_argument
 
 
 def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[str, Any]]) -> None:
@@ -40,9 +41,10 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
     ``constants`` maps trainer paths of data/model/fixed settings to (study path, value).
     """
     seen: dict[str, str] = {}
+    plugins = plugins_of(spec)
     for key in list(spec.space):
         path = f"space.{key}"
-        check_knob(path, key)
+        check_knob(path, key, plugins)
         where = canonical(key)
         if where in seen:
             raise fail(path, f"the same setting as space.{seen[where]}; keep one")
@@ -50,7 +52,7 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
         if where in constants:
             raise fail(constants[where][0], f"also searched as {path}; a setting is either "
                                             "searched (space) or held constant, not both")
-        spec.space[key] = entry = _with_trainer_types(path, key, spec.space[key])
+        spec.space[key] = entry = _with_trainer_types(path, key, spec.space[key], plugins)
         _check_lr_forms(path, where, entry, constants)
         for sub, value in _candidates(entry):
             try:
@@ -64,10 +66,12 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
     _check_conditions(spec, constants)
     order(spec)  # raises on a cycle of conditions
 
-def _with_trainer_types(path: str, key: str, entry: Entry) -> Entry:
+def _with_trainer_types(path: str, key: str, entry: Entry, plugins: set[str]) -> Entry:
     if not isinstance(entry, RangeEntry):
         return entry
-    kind = numeric_kind(key)
+    kind = numeric_kind(key, plugins)
+    if entry.is_int and is_plugin_argument(canonical(key), plugins):
+        kind = int  # a plugin's argument is what its range says
     if kind is None:
         raise fail(path, f"a range needs a numeric setting, and {key} is "
                          f"{_describe(hint(key))}; use choices")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 import trainers
 from search._errors import SpecError
 from search.spec._algorithms import Settings, build
-from search.spec._knobs import canonical, check_constants, constant_values
+from search.spec._knobs import canonical, check_constants, constant_values, plugins_of
 from search.spec._model import fail, from_pydantic, show
 from search.spec._schema import StudySpec
 from search.spec._space import (
@@ -76,17 +76,20 @@ def load_spec(path: str | Path) -> StudySpec:
 _FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks")
 
 def _check_network(spec: StudySpec, path: Path) -> None:
-    """A fine-tuning study's weights file and freeze settings, checked before a study starts.
+    """A user's model or dataset, and a fine-tuning study's weights file and freeze settings,
+    checked before a study starts.
 
-    They depend on the network, so only building it tells: it is built (on the CPU, with the
-    data's shape) with the weights and with each searched `freeze` and the deepest searched
-    `freeze_blocks`, so a file that does not fit or a prefix that names nothing is one error
-    now, not a failure in every trial. Workers elsewhere need the file at the same path.
+    They depend on the network and the data, so only loading and building tells: the data is
+    loaded and the network built (on the CPU, with the data's shape) with the weights and with
+    each searched `freeze` and the deepest searched `freeze_blocks`, so a loader that returns the
+    wrong shapes, a network that is not a Module, a file that does not fit or a prefix that names
+    nothing is one error now, not a failure in every trial. Workers elsewhere need the same code
+    and files.
     """
     base = base_train_config(spec)
     searched = {canonical(key): entry for key, entry in spec.space.items()}
     model = base.model
-    if not (model.weights or model.freeze != "none" or model.freeze_blocks
+    if not (plugins_of(spec) or model.weights or model.freeze != "none" or model.freeze_blocks
             or any(knob in searched for knob in _FINE_TUNING)):
         return
     if model.weights and not Path(model.weights).expanduser().is_file():

@@ -1,0 +1,1 @@
+"""A user's own project, tuned by hpsearch: its network (`nets`) and its data (`data`)."""
