@@ -73,7 +73,7 @@ def load_spec(path: str | Path) -> StudySpec:
     _check_network(spec, path)
     return spec
 
-_FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks")
+_FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks", "model.head")
 
 def _check_network(spec: StudySpec, path: Path) -> None:
     """A user's model or dataset, and a fine-tuning study's weights file and freeze settings,
@@ -90,7 +90,7 @@ def _check_network(spec: StudySpec, path: Path) -> None:
     searched = {canonical(key): entry for key, entry in spec.space.items()}
     model = base.model
     if not (plugins_of(spec) or model.weights or model.freeze != "none" or model.freeze_blocks
-            or any(knob in searched for knob in _FINE_TUNING)):
+            or model.head or any(knob in searched for knob in _FINE_TUNING)):
         return
     if model.weights and not Path(model.weights).expanduser().is_file():
         raise SpecError(f"{path}: model.weights: {model.weights}: no such file (a relative path "

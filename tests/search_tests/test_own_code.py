@@ -119,6 +119,17 @@ def test_bad_user_code_stops_validate_and_run_with_one_line_and_exit_2(tmp_path,
     assert not (tmp_path / "hpsearch.db").exists()  # nothing touched the storage
 
 
+def test_a_head_that_names_no_module_is_refused_by_validate(tmp_path):
+    """`model.head` is checked by building the network, for a built-in one too."""
+    path = project(tmp_path, model={"type": "mlp", "hidden": [8], "head": "classifier"},
+                   data={"dataset": "synthetic", "size": 256},
+                   space={"lr": {"low": 0.01, "high": 0.1, "log": True}})
+    out = hp("validate", str(path), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "model.head: 'classifier' names no module with parameters; expected one of: 1, 3" \
+        in out.stderr
+
+
 def test_a_worker_that_cannot_import_the_users_code_takes_no_trial(tmp_path):
     path = project(tmp_path)
     url = f"sqlite:///{tmp_path / 'own.db'}"
