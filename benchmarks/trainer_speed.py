@@ -148,19 +148,25 @@ def dataloader_conv(name: str, subset: int, epochs: int, device: str, root: Path
     torch.manual_seed(0)
     model = build_model(config.model, (1, 28, 28), 10).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return loader_epochs(loader, model, opt, device, epochs + 1)[1:]
+
+
+def loader_epochs(loader: torch.utils.data.DataLoader, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, device: str, epochs: int) -> list[float]:
+    """Seconds of each of `epochs` epochs of a hand-written loop over a DataLoader."""
     times = []
-    for _ in range(epochs + 1):
+    for _ in range(epochs):
         t0 = time.perf_counter()
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-        if device == "cuda":
+            optimizer.step()
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return times[1:]
+    return times
 
 
 def conv_rows(models: list[str], subsets: dict[str, int], epochs: int, root: Path

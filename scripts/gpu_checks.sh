@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one call on a lent device machine: tests/test_gpu.py, the CUDA
-# test of trainers' data path, and the GPU rows of the benchmarks. Logs and figures go to $OUT.
+# test of trainers' data path, and the GPU rows of the benchmarks (trainer_speed, streaming_epoch). Logs and figures go to $OUT.
 #
 # The device machine has CUDA PyTorch but no registry: prepare wheels and data here first,
 #   bash scripts/gpu_checks.sh --prepare     # .gpu-wheels/ (cp312) and .gpu-data/ (FashionMNIST)
@@ -47,5 +47,6 @@ run test_gpu $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   tests/trainers_tests/test_data.py -k "cuda or gpu"
 run trainer_speed $PY benchmarks/trainer_speed.py --batch-sizes 256,32 \
   --conv-subset cnn=16384,resnet18=8192
-grep -E "^[a-z_0-9]+: " "$OUT/trainer_speed.txt" | tail -n 20
+run streaming_epoch $PY benchmarks/streaming_epoch.py --device cuda --workers 8 --rounds 1
+grep -E "^[a-z_0-9]+: " "$OUT/trainer_speed.txt" "$OUT/streaming_epoch.txt" | tail -n 24
 exit $status

@@ -26,6 +26,27 @@ def test_trainer_runs_on_cuda_with_amp_and_compile():
         assert result.status == "completed" and result.device.startswith("cuda")
         assert result.history[-1].val_accuracy > 0.5
 
+def test_an_image_folder_streams_to_cuda_with_pinned_memory(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import trainers
+
+    for c in range(3):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(64):
+            pixels = np.full((12, 12), 50 + 70 * c, np.uint8) + np.uint8(i % 20)
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.png")
+    config = trainers.config_from_dict({
+        "data": {"dataset": "image_folder", "root": str(tmp_path), "num_workers": 2},
+        "model": {"type": "cnn", "widths": [8, 16]}, "epochs": 2, "batch_size": 32,
+        "device": "cuda", "channels_last": True, "amp": True})
+    data = trainers.load_data(config.data, device=trainers.resolve_device("cuda"))
+    x, y = next(data.train.batches(None, 32))
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.float32
+    result = trainers.train(config)
+    assert result.status == "completed" and result.final.val_accuracy > 0.5
+
 def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path):
     import trainers
 

@@ -31,6 +31,16 @@ class DataConfig:
     classes: tuple[int, ...] | None = None  # keep only these labels (relabelled 0..k-1)
     train_subset: int | None = None  # seeded subset of the training part
     size: int | None = None  # synthetic only: number of training examples
+    # image_folder only: the folder of class subfolders, the test split's, exact resize (N or
+    # [H, W]), channels (1 or 3; None: the first image's).
+    root: str | None = None
+    test_root: str | None = None
+    resize: tuple[int, ...] | None = None
+    channels: int | None = None
+    # Streamed datasets (image_folder, a loader's Datasets): the DataLoader's settings.
+    num_workers: int | None = None  # None: one per usable CPU, at most 4
+    pin_memory: bool | None = None  # None: on when training on CUDA
+    persistent_workers: bool = True
     # A plugin dataset's own keyword arguments: the data section's keys that are not the above.
     args: Args = field(default_factory=Args)
 
@@ -182,7 +192,7 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("type", "weights", "reset_head", "freeze", "freeze_blocks", "unfreeze_after",
               "bn_stats", "head", "args"),
     "data": ("dataset", "val_fraction", "seed", "normalize", "augment", "data_dir", "classes",
-             "train_subset", "args"),
+             "train_subset", "num_workers", "pin_memory", "persistent_workers", "args"),
 }
 _PLUGIN_KIND = {"model": ("type", MODEL_GROUP), "data": ("dataset", DATASET_GROUP)}
 

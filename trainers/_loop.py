@@ -1,8 +1,10 @@
 """The training loop: `train(config, on_epoch, checkpoint)`.
 
-Data sits on the device as whole tensors and batches are slices of a shuffled index (airbench's
-habit): no DataLoader, no per-sample Python. The loop knows nothing of studies: progress leaves
-through `on_epoch`, which may raise `StopTraining` to end the run after that epoch.
+Data that fits sits on the device as whole tensors and batches are slices of a shuffled index
+(airbench's habit): no DataLoader, no per-sample Python. Data that does not is streamed in the
+same order through a DataLoader (`trainers._streaming`). The loop knows nothing of studies:
+progress leaves through `on_epoch`, which may raise `StopTraining` to end the run after that
+epoch.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def train(
     torch.manual_seed(config.seed)
     prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
     model = prepared.model
-    channels_last = config.channels_last and device.type == "cuda" and data.train.x.dim() == 4
+    channels_last = config.channels_last and device.type == "cuda" and len(data.input_shape) == 3
     if channels_last:
         model.to(device, memory_format=torch.channels_last)
     else:
@@ -144,7 +146,7 @@ def train(
     optimizer = build_optimizer(model, config.optimizer, lr=base_lr, head=prepared.head,
                                 frozen=prepared.frozen,
                                 unfreezes=config.model.unfreeze_after is not None)
-    n_train = data.train.x.shape[0]
+    n_train = len(data.train)
     steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
     schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)  # data order, separate from init/dropout
@@ -186,14 +188,14 @@ def train(
         model.train()
         freezer.start_epoch(epoch)
         layers = _weight_layers(model)  # the trained ones: unfreezing adds some
-        perm = torch.randperm(n_train, generator=order).to(device)
+        perm = torch.randperm(n_train, generator=order)
         losses: list[torch.Tensor] = []  # per-batch means, summed once at the epoch's end
         hits: list[torch.Tensor] = []
         norm_sum = torch.zeros(len(layers), device=device)
         norm_samples = 0
         last_lr = math.nan
         diverged = ""
-        for i in range(steps_per_epoch):
+        for i, (xb, yb) in enumerate(data.train.batches(perm, config.batch_size)):
             t = epoch * steps_per_epoch + i
             lr = base_lr * schedule.factor(t)
             if lr != last_lr:  # most schedules hold the lr for many steps: skip the writes
@@ -203,10 +205,6 @@ def train(
             momentum = schedule.momentum(t)
             if momentum is not None:
                 set_momentum(optimizer, info, momentum)
-            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
-            # index_select, not x[idx]: the same gather without advanced-indexing overhead
-            # (measured ~8% of a seed-MLP step on CPU).
-            xb, yb = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
             if config.data.augment:
                 xb = augment_batch(xb, config.data.augment, order)
             if channels_last:
@@ -309,34 +307,37 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[float, float]:
     """Mean loss and accuracy over a split (nan, nan when there is none)."""
-    if split is None or split.x.shape[0] == 0:
+    if split is None or len(split) == 0:
         return math.nan, math.nan
     module = model if isinstance(model, nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    loss_sum = correct = None
     with torch.no_grad(), autocast():
-        for start in range(0, split.x.shape[0], batch_size):
-            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        for xb, yb in split.batches(None, batch_size):
             out = model(xb)
-            loss_sum += F.cross_entropy(out.float(), yb, reduction="sum")
-            correct += (out.argmax(1) == yb).sum()
+            loss = F.cross_entropy(out.float(), yb, reduction="sum")
+            hits = (out.argmax(1) == yb).sum()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            correct = hits if correct is None else correct + hits
     if module is not None and was_training:
         module.train()
-    n = split.x.shape[0]
+    n = len(split)
     return loss_sum.item() / n, correct.item() / n
 
 
 # Where and how a run executes may change across a resume (a retry on another worker, another
-# GPU, more threads); what it trains may not.
+# GPU, more threads, more DataLoader workers); what it trains may not.
 _EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "channels_last", "flush_denormal",
                      "eval_batch_size")
+_READING_FIELDS = ("num_workers", "pin_memory", "persistent_workers")
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _EXECUTION_FIELDS}
+    kept = {k: v for k, v in config.items() if k not in _EXECUTION_FIELDS}
+    kept["data"] = {k: v for k, v in kept["data"].items() if k not in _READING_FIELDS}
+    return kept
 
 
 def _divergence(loss: float, first: float, factor: float) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,9 +102,15 @@ def lr_range_test(
     optimizer = build_optimizer(model, config.optimizer, lr=start_lr, head=prepared.head,
                                 frozen=prepared.frozen)
     order = torch.Generator().manual_seed(config.seed)
-    n = data.train.x.shape[0]
+    n = len(data.train)
     batch = min(config.batch_size, n)
-    perm, pos = torch.randperm(n, generator=order).to(device), 0
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:  # full batches only; each pass over the data reshuffles, as training would
+            perm = torch.randperm(n, generator=order)
+            yield from data.train.batches(perm[: n - n % batch], batch)
+
+    stream = batches()
     ratio = (end_lr / start_lr) ** (1.0 / (iterations - 1))
 
     lrs: list[float] = []
@@ -116,11 +122,7 @@ def lr_range_test(
         lr = start_lr * ratio**i
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        if pos + batch > n:  # a new epoch: reshuffle, as training would
-            perm, pos = torch.randperm(n, generator=order).to(device), 0
-        idx = perm[pos:pos + batch]
-        pos += batch
-        xb, yb = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
+        xb, yb = next(stream)
         loss = F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -163,7 +163,7 @@ class ArtifactRecorder:
               config: trainers.TrainConfig, history: list[dict[str, Any]]) -> dict[str, str]:
 
         epochs = config.epochs
-        n_train = int(data_for(config).train.x.shape[0])  # cached: the run just used it
+        n_train = len(data_for(config).train)  # cached: the run just used it
         x, lrs, momentum = lr_per_step(config, list(result.history), n_train)
         return {
             "curves.svg": curves_svg(history, epochs, f"trial #{number}: {ended}"),

@@ -76,8 +76,8 @@ def load_spec(path: str | Path) -> StudySpec:
 _FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks", "model.head")
 
 def _check_network(spec: StudySpec, path: Path) -> None:
-    """A user's model or dataset, and a fine-tuning study's weights file and freeze settings,
-    checked before a study starts.
+    """A user's model or dataset, an image folder, and a fine-tuning study's weights file and
+    freeze settings, checked before a study starts.
 
     They depend on the network and the data, so only loading and building tells: the data is
     loaded and the network built (on the CPU, with the data's shape) with the weights and with
@@ -90,7 +90,8 @@ def _check_network(spec: StudySpec, path: Path) -> None:
     searched = {canonical(key): entry for key, entry in spec.space.items()}
     model = base.model
     if not (plugins_of(spec) or model.weights or model.freeze != "none" or model.freeze_blocks
-            or model.head or any(knob in searched for knob in _FINE_TUNING)):
+            or model.head or any(knob in searched for knob in _FINE_TUNING)
+            or base.data.dataset == "image_folder"):
         return
     if model.weights and not Path(model.weights).expanduser().is_file():
         raise SpecError(f"{path}: model.weights: {model.weights}: no such file (a relative path "

@@ -163,3 +163,45 @@ def test_list_shows_built_in_and_installed_models_and_datasets(tmp_path):
     ok = subprocess.run([HPSEARCH, "validate", str(good)], capture_output=True, text=True,
                         env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_an_image_folder_study_streams_with_two_workers_and_retrains(tmp_path):
+    """The built-in image_folder through the command line: no code of the user's at all."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 90), ("test", 30)):
+        for c in range(3):
+            folder = tmp_path / "images" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            rng = np.random.default_rng(c)
+            for i in range(n // 3):
+                pixels = 30 + 80 * c + rng.integers(0, 40, (10, 10))
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    study = {
+        "name": "folder", "budget": {"trials": 4, "epochs": 3}, "fixed": {"batch_size": 16},
+        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
+        "data": {"dataset": "image_folder", "root": "images/train", "test_root": "images/test",
+                 "augment": ["flip"], "num_workers": 1},
+        "model": {"type": "cnn", "widths": [8, 16]},
+        "space": {"lr": {"low": 1e-2, "high": 0.2, "log": True}},
+    }
+    (tmp_path / "folder.yaml").write_text(yaml.safe_dump(study))
+    url = f"sqlite:///{tmp_path / 'folder.db'}"
+    run = hp("run", "folder.yaml", "--storage", url, "--workers", "2", "--gpus", "none",
+             cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    trials = optuna.load_study(study_name="folder", storage=url).trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 4 and len({t.user_attrs["pid"] for t in done}) == 2
+    assert max(t.user_attrs["history"][-1]["val_accuracy"] for t in done) > 0.8
+    retrain = hp("retrain", "folder", "--storage", url, cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stderr
+    results = json.loads((tmp_path / "retrain-folder" / "results.json").read_text())
+    assert results["test_accuracy"]["mean"] > 0.8
+
+    study["data"]["root"] = "images/nowhere"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(study))
+    bad = hp("validate", "bad.yaml", cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "data.root" in bad.stderr and "is not a directory" in bad.stderr

@@ -157,7 +157,7 @@ def test_mnist_reads_its_own_layout(tmp_path: Path) -> None:
         load_data(DataConfig(dataset="fashion_mnist"))
 
 def test_registry_and_unknown_names() -> None:
-    assert sorted(DATASETS) == ["cifar10", "fashion_mnist", "mnist", "synthetic"]
+    assert sorted(DATASETS) == ["cifar10", "fashion_mnist", "image_folder", "mnist", "synthetic"]
     assert all(DATASETS.get(n).image for n in DATASETS)
     with pytest.raises(ConfigError, match="fashion_mnist"):
         load_data(DataConfig(dataset="fashion_mnst"))
