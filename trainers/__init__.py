@@ -36,7 +36,7 @@ from trainers._loop import (
 from trainers._lr_find import LRFindResult, lr_range_test
 from trainers._models import MODELS
 from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
-from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args
+from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, load_plugin
 from trainers._plugins import installed as installed_plugins
 from trainers._registry import closest
 from trainers._schedules import LR_SCHEDULES, Schedule
@@ -79,6 +79,7 @@ __all__ = [
     "is_plugin_argument",
     "knob_names",
     "load_data",
+    "load_plugin",
     "lr_range_test",
     "plugin_sections",
     "prepare_model",

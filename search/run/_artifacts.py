@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from search._urls import redact
-from search.run._charts import curves_svg, grad_norms_svg, lr_svg
+from search.run._charts import curves_svg, grad_norms_svg, lr_svg, metrics_svg
 from search.run._history import history_record
 from search.storage import (
     artifact_location,
@@ -114,6 +114,32 @@ class ArtifactRecorder:
         try:
             links = store_files(trial, self.store,
                                 self._files(trial, result, config, history))
+        except Exception as e:  # the trial's result matters more than its pictures
+            self._failed(trial, e)
+            return None
+        return Written(time.perf_counter() - started, links)
+
+    def write_user(self, trial: optuna.Trial, ended: str, history: list[dict[str, Any]],
+                   params: dict[str, Any], output: dict[str, str],
+                   epochs: int) -> Written | None:
+        """`write` for a trial of a user's trainer: `metrics.json` (params and every report),
+        `curves.svg` of the reported metrics, and the command's output tail (`output.txt`)."""
+        started = time.perf_counter()
+        try:
+            head = json.dumps({"trial": trial.number, "ended": ended,
+                               "epochs_run": len(history), "params": params})
+            epochs_text = ",\n".join(json.dumps(h) for h in history)
+            files = {"metrics.json": f'{head[:-1]},\n"history": [\n{epochs_text}\n]}}\n'
+                     .encode()}
+            if history:
+                files["curves.svg"] = metrics_svg(
+                    history, max(epochs, int(history[-1]["epoch"])),
+                    f"trial #{trial.number}: {ended}").encode()
+            if any(output.values()):
+                files["output.txt"] = "".join(
+                    f"--- {name} (last lines) ---\n{text}\n" for name, text in output.items()
+                    if text).encode()
+            links = store_files(trial, self.store, files)
         except Exception as e:  # the trial's result matters more than its pictures
             self._failed(trial, e)
             return None

@@ -245,3 +245,18 @@ def grad_norms_svg(history: list[dict[str, Any]], epochs: int, title: str) -> st
                              layer if labelled else "", color))
     panel = Panel(series, "gradient L2 norm", (0.7, epochs + 0.3), log_y=True)
     return render([panel], title)
+
+
+def metrics_svg(history: list[dict[str, Any]], epochs: int, title: str) -> str:
+    """Whatever numeric metrics a user's trainer reported, per epoch: losses (and errors) in
+    one panel, every other metric in a second."""
+    names = list(dict.fromkeys(k for m in history for k in m if k != "epoch"))
+    losses = [n for n in names if "loss" in n.lower() or "error" in n.lower()]
+    others = [n for n in names if n not in losses]
+    colors = (TRAIN, VAL, MOMENTUM, *LAYER_COLORS)
+    x = [m["epoch"] for m in history]
+    xlim = (0.7 if min(x, default=1) >= 1 else -0.3, epochs + 0.3)
+    panels = [Panel([Series(x, [m.get(n) for m in history], n, colors[i % len(colors)])
+                     for i, n in enumerate(group)], label, xlim)
+              for group, label in ((losses, "loss"), (others, "value")) if group]
+    return render(panels or [Panel([], "value", xlim)], title)

@@ -124,25 +124,12 @@ class Objective:
             start_attrs.update(host=self.host, pid=os.getpid(), device=config.device)
             device = str(trainers.resolve_device(config.device))
             start_attrs["device"] = device
-            # A retry of a trial whose worker died resumes from that trial's last checkpoint.
-            retried_from = retry_link(trial)
-            if retried_from is not None:
-                start_attrs["retried_from"] = retried_from
-            # What the storage wrote as it created the trial and set its parameters is not
-            # written again: a trial this worker created needs no transaction here.
-            written = written_attrs(trial)
-            left = {k: v for k, v in start_attrs.items()
-                    if k not in written or written[k] != v}
-            if left:
-                with_retry(lambda: set_user_attrs(trial, left), what="starting a trial")
+            retried_from = self.begin(trial, start_attrs)
             store = self._checkpoint_store(trial.number, retried_from)
             result = trainers.train(config, report, store)
         except Exception as e:
-            ended = f"error: {type(e).__name__}: {e}"[:500]
-            seconds = round(time.perf_counter() - started, 3)
-            attrs = {**start_attrs, "ended": ended, "seconds": seconds}
-            with_retry(lambda: set_user_attrs(trial, attrs), what="recording a failure")
-            self.last = TrialOutcome(trial.number, "FAIL", None, None, params, 0, seconds, ended)
+            self.record_failure(trial, f"error: {type(e).__name__}: {e}", start_attrs, params,
+                                started)
             raise
         except KeyboardInterrupt:
             set_user_attrs(trial, {"ended": "interrupted",
@@ -173,16 +160,9 @@ class Objective:
             if written is not None:
                 end_attrs["artifact_seconds"] = round(written.seconds, 3)
                 links = written.links
-        # Written with the trial's state as Optuna tells it (one transaction) where the storage
-        # allows it, else now.
-        if not with_result(trial, end_attrs, links):
-            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
-                       what="recording a result")
-        if store is not None and not self.spec.run.keep_checkpoints:
-            # Deleted once the result is safely told (`clear_checkpoints`), not here: if the
-            # storage fails before that, the trial goes stale and its retry resumes from them.
-            self._to_clear = [store.directory] + (
-                [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
+        self.record_result(trial, end_attrs, links)
+        if store is not None:
+            self.clear_later(store.directory, retried_from)
         values = None
         if result.status == "completed":
             values = [metric_value(metric, list(result.history)) for metric in self.metrics]
@@ -197,9 +177,51 @@ class Objective:
             raise optuna.TrialPruned(result.reason)
         return values[0] if single else values
 
-    def _checkpoint_store(self, number: int, retried_from: int | None
-                          ) -> trainers.CheckpointStore | None:
+    def begin(self, trial: optuna.Trial, start_attrs: dict[str, Any]) -> int | None:
+        """Write what is left of a trial's start attrs; the number of the dead trial this one
+        retries (and resumes from its checkpoints), if any."""
+        retried_from = retry_link(trial)
+        if retried_from is not None:
+            start_attrs["retried_from"] = retried_from
+        # What the storage wrote as it created the trial and set its parameters is not
+        # written again: a trial this worker created needs no transaction here.
+        written = written_attrs(trial)
+        left = {k: v for k, v in start_attrs.items() if k not in written or written[k] != v}
+        if left:
+            with_retry(lambda: set_user_attrs(trial, left), what="starting a trial")
+        return retried_from
 
+    def record_failure(self, trial: optuna.Trial, ended: str, start_attrs: dict[str, Any],
+                       params: dict[str, Any], started: float,
+                       extra: dict[str, Any] | None = None) -> None:
+        """A trial that raised: why (`ended`), and what it ran, before Optuna marks it FAIL."""
+        ended = ended[:500]
+        seconds = round(time.perf_counter() - started, 3)
+        attrs = {**start_attrs, **(extra or {}), "ended": ended, "seconds": seconds}
+        with_retry(lambda: set_user_attrs(trial, attrs), what="recording a failure")
+        epochs = len(attrs.get("history") or [])
+        self.last = TrialOutcome(trial.number, "FAIL", None, None, params, epochs, seconds, ended)
+
+    @staticmethod
+    def record_result(trial: optuna.Trial, end_attrs: dict[str, Any],
+                      links: dict[str, str]) -> None:
+        """Written with the trial's state as Optuna tells it (one transaction) where the
+        storage allows it, else now."""
+        if not with_result(trial, end_attrs, links):
+            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
+                       what="recording a result")
+
+    def clear_later(self, directory: Path | None, retried_from: int | None) -> None:
+        """Delete a finished trial's checkpoints once its result is safely told
+        (`clear_checkpoints`), not now: if the storage fails before that, the trial goes stale
+        and its retry resumes from them."""
+        if directory is not None and not self.spec.run.keep_checkpoints:
+            self._to_clear = [directory] + (
+                [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
+
+    def checkpoint_directory(self, number: int, retried_from: int | None) -> Path | None:
+        """Trial `number`'s checkpoint folder: empty for a new trial, the dead trial's
+        checkpoints for a retry."""
         directory = self.checkpoint_dir(number)
         if directory is None:
             return None
@@ -207,11 +229,16 @@ class Objective:
             # A new trial number resumes nothing: what is there was left by another study of
             # the same name (an earlier storage, a killed run) and must not be mistaken for ours.
             shutil.rmtree(directory, ignore_errors=True)
-            return trainers.CheckpointStore(directory)
+            return directory
         dead = self.checkpoint_dir(retried_from)
         if dead is not None and dead.exists() and not directory.exists():
             shutil.copytree(dead, directory)
-        return trainers.CheckpointStore(directory)
+        return directory
+
+    def _checkpoint_store(self, number: int, retried_from: int | None
+                          ) -> trainers.CheckpointStore | None:
+        directory = self.checkpoint_directory(number, retried_from)
+        return None if directory is None else trainers.CheckpointStore(directory)
 
     def clear_checkpoints(self) -> None:
         """Delete the checkpoints of the last trial (and of the dead trial it resumed)."""

@@ -113,6 +113,52 @@ def retrain(
     study.set_user_attr(RETRAIN_ATTR, summary)
     return summary
 
+def retrain_user(study: optuna.Study, spec: StudySpec, *, out: Path, epochs: int | None = None,
+                 seeds: int = 1, trial: int | None = None, device: str | None = None,
+                 on_seed: Callable[[int, dict[str, float]], None] | None = None,
+                 ) -> dict[str, Any]:
+    """`retrain` for a study with its own trainer: the chosen trial's params run once per
+    seed with `trial.final` True (HPSEARCH_FINAL=1 for a command); what the run returns, or
+    its last report, is its test result."""
+    from search.run._user_trainer import Trial, fixed_params, run_command
+
+    chosen = chosen_trial(study, trial)
+    params = {**fixed_params(spec), **params_from_optuna(spec, chosen.params)}
+    assert spec.trainer is not None
+    function = (trainers.load_plugin(spec.trainer.function, "hpsearch.trainers", "trainer")
+                if spec.trainer.function else None)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[float]] = {}
+    seed_values = list(range(seeds))
+    for seed in seed_values:
+        user = Trial(number=chosen.number, study_name=spec.name, params=params,
+                     device=str(trainers.resolve_device(device or "auto")),
+                     epochs=epochs or spec.budget.epochs, final=True, seed=seed)
+        output: dict[str, str] = {}
+        returned = function(dict(params), user) if function else run_command(spec, user,
+                                                                              output)
+        if isinstance(returned, dict):
+            metrics = returned
+        elif returned is not None:
+            metrics = {spec.objective.metric_names[0]: returned}
+        elif user.history:
+            metrics = {k: v for k, v in user.history[-1].items() if k != "epoch"}
+        else:
+            raise SearchError(f"retrain: seed {seed}: {spec.trainer_name} returned nothing "
+                              "and reported nothing: return the test metrics as a mapping")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                results.setdefault(key, []).append(float(value))
+        if on_seed is not None:
+            on_seed(seed, {k: v[-1] for k, v in results.items()})
+    summary: dict[str, Any] = {k: _spread(v) for k, v in results.items()}
+    summary.update(seeds=seeds, seed_values=seed_values, epochs=epochs or spec.budget.epochs,
+                   trial=chosen.number, out=str(out), params=params)
+    (out / "results.json").write_text(json.dumps({"study": spec.name, **summary}, indent=2))
+    study.set_user_attr(RETRAIN_ATTR, summary)
+    return summary
+
+
 def retrain_and_report(name: str, storage: str | None, *, out: Path | None = None,
                        epochs: int | None = None, seeds: int = 1, trial: int | None = None,
                        device: str | None = None) -> None:
@@ -122,8 +168,28 @@ def retrain_and_report(name: str, storage: str | None, *, out: Path | None = Non
     out = out or Path(f"retrain-{name}")
     chosen = chosen_trial(study, trial)
     epochs = epochs or spec.budget.epochs
-    print(f"retraining trial #{chosen.number} of {name!r} on train+validation for "
-          f"{epochs} epochs, {seeds} seed(s); the test set is read once per seed", flush=True)
+    if spec.trainer is None:
+        print(f"retraining trial #{chosen.number} of {name!r} on train+validation for "
+              f"{epochs} epochs, {seeds} seed(s); the test set is read once per seed",
+              flush=True)
+    else:
+        print(f"retraining trial #{chosen.number} of {name!r} with {spec.trainer_name}: "
+              f"{seeds} run(s) with trial.final set (HPSEARCH_FINAL=1 for a command), "
+              f"{epochs} epochs; what each returns or last reports is its test result",
+              flush=True)
+
+    if spec.trainer is not None:
+        def shown(seed: int, metrics: dict[str, float]) -> None:
+            print(f"  seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                  flush=True)
+
+        s = retrain_user(study, spec, out=out, epochs=epochs, seeds=seeds, trial=chosen.number,
+                         device=device, on_seed=shown)
+        means = ", ".join(f"{k} {v['mean']:.4g}" for k, v in s.items()
+                          if isinstance(v, dict) and "mean" in v)
+        print(f"{means} (trial #{s['trial']}, {seeds} seed(s)); results.json in {out}/, "
+              f"summary in study attr {RETRAIN_ATTR}")
+        return
 
     def show(seed: int, result: trainers.TrainResult) -> None:
         print(f"  seed {seed}: test accuracy {result.test_accuracy:.4f}, loss "

@@ -19,6 +19,7 @@ import optuna
 from search._errors import SearchError
 from search.run._artifacts import ArtifactRecorder, write_study_note
 from search.run._objective import Objective
+from search.run._user_trainer import UserObjective
 from search.spec import real_value_attrs
 from search.storage import (
     BudgetReached,
@@ -81,8 +82,10 @@ def run_worker(
         artifacts = ArtifactRecorder.for_study(study)  # a bad $HPSEARCH_ARTIFACTS stops here
     recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
     checkpoint_root = spec.run.checkpoint_dir or "checkpoints"
-    objective = Objective(spec, device=device, threads=threads, checkpoint_root=checkpoint_root,
-                          on_epoch=on_epoch, artifacts=recorder)
+    # A user's trainer is imported (or its program found) here, before any trial is taken.
+    kind = Objective if spec.trainer is None else UserObjective
+    objective = kind(spec, device=device, threads=threads, checkpoint_root=checkpoint_root,
+                     on_epoch=on_epoch, artifacts=recorder)
     summary = WorkerSummary()
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     # Optuna logs every trial at INFO; the progress display says it better.

@@ -52,7 +52,21 @@ def _study_name(value: Any) -> str:
                          f"got {show(value)}")
     return value
 
-Metric = _one_of(METRICS, "a metric, one of")
+_METRIC_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+# What a command's arguments may name besides the trial's parameters.
+COMMAND_FIELDS = ("trial_number", "study_name", "checkpoint_dir", "epochs", "device")
+
+
+def _metric_name(value: Any) -> str:
+    # Any name here: a user's trainer reports its own metrics; the built-in trainer's are
+    # checked by the study (`StudySpec._trainer`).
+    if isinstance(value, str) and _METRIC_NAME.match(value):
+        return value
+    raise spec_error(f"expected a metric name (letters, digits, '_' and '.'), got {show(value)}")
+
+
+Metric = Annotated[str, PlainValidator(_metric_name)]
 Direction = _one_of(DIRECTIONS, "one of")
 SamplerType = _one_of(list(SAMPLERS), "a sampler, one of")
 PrunerType = _one_of(list(PRUNERS), "a pruner, one of")
@@ -88,7 +102,8 @@ class ObjectiveSpec(SpecModel):
                                  f"got {show(self.directions)}", key="directions")
         pairs = zip(self.metric_names, self.direction_names, strict=True)
         for i, (metric, direction) in enumerate(pairs):
-            if direction != default_direction(metric):
+            # The built-in metrics have one sensible direction; a user's own are theirs to say.
+            if metric in METRICS and direction != default_direction(metric):
                 key = "direction" if self.metrics is None else f"directions[{i}]"
                 raise spec_error(f"expected {default_direction(metric)} for {metric}, "
                                  f"got {show(direction)}", key=key)
@@ -170,6 +185,53 @@ class RunSpec(SpecModel):
                              key="grace_period")
         return self
 
+class TrainerSpec(SpecModel):
+    """A user's training code in place of the built-in trainer: ``trainer: pkg.mod:fit`` (a
+    function, called in the worker) or ``trainer: {command: [...]}`` (a process per trial)."""
+
+    function: StrictStr | None = None
+    command: list[StrictStr | StrictInt | float] | None = None
+    trial_timeout_s: Number | None = None  # a command's trial is ended after this long
+    kill_grace_s: Number = 10.0  # between SIGTERM and SIGKILL when a command is stopped
+    env: dict[str, StrictStr] = Field(default_factory=dict)  # added to a command's environment
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_by_path(cls, data: Any) -> Any:
+        return {"function": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TrainerSpec:
+        if (self.function is None) == (self.command is None):
+            raise spec_error("expected a function (trainer: pkg.module:fit) or a command "
+                             "(trainer: {command: [python, train.py, ...]}), one of them")
+        if self.function is not None:
+            module, _, attr = self.function.partition(":")
+            if not module or not attr:
+                raise spec_error(f"expected an import path module:function, got "
+                                 f"{show(self.function)}", key="function")
+            for key in ("trial_timeout_s", "env"):
+                if getattr(self, key):
+                    raise spec_error("goes with command: (a function runs inside the worker)",
+                                     key=key)
+        if self.command is not None:
+            if not self.command:
+                raise spec_error("expected the program and its arguments, got []",
+                                 key="command")
+            self.command = [str(part) for part in self.command]
+        for key in ("trial_timeout_s", "kill_grace_s"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise spec_error(f"expected a positive number of seconds, got {show(value)}",
+                                 key=key)
+        return self
+
+    def placeholders(self) -> list[tuple[int, str]]:
+        """(argument index, name) of every ``{name}`` in the command's arguments."""
+        return [(i, m.group(1)) for i, part in enumerate(self.command or [])
+                for m in _PLACEHOLDER.finditer(str(part))]
+
+
 class StudySpec(SpecModel):
     """A validated study file; ``model_dump()`` is the plain dict stored with the study."""
 
@@ -178,8 +240,9 @@ class StudySpec(SpecModel):
     budget: Budget = Field(default_factory=Budget)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
-    data: dict[str, Any]
-    model: dict[str, Any]
+    trainer: TrainerSpec | None = None  # a user's own training code; None: the built-in one
+    data: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, SpaceEntry]
     fixed: dict[str, Any] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
@@ -201,6 +264,41 @@ class StudySpec(SpecModel):
         if not space:
             raise spec_error("expected at least one parameter to search, got {}")
         return space
+
+    @model_validator(mode="after")
+    def _trainer(self) -> StudySpec:
+        if self.trainer is None:
+            for section in ("data", "model"):
+                if section not in self.model_fields_set:
+                    raise spec_error("required key is missing", key=section)
+            for i, metric in enumerate(self.objective.metric_names):
+                if metric not in METRICS:
+                    key = "objective.metric" if not self.objective.is_multi else \
+                        f"objective.metrics[{i}]"
+                    raise spec_error(f"expected a metric, one of: {', '.join(METRICS)}; got "
+                                     f"{show(metric)}{did_you_mean(metric, list(METRICS))} (or "
+                                     "any metric your own trainer: reports)", key=key)
+            return self
+        for section in ("data", "model"):
+            if getattr(self, section):
+                raise spec_error(f"goes with the built-in trainer; your trainer "
+                                 f"({self.trainer_name}) reads its own data and builds its own "
+                                 "model: put their settings under fixed:", key=section)
+        known = set(self.space) | set(self.fixed) | set(COMMAND_FIELDS)
+        for i, name in self.trainer.placeholders():
+            if name not in known:
+                guess = did_you_mean(name, sorted(known))
+                raise spec_error(f"{{{name}}} names no parameter{guess} (expected a key of "
+                                 f"space or fixed, or one of: {', '.join(COMMAND_FIELDS)})",
+                                 key=f"trainer.command[{i}]")
+        return self
+
+    @property
+    def trainer_name(self) -> str:
+        """The user's function or program, for messages ("the built-in trainer" without one)."""
+        if self.trainer is None:
+            return "the built-in trainer"
+        return self.trainer.function or str((self.trainer.command or ["?"])[0])
 
     @model_validator(mode="after")
     def _objectives_and_pruning(self) -> StudySpec:

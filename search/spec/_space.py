@@ -66,6 +66,31 @@ def check_space(spec: StudySpec, base: TrainConfig, constants: dict[str, tuple[s
     _check_conditions(spec, constants)
     order(spec)  # raises on a cycle of conditions
 
+def check_user_space(spec: StudySpec) -> None:
+    """The space of a study with its own trainer: any knob names, each range a float unless it
+    says `int`; conditions as for the built-in trainer. What the values mean is the user's."""
+    constants = constants_of(spec)
+    for key, entry in spec.space.items():
+        path = f"space.{key}"
+        if isinstance(entry, AutoEntry):
+            raise fail(f"{path}.auto", "the LR range test runs the built-in trainer; with your "
+                                       "own trainer give the lr a range")
+        if getattr(entry, "per_batch", None) is not None:
+            raise fail(f"{path}.per_batch", "linear lr scaling is the built-in trainer's; "
+                                            "scale the lr in your own code")
+        if canonical(key) in constants:
+            raise fail(constants[canonical(key)][0], f"also searched as {path}; a setting is "
+                                                     "either searched (space) or held constant")
+        if isinstance(entry, RangeEntry) and entry.is_int:
+            spec.space[key] = entry.as_int()
+        if spec.sampler.type == "grid" and not entry.discrete():
+            raise fail(path, "the grid sampler needs discrete parameters (choices, grid, pow2 "
+                             "or an int range), got "
+                             f"{show(entry.model_dump(exclude_none=True))}")
+    _check_conditions(spec, constants)
+    order(spec)
+
+
 def _with_trainer_types(path: str, key: str, entry: Entry, plugins: set[str]) -> Entry:
     if not isinstance(entry, RangeEntry):
         return entry

@@ -9,7 +9,9 @@ spec come a trial's trainer config, the sampler and the pruner.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from search.spec._schema import StudySpec
 from search.spec._space import (
     auto_lr_key,
     check_space,
+    check_user_space,
     distributions,
     enqueue_params,
     grid_search_space,
@@ -43,8 +46,11 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
             spec = StudySpec.model_validate(data)
         except ValidationError as e:
             raise from_pydantic(e) from e
-        constants = check_constants(spec)
-        check_space(spec, base_train_config(spec), constants)
+        if spec.trainer is None:
+            constants = check_constants(spec)
+            check_space(spec, base_train_config(spec), constants)
+        else:
+            check_user_space(spec)
         for i, entry in enumerate(spec.enqueue):
             enqueue_params(spec, entry, path=f"enqueue[{i}]")
     except SpecError as e:
@@ -70,8 +76,33 @@ def load_spec(path: str | Path) -> StudySpec:
     if data is None:
         raise SpecError(f"{path}: the study file is empty")
     spec = parse_spec(data, source=str(path))
-    _check_network(spec, path)
+    if spec.trainer is None:
+        _check_network(spec, path)
+    else:
+        check_trainer(spec, source=str(path))
     return spec
+
+
+def check_trainer(spec: StudySpec, *, source: str) -> None:
+    """A user's trainer is there to run: the function imports, the program exists. Run where
+    the trials will run (`load_spec`, and each worker before it takes a trial)."""
+    trainer = spec.trainer
+    assert trainer is not None
+    if trainer.function is not None:
+        try:
+            trainers.load_plugin(trainer.function, "hpsearch.trainers", "trainer")
+        except TrainerError as e:
+            raise SpecError(f"{source}: {e}", path="trainer") from e
+        return
+    program = str((trainer.command or [""])[0])
+    if "{" in program:
+        raise SpecError(f"{source}: trainer.command[0]: the program cannot be a placeholder, "
+                        f"got {program!r}", path="trainer.command")
+    if shutil.which(program) is None:
+        where = ("an executable file" if "/" in program
+                 else f"a program on PATH: {os.environ.get('PATH', '')}")
+        raise SpecError(f"{source}: trainer.command[0]: {program}: not found (expected {where})",
+                        path="trainer.command")
 
 _FINE_TUNING = ("model.weights", "model.freeze", "model.freeze_blocks", "model.head")
 

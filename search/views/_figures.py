@@ -87,18 +87,21 @@ def slices(study: optuna.Study, spec: StudySpec) -> go.Figure:
     name, target = _objective(spec, 0)
     return plot_slice(study, target=target, target_name=name)
 
-def val_loss_curves(trials: list[optuna.trial.FrozenTrial], spec: StudySpec,
+def objective_curves(trials: list[optuna.trial.FrozenTrial], spec: StudySpec,
                     best: int | None) -> go.Figure:
-    """Every trial's validation loss per epoch; pruned ones stop early and end in an x."""
+    """Every trial's objective per epoch (validation loss with the built-in trainer); pruned
+    ones stop early and end in an x."""
     import plotly.graph_objects as go
 
+    # A user's trainer reports its own metrics: its objective's curve is the one to draw.
+    metric = "val_loss" if spec.trainer is None else spec.objective.metric_names[0]
     fig = go.Figure()
     shown: set[str] = set()
     values: list[float] = []
     ordered = sorted(trials, key=lambda t: t.number == best)  # the best one drawn on top
     for t in ordered:
         history = t.user_attrs.get("history") or []
-        points = [(m["epoch"], finite(m.get("val_loss"))) for m in history]
+        points = [(m["epoch"], finite(m.get(metric))) for m in history]
         points = [(e, v) for e, v in points if v is not None]
         if not points:
             continue
@@ -116,18 +119,18 @@ def val_loss_curves(trials: list[optuna.trial.FrozenTrial], spec: StudySpec,
             opacity=1.0 if state == "BEST" else 0.6,
             hovertemplate=(f"trial #{t.number} ({t.state.name}: "
                            f"{t.user_attrs.get('ended', '')})<br>epoch %{{x}}: "
-                           "val_loss %{y:.4g}<extra></extra>"),
+                           f"{metric} %{{y:.4g}}<extra></extra>"),
         ))
         shown.add(state)
     if not values:
-        raise Unavailable("no trial recorded a validation loss")
+        raise Unavailable(f"no trial recorded {metric}")
     positive = [v for v in values if v > 0]
     log = bool(positive) and len(positive) == len(values) and max(values) / min(positive) > 30
     fig.update_layout(
-        title="Validation loss per epoch (pruned trials end in an x)", height=HEIGHT,
+        title=f"{metric} per epoch (pruned trials end in an x)", height=HEIGHT,
         xaxis={"title": "epoch", "range": [0.8, spec.budget.epochs + 0.2], "dtick": 1
                if spec.budget.epochs <= 20 else None},
-        yaxis={"title": "val_loss", "type": "log" if log else "linear"},
+        yaxis={"title": metric, "type": "log" if log else "linear"},
     )
     return fig
 
@@ -187,6 +190,16 @@ def trial_curves(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> go.Figure:
     if not history:
         raise Unavailable(f"trial #{trial.number} recorded no history")
     epochs = [m["epoch"] for m in history]
+    if spec.trainer is not None:  # a user's trainer: whatever it reported, a panel each
+        names = list(dict.fromkeys(k for m in history for k in m if k != "epoch"))[:4]
+        fig = make_subplots(rows=1, cols=len(names), subplot_titles=names)
+        for col, name in enumerate(names, 1):
+            fig.add_trace(go.Scatter(x=epochs, y=[finite(m.get(name)) for m in history],
+                                     name=name, mode="lines+markers"), row=1, col=col)
+        fig.update_xaxes(title_text="epoch")
+        fig.update_layout(height=HEIGHT, title=f"Trial #{trial.number}: "
+                                               f"{trial.user_attrs.get('ended', '')}")
+        return fig
     fig = make_subplots(rows=2, cols=2, subplot_titles=(
         "loss", "accuracy", "lr (end of each epoch)", "gradient norm per layer (log)"))
     for col, what in ((1, "loss"), (2, "accuracy")):

@@ -89,7 +89,7 @@ class RunDisplay:
             f"{' & '.join(self.spec.objective.metric_names)}"
         )
 
-        weights = base_train_config(self.spec).model.weights
+        weights = base_train_config(self.spec).model.weights if self.spec.trainer is None else None
         if weights:
             self.console.print(f"fine-tuning from [bold]{weights}[/]: what loading did (heads "
                                f"re-initialized) is each trial's user attr weights_notes")
@@ -99,11 +99,14 @@ class RunDisplay:
                            if t.state.is_finished()}
 
     def epoch(self, number: int, m: trainers.EpochMetrics) -> None:
+        """An epoch of a running trial: the built-in trainer's metrics, or what a user's
+        trainer reported (`m.metrics`)."""
+        reported = getattr(m, "metrics", None)
+        shown = (" ".join(f"{k} {fmt(v)}" for k, v in list(reported.items())[:3])
+                 if isinstance(reported, dict)
+                 else f"val_loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}")
         self.progress.update(
-            self.task,
-            running=f"#{number} epoch {m.epoch}/{self.spec.budget.epochs} "
-                    f"val_loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}",
-        )
+            self.task, running=f"#{number} epoch {m.epoch}/{self.spec.budget.epochs} {shown}")
 
     def trial(self, study: optuna.Study, outcome: TrialOutcome, counts: Counts) -> None:
         state = outcome.state
@@ -165,6 +168,8 @@ class RunDisplay:
             (f"hpsearch retrain {name}{url}", "train+val, then the test set, once"),
             (f"hpsearch report {name}{url} --out report.html", "one offline HTML report"),
         ):
+            if command.startswith("python -m trainers") and self.spec.trainer is not None:
+                continue  # the built-in trainer's; a user's trainer retrains through retrain
             self.console.print(f"  {command:<58} [dim]# {why}[/]")
 
 def print_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
@@ -181,7 +186,8 @@ def print_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
         for metric, value in zip(spec.objective.metric_names, trial.values, strict=True):
             table.add_row(metric, fmt(value))
         history = trial.user_attrs.get("history") or []
-        if history and "val_accuracy" not in spec.objective.metric_names:
+        if history and "val_accuracy" in history[-1] and \
+                "val_accuracy" not in spec.objective.metric_names:
             table.add_row("val_accuracy", fmt(history[-1].get("val_accuracy")))
         for key, value in flat_params(spec, trial).items():
             table.add_row(key, fmt(value))

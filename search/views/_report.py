@@ -163,8 +163,8 @@ def build_report(study: optuna.Study, spec: StudySpec, *, storage: str,
     page.figure("Optimization history", lambda: figs.optimization_history(study, spec))
     page.figure("Parameter importances", lambda: figs.importances(study, spec))
     page.figure("Parallel coordinates", lambda: figs.parallel_coordinates(study, spec))
-    page.figure("Validation loss of every trial",
-                lambda: figs.val_loss_curves(trials, spec, best))
+    curve = "Validation loss" if spec.trainer is None else spec.objective.metric_names[0]
+    page.figure(f"{curve} of every trial", lambda: figs.objective_curves(trials, spec, best))
     for x, y in (("lr", "batch_size"), ("lr", "weight_decay")):
         page.figure(f"{x} x {y}", lambda x=x, y=y: figs.pair(trials, spec, x, y))
     page.figure("Slices", lambda: figs.slices(study, spec))

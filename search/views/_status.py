@@ -44,7 +44,9 @@ def best_record(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
             "values": dict(zip(spec.objective.metric_names, trial.values, strict=True)),
             "val_accuracy": (history[-1].get("val_accuracy") if history else None),
             "params": params,
-            "config": train_config_for(spec, params).to_dict(),
+            **({"config": train_config_for(spec, params).to_dict()} if spec.trainer is None
+               else {"trainer": spec.trainer.model_dump(exclude_defaults=True),
+                     "fixed": dict(spec.fixed)}),
         })
     return out
 
