@@ -22,8 +22,8 @@ from search._reporting import checkpoint_dir, is_final, params, report
 
 # Public name → the module that defines it, imported when the name is first used.
 _LAZY = {
-    "Pruned": "search.run._user_trainer",
-    "Trial": "search.run._user_trainer",
+    "Pruned": "search.run",
+    "Trial": "search.run",
     "Results": "search._api",
     "load_results": "search._api",
     "tune": "search._api",
@@ -61,4 +61,4 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from search._api import Results, load_results, tune  # noqa: F401
-    from search.run._user_trainer import Pruned, Trial  # noqa: F401
+    from search.run import Pruned, Trial  # noqa: F401

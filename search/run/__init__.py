@@ -16,8 +16,11 @@ _EXPORTS = {
     "Display": "_supervisor",
     "Launch": "_launch",
     "Objective": "_objective",
+    "Pruned": "_user_trainer",
     "Slot": "_slots",
+    "Trial": "_user_trainer",
     "TrialOutcome": "_objective",
+    "UserObjective": "_user_trainer",
     "WarmStart": "_warm_start",
     "WorkerError": "_worker",
     "WorkerSummary": "_worker",
@@ -69,5 +72,6 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from search.run._slots import Slot, plan, plan_slots, visible_gpu_ids  # noqa: F401
     from search.run._study import create_or_load, reseed  # noqa: F401
     from search.run._supervisor import Display, supervise, worker_command  # noqa: F401
+    from search.run._user_trainer import Pruned, Trial, UserObjective  # noqa: F401
     from search.run._warm_start import WarmStart, load_source, parse_source, warm_start  # noqa: F401
     from search.run._worker import WorkerError, WorkerSummary, run_worker  # noqa: F401

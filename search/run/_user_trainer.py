@@ -254,7 +254,10 @@ class UserObjective(Objective):
             lines = traceback.format_exception(e)
             extra = {"traceback": "".join(lines)[-8000:],
                      "history": user.history if user else []}
-            reason = "".join(traceback.format_exception_only(e)).strip().splitlines()[-1]
+            # The traceback's last line, as Python prints it: the type and the message's
+            # first line (the rest is in the traceback attr).
+            message = next((line for line in str(e).splitlines() if line.strip()), "")
+            reason = f"{type(e).__name__}: {message}" if message else type(e).__name__
             self.record_failure(trial, f"error: {reason}", start_attrs, params, started, extra)
             raise
         except KeyboardInterrupt:
