@@ -140,13 +140,22 @@ class Objective:
 
                 torch.cuda.empty_cache()
 
+        values = None
+        if result.status == "completed":
+            values = [metric_value(metric, list(result.history)) for metric in self.metrics]
+        # A run that completed without a usable value (a validation metric without a
+        # validation split, say) is a failure: Optuna stores it as FAIL, and the worker counts
+        # it towards max_failures_in_row rather than run on into a loop of them.
+        unusable = next((f"{m} is {v}" for m, v in zip(self.metrics, values or [], strict=False)
+                         if not math.isfinite(v)), None)
         end_attrs: dict[str, Any] = {
             "history": [history_record(m) for m in result.history],
             "epochs_run": result.epochs_run,
             "seconds": round(result.seconds, 3),
             "parameters": result.parameters,
             "trained_parameters": result.trained_parameters,
-            "ended": result.reason if result.status != "completed" else "completed",
+            "ended": (f"failed: no usable value ({unusable})" if unusable
+                      else result.reason if result.status != "completed" else "completed"),
         }
         if retried_from is not None:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
@@ -163,14 +172,11 @@ class Objective:
         self.record_result(trial, end_attrs, links)
         if store is not None:
             self.clear_later(store.directory, retried_from)
-        values = None
-        if result.status == "completed":
-            values = [metric_value(metric, list(result.history)) for metric in self.metrics]
         last = (float(getattr(result.history[-1], self.metrics[0])) if result.history
                 else None)
-        self.last = TrialOutcome(trial.number, "COMPLETE" if values else "PRUNED", values, last,
-                                 params, result.epochs_run, end_attrs["seconds"],
-                                 end_attrs["ended"])
+        state = "FAIL" if unusable else "COMPLETE" if values else "PRUNED"
+        self.last = TrialOutcome(trial.number, state, values, last, params, result.epochs_run,
+                                 end_attrs["seconds"], end_attrs["ended"])
         if values is None:
             # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
             # so it is pruned too; the budget counts it and the sampler learns from it.

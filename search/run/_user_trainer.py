@@ -11,6 +11,7 @@ resumes where it died.
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
     from search.spec import StudySpec
 
+# A command's program named so runs as the worker's own Python (its virtualenv), whatever
+# `python` is first on PATH.
+PYTHON_NAMES = ("python", "python3")
 OUTPUT_TAIL_LINES = 200  # of a command's stdout and of its stderr, kept as the trial's artifact
 HISTORY_FILE = "hpsearch-history.json"  # beside the user's checkpoint: what was reported
 STATE_FILE = "state.pt"
@@ -84,6 +89,9 @@ class Trial:
         self._on_report = on_report
         self._history: list[dict[str, float]] = []
         self._resumed = False
+        # The epoch the loop resumed after (its first report's epoch - 1) on a dead trial's
+        # retry; 0 when it started from scratch.
+        self.resumed_from_epoch = 0
         self.stopped: str | None = None  # why report raised Pruned, once it has
         self._warned = False
         if checkpoint_dir is not None and (checkpoint_dir / HISTORY_FILE).is_file():
@@ -112,6 +120,7 @@ class Trial:
             # checkpoint was older, or there was none): those reports are replaced.
             self._resumed = False
             self._history = [r for r in self._history if r["epoch"] < epoch]
+            self.resumed_from_epoch = max(0, epoch - 1) if self._history else 0
             last = self.last_epoch
         values = _reporting.check_report(epoch, metrics, last)
         self._history.append({"epoch": epoch, **values})
@@ -236,7 +245,6 @@ class UserObjective(Objective):
             user = Trial(number=trial.number, study_name=self.spec.name, params=params,
                          device=device, threads=self.threads, epochs=self.spec.budget.epochs,
                          checkpoint_dir=directory, on_report=on_report)
-            resumed_from = user.last_epoch or 0
             output: dict[str, str] = {}
             try:
                 if self.function is not None:
@@ -271,7 +279,7 @@ class UserObjective(Objective):
         end_attrs: dict[str, Any] = {"history": history, "epochs_run": len(history),
                                      "seconds": seconds, "ended": ended}
         if retried_from is not None:
-            end_attrs["resumed_from_epoch"] = resumed_from
+            end_attrs["resumed_from_epoch"] = user.resumed_from_epoch
         links: dict[str, str] = {}
         if self.artifacts is not None:
             written = self.artifacts.write_user(trial, ended, history, params, output,
@@ -338,8 +346,11 @@ def command_argv(spec: StudySpec, user: Trial) -> list[str]:
         return json.dumps(value) if isinstance(value, (bool, list, dict)) or value is None \
             else str(value)
 
-    return [_PLACEHOLDER_RE.sub(lambda m: text(fields[m.group(1)]), str(part))
+    argv = [_PLACEHOLDER_RE.sub(lambda m: text(fields[m.group(1)]), str(part))
             for part in spec.trainer.command]
+    if argv[0] in PYTHON_NAMES:
+        argv[0] = sys.executable  # the worker's own interpreter: `import search` works there
+    return argv
 
 
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -359,6 +370,15 @@ def command_env(spec: StudySpec, user: Trial) -> dict[str, str]:
     if user.threads:
         env.setdefault("OMP_NUM_THREADS", str(user.threads))
     return env
+
+
+def _die_with_worker() -> None:
+    """Runs in the command's process before exec: SIGKILL it when its worker dies (Linux), so
+    a killed worker leaves no script training on, holding the GPU its retry needs."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _lines(stream: Any, into: queue.Queue, tail: collections.deque, name: str) -> None:
@@ -398,7 +418,8 @@ def run_command(spec: StudySpec, user: Trial, output: dict[str, str]) -> None:
     try:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                   env=command_env(spec, user), start_new_session=True)
+                                   env=command_env(spec, user), start_new_session=True,
+                                   preexec_fn=_die_with_worker)
     except OSError as e:
         raise TrialFailed(f"cannot start {argv[0]}: {e.strerror or e}") from None
     lines: queue.Queue = queue.Queue()

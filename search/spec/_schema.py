@@ -298,7 +298,7 @@ class StudySpec(SpecModel):
         """The user's function or program, for messages ("the built-in trainer" without one)."""
         if self.trainer is None:
             return "the built-in trainer"
-        return self.trainer.function or str((self.trainer.command or ["?"])[0])
+        return self.trainer.function or " ".join(map(str, (self.trainer.command or [])[:2]))
 
     @model_validator(mode="after")
     def _objectives_and_pruning(self) -> StudySpec:

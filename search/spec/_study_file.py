@@ -22,7 +22,13 @@ from pydantic import ValidationError
 import trainers
 from search._errors import SpecError
 from search.spec._algorithms import Settings, build
-from search.spec._knobs import canonical, check_constants, constant_values, plugins_of
+from search.spec._knobs import (
+    canonical,
+    check_constants,
+    constant_values,
+    constants_of,
+    plugins_of,
+)
 from search.spec._model import fail, from_pydantic, show
 from search.spec._schema import StudySpec
 from search.spec._space import (
@@ -49,6 +55,7 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
         if spec.trainer is None:
             constants = check_constants(spec)
             check_space(spec, base_train_config(spec), constants)
+            _check_validation_split(spec, base_train_config(spec))
         else:
             check_user_space(spec)
         for i, entry in enumerate(spec.enqueue):
@@ -57,6 +64,22 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
         raise SpecError(f"{source}: {e}", path=e.path) from e
     return spec
 
+def _check_validation_split(spec: StudySpec, base: TrainConfig) -> None:
+    """A validation metric needs a validation split: without one every trial would end
+    without a value."""
+    needs = [m for m in spec.objective.metric_names if m.startswith("val_")]
+    searched = any(canonical(k) == "data.val_fraction" for k in spec.space)
+    if needs and base.data.val_fraction == 0 and not searched:
+        where = next((p for p, w, _ in _constant_paths(spec) if w == "data.val_fraction"),
+                     "data.val_fraction")
+        raise fail(where, f"the objective {needs[0]} needs a validation split: expected more "
+                          "than 0, got 0")
+
+
+def _constant_paths(spec: StudySpec) -> list[tuple[str, str, Any]]:
+    return [(path, where, value) for where, (path, value) in constants_of(spec).items()]
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a YAML study file; a missing file or bad YAML is a SpecError too."""
     path = Path(path)
@@ -64,6 +87,9 @@ def load_spec(path: str | Path) -> StudySpec:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise SpecError(f"{path}: no such study file") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {e.start} is "
+                        f"{e.object[e.start:e.start + 1]!r}); save the study file as UTF-8") from e
     except OSError as e:
         raise SpecError(f"{path}: cannot read the study file: {e.strerror}") from e
     try:
@@ -84,8 +110,9 @@ def load_spec(path: str | Path) -> StudySpec:
 
 
 def check_trainer(spec: StudySpec, *, source: str) -> None:
-    """A user's trainer is there to run: the function imports, the program exists. Run where
-    the trials will run (`load_spec`, and each worker before it takes a trial)."""
+    """A user's trainer is there to run: the function imports, the program exists (`python`
+    is the worker's own interpreter). Run where the trials will run (`load_spec`, and each
+    worker before it takes a trial)."""
     trainer = spec.trainer
     assert trainer is not None
     if trainer.function is not None:
@@ -98,7 +125,7 @@ def check_trainer(spec: StudySpec, *, source: str) -> None:
     if "{" in program:
         raise SpecError(f"{source}: trainer.command[0]: the program cannot be a placeholder, "
                         f"got {program!r}", path="trainer.command")
-    if shutil.which(program) is None:
+    if program not in ("python", "python3") and shutil.which(program) is None:
         where = ("an executable file" if "/" in program
                  else f"a program on PATH: {os.environ.get('PATH', '')}")
         raise SpecError(f"{source}: trainer.command[0]: {program}: not found (expected {where})",

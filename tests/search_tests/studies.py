@@ -57,3 +57,22 @@ def searched(name: str, tmp: Path, **changes: Any) -> dict[str, Any]:
                                 "checkpoints": tmp / "ckpt"}
     settings.update(changes)
     return study_data(name, **settings)
+
+
+def views_and_retrain(hpsearch: str, name: str, cwd: Path) -> tuple[dict[str, int], dict]:
+    """A finished study read back through the command line as a user would: `status --json`
+    (its counts), `report` (an offline page, checked for size) and `retrain` (its results)."""
+    import json
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([hpsearch, *args], cwd=cwd, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+
+    counts = json.loads(run("status", name, "--json").stdout)["counts"]
+    run("report", name, "--out", "r.html")
+    assert (cwd / "r.html").stat().st_size > 100_000
+    run("retrain", name)
+    return counts, json.loads((cwd / f"retrain-{name}" / "results.json").read_text())

@@ -198,9 +198,12 @@ def test_a_trainer_study_may_name_any_knob_and_metric():
                                  "layers": {"low": 1, "high": 4, "int": True},
                                  "act": {"choices": ["relu", "gelu"]},
                                  "dropout": {"low": 0.0, "high": 0.5,
-                                             "when": {"act": "gelu"}}}})
+                                             "when": {"act": "gelu"}}},
+                       "enqueue": [{"lr": 0.01, "layers": 2, "act": "gelu", "dropout": 0.1}]})
     assert spec.trainer.function == "pkg.train:fit" and spec.objective.direction == "maximize"
     assert spec.space["layers"].is_int
+    with pytest.raises(SpecError, match=r"enqueue\[0\].layers: expected an integer"):
+        parse_spec({**spec.model_dump(mode="json"), "enqueue": [{"layers": 2.5}]})
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -373,6 +376,38 @@ def test_a_stopped_command_is_killed_with_its_process_group(tmp_path):
     pid = int((tmp_path / "pidfile.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_command_dies_with_its_worker_and_python_is_the_workers_own(tmp_path):
+    """kill -9 of the worker takes its script along (no orphan keeps the GPU); `python` runs
+    the worker's interpreter even where PATH has no python that imports search."""
+    pidfile = tmp_path / "script.pid"
+    study_file(tmp_path, trainer={"command": ["python", "script.py", "{lr}", "{epochs}",
+                                              "pidfile"], "env": {"PIDFILE": str(pidfile)}},
+               budget={"trials": 1, "epochs": 3})
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no virtualenv on it
+    worker = subprocess.Popen([HPSEARCH, "run", "mine.yaml"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        script = int(pidfile.read_text())
+        os.kill(worker.pid, 9)
+        worker.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(script, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(script, 9)
+            raise AssertionError("the script outlived its killed worker")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
 
 
 def test_tune_runs_a_study_from_python_with_a_function_object(tmp_path, monkeypatch):
