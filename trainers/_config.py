@@ -380,41 +380,91 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug here, not input
 
 
+# What a good value of each numeric setting is: (test, what to say). A tuple setting is checked
+# item by item (`model.hidden[1]`); an optional setting left at None is not checked.
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_POSITIVE = (lambda v: v > 0, "a positive number")
+_NON_NEGATIVE = (lambda v: v >= 0, "zero or positive")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")  # dropout, momenta and moving averages
+_SHARE = (lambda v: 0 <= v <= 1, "in [0, 1]")  # a part of the base lr
+# torch.manual_seed's range (negative seeds are remapped, not refused).
+_SEED = (lambda v: -(2 ** 63) <= v < 2 ** 64, "in [-2**63, 2**64)")
+
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": _AT_LEAST_1,
+    "epochs": _AT_LEAST_1,
+    "eval_batch_size": _AT_LEAST_1,
+    "seed": _SEED,
+    "threads": _AT_LEAST_1,  # None: torch's default
+    "divergence_factor": (lambda v: v > 1, "greater than 1"),
+    "max_grad_norm": _POSITIVE,  # a negative norm would flip the gradients
+    "data.val_fraction": _FRACTION,
+    "data.seed": _SEED,
+    "model.hidden": _AT_LEAST_1,
+    "model.dropout": _FRACTION,
+    "model.widths": _AT_LEAST_1,
+    "model.blocks": _AT_LEAST_1,
+    "model.freeze_blocks": _NON_NEGATIVE,
+    "model.unfreeze_after": _AT_LEAST_1,
+    "optimizer.lr": _POSITIVE,
+    "optimizer.momentum": _FRACTION,
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.beta1": _FRACTION,
+    "optimizer.beta2": _FRACTION,
+    "optimizer.eps": _POSITIVE,  # Adam and RMSprop divide by the root of an average plus eps
+    "optimizer.alpha": _FRACTION,
+    "optimizer.rho": _FRACTION,
+    "optimizer.lr_per_batch": _AT_LEAST_1,
+    "optimizer.head_lr_mult": _POSITIVE,
+    "optimizer.head_weight_decay": _NON_NEGATIVE,
+    "optimizer.unfrozen_lr_mult": _POSITIVE,
+    "schedule.warmup_epochs": _NON_NEGATIVE,
+    "schedule.step_size": _AT_LEAST_1,
+    "schedule.milestones": _AT_LEAST_1,
+    "schedule.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),  # a decay: 1 keeps the lr
+    "schedule.floor": _SHARE,
+    "schedule.power": _POSITIVE,
+    "schedule.final_lr_factor": _SHARE,
+    "schedule.pct_start": (lambda v: 0 < v < 1, "in (0, 1)"),
+    # One-cycle starts at lr / div_factor and ends below that: below 1 the "rise" would fall.
+    "schedule.div_factor": _AT_LEAST_1,
+    "schedule.final_div_factor": _AT_LEAST_1,
+    "schedule.max_momentum": _FRACTION,
+    "schedule.base_momentum": _FRACTION,
+    "schedule.cycle_epochs": _POSITIVE,
+    "schedule.cycle_div": _AT_LEAST_1,  # the cycle's bottom is lr / cycle_div
+    "schedule.factor": (lambda v: 0 < v < 1, "in (0, 1)"),  # plateau: a cut, never a raise
+    "schedule.patience": _NON_NEGATIVE,
+    "schedule.min_lr": _NON_NEGATIVE,
+    "init.std": _POSITIVE,
+    "init.gain": _POSITIVE,
+}
+
+
 def _check_ranges(c: TrainConfig) -> None:
     """Values of the right type can still be nonsense; say which and why, at construction."""
-    checks = [
-        ("batch_size", c.batch_size, c.batch_size >= 1, "at least 1"),
-        ("epochs", c.epochs, c.epochs >= 1, "at least 1"),
-        ("eval_batch_size", c.eval_batch_size, c.eval_batch_size >= 1, "at least 1"),
-        ("data.val_fraction", c.data.val_fraction, 0.0 <= c.data.val_fraction < 1.0, "in [0, 1)"),
-        ("optimizer.lr", c.optimizer.lr, c.optimizer.lr > 0, "a positive number"),
-        ("optimizer.momentum", c.optimizer.momentum, 0 <= c.optimizer.momentum < 1.5, "in [0, 1)"),
-        ("optimizer.weight_decay", c.optimizer.weight_decay, c.optimizer.weight_decay >= 0,
-         "zero or positive"),
-        ("model.dropout", c.model.dropout, 0.0 <= c.model.dropout < 1.0, "in [0, 1)"),
-        ("schedule.warmup_epochs", c.schedule.warmup_epochs, c.schedule.warmup_epochs >= 0,
-         "zero or positive"),
-        ("optimizer.head_lr_mult", c.optimizer.head_lr_mult, c.optimizer.head_lr_mult > 0,
-         "a positive number"),
-        ("optimizer.unfrozen_lr_mult", c.optimizer.unfrozen_lr_mult,
-         c.optimizer.unfrozen_lr_mult > 0, "a positive number"),
-        ("optimizer.head_weight_decay", c.optimizer.head_weight_decay,
-         c.optimizer.head_weight_decay is None or c.optimizer.head_weight_decay >= 0,
-         "zero or positive"),
-        ("model.freeze_blocks", c.model.freeze_blocks, c.model.freeze_blocks >= 0,
-         "zero or positive"),
-        ("model.unfreeze_after", c.model.unfreeze_after,
-         c.model.unfreeze_after is None or c.model.unfreeze_after >= 1, "at least 1"),
-        ("divergence_factor", c.divergence_factor, c.divergence_factor > 1, "greater than 1"),
-    ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    for key, (ok, expected) in _RANGES.items():
+        value: Any = c
+        for part in key.split("."):
+            value = getattr(value, part)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            if item is not None and not ok(item):
+                where = key if i is None else f"{key}[{i}]"
+                raise ConfigError(f"{where}: expected {expected}, got {item!r}")
     if c.schedule.warmup_epochs >= c.epochs and c.schedule.warmup_epochs > 0:
         raise ConfigError(
             f"schedule.warmup_epochs: expected fewer than epochs ({c.epochs}), "
             f"got {c.schedule.warmup_epochs!r}"
         )
+    milestones = c.schedule.milestones
+    for i in range(1, len(milestones)):
+        if milestones[i] <= milestones[i - 1]:
+            raise ConfigError(f"schedule.milestones[{i}]: expected more than the milestone "
+                              f"before it ({milestones[i - 1]}), got {milestones[i]}")
+    if c.schedule.base_momentum > c.schedule.max_momentum:
+        raise ConfigError(f"schedule.base_momentum: expected at most schedule.max_momentum "
+                          f"({c.schedule.max_momentum}), got {c.schedule.base_momentum!r}")
 
 
 def _plain(value: Any) -> Any:

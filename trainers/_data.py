@@ -58,6 +58,9 @@ class DatasetInfo:
     name: str
     load: Callable[[DataConfig], RawData | StreamSource]
     image: bool  # augmentation (flips, crops) makes sense only for natural images
+    # Known without reading any data (the built-ins), so `data.classes` is checked when the
+    # config is made; None: known only once loaded (image_folder, a user's loader).
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -264,11 +267,12 @@ def _load_synthetic(config: DataConfig) -> RawData:
 
 
 for _info in (
-    DatasetInfo("fashion_mnist", _file_loader("fashion_mnist", _read_idx_dataset), image=True),
-    DatasetInfo("mnist", _file_loader("mnist", _read_idx_dataset), image=True),
-    DatasetInfo("cifar10", _file_loader("cifar10", _read_cifar10), image=True),
+    DatasetInfo("fashion_mnist", _file_loader("fashion_mnist", _read_idx_dataset), image=True,
+                num_classes=10),
+    DatasetInfo("mnist", _file_loader("mnist", _read_idx_dataset), image=True, num_classes=10),
+    DatasetInfo("cifar10", _file_loader("cifar10", _read_cifar10), image=True, num_classes=10),
     # 8x8 images: augmentation only blurs the templates, but it lets tests run that code path.
-    DatasetInfo("synthetic", _load_synthetic, image=True),
+    DatasetInfo("synthetic", _load_synthetic, image=True, num_classes=10),
     DatasetInfo("image_folder", lambda config: _cached_image_folder(config), image=True),
 ):
     DATASETS.register(_info.name, _info)
@@ -396,7 +400,23 @@ def check_data_config(config: DataConfig) -> None:
     if config.size is not None and (config.dataset != "synthetic" or config.size < 1):
         raise ConfigError(f"data.size: expected a positive number of synthetic examples, got "
                           f"{config.size} for {config.dataset}")
+    if config.classes is not None:
+        _check_chosen_classes(config.classes, info.num_classes)
     check_stream_settings(config)
+
+
+def _check_chosen_classes(classes: tuple[int, ...], k: int | None) -> None:
+    """`data.classes` as far as the config tells: labels, distinct, at least two, and below
+    the dataset's number of classes where that is known before loading."""
+    for i, c in enumerate(classes):
+        if c < 0 or (k is not None and c >= k):
+            expected = "zero or positive" if k is None else f"a label in 0..{k - 1}"
+            raise ConfigError(f"data.classes[{i}]: expected {expected}, got {c}")
+        if c in classes[:i]:
+            raise ConfigError(f"data.classes[{i}]: expected a label not listed before, got {c} "
+                              "again")
+    if len(classes) < 2:
+        raise ConfigError(f"data.classes: expected two or more labels, got {list(classes)}")
 
 
 def load_data(config: DataConfig, *, device: torch.device | str = "cpu",

@@ -195,3 +195,5 @@ def check_model_config(config: ModelConfig) -> None:
     _choice("model.stem", config.stem, STEMS)
     _choice("model.bn_stats", config.bn_stats, BN_STATS)
     layer_norms(config)
+    if config.type == "cnn" and not config.widths:
+        raise ConfigError("model.widths: expected at least one stage width, got []")
