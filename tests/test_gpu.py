@@ -47,6 +47,25 @@ def test_an_image_folder_streams_to_cuda_with_pinned_memory(tmp_path):
     result = trainers.train(config)
     assert result.status == "completed" and result.final.val_accuracy > 0.5
 
+def test_a_users_function_trainer_gets_the_gpu(tmp_path):
+    (tmp_path / "gpufit.py").write_text(
+        "import torch\n"
+        "def fit(params, trial):\n"
+        "    x = torch.ones(8, device=trial.device) * params['lr']\n"
+        "    trial.report(1, loss=float(x.sum()), on_cuda=float(x.is_cuda))\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "gpufit", "trainer": "gpufit:fit", "objective": {"metric": "loss"},
+        "budget": {"trials": 2, "epochs": 1}, "pruner": {"type": "none"},
+        "space": {"lr": {"low": 0.1, "high": 1.0}}}))
+    out = subprocess.run([HPSEARCH, "run", "s.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import optuna
+
+    study = optuna.load_study(study_name="gpufit", storage=f"sqlite:///{tmp_path / 'hpsearch.db'}")
+    assert all(t.user_attrs["history"][0]["on_cuda"] == 1.0 for t in study.trials)
+    assert all(t.user_attrs["device"].startswith("cuda") for t in study.trials)
+
 def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path):
     import trainers
 

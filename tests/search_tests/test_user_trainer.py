@@ -187,6 +187,26 @@ def test_the_command_helpers_import_neither_torch_nor_optuna(tmp_path):
                                        "0.1", "[]"]
 
 
+def test_a_command_sees_its_workers_gpu_and_no_gpu_on_a_cpu_worker(monkeypatch):
+    from search.run._user_trainer import command_argv, command_env
+
+    spec = parse_spec({"name": "x", "trainer": {"command": ["python", "t.py", "{lr}",
+                                                            "{device}", "{batch_size}"]},
+                       "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True},
+                                 "batch_size": {"pow2": [16, 64]}}})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # the supervisor pinned this worker
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a supervisor's worker has it set
+    on_gpu = Trial(number=4, study_name="x", params={"lr": 0.01, "batch_size": 32},
+                   device="cuda:0", threads=2)
+    env = command_env(spec, on_gpu)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["HPSEARCH_DEVICE"] == "cuda:0"
+    assert json.loads(env["HPSEARCH_PARAMS"]) == {"lr": 0.01, "batch_size": 32}
+    assert env["HPSEARCH_TRIAL_NUMBER"] == "4" and env["OMP_NUM_THREADS"] == "2"
+    assert command_argv(spec, on_gpu) == [sys.executable, "t.py", "0.01", "cuda:0", "32"]
+    on_cpu = Trial(number=5, study_name="x", params={"lr": 0.01, "batch_size": 32})
+    assert command_env(spec, on_cpu)["CUDA_VISIBLE_DEVICES"] == ""
+
+
 # --------------------------------------------------------------------------- the study file
 
 
