@@ -74,6 +74,9 @@ class Command:
     """Base of a subcommand: the docstring's first line is its help."""
 
     name = ""
+    # A command that only reads the storage is run again when the storage's connection is
+    # lost (a database restart): what it prints comes from the second, whole, attempt.
+    reads_only = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         pass
@@ -180,6 +183,7 @@ class Status(Command):
     """List studies, or show one: trials by state, best, running trials, failures."""
 
     name = "status"
+    reads_only = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", nargs="?", help="study name (omit to list studies)")
@@ -194,6 +198,7 @@ class Best(Command):
     """Print the best configuration, a file `python -m trainers` can train."""
 
     name = "best"
+    reads_only = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _study_arg(parser)
@@ -275,6 +280,7 @@ class Report(Command):
     """Write one self-contained HTML report of a study (plots, curves, top trials)."""
 
     name = "report"
+    reads_only = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _study_arg(parser)
@@ -359,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     debug = args.debug or bool(os.environ.get("HPSEARCH_DEBUG"))
     try:
+        if args.handler.reads_only:
+            with_retry = _package("storage").with_retry
+            return with_retry(lambda: args.handler.run(args), what=f"hpsearch {args.command}")
         return args.handler.run(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

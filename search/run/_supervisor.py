@@ -26,7 +26,7 @@ import trainers
 from search.run._objective import TrialOutcome
 from search.run._slots import FAKE_GPUS_ENV, Slot
 from search.spec import StudySpec
-from search.storage import Counts, budget_of, count_trials, storage_of, trial_id_of
+from search.storage import Counts, budget_of, count_trials, storage_of, trial_id_of, with_retry
 
 STOP_GRACE_S = 8.0  # Ctrl-C to SIGKILL: within the 10 s a user waits
 POLL_S = 1.0
@@ -97,14 +97,21 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
                         + f" {s.threads} thread{'s' * (s.threads > 1)}" for s in slots)
             + ")"
         )
+        def show() -> None:
+            # The storage may restart under a running study: the progress waits for it, as
+            # the workers do, rather than end the run and take every worker with it.
+            with_retry(lambda: display.poll(study, count_trials(study)),
+                       what="showing progress")
+
         while not interrupted and any(p.poll() is None for p in procs):
-            display.poll(study, count_trials(study))
+            show()
             time.sleep(POLL_S)
         if interrupted:
             display.console.print("interrupted: stopping the workers")
             _stop(procs)
-            _mark_interrupted(study, {p.pid for p in procs})
-        display.poll(study, count_trials(study))
+            with_retry(lambda: _mark_interrupted(study, {p.pid for p in procs}),
+                       what="marking the interrupted trials")
+        show()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -120,7 +127,9 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
               if p.returncode != 0]
     for index, code in failed:
         display.console.print(f"worker #{index} exited with code {code} (its messages are above)")
-    return 0 if count_trials(study).finished >= budget_of(study, spec) else 1
+    finished = with_retry(lambda: count_trials(study).finished >= budget_of(study, spec),
+                          what="counting the trials")
+    return 0 if finished else 1
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:

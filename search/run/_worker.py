@@ -30,9 +30,11 @@ from search.storage import (
     WorkerHeartbeat,
     beat_written,
     budget_of,
+    close_waiting,
     count_trials,
     is_connection_error,
     set_budget,
+    storage_error,
     trial_id_of,
     with_retry,
     worker_study,
@@ -148,6 +150,10 @@ def run_worker(
                     set_budget(optimizing, budget)
                     if counts.finished >= budget:
                         summary.stopped = "budget"
+                        if counts.waiting:  # nothing may wait forever once the budget is met
+                            with_retry(lambda: close_waiting(
+                                study, "not run: the budget was met before this waiting trial "
+                                       "was taken"), what="closing waiting trials")
                         break
                     continue
                 if counts.waiting:  # a retry was queued meanwhile: take it
@@ -164,6 +170,9 @@ def run_worker(
                 # The storage went away outside the objective (asking for or telling a trial):
                 # wait for it and go on. A trial left RUNNING goes stale and is retried.
                 if not is_connection_error(e):
+                    failure = storage_error(e, "starting or ending a trial")
+                    if failure is not None:  # a full disk, a timeout: one line, now
+                        raise failure from e
                     raise
                 lock.release()
                 with_retry(lambda: count_trials(study), what="waiting for the storage")

@@ -37,9 +37,9 @@ from search.storage._compat import (
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
 from search.storage._open import open_for_watching, open_storage, serve_proxy
-from search.storage._retry import is_connection_error, with_retry
+from search.storage._retry import is_connection_error, storage_error, with_retry
 from search.storage._studies import LR_FIND_ATTR, RETRAIN_ATTR, SPEC_ATTR, WARM_START_ATTR, load
-from search.storage._tables import retried_from, set_user_attrs
+from search.storage._tables import close_waiting, retried_from, set_user_attrs
 from search.storage._trial_start import (
     beat_written,
     set_budget,
@@ -69,10 +69,12 @@ __all__ = [
     "beat_written",
     "budget_lock",
     "budget_of",
+    "close_waiting",
     "count_trials",
     "counts_of",
     "fast_paths",
     "is_connection_error",
+    "storage_error",
     "load",
     "open_artifact_store",
     "open_for_watching",

@@ -1,8 +1,10 @@
 """Riding out a storage that goes away for a while (a database restart, a killed connection).
 
-A worker must not die because PostgreSQL restarted: storage calls that fail with a connection
-error are retried with exponential backoff until the storage answers again or a deadline
-passes. Other errors (a bug, a constraint) are raised at once.
+A worker must not die because PostgreSQL restarted: storage calls that fail with a lost
+connection (or SQLite's write lock held past its timeout) are retried with exponential backoff
+until the storage answers again or a deadline passes. Every other storage failure (a full
+disk, a lock or statement timeout, a read-only file, a constraint) is raised at once as a
+StorageError: one line with the storage's own message.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TypeVar
 
 import sqlalchemy.exc
 
+from search._errors import StorageError
 from search._urls import redact
 
 T = TypeVar("T")
@@ -23,20 +26,72 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 15.0
 
 
-def is_connection_error(error: BaseException) -> bool:
-    """A failure of the connection to the storage, rather than of the request itself."""
+# PostgreSQL error codes (SQLSTATE) of a lost connection or a server going down or starting
+# up: class 08 (connection exception), admin/crash shutdown, "cannot connect now".
+_PG_CONNECTION = ("57P01", "57P02", "57P03")
+# MySQL/MariaDB client and server codes of the same: can't connect, server gone away, lost
+# connection, server shutdown, connection killed, disconnected for inactivity.
+_MYSQL_CONNECTION = {2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031}
+# Words of a lost connection where a driver gives no code (psycopg2 before it reaches the
+# server, an unknown driver).
+_CONNECTION_WORDS = ("server closed the connection", "could not connect", "connection refused",
+                     "terminating connection", "connection reset", "connection timed out",
+                     "lost connection", "gone away", "ssl connection has been closed",
+                     "connection is closed", "connection already closed", "no connection to",
+                     "the database system is", "could not receive data", "could not send data")
+
+
+def _driver_error(error: BaseException) -> BaseException | None:
+    """The first SQLAlchemy error in `error`'s chain (Optuna wraps them in its own); None
+    under a StorageError, hpsearch's final word (a storage that cannot be opened at all is
+    not waited for)."""
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
-            return True
-        if isinstance(e, sqlalchemy.exc.DisconnectionError):
-            return True
+        if isinstance(e, StorageError):
+            return None
+        if isinstance(e, sqlalchemy.exc.SQLAlchemyError):
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """A lost connection or a server restarting: worth waiting for. A full disk, a lock or
+    statement timeout, a permissions error or a constraint is not, and is raised at once."""
+    e = _driver_error(error)
+    if e is None:
+        return False
+    if isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.InterfaceError)):
+        return True
+    if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+        return True
+    if not isinstance(e, sqlalchemy.exc.OperationalError):
+        return False
+    orig = e.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:  # PostgreSQL said why
+        return code.startswith("08") or code in _PG_CONNECTION
+    args = getattr(orig, "args", ())
+    if type(orig).__module__.startswith("pymysql") and args and isinstance(args[0], int):
+        return args[0] in _MYSQL_CONNECTION
+    text = str(orig).lower()
+    if type(orig).__module__ == "sqlite3":
+        # Another process holds SQLite's write lock past the busy timeout: contention that
+        # clears by itself, unlike a full disk or a read-only file.
+        return "database is locked" in text or "database table is locked" in text
+    return any(words in text for words in _CONNECTION_WORDS)
+
+
+def storage_error(error: BaseException, what: str) -> StorageError | None:
+    """A storage failure that is not a lost connection, as one line with the storage's own
+    message; None when `error` did not come from the storage."""
+    e = _driver_error(error)
+    if e is None:
+        return None
+    return StorageError(f"the storage failed while {what}: "
+                        f"{redact(_root_cause(e)).splitlines()[0][:300]}")
 
 
 def _root_cause(error: BaseException) -> str:
@@ -56,7 +111,12 @@ def with_retry(fn: Callable[[], T], *, what: str, deadline_s: float = RETRY_DEAD
         try:
             return fn()
         except Exception as e:
-            if not is_connection_error(e) or time.monotonic() - started > deadline_s:
+            if not is_connection_error(e):
+                failure = storage_error(e, what)
+                if failure is not None:  # a full disk, a timeout, permissions: say it now
+                    raise failure from e
+                raise
+            if time.monotonic() - started > deadline_s:
                 raise
             reason = redact(_root_cause(e)).splitlines()[0][:160]
             log(f"storage unreachable while {what} ({reason}); retrying in {delay:.1f} s")

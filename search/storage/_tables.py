@@ -155,3 +155,23 @@ def retried_from(trial: optuna.Trial) -> int | None:
         frozen = trial.storage.get_trial(trial_id_of(trial))
     history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     return history[-1] if history else None
+
+
+def close_waiting(study: optuna.Study, reason: str) -> int:
+    """End the study's WAITING trials as FAIL with `reason` (the user attr "ended"); how many.
+
+    For a study whose budget is met: a retry queued as the last trials finished, or an enqueued
+    config beyond the budget, would otherwise wait in `status` forever. Call it only when no
+    worker may take a waiting trial (the budget admits none).
+    """
+    storage = _compat.storage_of(study)
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = trial_id_of(trial)
+        try:
+            storage.set_trial_user_attr(trial_id, "ended", reason)
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                closed += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished meanwhile: nothing to close
+    return closed

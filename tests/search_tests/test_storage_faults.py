@@ -1,0 +1,119 @@
+"""Storage faults on the real servers: a lost connection is waited for, every other failure is
+one line at once; nothing is left waiting once a study's budget is met."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search import StorageError
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import is_connection_error, open_storage, with_retry
+from tests.search_tests.studies import study_data
+
+
+def failing(engine: sqlalchemy.Engine, sql: str) -> BaseException:
+    """The real error a statement raises on `engine`."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(sql))
+    except Exception as e:  # noqa: BLE001 - the error is what the test is about
+        return e
+    raise AssertionError(f"{sql!r} did not fail")
+
+
+def test_a_read_only_sqlite_file_is_reported_at_once_not_retried(tmp_path):
+    path = tmp_path / "s.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (x INTEGER)").connection.commit()
+    engine = sqlalchemy.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    error = failing(engine, "INSERT INTO t VALUES (1)")
+    assert not is_connection_error(error)
+
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="while writing: OperationalError: attempt to write "
+                                           "a readonly database"):
+        with_retry(write, what="writing")
+    assert time.monotonic() - started < 2
+
+
+def test_sqlite_write_contention_is_waited_for(tmp_path):
+    path = tmp_path / "s.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    assert is_connection_error(failing(engine, "INSERT INTO t VALUES (1)"))  # locked: transient
+    holder.execute("COMMIT")
+
+
+def test_postgres_lock_timeout_is_one_line_at_once_and_a_killed_connection_is_waited_for(
+        postgres_url):
+    table = f"hp_lock_{int(time.time() * 1000)}"
+    admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE TABLE {table} (x int)"))
+    holder = sqlalchemy.create_engine(postgres_url).connect()
+    try:
+        holder.execute(sqlalchemy.text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        waiter = sqlalchemy.create_engine(
+            postgres_url, connect_args={"options": "-c lock_timeout=200"})
+
+        def read() -> None:
+            with waiter.connect() as conn:
+                conn.execute(sqlalchemy.text(f"SELECT * FROM {table}"))
+
+        error = failing(waiter, f"SELECT * FROM {table}")
+        assert not is_connection_error(error) and error.orig.pgcode == "55P03"
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="lock timeout"):
+            with_retry(read, what="reading")
+        assert time.monotonic() - started < 3
+    finally:
+        holder.rollback()
+        holder.close()
+
+    # A connection the server terminates is a lost connection: waited for, then it works.
+    victim = sqlalchemy.create_engine(postgres_url, pool_pre_ping=False, pool_size=1)
+    with victim.connect() as conn:
+        pid = conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"SELECT pg_terminate_backend({pid})"))
+        time.sleep(0.2)
+    lost = failing(victim, "SELECT 1")
+    assert is_connection_error(lost)
+    logged: list[str] = []
+    calls = iter([lost, None])
+
+    def flaky() -> str:
+        error = next(calls)
+        if error is not None:
+            raise error
+        with victim.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT 'back'")).scalar()
+
+    assert with_retry(flaky, what="reading", log=logged.append) == "back"
+    assert "storage unreachable while reading" in logged[0]
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP TABLE {table}"))
+
+
+def test_nothing_is_left_waiting_once_the_budget_is_met(tmp_path):
+    configs = [{"lr": lr} for lr in (0.01, 0.02, 0.03, 0.04)]
+    spec = parse_spec(study_data("w", trials=2, epochs=1, size=128, enqueue=configs))
+    study = create_or_load(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 4
+    run_worker(study, spec, device="cpu", artifacts=False)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 2 and TrialState.WAITING not in states
+    skipped = study.get_trials(states=(TrialState.FAIL,))
+    assert len(skipped) == 2 and all(t.user_attrs["ended"].startswith(
+        "not run: the budget was met") for t in skipped)
