@@ -315,6 +315,34 @@ class List(Command):
         return EXIT_OK
 
 
+class Stop(Command):
+    """Ask every worker of a study, on every machine, to checkpoint its trial and exit."""
+
+    name = "stop"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _study_arg(parser)
+        parser.add_argument("--wait", type=float, nargs="?", const=600.0, default=None,
+                            metavar="SECONDS",
+                            help="wait until no trial runs (default 600 s when given)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return _package("run").stop_study(args.name, args.storage, wait_s=args.wait)
+
+
+class Delete(Command):
+    """Delete a study with its trials' artifacts, checkpoints and lock file."""
+
+    name = "delete"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _study_arg(parser)
+        parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return _package("run").delete_study_files(args.name, args.storage, yes=args.yes)
+
+
 class StorageProxy(Command):
     """Serve Optuna's gRPC storage proxy in front of the database, for very many workers."""
 
@@ -329,7 +357,7 @@ class StorageProxy(Command):
 
 
 COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(),
-                           Retrain(), Report(), List(), StorageProxy()]
+                           Retrain(), Report(), List(), Stop(), Delete(), StorageProxy()]
 
 
 def _version() -> str:

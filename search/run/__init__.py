@@ -25,6 +25,7 @@ _EXPORTS = {
     "WorkerError": "_worker",
     "WorkerSummary": "_worker",
     "create_or_load": "_study",
+    "delete_study_files": "_manage",
     "final_test": "_retrain",
     "for_new_study": "_lr_find",
     "history_record": "_history",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "retrain_and_report": "_retrain",
     "run_study": "_launch",
     "run_worker": "_worker",
+    "stop_study": "_manage",
     "supervise": "_supervisor",
     "visible_gpu_ids": "_slots",
     "warm_start": "_warm_start",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from search.run._history import history_record  # noqa: F401
     from search.run._launch import Launch, run_study  # noqa: F401
     from search.run._lr_find import for_new_study, lr_find, needs_test  # noqa: F401
+    from search.run._manage import delete_study_files, stop_study  # noqa: F401
     from search.run._objective import Objective, TrialOutcome  # noqa: F401
     from search.run._retrain import final_test, retrain, retrain_and_report  # noqa: F401
     from search.run._slots import Slot, plan, plan_slots, visible_gpu_ids  # noqa: F401

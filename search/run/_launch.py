@@ -28,6 +28,7 @@ from search.storage import (
     backend_of,
     budget_lock,
     budget_of,
+    clear_stop,
     count_trials,
     load,
     open_storage,
@@ -72,6 +73,10 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
               f"{budget_of(study, spec)} trials finished; workers join with "
               f"`hpsearch worker {spec.name} --storage URL`")
         return 0
+    if launch.worker_index is None and clear_stop(study):
+        # A `run` or a joining `worker` after `hpsearch stop`: the study resumes, and its
+        # interrupted trials (queued again) are the first taken.
+        print(f"resuming study {spec.name!r} after `hpsearch stop`", flush=True)
     timeout = launch.timeout_s or spec.budget.timeout_s
     # Each process its own seed: the supervisor's children by index, a joining worker by pid.
     reseed(study, spec, launch.worker_index if launch.worker_index is not None
@@ -101,6 +106,9 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
             return 1
     counts = count_trials(study)
     shown.finish(study, counts, hint, dashboard)
+    if summary.stopped == "stop requested":
+        shown.console.print("stopped by `hpsearch stop`: the interrupted trial resumes from its "
+                            "checkpoint when the study runs again")
     if summary.stopped == "timeout" and counts.finished < budget:
         shown.console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/"
                             f"{budget} trials finished; run the same command again to continue")

@@ -23,8 +23,8 @@ import torch
 import trainers
 from search.run._history import history_record
 from search.spec import base_train_config, suggest, train_config_for
+from search.storage import INTERRUPTED, set_user_attrs, with_result, with_retry, written_attrs
 from search.storage import retried_from as retry_link
-from search.storage import set_user_attrs, with_result, with_retry, written_attrs
 
 if TYPE_CHECKING:
     import optuna
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     import trainers
     from search.run._artifacts import ArtifactRecorder
     from search.spec import StudySpec
+
+class StopRequested(KeyboardInterrupt):
+    """`hpsearch stop` asked the worker to stop: its trial ends at an epoch boundary, after
+    its checkpoint, as an interrupted trial does (and is queued again to resume)."""
+
 
 def metric_value(metric: str, history: list[trainers.EpochMetrics]) -> float:
     """An objective metric of a run: the last epoch's value, or the mean of epoch_seconds."""
@@ -64,8 +69,11 @@ class Objective:
         checkpoint_root: str | os.PathLike[str] | None = None,
         on_epoch: Callable[[int, trainers.EpochMetrics], None] | None = None,
         artifacts: ArtifactRecorder | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.spec = spec
+        self.stop = stop or (lambda: False)  # `hpsearch stop` was asked for
+        self.current: int | None = None  # the number of the trial being run
         self.device = device
         self.threads = threads
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
@@ -97,6 +105,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
 
         start_attrs: dict[str, Any] = {}
+        self.current = trial.number
         params = suggest(trial, self.spec, user_attrs=start_attrs)
         single = len(self.metrics) == 1
 
@@ -109,6 +118,8 @@ class Objective:
                     with_retry(lambda: trial.report(float(value), m.epoch), what="reporting")
                 if with_retry(trial.should_prune, what="asking the pruner"):
                     raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
+            if self.stop():  # after the epoch's checkpoint: its retry resumes from here
+                raise StopRequested(f"stopped at epoch {m.epoch} on request")
 
         started = time.perf_counter()
         self.last = None
@@ -132,7 +143,9 @@ class Objective:
                                 started)
             raise
         except KeyboardInterrupt:
-            set_user_attrs(trial, {"ended": "interrupted",
+            # Ctrl-C, SIGTERM or `hpsearch stop`: the worker queues the trial again, and its
+            # retry resumes from the last epoch checkpoint.
+            set_user_attrs(trial, {"ended": INTERRUPTED,
                                    "seconds": round(time.perf_counter() - started, 3)})
             raise
         finally:

@@ -26,7 +26,14 @@ import trainers
 from search.run._objective import TrialOutcome
 from search.run._slots import FAKE_GPUS_ENV, Slot
 from search.spec import StudySpec
-from search.storage import Counts, budget_of, count_trials, storage_of, trial_id_of, with_retry
+from search.storage import (
+    Counts,
+    budget_of,
+    count_trials,
+    requeue_interrupted,
+    stop_requested,
+    with_retry,
+)
 
 STOP_GRACE_S = 8.0  # Ctrl-C to SIGKILL: within the 10 s a user waits
 POLL_S = 1.0
@@ -129,7 +136,11 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
         display.console.print(f"worker #{index} exited with code {code} (its messages are above)")
     finished = with_retry(lambda: count_trials(study).finished >= budget_of(study, spec),
                           what="counting the trials")
-    return 0 if finished else 1
+    stopped = with_retry(lambda: stop_requested(study), what="reading the study")
+    if stopped and not finished:
+        display.console.print("stopped by `hpsearch stop`: the interrupted trials resume from "
+                              "their checkpoints when the study runs again")
+    return 0 if finished or stopped else 1
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
@@ -144,16 +155,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 def _mark_interrupted(study: optuna.Study, pids: set[int]) -> None:
-    """Trials our killed workers left RUNNING end as FAIL, marked interrupted (not retried).
+    """Trials our stopped workers left RUNNING (or ended "interrupted" without queueing them
+    again) end as FAIL "interrupted" and are queued again: the next `run` resumes them.
 
     Only ours: other machines' workers may be running trials of the same study.
     """
     host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or t.user_attrs.get("pid") not in pids:
-            continue
-        try:
-            storage_of(study).set_trial_user_attr(trial_id_of(t), "ended", "interrupted")
-            storage_of(study).set_trial_state_values(trial_id_of(t), state=TrialState.FAIL)
-        except Exception:  # already finished by its worker in the meantime: nothing to do
-            pass
+    ours = {t.number for t in study.get_trials(deepcopy=False,
+                                               states=(TrialState.RUNNING, TrialState.FAIL))
+            if t.user_attrs.get("host") == host and t.user_attrs.get("pid") in pids}
+    requeue_interrupted(study, ours)

@@ -33,9 +33,9 @@ import optuna
 
 import trainers
 from search import _reporting
-from search.run._objective import Objective, TrialOutcome
+from search.run._objective import Objective, StopRequested, TrialOutcome
 from search.spec import check_trainer, suggest
-from search.storage import with_retry
+from search.storage import INTERRUPTED, with_retry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,6 +78,7 @@ class Trial:
                  checkpoint_dir: Path | None = None, final: bool = False,
                  seed: int | None = None,
                  on_report: Callable[[int, dict[str, float]], str | None] | None = None,
+                 stop: Callable[[], bool] | None = None,
                  ) -> None:
         self.number = number
         self.study_name = study_name
@@ -89,6 +90,8 @@ class Trial:
         self.seed = seed
         self.checkpoint_dir = checkpoint_dir
         self._on_report = on_report
+        self._stop = stop or (lambda: False)
+        self._checkpointed = False  # save_checkpoint was called in this run
         self._history: list[dict[str, float]] = []
         self._resumed = False
         # The epoch the loop resumed after (its first report's epoch - 1) on a dead trial's
@@ -132,6 +135,8 @@ class Trial:
             if verdict:
                 self.stopped = verdict
                 raise Pruned(verdict)
+        if not self._checkpointed and self._stop():  # code that never checkpoints stops here
+            raise StopRequested(f"stopped at epoch {epoch} on request")
 
     def save_checkpoint(self, state: Any) -> None:
         """Save `state` (anything `torch.save` takes) as this trial's checkpoint: a retry of
@@ -149,6 +154,10 @@ class Trial:
             self._save_history(force=True)
         except OSError as e:
             self._warn(f"checkpoint not saved ({e.strerror or e})")
+            return
+        self._checkpointed = True
+        if self._stop():  # `hpsearch stop`: right after a checkpoint, so nothing is lost
+            raise StopRequested("stopped on request after a checkpoint")
 
     def load_checkpoint(self) -> Any | None:
         """The last state `save_checkpoint` saved for this trial (or for the dead trial this
@@ -221,6 +230,7 @@ class UserObjective(Objective):
         params = {**fixed_params(self.spec), **sampled}
         started = time.perf_counter()
         self.last = None
+        self.current = trial.number
         single = len(self.metrics) == 1
         metric = self.metrics[0]
 
@@ -246,7 +256,7 @@ class UserObjective(Objective):
             directory = self.checkpoint_directory(trial.number, retried_from)
             user = Trial(number=trial.number, study_name=self.spec.name, params=params,
                          device=device, threads=self.threads, epochs=self.spec.budget.epochs,
-                         checkpoint_dir=directory, on_report=on_report)
+                         checkpoint_dir=directory, on_report=on_report, stop=self.stop)
             output: dict[str, str] = {}
             try:
                 if self.function is not None:
@@ -270,8 +280,8 @@ class UserObjective(Objective):
             reason = f"{type(e).__name__}: {message}" if message else type(e).__name__
             self.record_failure(trial, f"error: {reason}", start_attrs, params, started, extra)
             raise
-        except KeyboardInterrupt:
-            self.record_failure(trial, "interrupted", start_attrs, params, started,
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or `hpsearch stop`: queued again to resume
+            self.record_failure(trial, INTERRUPTED, start_attrs, params, started,
                                 {"history": user.history if user else []})
             raise
 

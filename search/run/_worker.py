@@ -8,17 +8,19 @@ that a waiting worker picks up.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
 
 from search._errors import SearchError
 from search.run._artifacts import ArtifactRecorder, write_study_note
-from search.run._objective import Objective
+from search.run._objective import Objective, StopRequested
 from search.run._user_trainer import UserObjective
 from search.spec import real_value_attrs
 from search.storage import (
@@ -33,6 +35,8 @@ from search.storage import (
     close_waiting,
     count_trials,
     is_connection_error,
+    remove_finished_checkpoints,
+    requeue_interrupted,
     set_budget,
     storage_error,
     trial_id_of,
@@ -60,6 +64,10 @@ class WorkerSummary:
     failed_in_row: int = 0
     stopped: str = ""  # why the worker stopped: budget, timeout, failures
 
+def _not_a_stop(record: logging.LogRecord) -> bool:
+    return "StopRequested(" not in record.getMessage()
+
+
 def run_worker(
     study: optuna.Study,
     spec: StudySpec,
@@ -85,20 +93,22 @@ def run_worker(
     recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
     checkpoint_root = spec.run.checkpoint_dir or "checkpoints"
     # A user's trainer is imported (or its program found) here, before any trial is taken.
+    heartbeat = WorkerHeartbeat(study)
     kind = Objective if spec.trainer is None else UserObjective
     objective = kind(spec, device=device, threads=threads, checkpoint_root=checkpoint_root,
-                     on_epoch=on_epoch, artifacts=recorder)
+                     on_epoch=on_epoch, artifacts=recorder, stop=heartbeat.stop.is_set)
     summary = WorkerSummary()
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
-    # Optuna logs every trial at INFO; the progress display says it better.
+    # Optuna logs every trial at INFO; the progress display says it better. A trial stopped by
+    # `hpsearch stop` is no failure to show a traceback for.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_not_a_stop)
 
     def read_budget() -> int:
         return with_retry(lambda: budget_of(study, spec), what="reading the budget")
 
     budget, budget_read = read_budget(), time.monotonic()
     lock = lock or NullLock()
-    heartbeat = WorkerHeartbeat(study)
     # Trials start through a view that checks the budget in the transaction creating the trial
     # and writes its first beat there (Optuna's per-trial heartbeat off: ours beats).
     optimizing = worker_study(study, budget, created_attrs=objective.creation_attrs(),
@@ -137,11 +147,27 @@ def run_worker(
             if time.monotonic() >= deadline:
                 summary.stopped = "timeout"
                 break
+            if heartbeat.stop.is_set():  # `hpsearch stop`, seen by the heartbeat thread
+                summary.stopped = "stop requested"
+                break
             # SQLite and MySQL: held from the budget check until this worker's trial exists,
             # so two workers never both take the last slot (PostgreSQL: the study's row lock).
             with_retry(lock.acquire, what="taking the budget lock")
             try:
+                objective.current = None
                 start_trial()
+            except KeyboardInterrupt as interrupt:
+                # Ctrl-C, SIGTERM or `hpsearch stop` in the middle of a trial: it ended FAIL
+                # "interrupted"; queued again, it resumes from its checkpoints at the next
+                # `run` or `worker`, on any machine.
+                lock.release()
+                if objective.current is not None:
+                    with_retry(lambda: requeue_interrupted(study, {objective.current}),
+                               what="queueing the interrupted trial again")
+                if not isinstance(interrupt, StopRequested):
+                    raise
+                summary.stopped = "stop requested"
+                break
             except BudgetReached as full:
                 lock.release()
                 counts = full.counts
@@ -154,6 +180,9 @@ def run_worker(
                             with_retry(lambda: close_waiting(
                                 study, "not run: the budget was met before this waiting trial "
                                        "was taken"), what="closing waiting trials")
+                        with_retry(lambda: remove_finished_checkpoints(
+                            study, Path(checkpoint_root), spec.run.keep_checkpoints),
+                            what="removing the study's checkpoints")
                         break
                     continue
                 if counts.waiting:  # a retry was queued meanwhile: take it

@@ -34,6 +34,16 @@ from search.storage._compat import (
     storage_of,
     trial_id_of,
 )
+from search.storage._control import (
+    INTERRUPTED,
+    STOP_ATTR,
+    clear_stop,
+    delete_study,
+    remove_finished_checkpoints,
+    request_stop,
+    requeue_interrupted,
+    stop_requested,
+)
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
 from search.storage._open import open_for_watching, open_storage, serve_proxy
@@ -49,6 +59,14 @@ from search.storage._trial_start import (
 )
 
 __all__ = [
+    "INTERRUPTED",
+    "STOP_ATTR",
+    "clear_stop",
+    "delete_study",
+    "remove_finished_checkpoints",
+    "request_stop",
+    "requeue_interrupted",
+    "stop_requested",
     "BUDGET_ATTR",
     "DEFAULT_URL",
     "ENV_VAR",

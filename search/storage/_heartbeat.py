@@ -18,6 +18,7 @@ import warnings
 import optuna
 
 from search.storage._compat import heartbeat_enabled, storage_of
+from search.storage._control import stop_requested
 from search.storage._retry import is_connection_error
 from search.storage._tables import first_heartbeat
 
@@ -40,6 +41,8 @@ class WorkerHeartbeat:
         self._thread: threading.Thread | None = None
         self._last_check = -float("inf")
         self._warned = False
+        # Set when `hpsearch stop` asks this study's workers to stop (read at each beat).
+        self.stop = threading.Event()
 
     def begin(self, trial_id: int, *, written: bool = False) -> None:
         """The trial's first beat, written before this returns (unless the trial's creation
@@ -80,9 +83,11 @@ class WorkerHeartbeat:
         assert self.interval is not None
         while not self._stop.wait(self.interval):
             trial_id = self._trial_id
-            if trial_id is None:
-                continue
             try:
+                if stop_requested(self.study):
+                    self.stop.set()
+                if trial_id is None:
+                    continue
                 self.storage.record_heartbeat(trial_id)
             except Exception as e:
                 # The storage is away: the worker's own calls wait for it; a beat missed for

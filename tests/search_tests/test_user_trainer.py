@@ -177,6 +177,25 @@ def test_a_retry_gets_the_checkpoint_and_the_history_back(tmp_path):
     assert [(r["epoch"], r["loss"]) for r in retry.history] == [(1, 1.0), (2, 0.5), (3, 0.3)]
 
 
+def test_a_stop_request_ends_the_trial_right_after_a_checkpoint(tmp_path):
+    from search.run._objective import StopRequested
+
+    asked = {"stop": False}
+    trial = Trial(number=0, study_name="s", params={}, checkpoint_dir=tmp_path,
+                  stop=lambda: asked["stop"])
+    trial.report(1, loss=1.0)
+    trial.save_checkpoint({"epoch": 1})
+    asked["stop"] = True
+    trial.report(2, loss=0.5)  # it checkpoints: the stop waits for the next checkpoint
+    with pytest.raises(StopRequested):
+        trial.save_checkpoint({"epoch": 2})
+    assert Trial(number=1, study_name="s", params={},
+                 checkpoint_dir=tmp_path).load_checkpoint() == {"epoch": 2}
+    never = Trial(number=2, study_name="s", params={}, stop=lambda: True)
+    with pytest.raises(StopRequested):  # code that never checkpoints stops at a report
+        never.report(1, loss=1.0)
+
+
 def test_the_command_helpers_import_neither_torch_nor_optuna(tmp_path):
     code = ("import sys, search; search.report(2, loss=0.5, acc=1); "
             "print(search.params()['lr']); "
