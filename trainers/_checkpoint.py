@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,22 @@ class CheckpointStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def save_or_warn(self, state: dict[str, Any]) -> bool:
+        """`save`, or one warning line on stderr where it cannot write (a full disk, a lost
+        mount): a run must not fail for its checkpoint. Whether it was saved."""
+        try:
+            self.save(state)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            try:
+                free = f"{shutil.disk_usage(self.directory).free:,} bytes free"
+            except OSError:
+                free = "free space unknown"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"warning: checkpoint not written to {self.directory} ({reason}; {free}): "
+                  "the run goes on without checkpoints", file=sys.stderr, flush=True)
+            return False
+        return True
 
     def load(self) -> dict[str, Any] | None:
         """The latest checkpoint, or None when there is none yet."""

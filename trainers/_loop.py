@@ -271,9 +271,9 @@ def train(
             trained_parameters=freezer.trained_parameters(),
         )
         history.append(metrics)
-        if checkpoint is not None:
-            checkpoint.save(_state(config, model, optimizer, schedule, order, history,
-                                   first_loss, device))
+        if checkpoint is not None and not checkpoint.save_or_warn(
+                _state(config, model, optimizer, schedule, order, history, first_loss, device)):
+            checkpoint = None  # a full disk: the run goes on without checkpoints
         if on_epoch is not None:
             try:
                 on_epoch(metrics)

@@ -38,6 +38,11 @@ class StopRequested(KeyboardInterrupt):
     its checkpoint, as an interrupted trial does (and is queued again to resume)."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error: a trial too big, not a bug."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+
+
 def metric_value(metric: str, history: list[trainers.EpochMetrics]) -> float:
     """An objective metric of a run: the last epoch's value, or the mean of epoch_seconds."""
     if metric == "epoch_seconds":
@@ -124,6 +129,7 @@ class Objective:
         started = time.perf_counter()
         self.last = None
         device = ""
+        config = None
         try:
             config = train_config_for(self.spec, params)
             overrides: dict[str, Any] = {}
@@ -139,8 +145,12 @@ class Objective:
             store = self._checkpoint_store(trial.number, retried_from)
             result = trainers.train(config, report, store)
         except Exception as e:
-            self.record_failure(trial, f"error: {type(e).__name__}: {e}", start_attrs, params,
-                                started)
+            reason = f"error: {type(e).__name__}: {e}"
+            if is_out_of_memory(e):  # the worker empties the cache (below) and goes on
+                batch = f" at batch_size {config.batch_size}" if config is not None else ""
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                reason = f"out of memory{batch} on {device or 'the device'}: {first}"
+            self.record_failure(trial, reason, start_attrs, params, started)
             raise
         except KeyboardInterrupt:
             # Ctrl-C, SIGTERM or `hpsearch stop`: the worker queues the trial again, and its

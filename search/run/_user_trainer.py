@@ -152,8 +152,9 @@ class Trial:
             torch.save(state, tmp)
             os.replace(tmp, self.checkpoint_dir / STATE_FILE)
             self._save_history(force=True)
-        except OSError as e:
-            self._warn(f"checkpoint not saved ({e.strerror or e})")
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            self._warn(f"checkpoint not saved ({getattr(e, 'strerror', None) or e}): the trial "
+                       "goes on without it")
             return
         self._checkpointed = True
         if self._stop():  # `hpsearch stop`: right after a checkpoint, so nothing is lost

@@ -32,7 +32,7 @@ def running_with_an_epoch(url: str, name: str, n: int) -> bool:
     except KeyError:
         return False
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return len(running) == n and all(len(t.intermediate_values) >= 1 for t in running)
+    return len(running) >= n and all(len(t.intermediate_values) >= 1 for t in running)
 
 
 def resumed_to_the_budget(tmp_path: Path, path: Path, url: str, name: str, trials: int) -> str:

@@ -1,0 +1,167 @@
+"""Fault drills on the real services: a PostgreSQL restart under running workers, a full disk
+under a SQLite study and under the checkpoints, a CUDA out-of-memory error.
+
+Each ends with the exact budget and no trial lost or counted twice. The disk drills mount a
+small tmpfs, which needs root (CI runs as root); elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import search.run._objective as objective_module
+import trainers
+from search.run import create_or_load, run_worker
+from search.spec import parse_spec
+from search.storage import open_storage
+from tests.search_tests.studies import study_data
+from tests.search_tests.test_stop_and_delete import running_with_an_epoch
+from tests.search_tests.test_workers import slow, wait_for, write_spec
+
+HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
+
+
+def restart_postgres() -> None:
+    versions = os.listdir("/etc/postgresql") if os.path.isdir("/etc/postgresql") else []
+    if not versions or shutil.which("pg_ctlcluster") is None:
+        message = "pg_ctlcluster is not here: the PostgreSQL restart drill needs the local server"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[0], "main",
+                    "restart"], check=True, capture_output=True, timeout=120)
+
+
+def exact_budget(url: str, name: str, trials: int) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=url)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == trials, [(t.number, t.state.name) for t in study.trials]
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    # No trial counted twice: a retry stands for its dead trial, never beside it.
+    retried = [t.user_attrs["retried_from"] for t in finished if "retried_from" in t.user_attrs]
+    assert len(retried) == len(set(retried))
+    return finished
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_a_postgres_restart_mid_trial_is_ridden_out(tmp_path, study_name, postgres_url,
+                                                    command):
+    """`run --workers 2` (its supervisor's progress too) and a lone `worker`: the study completes
+    without a second command."""
+    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=4, epochs=20))
+    if command == "run":
+        argv = [HPSEARCH, "run", str(path), "--storage", postgres_url, "--workers", "2"]
+    else:
+        created = subprocess.run([HPSEARCH, "run", str(path), "--storage", postgres_url,
+                                  "--create-only"], cwd=tmp_path, capture_output=True, text=True)
+        assert created.returncode == 0, created.stderr
+        argv = [HPSEARCH, "worker", study_name, "--storage", postgres_url, "--gpus", "none"]
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: running_with_an_epoch(postgres_url, study_name, 1), timeout=120,
+                 what="a trial an epoch in")
+        restart_postgres()
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out
+    assert "storage unreachable" in out  # it did see the restart, and waited
+    exact_budget(postgres_url, study_name, trials=4)
+
+
+def tmpfs(path: Path, size: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        message = f"cannot mount a tmpfs ({mounted.stderr.strip()}): the disk drills need root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def test_a_full_disk_under_sqlite_is_one_line_and_the_study_continues(tmp_path):
+    disk = tmpfs(tmp_path / "disk", "3M")
+    try:
+        url = f"sqlite:///{disk / 's.db'}"
+        data = study_data("full", trials=6, epochs=2, size=256, heartbeat=True,
+                          checkpoints=tmp_path / "ckpt")
+        path = write_spec(tmp_path, data)
+        assert subprocess.run([HPSEARCH, "run", str(path), "--storage", url, "--trials", "1"],
+                              cwd=tmp_path, capture_output=True).returncode == 0
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        full = subprocess.run([HPSEARCH, "run", str(path), "--storage", url], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HPSEARCH_ARTIFACTS": str(tmp_path / "art")})
+        assert full.returncode != 0
+        error = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and "full" in error[0], full.stdout + full.stderr
+        assert "storage unreachable" not in full.stderr  # not waited for five minutes
+        filler.unlink()  # space again: the database is whole (WAL needs room to open it)
+        check = sqlite3.connect(disk / "s.db").execute("PRAGMA integrity_check").fetchone()
+        assert check == ("ok",)
+        again = subprocess.run([HPSEARCH, "run", str(path), "--storage", url], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "HPSEARCH_ARTIFACTS": str(tmp_path / "art")})
+        assert again.returncode == 0, again.stdout + again.stderr
+        exact_budget(url, "full", trials=6)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_checkpoint_disk_is_a_warning_and_the_trial_goes_on(tmp_path, capfd):
+    disk = tmpfs(tmp_path / "ckpt", "64k")  # smaller than one checkpoint of this network
+    try:
+        store = trainers.CheckpointStore(disk / "trial-0")
+        result = trainers.train({"dataset": "synthetic", "hidden": [256], "epochs": 2,
+                                 "device": "cpu"}, checkpoint=store)
+        assert result.status == "completed" and result.epochs_run == 2
+        warning = capfd.readouterr().err
+        assert warning.count("warning: checkpoint not written") == 1
+        assert "bytes free" in warning and not list((disk / "trial-0").glob("*.pt"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_cuda_out_of_memory_is_recorded_and_the_worker_goes_on(tmp_path, monkeypatch):
+    """Injected where no GPU is present: the first two trials run out of memory."""
+    spec = parse_spec(study_data("oom", trials=3, epochs=1, size=128,
+                                 space={"lr": {"low": 1e-3, "high": 0.1, "log": True},
+                                        "batch_size": {"pow2": [64, 128]}}))
+    study = create_or_load(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    real_train, calls = trainers.train, []
+
+    def oom_twice(config, *args, **kwargs):
+        calls.append(config.batch_size)
+        if len(calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(objective_module.trainers, "train", oom_twice)
+    run_worker(study, spec, device="cpu", artifacts=False)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 2 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    for t, batch in zip(failed, calls, strict=False):
+        assert t.user_attrs["ended"].startswith(f"out of memory at batch_size {batch} on cpu: "
+                                                "CUDA out of memory")
