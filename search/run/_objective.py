@@ -38,6 +38,20 @@ class StopRequested(KeyboardInterrupt):
     its checkpoint, as an interrupted trial does (and is queued again to resume)."""
 
 
+class TakenOver(Exception):  # noqa: N818 - a state of the trial, not a fault
+    """The trial was finished by others while its worker was paused (failed as stale and
+    retried): the worker drops it (`run_worker`)."""
+
+
+def report_or_taken_over(trial: optuna.Trial, value: float, epoch: int) -> None:
+    """`trial.report`, riding out a storage restart; TakenOver when the trial is no longer
+    this worker's."""
+    try:
+        with_retry(lambda: trial.report(value, epoch), what="reporting")
+    except optuna.exceptions.UpdateFinishedTrialError as e:
+        raise TakenOver(f"trial #{trial.number} was finished by another worker") from e
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error: a trial too big, not a bug."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
@@ -120,7 +134,7 @@ class Objective:
             if single:
                 value = getattr(m, self.metrics[0])
                 if math.isfinite(value):
-                    with_retry(lambda: trial.report(float(value), m.epoch), what="reporting")
+                    report_or_taken_over(trial, float(value), m.epoch)
                 if with_retry(trial.should_prune, what="asking the pruner"):
                     raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
             if self.stop():  # after the epoch's checkpoint: its retry resumes from here
@@ -144,6 +158,8 @@ class Objective:
             retried_from = self.begin(trial, start_attrs)
             store = self._checkpoint_store(trial.number, retried_from)
             result = trainers.train(config, report, store)
+        except TakenOver:
+            raise  # not this worker's trial any more: nothing of it to record
         except Exception as e:
             reason = f"error: {type(e).__name__}: {e}"
             if is_out_of_memory(e):  # the worker empties the cache (below) and goes on

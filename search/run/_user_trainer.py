@@ -33,7 +33,13 @@ import optuna
 
 import trainers
 from search import _reporting
-from search.run._objective import Objective, StopRequested, TrialOutcome
+from search.run._objective import (
+    Objective,
+    StopRequested,
+    TakenOver,
+    TrialOutcome,
+    report_or_taken_over,
+)
 from search.spec import check_trainer, suggest
 from search.storage import INTERRUPTED, with_retry
 
@@ -244,7 +250,7 @@ class UserObjective(Objective):
             if not math.isfinite(value):
                 return f"diverged: {metric} is {value} at epoch {epoch}"
             if single:
-                with_retry(lambda: trial.report(value, epoch), what="reporting")
+                report_or_taken_over(trial, value, epoch)
                 if with_retry(trial.should_prune, what="asking the pruner"):
                     return f"pruned at epoch {epoch}"
             return None
@@ -267,6 +273,8 @@ class UserObjective(Objective):
             except Pruned:
                 returned = None
             values, stopped = self._values(user, returned)
+        except TakenOver:
+            raise  # not this worker's trial any more: nothing of it to record
         except TrialFailed as e:
             extra = {**e.attrs, "history": user.history if user else []}
             self.record_failure(trial, str(e), start_attrs, params, started, extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from search.storage import (
     requeue_interrupted,
     set_budget,
     storage_error,
+    taken_over,
     trial_id_of,
     with_retry,
     worker_study,
@@ -65,7 +67,8 @@ class WorkerSummary:
     stopped: str = ""  # why the worker stopped: budget, timeout, failures
 
 def _not_a_stop(record: logging.LogRecord) -> bool:
-    return "StopRequested(" not in record.getMessage()
+    message = record.getMessage()
+    return "StopRequested(" not in message and "TakenOver(" not in message
 
 
 def run_worker(
@@ -100,7 +103,8 @@ def run_worker(
     summary = WorkerSummary()
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     # Optuna logs every trial at INFO; the progress display says it better. A trial stopped by
-    # `hpsearch stop` is no failure to show a traceback for.
+    # `hpsearch stop`, or taken over while this worker was paused, is no failure to show a
+    # traceback for.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna.study._optimize").addFilter(_not_a_stop)
 
@@ -138,7 +142,7 @@ def run_worker(
     try:
         while True:
             # Dead workers' trials fail (and queue their retries) before they are counted.
-            with_retry(heartbeat.fail_stale, what="checking for dead workers")
+            with_retry(lambda: heartbeat.fail_stale(lock=lock), what="checking for dead workers")
             if time.monotonic() - budget_read > BUDGET_REFRESH_S:
                 # `run --trials` elsewhere may have moved the budget: read it now and then
                 # (and before stopping), not before every trial: it is one more query.
@@ -189,13 +193,23 @@ def run_worker(
                     continue
                 # The last trials are running elsewhere. Fail the stale ones (dead workers)
                 # so their retries get queued, then look again.
-                with_retry(lambda: heartbeat.fail_stale(now=True),
+                with_retry(lambda: heartbeat.fail_stale(now=True, lock=lock),
                            what="checking for dead workers")
                 if on_wait is not None:
                     on_wait(counts)
                 time.sleep(POLL_S)
                 continue
             except Exception as e:
+                number = objective.current
+                if number is not None and not is_connection_error(e) and with_retry(
+                        lambda n=number: taken_over(study, n), what="reading the trial"):
+                    # This worker was paused (SIGSTOP, a frozen VM) past the grace period: its
+                    # trial was failed as stale and retried elsewhere. Its result is refused.
+                    lock.release()
+                    print(f"trial #{number}: failed as stale while this worker was paused, and "
+                          "retried by another; its late result is dropped", file=sys.stderr,
+                          flush=True)
+                    continue
                 # The storage went away outside the objective (asking for or telling a trial):
                 # wait for it and go on. A trial left RUNNING goes stale and is retried.
                 if not is_connection_error(e):

@@ -43,6 +43,7 @@ from search.storage._control import (
     request_stop,
     requeue_interrupted,
     stop_requested,
+    taken_over,
 )
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
@@ -67,6 +68,7 @@ __all__ = [
     "request_stop",
     "requeue_interrupted",
     "stop_requested",
+    "taken_over",
     "BUDGET_ATTR",
     "DEFAULT_URL",
     "ENV_VAR",

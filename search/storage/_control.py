@@ -52,6 +52,15 @@ def _retried_numbers(study: optuna.Study) -> set[int]:
     return out
 
 
+def taken_over(study: optuna.Study, number: int) -> bool:
+    """Whether trial `number` was failed by others (stale: its worker paused past the grace
+    period) and retried: the worker that ran it must drop its late result."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return (trial is not None and trial.state == TrialState.FAIL
+            and trial.user_attrs.get("ended") != INTERRUPTED
+            and number in _retried_numbers(study))
+
+
 def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
     """End trials `numbers` that an interruption left (RUNNING, or FAIL "interrupted") as FAIL
     "interrupted", and queue each again with its params: the retry resumes from its

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any
 
 import optuna
 
@@ -67,16 +68,23 @@ class WorkerHeartbeat:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def fail_stale(self, *, now: bool = False) -> None:
-        """Fail the trials of dead workers (their retries get queued): at most once an
-        interval unless `now`."""
+    def fail_stale(self, *, now: bool = False, lock: Any = None) -> None:
+        """Fail the trials of dead workers and queue their retries: at most once an interval
+        unless `now`. Under the budget `lock` (`search.storage._locks`): no worker counts the
+        trials between a failed trial and its queued retry."""
         if self.interval is None:
             return
         if not now and time.monotonic() - self._last_check < self.interval:
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)
+        if lock is not None:
+            lock.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+        finally:
+            if lock is not None:
+                lock.release()
         self._last_check = time.monotonic()
 
     def _beat(self) -> None:

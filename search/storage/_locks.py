@@ -1,11 +1,14 @@
-"""Locks that make "count the trials, then start one" atomic where a row lock is not enough.
+"""The budget lock: "count the trials, then start one" and "fail the stale trials, then queue
+their retries" never interleave.
 
 The count happens in the transaction that creates the trial, after Optuna locks the study's row
-(`_trial_start`); on PostgreSQL that row lock is all it takes. SQLite has no row locks: a file
-lock beside the database (one machine by design). MySQL: a named lock (GET_LOCK) across
-machines, so the count does not depend on when InnoDB takes its repeatable-read snapshot. A
-worker holds it from just before its trial is created until the trial exists. The gRPC proxy
-offers none: there the budget may overshoot by up to the number of workers, as Optuna's own
+(`_trial_start`). Failing a dead worker's trial and queueing its retry are two steps, though:
+between them the logical trial is neither running nor waiting, and a worker counting then
+would start a new trial on top of the retry (the budget overshot). So a worker holds the lock
+from just before its trial is created until it exists, and while it fails stale trials. SQLite:
+a file lock beside the database (one machine by design). MySQL and PostgreSQL: a named lock
+(GET_LOCK, pg_advisory_lock) across machines, on a connection of its own. The gRPC proxy offers
+none: there the budget may overshoot by up to the number of workers, as Optuna's own
 MaxTrialsCallback does.
 """
 
@@ -54,8 +57,18 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
+# Taking and releasing a named lock, by dialect: MySQL's GET_LOCK (waits up to 300 s) and
+# PostgreSQL's session-level advisory lock on the key's hash.
+_LOCK_SQL = {
+    "mysql": ("SELECT GET_LOCK(:k, 300)", "SELECT RELEASE_LOCK(:k)"),
+    "postgresql": ("SELECT pg_advisory_lock(hashtext(:k)), 1",
+                   "SELECT pg_advisory_unlock(hashtext(:k))"),
+}
+
+
 class DatabaseLock:
-    """A MySQL named lock (GET_LOCK) on a connection of its own.
+    """A named lock of the database server (MySQL GET_LOCK, PostgreSQL advisory lock) on a
+    connection of its own.
 
     The connection is kept between trials (pinged when it sat idle, so a restarted server is
     noticed). It runs in autocommit: taking and releasing the lock are one round trip each.
@@ -65,6 +78,7 @@ class DatabaseLock:
         self._engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0,
                                                 pool_recycle=300, isolation_level="AUTOCOMMIT")
         install_idle_ping(self._engine)
+        self._take, self._give = _LOCK_SQL[self._engine.dialect.name]
         self._key = key[:64]  # MySQL's limit on lock names
         self._conn: Any = None
 
@@ -73,8 +87,7 @@ class DatabaseLock:
             return
         conn = self._engine.connect()
         try:
-            got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 300)"),
-                               {"k": self._key}).scalar()
+            got = conn.execute(sqlalchemy.text(self._take), {"k": self._key}).fetchone()[-1]
             if got != 1:
                 raise TimeoutError(f"could not take the budget lock {self._key!r}")
         except BaseException:
@@ -88,7 +101,7 @@ class DatabaseLock:
         if conn is None:
             return
         try:
-            conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self._key})
+            conn.execute(sqlalchemy.text(self._give), {"k": self._key})
         except Exception:  # closed below: the server drops the lock with the connection
             conn.invalidate()
         finally:
@@ -101,6 +114,6 @@ def budget_lock(url: str, study_name: str) -> Lock:
     path = sqlite_path(url)
     if path is not None:
         return FileLock(f"{path}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock")
-    if url.startswith("mysql"):
+    if url.startswith(("mysql", "postgresql")):
         return DatabaseLock(url, key)
-    return NullLock()  # PostgreSQL: the study's row lock (search.storage._trial_start); gRPC: none
+    return NullLock()  # the gRPC proxy: none

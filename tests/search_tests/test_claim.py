@@ -16,7 +16,6 @@ from search.storage import (
     BudgetReached,
     DatabaseLock,
     FileLock,
-    NullLock,
     budget_lock,
     open_storage,
     quiet_optuna_warnings,
@@ -37,8 +36,9 @@ def test_concurrent_starts_never_overshoot_the_budget(backend, request, study_na
     url = request.getfixturevalue(f"{backend}_url")
     spec = _spec(study_name)
     create_or_load(spec, open_storage(url))
-    # PostgreSQL needs no lock of ours: the study's row lock in the creating transaction.
-    expected = {"sqlite": FileLock, "postgres": NullLock, "mysql": DatabaseLock}[backend]
+    # A file lock for SQLite; the server's named lock for MySQL and PostgreSQL (the study's row
+    # lock alone would leave a window between a stale trial's failing and its retry's queueing).
+    expected = {"sqlite": FileLock, "postgres": DatabaseLock, "mysql": DatabaseLock}[backend]
     assert type(budget_lock(url, study_name)) is expected
     started: list[int] = []
     refused: list[BudgetReached] = []
@@ -83,8 +83,8 @@ def test_a_waiting_trial_is_not_taken_once_the_budget_is_finished(sqlite_url, st
 def _connection_id(lock: DatabaseLock) -> int:
     return lock._conn.execute(sqlalchemy.text("SELECT CONNECTION_ID()")).scalar()
 
-def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, study_name):
-    first, second = budget_lock(mysql_url, study_name), budget_lock(mysql_url, study_name)
+def one_holder_at_a_time(url: str, name: str) -> DatabaseLock:
+    first, second = budget_lock(url, name), budget_lock(url, name)
     assert isinstance(first, DatabaseLock)
     first.acquire()
     got = threading.Event()
@@ -96,6 +96,15 @@ def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, stud
     waiter.join(timeout=10)
     assert got.is_set()
     second.release()
+    return first
+
+
+def test_postgres_lock_one_holder_at_a_time(postgres_url, study_name):
+    one_holder_at_a_time(postgres_url, study_name)
+
+
+def test_mysql_lock_one_holder_at_a_time_and_one_connection_kept(mysql_url, study_name):
+    first = one_holder_at_a_time(mysql_url, study_name)
     first.acquire()
     connection = _connection_id(first)
     first.release()

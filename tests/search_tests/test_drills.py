@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +27,15 @@ from search.spec import parse_spec
 from search.storage import open_storage
 from tests.search_tests.studies import study_data
 from tests.search_tests.test_stop_and_delete import running_with_an_epoch
-from tests.search_tests.test_workers import slow, wait_for, write_spec
+from tests.search_tests.test_workers import (
+    alive,
+    create,
+    running_with_epochs,
+    slow,
+    start_worker,
+    wait_for,
+    write_spec,
+)
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
@@ -45,7 +54,14 @@ def restart_postgres() -> None:
 def exact_budget(url: str, name: str, trials: int) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=url)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == trials, [(t.number, t.state.name) for t in study.trials]
+    if len(finished) != trials:
+        for t in study.trials:
+            print("DRILL", t.number, t.state.name, t.user_attrs.get("retried_from"),
+                  t.user_attrs.get("pid"), t.datetime_start, t.datetime_complete,
+                  t.user_attrs.get("ended"), t.system_attrs)
+    assert len(finished) == trials, [(t.number, t.state.name, t.user_attrs.get("retried_from"),
+                                      t.user_attrs.get("pid"), str(t.datetime_start)[11:23],
+                                      str(t.datetime_complete)[11:23]) for t in study.trials]
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     # No trial counted twice: a retry stands for its dead trial, never beside it.
     retried = [t.user_attrs["retried_from"] for t in finished if "retried_from" in t.user_attrs]
@@ -165,3 +181,101 @@ def test_a_cuda_out_of_memory_is_recorded_and_the_worker_goes_on(tmp_path, monke
     for t, batch in zip(failed, calls, strict=False):
         assert t.user_attrs["ended"].startswith(f"out of memory at batch_size {batch} on cpu: "
                                                 "CUDA out of memory")
+
+
+def test_a_paused_worker_past_its_grace_period_loses_its_trial_quietly_and_goes_on(
+        tmp_path, study_name, postgres_url):
+    """SIGSTOP past the grace period, then SIGCONT: the trial was retried by the other worker;
+    the paused worker's late result is refused without an error, and it goes on."""
+    study, _ = create(postgres_url, slow(study_name, tmp_path, trials=3, epochs=16))
+    paused = start_worker(study_name, postgres_url, tmp_path)
+    other = None
+    try:
+        victim = wait_for(lambda: running_with_epochs(study, 1, pid=paused.pid), timeout=90,
+                          what="the first worker's trial an epoch in")
+        paused.send_signal(signal.SIGSTOP)
+        other = start_worker(study_name, postgres_url, tmp_path)
+        wait_for(lambda: running_with_epochs(study, 1, retried_from=victim.number),
+                 timeout=90, what="the retry running on the other worker")
+        paused.send_signal(signal.SIGCONT)
+        out, _ = paused.communicate(timeout=240)
+        other_out, _ = other.communicate(timeout=240)
+    finally:
+        for process in (paused, other):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+    assert paused.returncode == 0, out
+    assert other.returncode == 0, other_out
+    assert "Traceback" not in out
+    finished = exact_budget(postgres_url, study_name, trials=3)
+    assert study.get_trials(states=(TrialState.FAIL,))[0].number == victim.number
+    assert any(t.user_attrs.get("retried_from") == victim.number for t in finished)
+
+
+def test_a_killed_supervisor_leaves_no_worker_and_the_next_run_resumes(tmp_path, study_name):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=3, epochs=40))
+    run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: running_with_an_epoch(url, study_name, 2), timeout=90,
+                 what="two trials an epoch in")
+        study = optuna.load_study(study_name=study_name, storage=url)
+        pids = {t.user_attrs["pid"] for t in study.get_trials(states=(TrialState.RUNNING,))}
+        run.kill()  # SIGKILL: the supervisor can do nothing about it
+        run.wait()
+        wait_for(lambda: not [pid for pid in pids if alive(pid)], timeout=20,
+                 what="the workers to die with their supervisor")
+    finally:
+        if run.poll() is None:
+            run.kill()
+    again = subprocess.run([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    finished = exact_budget(url, study_name, trials=3)
+    resumed = [t for t in finished if "retried_from" in t.user_attrs]
+    assert len(resumed) == 2 and all(t.user_attrs["resumed_from_epoch"] >= 1 for t in resumed)
+
+
+def test_ten_kills_of_a_worker_lose_no_trial_and_count_none_twice(tmp_path, study_name,
+                                                                  postgres_url):
+    """Chaos loop: two workers on PostgreSQL; ten times, the worker of a trial an epoch in is
+    killed with SIGKILL and a new one takes its place. Every killed trial is retried and
+    resumes from its checkpoint; the budget is met exactly."""
+    study, _ = create(postgres_url, slow(study_name, tmp_path, trials=4, epochs=10))
+    workers = [start_worker(study_name, postgres_url, tmp_path) for _ in range(2)]
+    killed: list[int] = []
+    try:
+        def victim(by_pid: dict[int, subprocess.Popen]) -> optuna.trial.FrozenTrial | None:
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if (t.user_attrs.get("pid") in by_pid and len(t.intermediate_values) >= 1
+                        and t.number not in killed):
+                    return t
+            return None
+
+        for _ in range(10):
+            by_pid = {w.pid: w for w in workers}
+            trial = wait_for(lambda by_pid=by_pid: victim(by_pid), timeout=120,
+                             what="a trial an epoch in")
+            process = by_pid[trial.user_attrs["pid"]]
+            process.kill()
+            process.wait()
+            killed.append(trial.number)
+            workers[workers.index(process)] = start_worker(study_name, postgres_url, tmp_path)
+        outs = [w.communicate(timeout=300)[0] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert all(w.returncode == 0 for w in workers), outs
+    finished = exact_budget(postgres_url, study_name, trials=4)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert sorted(t.number for t in failed) == sorted(killed)  # only the killed ones
+    retried = {t.user_attrs.get("retried_from"): t for t in study.get_trials()
+               if "retried_from" in t.user_attrs}
+    assert set(killed) <= set(retried)  # each killed trial was taken up again
+    # Each retry resumed from the checkpoint of the trial it stands for (killed an epoch in).
+    assert all(retried[n].user_attrs["resumed_from_epoch"] >= 1 for n in killed
+               if retried[n].state in (TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 4
