@@ -7,18 +7,22 @@ small tmpfs, which needs root (CI runs as root); elsewhere they skip with the re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 import search.run._objective as objective_module
 import trainers
@@ -279,3 +283,62 @@ def test_ten_kills_of_a_worker_lose_no_trial_and_count_none_twice(tmp_path, stud
     assert all(retried[n].user_attrs["resumed_from_epoch"] >= 1 for n in killed
                if retried[n].state in (TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 4
+
+
+class CuttingProxy:
+    """A TCP proxy to PostgreSQL that drops the connection carrying the first query that
+    holds `marker` (once): a connection lost in the middle of a command, on the real server."""
+
+    def __init__(self, target: tuple[str, int], marker: bytes) -> None:
+        self.target, self.marker, self.cut = target, marker, threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, watch, client, upstream),
+                                 daemon=True).start()
+
+    def _pipe(self, source, sink, watch, *both) -> None:
+        try:
+            while data := source.recv(65536):
+                if watch and self.marker in data and not self.cut.is_set():
+                    self.cut.set()
+                    break  # the query never arrives: the connection is lost mid-command
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in both:
+            s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_read_only_command_rides_out_a_lost_connection(tmp_path, study_name, postgres_url):
+    """`status` loses its connection in the middle (after the storage opened): it waits for the
+    storage and prints its whole answer, once."""
+    path = write_spec(tmp_path, study_data(study_name, trials=2, epochs=1, size=128))
+    done = subprocess.run([HPSEARCH, "run", str(path), "--storage", postgres_url],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    url = make_url(postgres_url)
+    proxy = CuttingProxy((url.host, url.port or 5432), marker=b"GROUP BY")
+    try:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False)
+        status = subprocess.run([HPSEARCH, "status", study_name, "--storage", through, "--json"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()  # the connection was really lost in the middle
+    assert status.returncode == 0, status.stderr
+    assert "storage unreachable while hpsearch status" in status.stderr
+    assert json.loads(status.stdout)["counts"]["complete"] == 2  # one whole answer
