@@ -21,10 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from search._errors import SpecError
 from search.spec._algorithms import PRUNERS as _PRUNER_INFO
 from search.spec._algorithms import SAMPLERS as _SAMPLER_INFO
+from search.spec._algorithms import Settings, build
 from search.spec._entries import SpaceEntry
-from search.spec._model import Number, SpecModel, did_you_mean, show, spec_error
+from search.spec._model import Number, SpecModel, did_you_mean, is_number, show, spec_error
 
 METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epoch_seconds")
 DIRECTIONS = ("minimize", "maximize")
@@ -148,10 +150,21 @@ def _check_options(options: dict[str, Any], cls: type, reserved: dict[str, str])
                              f"(expected one of: {', '.join(known) or 'none'})",
                              key=f"options.{key}")
 
+_MAX_SEED = 2**32 - 1  # numpy's RandomState, behind every Optuna sampler, takes no more
+
+
 class SamplerSpec(SpecModel):
     type: SamplerType = "tpe"
     seed: StrictInt | None = 0
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the sampler
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= _MAX_SEED:
+            raise spec_error(f"expected an integer from 0 to {_MAX_SEED} or null, "
+                             f"got {show(value)}")
+        return value
 
     @model_validator(mode="after")
     def _options(self) -> SamplerSpec:
@@ -185,20 +198,46 @@ class RunSpec(SpecModel):
                              key="grace_period")
         return self
 
+def _command_part(value: Any) -> str:
+    # YAML's true would reach the program as "1.0" and null as "None": only strings and
+    # numbers are arguments as written.
+    if isinstance(value, str) or is_number(value):
+        return str(value)
+    raise spec_error(f"expected a string or a number (quote true, false and null), "
+                     f"got {show(value)}")
+
+
+CommandPart = Annotated[str, PlainValidator(_command_part)]
+KILL_GRACE_S = 10.0
+
+
 class TrainerSpec(SpecModel):
     """A user's training code in place of the built-in trainer: ``trainer: pkg.mod:fit`` (a
     function, called in the worker) or ``trainer: {command: [...]}`` (a process per trial)."""
 
     function: StrictStr | None = None
-    command: list[StrictStr | StrictInt | float] | None = None
+    command: list[CommandPart] | None = None
     trial_timeout_s: Number | None = None  # a command's trial is ended after this long
-    kill_grace_s: Number = 10.0  # between SIGTERM and SIGKILL when a command is stopped
+    kill_grace_s: Number = KILL_GRACE_S  # between SIGTERM and SIGKILL when a command is stopped
     env: dict[str, StrictStr] = Field(default_factory=dict)  # added to a command's environment
 
     @model_validator(mode="before")
     @classmethod
     def _function_by_path(cls, data: Any) -> Any:
         return {"function": data} if isinstance(data, str) else data
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        # The OS refuses these when every trial's process starts; say so at load instead.
+        for name, value in env.items():
+            if not name or "=" in name or "\0" in name:
+                raise spec_error(f"expected variable names, not empty and without '=' or NUL, "
+                                 f"got {show(name)}")
+            if "\0" in value:
+                raise spec_error(f"expected a value without NUL characters, got {show(value)}",
+                                 key=name)
+        return env
 
     @model_validator(mode="after")
     def _one_form(self) -> TrainerSpec:
@@ -210,15 +249,16 @@ class TrainerSpec(SpecModel):
             if not module or not attr:
                 raise spec_error(f"expected an import path module:function, got "
                                  f"{show(self.function)}", key="function")
+            # A stored spec carries the default kill_grace_s: only another value is the user's.
+            if self.kill_grace_s != KILL_GRACE_S:
+                raise spec_error("goes with command: (a function runs inside the worker)",
+                                 key="kill_grace_s")
             for key in ("trial_timeout_s", "env"):
                 if getattr(self, key):
                     raise spec_error("goes with command: (a function runs inside the worker)",
                                      key=key)
-        if self.command is not None:
-            if not self.command:
-                raise spec_error("expected the program and its arguments, got []",
-                                 key="command")
-            self.command = [str(part) for part in self.command]
+        if self.command is not None and not self.command:
+            raise spec_error("expected the program and its arguments, got []", key="command")
         for key in ("trial_timeout_s", "kill_grace_s"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -308,4 +348,18 @@ class StudySpec(SpecModel):
         if self.objective.is_multi and self.sampler.type == "cmaes":
             raise spec_error("CMA-ES optimizes a single objective; for several use tpe, nsga2, "
                              "gp or random, got 'cmaes'", key="sampler.type")
+        return self
+
+    @model_validator(mode="after")
+    def _options_accepted(self) -> StudySpec:
+        # Option values are Optuna's to judge: build the sampler and pruner now, so a value
+        # they refuse fails `validate`, not `run`. (The grid sampler takes no options.)
+        settings = Settings(seed=self.sampler.seed, epochs=self.budget.epochs)
+        for kind, section in (("sampler", self.sampler), ("pruner", self.pruner)):
+            if section.options:
+                try:
+                    build(kind, section.type, dict(section.options), settings)
+                except SpecError as e:
+                    detail = " ".join(str(e).removeprefix(f"{kind}.options: ").split())
+                    raise spec_error(detail, key=f"{kind}.options") from e
         return self

@@ -235,7 +235,8 @@ def build_sampler(spec: StudySpec, *, salt: int = 0) -> optuna.samplers.BaseSamp
     """
     seed = spec.sampler.seed
     if salt and seed is not None:
-        seed += salt
+        # Wrapped into numpy's seed range: a joining worker's salt grows with its pid.
+        seed = (seed + salt) % 2**32
     return build("sampler", spec.sampler.type, dict(spec.sampler.options),
                  Settings(seed=seed, epochs=spec.budget.epochs,
                           grid=lambda: grid_search_space(spec)))

@@ -311,3 +311,13 @@ def test_shipped_studies_validate(name: str) -> None:
     assert spec.name == name.replace("_", "-")
     assert spec_from_json(spec_to_json(spec)) == spec
     base_train_config(spec)
+
+
+def test_a_joining_workers_seed_salt_wraps_into_numpys_range():
+    from search.spec import build_sampler
+
+    spec = parse_spec({"name": "x", "data": {"dataset": "synthetic"}, "model": {},
+                       "sampler": {"type": "tpe", "seed": 2**32 - 1},
+                       "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}}})
+    # A pid of 4,000,000 (pid_max on newer Linux) salts by 7919 * pid, far past 2**32.
+    build_sampler(spec, salt=7919 * 4_000_000)
