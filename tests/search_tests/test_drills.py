@@ -219,7 +219,7 @@ def test_a_paused_worker_past_its_grace_period_loses_its_trial_quietly_and_goes_
 
 def test_a_killed_supervisor_leaves_no_worker_and_the_next_run_resumes(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=3, epochs=40))
+    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=2, epochs=30))
     run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -237,7 +237,7 @@ def test_a_killed_supervisor_leaves_no_worker_and_the_next_run_resumes(tmp_path,
     again = subprocess.run([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    finished = exact_budget(url, study_name, trials=3)
+    finished = exact_budget(url, study_name, trials=2)
     resumed = [t for t in finished if "retried_from" in t.user_attrs]
     assert len(resumed) == 2 and all(t.user_attrs["resumed_from_epoch"] >= 1 for t in resumed)
 

@@ -57,9 +57,9 @@ def resumed_to_the_budget(tmp_path: Path, path: Path, url: str, name: str, trial
 def interrupted_run(tmp_path: Path, name: str, interrupt) -> tuple[Path, str, int, str]:
     """`run --workers 2` of a slow study, interrupted by `interrupt(process, url)` once both
     trials are an epoch in: (study file, url, run's exit code, its output). Each interrupted
-    trial must be queued to resume (both are mid-trial: 40 epochs take ~12 s)."""
+    trial must be queued to resume (both are mid-trial: 30 epochs take ~9 s)."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    path = write_spec(tmp_path, slow(name, tmp_path, trials=3, epochs=40))
+    path = write_spec(tmp_path, slow(name, tmp_path, trials=2, epochs=30))
     run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
@@ -86,7 +86,7 @@ def test_stop_checkpoints_every_trial_and_run_resumes_them(tmp_path, study_name)
     path, url, code, out = interrupted_run(tmp_path, study_name, stop)
     assert code == 0, out
     assert "stopped by `hpsearch stop`" in out and "Traceback" not in out
-    again = resumed_to_the_budget(tmp_path, path, url, study_name, trials=3)
+    again = resumed_to_the_budget(tmp_path, path, url, study_name, trials=2)
     assert f"resuming study {study_name!r} after `hpsearch stop`" in again
 
 
@@ -94,7 +94,7 @@ def test_ctrl_c_loses_no_work_the_next_run_resumes_the_trials(tmp_path, study_na
     path, url, code, out = interrupted_run(
         tmp_path, study_name, lambda run, url: run.send_signal(signal.SIGINT))
     assert code == 130, out
-    resumed_to_the_budget(tmp_path, path, url, study_name, trials=3)
+    resumed_to_the_budget(tmp_path, path, url, study_name, trials=2)
 
 
 def test_delete_removes_the_study_its_artifacts_checkpoints_and_lock(tmp_path, study_name,
