@@ -33,6 +33,7 @@ from search.storage import (
     load,
     open_storage,
     quiet_optuna_warnings,
+    requeue_left,
     storage_of,
 )
 
@@ -77,6 +78,13 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
         # A `run` or a joining `worker` after `hpsearch stop`: the study resumes, and its
         # interrupted trials (queued again) are the first taken.
         print(f"resuming study {spec.name!r} after `hpsearch stop`", flush=True)
+    if launch.worker_index is None:
+        # An interrupted worker queues its trial again itself; one killed while it did (its
+        # supervisor killed, a second signal) leaves it to the next `run` or `worker`.
+        requeued = requeue_left(study, budget_lock(url, spec.name))
+        if requeued:
+            print(f"queued {len(requeued)} interrupted trial(s) again to resume: "
+                  + ", ".join(f"#{n}" for n in requeued), flush=True)
     timeout = launch.timeout_s or spec.budget.timeout_s
     # Each process its own seed: the supervisor's children by index, a joining worker by pid.
     reseed(study, spec, launch.worker_index if launch.worker_index is not None

@@ -170,9 +170,10 @@ class Objective:
             raise
         except KeyboardInterrupt:
             # Ctrl-C, SIGTERM or `hpsearch stop`: the worker queues the trial again, and its
-            # retry resumes from the last epoch checkpoint.
-            set_user_attrs(trial, {"ended": INTERRUPTED,
-                                   "seconds": round(time.perf_counter() - started, 3)})
+            # retry resumes from the last epoch checkpoint. The mark is what says so: it waits
+            # out SQLite's write lock (every worker is interrupted at once).
+            attrs = {"ended": INTERRUPTED, "seconds": round(time.perf_counter() - started, 3)}
+            with_retry(lambda: set_user_attrs(trial, attrs), what="marking the interruption")
             raise
         finally:
             if device.startswith("cuda"):

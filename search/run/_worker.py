@@ -166,8 +166,12 @@ def run_worker(
                 # `run` or `worker`, on any machine.
                 lock.release()
                 if objective.current is not None:
-                    with_retry(lambda: requeue_interrupted(study, {objective.current}),
-                               what="queueing the interrupted trial again")
+                    lock.acquire()  # not while another worker fails stale trials or queues
+                    try:
+                        with_retry(lambda: requeue_interrupted(study, {objective.current}),
+                                   what="queueing the interrupted trial again")
+                    finally:
+                        lock.release()
                 if not isinstance(interrupt, StopRequested):
                     raise
                 summary.stopped = "stop requested"

@@ -42,6 +42,7 @@ from search.storage._control import (
     remove_finished_checkpoints,
     request_stop,
     requeue_interrupted,
+    requeue_left,
     stop_requested,
     taken_over,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "remove_finished_checkpoints",
     "request_stop",
     "requeue_interrupted",
+    "requeue_left",
     "stop_requested",
     "taken_over",
     "BUDGET_ATTR",

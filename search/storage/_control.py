@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -86,6 +87,18 @@ def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
         retry(study, t)
         queued.append(t.number)
     return queued
+
+
+def requeue_left(study: optuna.Study, lock: Any) -> list[int]:
+    """Queue again every trial left FAIL "interrupted" without a retry, under the budget lock
+    (another machine's worker may be queueing its own); the numbers queued."""
+    lock.acquire()
+    try:
+        left = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.user_attrs.get("ended") == INTERRUPTED}
+        return requeue_interrupted(study, left)
+    finally:
+        lock.release()
 
 
 def delete_study(name: str, storage: optuna.storages.BaseStorage, *,

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from search.storage import budget_lock
-from tests.search_tests.test_workers import slow, wait_for, write_spec
+from tests.search_tests.test_workers import _study_if_created, slow, wait_for, write_spec
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
@@ -27,9 +27,8 @@ def hp(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess
 
 
 def running_with_an_epoch(url: str, name: str, n: int) -> bool:
-    try:
-        study = optuna.load_study(study_name=name, storage=url)
-    except KeyError:
+    study = _study_if_created(url, name)  # never creates tables under the running `run`
+    if study is None:
         return False
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return len(running) >= n and all(len(t.intermediate_values) >= 1 for t in running)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from search._urls import sqlite_path
 from search.run import Slot, create_or_load, plan_slots, visible_gpu_ids, worker_command
 from search.spec import parse_spec
 from search.storage import count_trials, load, open_storage
@@ -250,6 +252,18 @@ def _running_pids(study, n: int) -> list[int] | None:
     return pids if len(pids) == n and None not in pids else None
 
 def _study_if_created(url: str, name: str):
+    # Read-only until the study exists: opening an Optuna storage on the file creates its
+    # tables, racing the `run` that is creating them (and making it fail).
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+                found = conn.execute("SELECT 1 FROM studies WHERE study_name = ?",
+                                     (name,)).fetchone()
+        except sqlite3.Error:
+            return None
+        if not found:
+            return None
     try:
         return load(name, open_storage(url, must_exist=True))[0]
     except Exception:
