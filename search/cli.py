@@ -60,6 +60,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _per_gpu(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}"
+                                         ) from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -105,25 +115,41 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default="auto",
                         help="auto (every visible GPU), none, or ids like 0,1: one worker "
                              "process per GPU slot, pinned with CUDA_VISIBLE_DEVICES")
-    parser.add_argument("--trials-per-gpu", type=_positive_int, default=1,
-                        help="worker processes per GPU (default 1)")
+    parser.add_argument("--trials-per-gpu", type=_per_gpu, default="auto",
+                        help="worker processes per GPU, or auto (the default): one, then more "
+                             "while their memory fits and the GPU is not busy; an out-of-"
+                             "memory on a shared GPU queues the trial again and lowers it")
     parser.add_argument("--timeout", type=_positive_float,
                         help="stop starting trials after this many seconds")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run the workers as Ray actors on a Ray cluster: auto, "
+                             "ray://host:10001, host:6379, or none given (a local Ray started "
+                             "here); one per free GPU slot or CPU share, --workers K at most")
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
     # Set by the supervisor on the processes it starts:
     parser.add_argument("--threads", type=_positive_int, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    # Set by `hpsearch slurm` on its tasks: a study stopped by `hpsearch stop` stays stopped.
+    parser.add_argument("--unless-stopped", action="store_true", help=argparse.SUPPRESS)
 
 
 def _launch(args: argparse.Namespace, **extra: Any) -> tuple[Any, list[Any]]:
     """What `run`/`worker` was asked for, and the worker slots (a single GPU worker is pinned
     here, before torch loads)."""
     run = _package("run")
+    if args.ray is not None and args.worker_index is None:  # Ray places them: no local slots
+        per_gpu = 1 if args.trials_per_gpu == "auto" else args.trials_per_gpu
+        request = run.ray_request(args.ray, gpus=args.gpus, trials_per_gpu=per_gpu,
+                                  workers=args.workers, storage=args.storage)
+        return run.Launch(storage=args.storage, timeout_s=args.timeout, ray=request,
+                          **extra), []
     slots = run.plan(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
                      worker_index=args.worker_index, device=args.device, threads=args.threads)
+    fill = args.trials_per_gpu == "auto" and any(s.device == "cuda" for s in slots)
     launch = run.Launch(storage=args.storage, timeout_s=args.timeout, device=args.device,
-                        threads=args.threads, worker_index=args.worker_index, **extra)
+                        threads=args.threads, worker_index=args.worker_index, fill_gpus=fill,
+                        unless_stopped=args.unless_stopped, **extra)
     return launch, slots
 
 
@@ -356,8 +382,44 @@ class StorageProxy(Command):
         return EXIT_OK
 
 
+class Slurm(Command):
+    """Submit a study's workers as a Slurm job array (through submitit), one task per node."""
+
+    name = "slurm"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _study_arg(parser)
+        parser.add_argument("--nodes", type=_positive_int, default=1,
+                            help="array tasks, each a node's worth of GPUs (default 1)")
+        parser.add_argument("--gpus-per-node", type=int, default=1,
+                            help="GPUs per task (default 1; 0: CPU nodes, see --workers)")
+        parser.add_argument("--trials-per-gpu", type=_per_gpu, default="auto",
+                            help="worker processes per GPU, or auto (the default): added while "
+                                 "they fit, as `run` does")
+        parser.add_argument("--workers", type=_positive_int,
+                            help="CPU workers per task, with --gpus-per-node 0 (default 1)")
+        parser.add_argument("--cpus-per-task", type=_positive_int,
+                            help="CPU cores per task (default: Slurm's on GPU nodes, one per "
+                                 "worker on CPU nodes)")
+        parser.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+        parser.add_argument("--account", help="Slurm account to charge")
+        parser.add_argument("--time", help="time limit per task, HH:MM:SS or D-HH:MM:SS "
+                                           "(default 04:00:00); a task near it is requeued")
+        parser.add_argument("--folder", help="batch script, pickles and logs, on a filesystem "
+                                             "the nodes share (default slurm-<NAME>)")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the batch script and each task's command; submit nothing")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return _package("run").submit_slurm(
+            args.name, args.storage, dry_run=args.dry_run, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, trials_per_gpu=args.trials_per_gpu,
+            workers=args.workers, cpus_per_task=args.cpus_per_task, partition=args.partition,
+            account=args.account, time=args.time, folder=args.folder)
+
+
 COMMANDS: list[Command] = [Validate(), Run(), Worker(), Status(), Best(), Dashboard(), LrFind(),
-                           Retrain(), Report(), List(), Stop(), Delete(), StorageProxy()]
+                           Retrain(), Report(), List(), Stop(), Delete(), StorageProxy(), Slurm()]
 
 
 def _version() -> str:

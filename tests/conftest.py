@@ -2,7 +2,7 @@
 
 One thread per test process keeps the 2-core machine responsive, and artifacts of studies
 whose storage is not a SQLite file (PostgreSQL, MySQL) go to a temporary directory instead of
-./hpsearch-artifacts in the checkout.
+./hpsearch-artifacts in the checkout. Tests marked `serial` run after the others, alone.
 """
 
 from __future__ import annotations
@@ -10,5 +10,19 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HPSEARCH_ARTIFACTS", tempfile.mkdtemp(prefix="hpsearch-test-artifacts-"))
+
+
+# Files whose tests run alone, after the rest (scripts/test.sh runs the others in parallel):
+# they restart the database server or time heartbeats and grace periods to the second.
+SERIAL_FILES = {"test_drills.py", "test_heartbeat.py", "test_runaway.py", "test_ray.py",
+                "test_gpu_fill.py", "test_stop_and_delete.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)

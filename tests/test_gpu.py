@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,73 @@ def test_two_gpu_workers_share_a_study(tmp_path):
     assert len(trials) == 6
     assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}
     assert len({t.user_attrs["pid"] for t in trials}) == 2
+
+def test_the_cuda_step_is_fused_and_its_checkpoint_resumes_on_the_cpu(tmp_path):
+    import trainers
+    from trainers._optimizers import build_optimizer
+
+    for name in ("sgd", "nesterov", "adam", "adamw"):
+        config = trainers.config_from_dict({"optimizer": name, "device": "cuda"})
+        model = torch.nn.Linear(4, 2).cuda()
+        optimizer = build_optimizer(model, config.optimizer, lr=0.1)
+        assert optimizer.param_groups[0].get("fused") is True, name
+    # Two epochs on CUDA (stopped there), then the third on the CPU from the CUDA checkpoint.
+    base = {"dataset": "synthetic", "hidden": [32], "optimizer": "adam", "lr": 1e-3,
+            "epochs": 3}
+
+    def stop_at_two(m):
+        if m.epoch == 2:
+            raise trainers.StopTraining("moved to the CPU")
+
+    store = trainers.CheckpointStore(tmp_path / "ckpt")
+    cuda = trainers.train({**base, "device": "cuda"}, stop_at_two, store)
+    assert cuda.status == "stopped" and cuda.epochs_run == 2
+    cpu = trainers.train({**base, "device": "cpu"}, checkpoint=store)
+    assert cpu.status == "completed" and cpu.resumed_from_epoch == 2
+
+
+def test_auto_trials_per_gpu_adds_workers_while_they_fit(tmp_path):
+    """The default `--trials-per-gpu auto` on a real GPU: one worker, then more by nvidia-smi."""
+    from search.storage import count_trials, load, open_storage
+
+    spec = {
+        "name": "gpu-auto", "budget": {"trials": 24, "epochs": 3},
+        "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
+        "data": {"dataset": "synthetic", "size": 8192}, "model": {"hidden": [64]},
+        "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
+    }
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(spec))
+    url = f"sqlite:///{tmp_path / 'auto.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "HPSEARCH_FAKE_GPU_MEMORY"}
+    result = subprocess.run([HPSEARCH, "run", "auto.yaml", "--storage", url, "--gpus", "0"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    print(out)
+    study, _ = load("gpu-auto", open_storage(url))
+    assert count_trials(study).finished == 24
+    assert "started worker #1 there" in out, out  # a small MLP leaves room for more
+
+def test_packed_trials_train_on_cuda_as_they_would_alone():
+    import trainers
+
+    base = {"dataset": "synthetic", "data.size": 1024, "hidden": [64, 32], "epochs": 3,
+            "device": "cuda"}
+    configs = [trainers.config_from_dict({**base, **c}) for c in (
+        {"optimizer": "sgd", "batch_size": 32, "lr": 0.02, "scheduler": "cosine"},
+        {"optimizer": "adam", "batch_size": 64, "lr": 0.003, "weight_decay": 1e-3},
+        {"optimizer": "nesterov", "batch_size": 128, "lr": 0.05, "scheduler": "onecycle"},
+        {"optimizer": "adamw", "batch_size": 256, "lr": 0.003, "init": "xavier_uniform"},
+    )]
+    pack = trainers.Pack(4, spread=8)  # one band: 32 … 256 accumulate shared micro-batches
+    ids = [pack.add(c) for c in configs]
+    out: dict[int, trainers.TrainResult] = {}
+    while len(pack):
+        out.update(dict(pack.run_until_free()))
+    for member, config in zip(ids, configs, strict=True):
+        packed, alone = out[member], trainers.train(config)
+        assert packed.status == alone.status == "completed"
+        assert packed.device.startswith("cuda")
+        for p, a in zip(packed.history, alone.history, strict=True):
+            assert p.train_loss == pytest.approx(a.train_loss, rel=2e-3)
+            assert p.val_loss == pytest.approx(a.val_loss, rel=2e-3)

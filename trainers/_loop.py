@@ -31,6 +31,7 @@ from trainers._optimizers import (
     current_momentum,
     effective_lr,
     group_lrs,
+    keep_implementation,
     set_momentum,
 )
 from trainers._schedules import Schedule
@@ -159,7 +160,7 @@ def train(
         if _resumable(state["config"]) != _resumable(config.to_dict()):
             raise ConfigError(f"{checkpoint}: the checkpoint was written by another configuration")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        keep_implementation(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
@@ -189,8 +190,11 @@ def train(
         freezer.start_epoch(epoch)
         layers = _weight_layers(model)  # the trained ones: unfreezing adds some
         perm = torch.randperm(n_train, generator=order)
-        losses: list[torch.Tensor] = []  # per-batch means, summed once at the epoch's end
-        hits: list[torch.Tensor] = []
+        # Per-batch means, predictions and labels, kept on the device and counted once at the
+        # epoch's end: a count per step was two more kernel launches in a launch-bound step.
+        losses: list[torch.Tensor] = []
+        predicted: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         norm_sum = torch.zeros(len(layers), device=device)
         norm_samples = 0
         last_lr = math.nan
@@ -231,7 +235,8 @@ def train(
             else:
                 optimizer.step()
             losses.append(loss.detach())
-            hits.append((out.argmax(1) == yb).sum())
+            predicted.append(out.detach().argmax(1))
+            labels.append(yb)
             if i % DIVERGENCE_CHECK_EVERY == 0 or i == steps_per_epoch - 1:
                 value = loss.item()
                 first_loss = value if first_loss is None else first_loss
@@ -254,7 +259,7 @@ def train(
         sizes = torch.full((len(losses),), float(config.batch_size), device=device)
         sizes[-1] = n_train - config.batch_size * (len(losses) - 1)
         train_loss = float((torch.stack(losses).float() * sizes).sum()) / n_train
-        train_correct = int(torch.stack(hits).sum())
+        train_correct = int((torch.cat(predicted) == torch.cat(labels)).sum())
         metrics = EpochMetrics(
             epoch=epoch + 1,
             train_loss=train_loss,

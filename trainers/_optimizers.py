@@ -124,7 +124,24 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, *, lr: float,
                           "would train (freeze fewer blocks, or set model.unfreeze_after)")
     for group in groups:
         group["lr"] = lr * group["lr_mult"]
-    return info.cls(groups, lr=lr, **info.kwargs(config))
+    kwargs = info.kwargs(config)
+    if all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]):
+        # On CUDA a small model's step is bound by kernel launches: the fused update is one
+        # launch for all parameters where the default (foreach) is several.
+        try:
+            return info.cls(groups, lr=lr, fused=True, **kwargs)
+        except (TypeError, RuntimeError, ValueError):  # no fused form of this one
+            pass
+    return info.cls(groups, lr=lr, **kwargs)
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)` keeping this optimizer's fused/foreach choice: a
+    checkpoint written on a GPU may resume on a CPU, where the fused update may not exist."""
+    chosen = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(flags)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -17,7 +17,9 @@ _EXPORTS = {
     "Launch": "_launch",
     "Objective": "_objective",
     "Pruned": "_user_trainer",
+    "RayRequest": "_ray",
     "Slot": "_slots",
+    "SlurmArray": "_slurm",
     "Trial": "_user_trainer",
     "TrialOutcome": "_objective",
     "UserObjective": "_user_trainer",
@@ -35,13 +37,16 @@ _EXPORTS = {
     "parse_source": "_warm_start",
     "plan": "_slots",
     "plan_slots": "_slots",
+    "ray_request": "_ray",
     "reseed": "_study",
     "retrain": "_retrain",
     "retrain_and_report": "_retrain",
     "run_study": "_launch",
     "run_worker": "_worker",
     "stop_study": "_manage",
+    "submit_slurm": "_slurm",
     "supervise": "_supervisor",
+    "supervise_ray": "_ray",
     "visible_gpu_ids": "_slots",
     "warm_start": "_warm_start",
     "worker_command": "_supervisor",
@@ -71,8 +76,10 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from search.run._lr_find import for_new_study, lr_find, needs_test  # noqa: F401
     from search.run._manage import delete_study_files, stop_study  # noqa: F401
     from search.run._objective import Objective, TrialOutcome  # noqa: F401
+    from search.run._ray import RayRequest, ray_request, supervise_ray  # noqa: F401
     from search.run._retrain import final_test, retrain, retrain_and_report  # noqa: F401
     from search.run._slots import Slot, plan, plan_slots, visible_gpu_ids  # noqa: F401
+    from search.run._slurm import SlurmArray, submit_slurm  # noqa: F401
     from search.run._study import create_or_load, reseed  # noqa: F401
     from search.run._supervisor import Display, supervise, worker_command  # noqa: F401
     from search.run._user_trainer import Pruned, Trial, UserObjective  # noqa: F401

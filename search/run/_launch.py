@@ -17,12 +17,15 @@ import optuna
 
 from search._errors import SpecError
 from search._urls import redact, resolve_url
+from search.run._gpu_fill import EXIT_GPU_FULL, GpuFill, default_probe
 from search.run._lr_find import for_new_study, needs_test
+from search.run._ray import RayRequest, supervise_ray
+from search.run._ray import connect as connect_ray
 from search.run._slots import Slot
 from search.run._study import create_or_load, reseed
 from search.run._supervisor import Display, supervise
 from search.run._warm_start import load_source, parse_source, warm_start
-from search.run._worker import WorkerError, run_worker
+from search.run._worker import GPU_FULL, WorkerError, run_worker
 from search.spec import StudySpec, auto_lr_key
 from search.storage import (
     backend_of,
@@ -34,6 +37,7 @@ from search.storage import (
     open_storage,
     quiet_optuna_warnings,
     requeue_left,
+    stop_requested,
     storage_of,
 )
 
@@ -52,12 +56,17 @@ class Launch:
     device: str | None = None
     threads: int | None = None
     worker_index: int | None = None  # set on the processes a supervisor starts
+    fill_gpus: bool = False  # --trials-per-gpu auto on GPUs: add workers while they fit
+    unless_stopped: bool = False  # a study paused by `hpsearch stop` is left paused (Slurm)
+    ray: RayRequest | None = None  # --ray: the workers are Ray actors on a Ray cluster
 
 def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = None,
               name: str | None = None,
               display: Callable[[StudySpec, int], Display] | None = None) -> int:
     """Create (`spec`) or join (`name`) the study and run its trials; the exit code."""
     quiet_optuna_warnings()
+    if launch.ray is not None:  # before the storage: an unreachable cluster writes nothing
+        connect_ray(launch.ray)
     url = resolve_url(launch.storage)
     if spec is None:
         # A worker learns the heartbeat settings from the stored spec: open once to read it.
@@ -73,6 +82,10 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
         print(f"study {spec.name!r} ready in {redact(url)}: {counts.finished}/"
               f"{budget_of(study, spec)} trials finished; workers join with "
               f"`hpsearch worker {spec.name} --storage URL`")
+        return 0
+    if launch.unless_stopped and stop_requested(study):
+        print(f"study {spec.name!r} is stopped (`hpsearch stop`): this worker ends; "
+              f"`hpsearch slurm` or `hpsearch worker` resumes it", flush=True)
         return 0
     if launch.worker_index is None and clear_stop(study):
         # A `run` or a joining `worker` after `hpsearch stop`: the study resumes, and its
@@ -97,11 +110,23 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     dashboard = redact(url)
     with display(spec, budget) as shown:
         shown.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
-        if len(slots) > 1:
-            code = supervise(study, spec, url, slots, display=shown, timeout_s=timeout)
+        if launch.ray is not None:
+            code = supervise_ray(study, spec, url, launch.ray, display=shown, timeout_s=timeout)
+            shown.finish(study, count_trials(study), hint, dashboard)
+            return code
+        if len(slots) > 1 or launch.fill_gpus:
+            probe = default_probe() if launch.fill_gpus else None
+            fill = (GpuFill.for_probe([s.cuda_visible_devices for s in slots], probe)
+                    if launch.fill_gpus else None)
+            code = supervise(study, spec, url, slots, display=shown, timeout_s=timeout,
+                             fill=fill, probe=probe)
             shown.finish(study, count_trials(study), hint, dashboard)
             return code
         device = launch.device or ("cuda" if slots[0].device == "cuda" else None)
+        # SIGTERM (a container stopped, a pod evicted, a Slurm task preempted) ends the trial
+        # as Ctrl-C does: checkpointed and queued again. As a container's PID 1 this process
+        # would otherwise ignore it until killed.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             summary = run_worker(
                 study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
@@ -112,6 +137,8 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
             shown.console.print(f"[red]error:[/] {e}")
             shown.finish(study, count_trials(study), hint, dashboard)
             return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     counts = count_trials(study)
     shown.finish(study, counts, hint, dashboard)
     if summary.stopped == "stop requested":
@@ -145,17 +172,19 @@ def _create(launch: Launch, spec: StudySpec, storage: Any) -> tuple[optuna.Study
         print(warm_start(study, spec, source, k=k, storage_label=label).describe(), flush=True)
     return study, spec
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _child_worker(study: optuna.Study, spec: StudySpec, launch: Launch,
                   timeout: float | None, url: str) -> int:
     """A worker process started by a supervisor: no display, SIGTERM ends it like Ctrl-C."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run_worker(study, spec, device=launch.device, threads=launch.threads, timeout_s=timeout,
-                   lock=budget_lock(url, spec.name))
+        summary = run_worker(study, spec, device=launch.device, threads=launch.threads,
+                             timeout_s=timeout, lock=budget_lock(url, spec.name))
+        if summary.stopped == GPU_FULL:
+            return EXIT_GPU_FULL  # its supervisor holds this GPU one worker lower
     except WorkerError as e:
         print(f"worker {launch.worker_index}: {e}", file=sys.stderr)
         return 1

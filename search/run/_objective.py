@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ import optuna
 import torch
 
 import trainers
+from search._errors import SpecError
+from search.run._gpu_fill import oom_from_sharing
 from search.run._history import history_record
+from search.run._remote_checkpoints import (
+    RemoteCheckpoints,
+    SyncedCheckpointStore,
+    is_remote,
+    scratch_root,
+)
 from search.spec import base_train_config, suggest, train_config_for
 from search.storage import INTERRUPTED, set_user_attrs, with_result, with_retry, written_attrs
 from search.storage import retried_from as retry_link
@@ -32,6 +41,16 @@ if TYPE_CHECKING:
     import trainers
     from search.run._artifacts import ArtifactRecorder
     from search.spec import StudySpec
+
+class GpuFull(KeyboardInterrupt):
+    """The trial ran out of memory on a GPU shared with other workers (`--trials-per-gpu
+    auto`): it is queued again unchanged, as an interrupted trial is, and its worker leaves the
+    GPU to the others."""
+
+
+# Set by the Ray launcher (`search.run._ray`) in its workers' environment: recorded per trial.
+RAY_ATTRS = {"ray_node": "HPSEARCH_RAY_NODE", "ray_gpu": "HPSEARCH_RAY_GPU"}
+
 
 class StopRequested(KeyboardInterrupt):
     """`hpsearch stop` asked the worker to stop: its trial ends at an epoch boundary, after
@@ -96,10 +115,23 @@ class Objective:
         self.device = device
         self.threads = threads
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        # s3://…: the trainer writes into a scratch folder, each save copied to the bucket
+        # where a retry on any machine finds it.
+        self.remote: RemoteCheckpoints | None = None
+        if checkpoint_root is not None and is_remote(str(checkpoint_root)):
+            if spec.trainer is not None:
+                raise SpecError(f"run.checkpoint_dir: {checkpoint_root} holds the built-in "
+                                "trainer's checkpoints; a study with its own trainer "
+                                "checkpoints into a folder (a shared one for many machines)")
+            self.remote = RemoteCheckpoints.open(str(checkpoint_root))
+            self.checkpoint_root = scratch_root()
         self.on_epoch = on_epoch
         self.artifacts = artifacts
         self.metrics = spec.objective.metric_names
         self.host = socket.gethostname()
+        # A worker placed by Ray: its node and the GPU Ray gave it (hosts may share a name).
+        self.placed = {attr: os.environ[env] for attr, env in RAY_ATTRS.items()
+                       if os.environ.get(env)}
         self.last: TrialOutcome | None = None
         self._to_clear: list[Path | None] = []
 
@@ -107,7 +139,7 @@ class Objective:
         """The start attrs every trial of this worker shares (host, pid, and the device where
         the space does not choose it): written with the trial as it is created."""
 
-        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid()}
+        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid(), **self.placed}
         if "device" not in self.spec.space:
             try:
                 device = self.device or base_train_config(self.spec).device
@@ -152,7 +184,8 @@ class Objective:
             if self.threads:
                 overrides["threads"] = self.threads
             config = config.replace(**overrides) if overrides else config
-            start_attrs.update(host=self.host, pid=os.getpid(), device=config.device)
+            start_attrs.update(host=self.host, pid=os.getpid(), device=config.device,
+                               **self.placed)
             device = str(trainers.resolve_device(config.device))
             start_attrs["device"] = device
             retried_from = self.begin(trial, start_attrs)
@@ -166,6 +199,12 @@ class Objective:
                 batch = f" at batch_size {config.batch_size}" if config is not None else ""
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 reason = f"out of memory{batch} on {device or 'the device'}: {first}"
+                if oom_from_sharing(device):
+                    attrs = {"ended": INTERRUPTED, "oom_shared": reason,
+                             "seconds": round(time.perf_counter() - started, 3)}
+                    with_retry(lambda: set_user_attrs(trial, attrs), what="marking the trial")
+                    raise GpuFull(f"{reason}; the GPU is shared, so the trial is queued again "
+                                  "unchanged and this worker leaves the GPU") from e
             self.record_failure(trial, reason, start_attrs, params, started)
             raise
         except KeyboardInterrupt:
@@ -279,16 +318,30 @@ class Objective:
         dead = self.checkpoint_dir(retried_from)
         if dead is not None and dead.exists() and not directory.exists():
             shutil.copytree(dead, directory)
+        elif self.remote is not None and not directory.exists():
+            # The dead trial ran on another machine: its checkpoint is in the bucket only.
+            try:
+                self.remote.fetch(self.spec.name, retried_from, directory)
+            except Exception as e:  # noqa: BLE001 - a lost checkpoint costs epochs, not the trial
+                print(f"warning: trial #{number}: the checkpoint of trial #{retried_from} not "
+                      f"fetched from {self.remote.location} ({e}); it starts from epoch 0",
+                      file=sys.stderr, flush=True)
         return directory
 
     def _checkpoint_store(self, number: int, retried_from: int | None
                           ) -> trainers.CheckpointStore | None:
         directory = self.checkpoint_directory(number, retried_from)
-        return None if directory is None else trainers.CheckpointStore(directory)
+        if directory is None:
+            return None
+        if self.remote is not None:
+            return SyncedCheckpointStore(directory, self.remote, self.spec.name, number)
+        return trainers.CheckpointStore(directory)
 
     def clear_checkpoints(self) -> None:
         """Delete the checkpoints of the last trial (and of the dead trial it resumed)."""
         for directory in self._to_clear:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+                if self.remote is not None:  # trial-<n>: the bucket's copy goes too
+                    self.remote.remove(self.spec.name, int(directory.name.split("-")[-1]))
         self._to_clear = []

@@ -52,10 +52,22 @@ def visible_gpu_ids(env: Mapping[str, str] | None = None) -> list[str]:
             if line.startswith("GPU ")]
 
 
-def plan_slots(gpus: str, *, trials_per_gpu: int = 1, workers: int | None = None,
+def usable_cores() -> int:
+    """The cores this process may run on: a Slurm or container allocation, not the node's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_slots(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None = None,
                cores: int | None = None, gpu_ids: list[str] | None = None) -> list[Slot]:
-    """The worker processes to start for `--gpus`, `--trials-per-gpu` and `--workers`."""
-    cores = cores or os.cpu_count() or 1
+    """The worker processes to start for `--gpus`, `--trials-per-gpu` and `--workers`.
+
+    `trials_per_gpu="auto"` starts one per GPU; the supervisor adds more as they fit
+    (`search.run._gpu_fill`).
+    """
+    cores = cores or usable_cores()
     available = visible_gpu_ids() if gpu_ids is None else gpu_ids
     if gpus == "none":
         ids: list[str] = []
@@ -74,11 +86,12 @@ def plan_slots(gpus: str, *, trials_per_gpu: int = 1, workers: int | None = None
         if workers is not None:
             raise SpecError("--workers: with GPUs the workers are one per GPU slot; "
                             "use --trials-per-gpu M for more per GPU, or --gpus none for CPU")
-        n = len(ids) * trials_per_gpu
+        per_gpu = 1 if trials_per_gpu == "auto" else int(trials_per_gpu)
+        n = len(ids) * per_gpu
         # CPU threads still matter on a GPU box (data indexing, the optimizer's Python).
         threads = max(1, cores // n)
         return [Slot(i, "cuda", gpu, threads)
-                for i, gpu in enumerate(g for g in ids for _ in range(trials_per_gpu))]
+                for i, gpu in enumerate(g for g in ids for _ in range(per_gpu))]
     k = workers or 1
     # K workers split the cores: two processes each using every core ran a 20-epoch MLP 33x
     # slower than one (266 s vs 8 s here), from oversubscription.
@@ -86,13 +99,14 @@ def plan_slots(gpus: str, *, trials_per_gpu: int = 1, workers: int | None = None
     return [Slot(i, "cpu", "", threads) for i in range(k)]
 
 
-def plan(gpus: str, *, trials_per_gpu: int = 1, workers: int | None = None,
+def plan(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None = None,
          worker_index: int | None = None, device: str | None = None,
          threads: int | None = None) -> list[Slot]:
     """The worker processes `run` starts; with one on a GPU, this process is pinned to it."""
     if worker_index is not None:  # started by a supervisor: already pinned
         return [Slot(worker_index, device or "auto", "", threads or 1)]
     slots = plan_slots(gpus, trials_per_gpu=trials_per_gpu, workers=workers)
-    if len(slots) == 1 and slots[0].device == "cuda":
+    if len(slots) == 1 and slots[0].device == "cuda" and trials_per_gpu != "auto":
+        # (auto: a supervisor runs even one GPU's workers, to add more as they fit)
         os.environ["CUDA_VISIBLE_DEVICES"] = slots[0].cuda_visible_devices
     return slots

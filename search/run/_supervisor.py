@@ -23,8 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 import trainers
+from search.run._gpu_fill import EXIT_GPU_FULL, YIELD_ENV, GpuFill, GpuProbe, SimulatedGpus
 from search.run._objective import TrialOutcome
-from search.run._slots import FAKE_GPUS_ENV, Slot
+from search.run._slots import FAKE_GPUS_ENV, Slot, usable_cores
 from search.spec import StudySpec
 from search.storage import (
     Counts,
@@ -37,6 +38,7 @@ from search.storage import (
 
 STOP_GRACE_S = 8.0  # Ctrl-C to SIGKILL: within the 10 s a user waits
 POLL_S = 1.0
+FILL_EVERY_S = 5.0  # --trials-per-gpu auto: how often the GPUs are read
 
 class Display(Protocol):
     """What `run` shows: see `search.views.RunDisplay`."""
@@ -59,15 +61,23 @@ class Display(Protocol):
                dashboard: str) -> None: ...
 
 def worker_command(slot: Slot, name: str, url: str, *, timeout_s: float | None,
-                   base_env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of the worker process for `slot`."""
+                   base_env: Mapping[str, str] | None = None,
+                   yield_gpu: bool = False) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the worker process for `slot`; `yield_gpu`: a trial that runs
+    out of memory on its shared GPU is queued again and the worker exits (`EXIT_GPU_FULL`)."""
     env = dict(os.environ if base_env is None else base_env)
     env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
     env["OMP_NUM_THREADS"] = str(slot.threads)
     env["MKL_NUM_THREADS"] = str(slot.threads)
     env.pop(FAKE_GPUS_ENV, None)
+    env.pop(YIELD_ENV, None)
+    if yield_gpu:
+        env[YIELD_ENV] = "1"
+    device = slot.device
+    if device == "cuda" and SimulatedGpus.from_env(env) is not None:
+        device = "cpu"  # a simulated GPU's workers train on the CPU
     argv = [sys.executable, "-m", "search.cli", "worker", name, "--storage", url,
-            "--device", slot.device, "--threads", str(slot.threads), "--quiet",
+            "--device", device, "--threads", str(slot.threads), "--quiet",
             "--worker-index", str(slot.index)]
     if timeout_s:
         argv += ["--timeout", str(timeout_s)]
@@ -83,9 +93,16 @@ def _die_with_parent() -> None:
         pass
 
 def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot], *,
-              display: Display, timeout_s: float | None) -> int:
-    """Start the workers, show progress until they stop, return the exit code."""
+              display: Display, timeout_s: float | None,
+              fill: GpuFill | None = None, probe: GpuProbe | None = None) -> int:
+    """Start the workers, show progress until they stop, return the exit code.
+
+    With `fill` (`--trials-per-gpu auto`), workers are added to a GPU while they fit, read
+    through `probe`, and a GPU that ran out of memory is held one worker lower.
+    """
     procs: list[subprocess.Popen[bytes]] = []
+    slots = list(slots)
+    started = len(slots)  # the initial workers; `fill` appends to `slots` and `procs`
     interrupted = False
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -95,8 +112,11 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for slot in slots:
-            argv, env = worker_command(slot, spec.name, url, timeout_s=timeout_s)
+            argv, env = worker_command(slot, spec.name, url, timeout_s=timeout_s,
+                                       yield_gpu=fill is not None)
             procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+            if fill is not None:
+                fill.started(slot.cuda_visible_devices, time.monotonic())
         display.console.print(
             f"started {len(procs)} worker processes ("
             + ", ".join(f"#{s.index} {s.device}"
@@ -110,8 +130,12 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
             with_retry(lambda: display.poll(study, count_trials(study)),
                        what="showing progress")
 
+        filled = _Filler(study, spec, url, slots, procs, fill, probe, display,
+                         timeout_s=timeout_s) if fill is not None else None
         while not interrupted and any(p.poll() is None for p in procs):
             show()
+            if filled is not None:
+                with_retry(filled.step, what="adding workers to the GPUs")
             time.sleep(POLL_S)
         if interrupted:
             display.console.print("interrupted: stopping the workers")
@@ -131,9 +155,17 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
     # The exit code says whether the budget was met; a worker that failed is reported, and
     # decides the code only when the study fell short.
     failed = [(slot.index, p.returncode) for slot, p in zip(slots, procs, strict=True)
-              if p.returncode != 0]
+              if p.returncode not in (0, EXIT_GPU_FULL)]
+    if fill is not None and len(slots) > started:
+        display.console.print(f"workers per GPU at the end: {fill.describe()}")
     for index, code in failed:
         display.console.print(f"worker #{index} exited with code {code} (its messages are above)")
+    return exit_code(study, spec, display)
+
+
+def exit_code(study: optuna.Study, spec: StudySpec, display: Display) -> int:
+    """Once the workers have stopped (local or on a cluster): 0 when the budget was met or
+    `hpsearch stop` asked for it, else 1 (their failures were shown)."""
     finished = with_retry(lambda: count_trials(study).finished >= budget_of(study, spec),
                           what="counting the trials")
     stopped = with_retry(lambda: stop_requested(study), what="reading the study")
@@ -141,6 +173,7 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
         display.console.print("stopped by `hpsearch stop`: the interrupted trials resume from "
                               "their checkpoints when the study runs again")
     return 0 if finished or stopped else 1
+
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
@@ -165,3 +198,68 @@ def _mark_interrupted(study: optuna.Study, pids: set[int]) -> None:
                                                states=(TrialState.RUNNING, TrialState.FAIL))
             if t.user_attrs.get("host") == host and t.user_attrs.get("pid") in pids}
     requeue_interrupted(study, ours)
+
+
+class _Filler:
+    """`--trials-per-gpu auto` inside the supervisor's loop: workers that left after an
+    out-of-memory lower their GPU; a GPU with room and work waiting gets one more."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
+                 procs: list[subprocess.Popen[bytes]], fill: GpuFill, probe: GpuProbe | None,
+                 display: Display, *, timeout_s: float | None) -> None:
+        self.study, self.spec, self.url = study, spec, url
+        self.slots, self.procs, self.fill, self.probe = slots, procs, fill, probe
+        self.display = display
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.seen_exit: set[int] = set()
+        self.last = 0.0
+        self.cores = usable_cores()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        for i, (slot, p) in enumerate(zip(self.slots, self.procs, strict=True)):
+            if i in self.seen_exit or p.poll() is None:
+                continue
+            self.seen_exit.add(i)
+            gpu, oom = slot.cuda_visible_devices, p.returncode == EXIT_GPU_FULL
+            self.fill.left(gpu, now, out_of_memory=oom)
+            if oom:
+                self.display.console.print(
+                    f"worker #{slot.index} ran out of memory on GPU {gpu}, shared with others: "
+                    f"its trial is queued again unchanged, and GPU {gpu} keeps at most "
+                    f"{self.fill.state[gpu].cap} worker(s) from now")
+                if self.fill.state[gpu].workers == 0 and not self._budget_met():
+                    # The last one on its GPU: it comes back, and an out-of-memory alone is
+                    # the trial's own (recorded as a failure, as without auto).
+                    self._start(gpu, yield_gpu=False)
+        if now - self.last < min(FILL_EVERY_S, self.fill.settle_s) or self.probe is None:
+            return
+        self.last = now
+        counts = count_trials(self.study)
+        live = sum(p.poll() is None for p in self.procs)
+        # Another worker only helps when every live one is busy and trials remain to start.
+        if counts.finished + counts.running >= budget_of(self.study, self.spec) or \
+                counts.running < live:
+            return
+        readings = self.probe.read(self.fill.workers())
+        for gpu in self.fill.grow(readings, now):
+            r = readings[gpu]
+            index = self._start(gpu, yield_gpu=True)
+            busy = f", {r.utilization:.0f}% busy" if r.utilization is not None else ""
+            self.display.console.print(
+                f"GPU {gpu}: {r.memory_used_mb:.0f}/{r.memory_total_mb:.0f} MB used{busy}: "
+                f"started worker #{index} there ({self.fill.state[gpu].workers} on it now)")
+
+    def _budget_met(self) -> bool:
+        return count_trials(self.study).finished >= budget_of(self.study, self.spec)
+
+    def _start(self, gpu: str, *, yield_gpu: bool) -> int:
+        live = sum(p.poll() is None for p in self.procs)
+        slot = Slot(len(self.slots), "cuda", gpu, max(1, self.cores // (live + 1)))
+        left = max(1.0, self.deadline - time.monotonic()) if self.deadline else None
+        argv, env = worker_command(slot, self.spec.name, self.url, timeout_s=left,
+                                   yield_gpu=yield_gpu)
+        self.procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
+        self.slots.append(slot)
+        self.fill.started(gpu, time.monotonic())
+        return slot.index

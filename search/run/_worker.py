@@ -21,7 +21,7 @@ import optuna
 
 from search._errors import SearchError
 from search.run._artifacts import ArtifactRecorder, write_study_note
-from search.run._objective import Objective, StopRequested
+from search.run._objective import GpuFull, Objective, StopRequested
 from search.run._user_trainer import UserObjective
 from search.spec import real_value_attrs
 from search.storage import (
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 POLL_S = 1.0
 BUDGET_REFRESH_S = 30.0
+GPU_FULL = "gpu full"  # WorkerSummary.stopped: a shared-GPU out-of-memory, the trial queued again
 
 class WorkerError(SearchError):
     """The worker gave up (for instance after too many failed trials in a row)."""
@@ -172,6 +173,11 @@ def run_worker(
                                    what="queueing the interrupted trial again")
                     finally:
                         lock.release()
+                if isinstance(interrupt, GpuFull):
+                    print(f"trial #{objective.current}: {interrupt}", file=sys.stderr,
+                          flush=True)
+                    summary.stopped = GPU_FULL
+                    break
                 if not isinstance(interrupt, StopRequested):
                     raise
                 summary.stopped = "stop requested"

@@ -190,6 +190,14 @@ class RunSpec(SpecModel):
     grace_period: StrictInt = Field(30, gt=0)  # seconds without one before a trial is failed
     max_failures_in_row: StrictInt = Field(5, gt=0)  # a worker stops after this many
 
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        # A folder (shared, for many machines), or a bucket a retry on any node reaches.
+        if value is not None and "://" in value and not re.fullmatch(r"s3://[^/]+(/.*)?", value):
+            raise spec_error(f"expected a folder or s3://bucket/prefix, got {show(value)}")
+        return value
+
     @model_validator(mode="after")
     def _grace(self) -> RunSpec:
         if self.grace_period <= self.heartbeat_interval:

@@ -96,6 +96,29 @@ def test_ctrl_c_loses_no_work_the_next_run_resumes_the_trials(tmp_path, study_na
     resumed_to_the_budget(tmp_path, path, url, study_name, trials=2)
 
 
+def test_sigterm_to_a_single_in_process_worker_queues_its_trial_like_ctrl_c(tmp_path,
+                                                                          study_name):
+    """One worker runs inside `run` (a container's PID 1, a pod's only process): SIGTERM, as
+    Kubernetes or Docker send on stop, interrupts it as Ctrl-C does instead of being ignored."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=1, epochs=30))
+    run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: running_with_an_epoch(url, study_name, 1), timeout=90,
+                 what="the trial an epoch in")
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out
+    study = optuna.load_study(study_name=study_name, storage=url)
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["ended"] == "interrupted"
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1  # queued to resume
+
+
 def test_delete_removes_the_study_its_artifacts_checkpoints_and_lock(tmp_path, study_name,
                                                                     monkeypatch):
     url = f"sqlite:///{tmp_path / 's.db'}"

@@ -221,6 +221,7 @@ def test_two_kills_in_a_row_still_resume_and_meet_the_budget(tmp_path, study_nam
     assert final.user_attrs["resumed_from_epoch"] >= 4
     assert len(study.get_trials(states=(TrialState.FAIL,))) == 2
 
+@pytest.mark.serial  # timed: alone, not beside the parallel tests
 def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
     path = write_spec(tmp_path, slow(study_name, tmp_path, trials=6, epochs=20))

@@ -163,3 +163,21 @@ def test_denormals_are_flushed_on_cpu_unless_turned_off():
     train({"dataset": "synthetic", "hidden": [8], "epochs": 1, "device": "cpu",
            "flush_denormal": False})
     assert tiny() > 0.0
+
+
+def test_a_checkpoint_from_a_fused_gpu_optimizer_resumes_with_the_cpus_update():
+    """A CUDA run steps with the fused update; its checkpoint says so, and a resume on a CPU
+    keeps the CPU's own implementation (the saved flag would ask for a fused CPU step)."""
+    from trainers._optimizers import keep_implementation
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0]["fused"] = True  # as written by a CUDA run
+    fresh = torch.optim.Adam(model.parameters(), lr=0.1)
+    keep_implementation(fresh, state)
+    assert not fresh.param_groups[0]["fused"]
+    assert fresh.state_dict()["state"][0]["step"] == 1  # the state itself is loaded
+    fresh.step()  # and the CPU step runs

@@ -93,6 +93,7 @@ def test_adam_range_sits_below_sgd():
     assert adam.optimizer == "adam" and adam.batch_size == 64
 
 
+@pytest.mark.serial  # timed: alone, not beside the parallel tests
 @pytest.mark.slow
 def test_fashion_mnist_suggestion_brackets_the_hand_tuned_lr():
     """The seed MLP with SGD+Nesterov: one-cycle to 0.1 is the known good setting (LORE.md)."""

@@ -1,0 +1,371 @@
+"""`run`/`worker --ray [ADDRESS]`: a study's workers as Ray actors on a Ray cluster.
+
+Ray only places the workers; they meet in the study's SQL storage as local workers do. Each
+actor runs the very command a local supervisor starts (`hpsearch worker NAME --worker-index i`)
+as its child process, rather than the study in its own process: the child inherits the
+`CUDA_VISIBLE_DEVICES` Ray gave the actor before torch loads, keeps the local workers' SIGINT
+handling (the trial is checkpointed and queued again) and their exit codes, and the actor
+itself stays a small process that never imports torch. The child dies with its actor
+(PDEATHSIG SIGKILL), as it would with a lost node: its trial goes stale and the heartbeat path
+retries it, resuming from its last checkpoint (`run.checkpoint_dir` on a shared folder or
+`s3://`). Ray restarts an actor whose node died on another node (`max_restarts`) and runs its
+worker again there.
+
+Light to import: bad input is refused before Ray, Optuna or torch load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from search._errors import SearchError, SpecError
+from search.run._engines import import_engine, shared_storage
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.run._supervisor import Display
+    from search.spec import StudySpec
+    from search.storage import Counts
+
+LOCAL = "local"  # `--ray` without an address: a Ray instance started here for this run
+DEFAULT_PORTS = {"ray://": 10001, "": 6379}  # Ray Client's port, the GCS port
+CONNECT_TIMEOUT_S = 5.0
+MAX_RESTARTS = 4  # an actor restarted on another node after its node died, this many times
+PLACEMENT_WARNING_S = 60.0  # a worker not placed by then: the cluster is full, said once
+FINISH_GRACE_S = 60.0  # budget met: how long a worker still starting (restarted) may take
+STOP_GRACE_S = 8.0  # Ctrl-C to killing the actors: as the local supervisor waits
+POLL_S = 1.0
+# The driver's settings the workers need on other nodes (artifact store, S3 endpoint and keys).
+FORWARDED_ENV = ("HPSEARCH_", "AWS_")
+NODE_ENV, GPU_ENV = "HPSEARCH_RAY_NODE", "HPSEARCH_RAY_GPU"  # recorded per trial
+
+
+@dataclass(frozen=True)
+class RayRequest:
+    """What `--ray` was asked for: where the cluster is and how many workers of which kind."""
+
+    address: str  # "local", "auto", "ray://host:10001" or a GCS "host:6379"
+    gpus: str = "auto"  # auto | none
+    trials_per_gpu: int = 1
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class RaySlot:
+    """One worker actor: its index and the resources it asks Ray for."""
+
+    index: int
+    device: str  # "cuda" or "cpu"
+    num_cpus: float
+    num_gpus: float
+
+
+def ray_request(address: str, *, gpus: str, trials_per_gpu: int, workers: int | None,
+                storage: str | None) -> RayRequest:
+    """`--ray`'s settings, refused (SpecError, exit 2) where they cannot work on a cluster;
+    SearchError (exit 1) when no cluster answers at the address."""
+    if gpus not in ("auto", "none"):
+        raise SpecError(f"--gpus {gpus}: GPU ids mean nothing with --ray (each node numbers "
+                        "its own GPUs, and Ray assigns them); use --gpus auto (one worker per "
+                        "free GPU slot in the cluster) or --gpus none")
+    shared_storage(storage, "--ray")
+    import_engine("ray", "--ray")
+    probe(address)  # now, before torch and Optuna load for the study
+    return RayRequest(address, gpus, trials_per_gpu, workers)
+
+
+def plan_ray_slots(node_cpus: list[float], *, free_cpus: float, free_gpus: float,
+                   request: RayRequest) -> list[RaySlot]:
+    """The worker actors for the cluster's free resources.
+
+    GPUs (unless `--gpus none`): one actor per free GPU slot, `num_gpus = 1/trials_per_gpu`
+    (no CPU reserved: the GPU is what is scarce). Else CPU workers that split the cores: each
+    asks for `t` CPUs, the largest `t` that fits `--workers K` of them on the nodes; without K,
+    `t` is the smallest node's CPU count (one worker per node on a cluster of equal nodes).
+    `--workers K` caps the number either way.
+    """
+    cap = request.workers
+    if request.gpus == "auto" and free_gpus >= 1:
+        n = int(free_gpus) * request.trials_per_gpu
+        n = min(n, cap) if cap else n
+        return [RaySlot(i, "cuda", 0, 1 / request.trials_per_gpu) for i in range(n)]
+    cpus = [int(c) for c in node_cpus if c >= 1]
+    if not cpus or free_cpus < 1:
+        raise SearchError(f"the Ray cluster has no free CPU for a worker (free: "
+                          f"{_free_text({'CPU': free_cpus, 'GPU': free_gpus})})")
+    if cap is None:
+        per_worker = min(cpus)
+    else:
+        per_worker = max([t for t in range(1, max(cpus) + 1)
+                          if sum(c // t for c in cpus) >= cap] or [1])
+    n = min(sum(c // per_worker for c in cpus), int(free_cpus // per_worker))
+    n = min(n, cap) if cap else n
+    if n < 1:
+        per_worker, n = int(free_cpus), 1  # what is free fits one worker
+    return [RaySlot(i, "cpu", per_worker, 0) for i in range(n)]
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) to probe for a cluster address; None for "auto" and "local"."""
+    if address in (LOCAL, "auto"):
+        return None
+    scheme = "ray://" if address.startswith("ray://") else ""
+    rest = address[len(scheme):].split("/", 1)[0]
+    host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host:
+        raise SpecError(f"--ray: expected auto, ray://host:10001 or host:6379, got {address!r}")
+    try:
+        return host.strip("[]"), int(port) if port else DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise SpecError(f"--ray: expected a port number in {address!r}") from None
+
+
+def probe(address: str) -> None:
+    """SearchError (exit 1) when nothing listens at a cluster address: Ray itself retries an
+    unreachable one for minutes."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise SearchError(f"--ray {address}: no Ray cluster reachable there "
+                          f"({e.strerror or e}); start one with `ray start --head` or give "
+                          "its address (auto, ray://host:10001, host:6379)") from None
+
+
+def connect(request: RayRequest) -> None:
+    """Join the Ray cluster at `request.address` (start one here for "local"); SearchError
+    (exit 1) when none answers there."""
+    import logging
+
+    ray = import_engine("ray", "--ray")
+    probe(request.address)
+    options: dict[str, Any] = {"logging_level": logging.WARNING}
+    if request.address == LOCAL:
+        options["include_dashboard"] = False
+    else:
+        options["address"] = request.address
+    try:
+        ray.init(**options)
+    except Exception as e:  # ConnectionError, a version mismatch (RuntimeError), …
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SearchError(f"--ray {request.address}: cannot join the Ray cluster: "
+                          f"{first}") from None
+
+
+def _die_with_actor() -> None:
+    """Runs in the worker before exec: killed with its actor, as on a lost node (Linux)."""
+    # Ray's worker threads ignore and block SIGINT, and both survive exec: Python would
+    # install no KeyboardInterrupt handler, and the worker would never see our Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class RayWorker:
+    """The actor of one worker slot: runs `hpsearch worker NAME` on its node."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def placement(self, device: str, trials_per_gpu: int) -> dict[str, Any]:
+        """Where Ray put this actor: node, GPU (its CUDA_VISIBLE_DEVICES) and CPU threads."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device == "cuda" else ""
+        if device == "cuda":  # the node's cores split between its GPU slots, as locally
+            mine = next(n for n in ray.nodes() if n["NodeID"] == node)["Resources"]
+            slots = max(1, int(mine.get("GPU", 1)) * trials_per_gpu)
+            threads = max(1, int(mine.get("CPU", 1)) // slots)
+        else:
+            assigned = ray.get_runtime_context().get_assigned_resources()
+            threads = max(1, int(assigned.get("CPU", 1)))
+        return {"node": node, "ip": ray.util.get_node_ip_address(), "gpu": gpu,
+                "threads": threads, "host": socket.gethostname()}
+
+    def run(self, index: int, name: str, url: str, *, device: str, trials_per_gpu: int,
+            timeout_s: float | None, cwd: str) -> int:
+        """Run the worker until the study's budget is met; its exit code."""
+        where = self.placement(device, trials_per_gpu)
+        threads = str(where["threads"])
+        argv = [sys.executable, "-m", "search.cli", "worker", name, "--storage", url,
+                "--device", device, "--threads", threads, "--quiet",
+                "--worker-index", str(index)]
+        if timeout_s:
+            argv += ["--timeout", str(timeout_s)]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": where["gpu"], "OMP_NUM_THREADS": threads,
+               "MKL_NUM_THREADS": threads, NODE_ENV: where["node"]}
+        if where["gpu"]:
+            env[GPU_ENV] = where["gpu"]
+        # The driver's folder where this node shares it (relative checkpoint and artifact
+        # folders then mean the same), else Ray's working folder.
+        self.child = subprocess.Popen(argv, env=env, cwd=cwd if os.path.isdir(cwd) else None,
+                                      preexec_fn=_die_with_actor)
+        return self.child.wait()
+
+    def interrupt(self) -> tuple[str, int | None]:
+        """Ctrl-C for the worker: it checkpoints its trial and queues it again. Its host and
+        pid, to find the trials it leaves."""
+        child = self.child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT)
+        return socket.gethostname(), None if child is None else child.pid
+
+
+def forwarded_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The driver's variables its workers need on other nodes."""
+    env = dict(os.environ if env is None else env)
+    return {k: v for k, v in env.items() if k.startswith(FORWARDED_ENV)}
+
+
+def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRequest, *,
+                  display: Display, timeout_s: float | None) -> int:
+    """Start the worker actors, show progress until they stop, return the exit code (as
+    `supervise` does for local workers)."""
+    import ray
+
+    from search.run._supervisor import exit_code
+    from search.storage import budget_of, with_retry
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    free = ray.available_resources()
+    slots = plan_ray_slots([n["Resources"].get("CPU", 0) for n in nodes],
+                           free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
+                           request=request)
+    actor_class = ray.remote(RayWorker)
+    env = forwarded_env()
+    actors = [actor_class.options(
+        num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=MAX_RESTARTS,
+        max_task_retries=-1, max_concurrency=2,  # `interrupt` while `run` waits
+        runtime_env={"env_vars": env} if env else None,
+    ).remote() for s in slots]
+    runs = {actor.run.remote(s.index, spec.name, url, device=s.device,
+                             trials_per_gpu=request.trials_per_gpu, timeout_s=timeout_s,
+                             cwd=os.getcwd()): s for s, actor in zip(slots, actors, strict=True)}
+    placed = {actor.placement.remote(s.device, request.trials_per_gpu): s
+              for s, actor in zip(slots, actors, strict=True)}
+    kind = (f"{len(slots)} GPU slot(s) of {slots[0].num_gpus:g} GPU" if slots[0].device == "cuda"
+            else f"{len(slots)} CPU worker(s) of {slots[0].num_cpus:g} CPU")
+    display.console.print(f"starting {kind} as Ray actors on {len(nodes)} node(s)")
+    interrupted = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    codes: dict[int, int | str] = {}
+    try:
+        met_since: float | None = None
+        submitted, warned = time.monotonic(), False
+        pending = list(runs)
+        while pending and not interrupted:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            for ref in done:
+                codes[runs[ref].index] = _code(ray, ref)
+            landed = ray.wait(list(placed), num_returns=len(placed), timeout=0)[0] if placed else []
+            for ref in landed:
+                s, where = placed.pop(ref), _value(ray, ref)
+                if where is not None:
+                    display.console.print(
+                        f"Ray worker #{s.index} on node {where['node'][:8]} ({where['ip']})"
+                        + (f" GPU {where['gpu']}" if where["gpu"] else "")
+                        + f", {where['threads']} thread{'s' * (where['threads'] > 1)}")
+            if placed and not warned and time.monotonic() - submitted > PLACEMENT_WARNING_S:
+                warned = True  # Ray queues an actor it cannot place yet: say so, once
+                display.console.print(
+                    "waiting for Ray to place worker(s) "
+                    + ", ".join(f"#{s.index}" for s in placed.values())
+                    + f" (free now: {_free_text(ray.available_resources())})")
+            counts = show(study, display)
+            budget = with_retry(lambda: budget_of(study, spec), what="reading the budget")
+            if pending and counts.finished >= budget:
+                # A worker restarted on another node late may still be starting: it would
+                # only find the budget met, so it is not waited for long.
+                met_since = met_since or time.monotonic()
+                if time.monotonic() - met_since > FINISH_GRACE_S:
+                    break
+            time.sleep(POLL_S)
+        if interrupted:
+            display.console.print("interrupted: stopping the Ray workers")
+            _stop(ray, study, actors, [r for r in runs if runs[r].index not in codes])
+        show(study, display)  # what ended since the last look
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for actor in actors:  # never leave one behind, whatever happened above
+            ray.kill(actor)
+        ray.shutdown()  # a cluster started here for this run stops with it
+    if interrupted:
+        return 130
+    for index, code in sorted(codes.items()):
+        if code != 0:
+            display.console.print(f"Ray worker #{index} ended with {code} (its messages are "
+                                  "above)")
+    return exit_code(study, spec, display)
+
+
+def show(study: optuna.Study, display: Display) -> Counts:
+    """The study's progress, as the workers wrote it; its counts. A storage restarting under a
+    running study is waited for, as the workers do."""
+    from search.storage import count_trials, with_retry
+
+    counts = with_retry(lambda: count_trials(study), what="showing progress")
+    with_retry(lambda: display.poll(study, counts), what="showing progress")
+    return counts
+
+
+def _free_text(free: dict[str, float]) -> str:
+    return f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU"
+
+
+def _code(ray: Any, ref: Any) -> int | str:
+    """A finished `run`'s exit code, or why its actor is gone."""
+    try:
+        return int(ray.get(ref))
+    except Exception as e:  # RayActorError: its node died more often than it was restarted
+        return f"a lost actor: {(str(e).splitlines() or [type(e).__name__])[0]}"
+
+
+def _value(ray: Any, ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except Exception:  # noqa: BLE001 - the actor died before it said; `run` reports it
+        return None
+
+
+def _stop(ray: Any, study: optuna.Study, actors: list[Any], running: list[Any]) -> None:
+    """Ctrl-C every worker, wait for them as the local supervisor does, then queue again the
+    trials they left (theirs only: other workers may run trials of this study)."""
+    from optuna.trial import TrialState
+
+    from search.storage import requeue_interrupted, with_retry
+
+    asked = [actor.interrupt.remote() for actor in actors]
+    ray.wait(running, num_returns=len(running), timeout=STOP_GRACE_S)
+    ready = ray.wait(asked, num_returns=len(asked), timeout=1.0)[0]
+    ours = {tuple(w) for w in (_value(ray, r) for r in ready) if w is not None}
+    for actor in actors:
+        ray.kill(actor)
+
+    def requeue() -> None:
+        left = {t.number for t in study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
+            if (t.user_attrs.get("host"), t.user_attrs.get("pid")) in ours}
+        requeue_interrupted(study, left)
+
+    with_retry(requeue, what="marking the interrupted trials")
