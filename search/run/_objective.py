@@ -52,6 +52,11 @@ class GpuFull(KeyboardInterrupt):
 RAY_ATTRS = {"ray_node": "HPSEARCH_RAY_NODE", "ray_gpu": "HPSEARCH_RAY_GPU"}
 
 
+def placement_attrs() -> dict[str, str]:
+    """Where a cluster engine placed this worker (Ray's node and GPU), for every trial."""
+    return {attr: os.environ[env] for attr, env in RAY_ATTRS.items() if os.environ.get(env)}
+
+
 class StopRequested(KeyboardInterrupt):
     """`hpsearch stop` asked the worker to stop: its trial ends at an epoch boundary, after
     its checkpoint, as an interrupted trial does (and is queued again to resume)."""
@@ -130,8 +135,7 @@ class Objective:
         self.metrics = spec.objective.metric_names
         self.host = socket.gethostname()
         # A worker placed by Ray: its node and the GPU Ray gave it (hosts may share a name).
-        self.placed = {attr: os.environ[env] for attr, env in RAY_ATTRS.items()
-                       if os.environ.get(env)}
+        self.placed = placement_attrs()
         self.last: TrialOutcome | None = None
         self._to_clear: list[Path | None] = []
 

@@ -38,6 +38,7 @@ from search.run._objective import (
     StopRequested,
     TakenOver,
     TrialOutcome,
+    placement_attrs,
     report_or_taken_over,
 )
 from search.spec import check_trainer, suggest
@@ -221,7 +222,7 @@ class UserObjective(Objective):
                          if self.trainer.function else None)
 
     def creation_attrs(self) -> dict[str, Any]:
-        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid()}
+        attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid(), **placement_attrs()}
         try:
             attrs["device"] = self._device()
         except Exception:  # noqa: BLE001 - the trial reports it
