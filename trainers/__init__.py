@@ -36,6 +36,7 @@ from trainers._loop import (
 from trainers._lr_find import LRFindResult, lr_range_test
 from trainers._models import MODELS
 from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
+from trainers._packed import Pack, pack_key, pack_refusal
 from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, load_plugin
 from trainers._plugins import installed as installed_plugins
 from trainers._registry import closest
@@ -63,6 +64,7 @@ __all__ = [
     "LRFindResult",
     "ModelConfig",
     "OptimizerConfig",
+    "Pack",
     "Schedule",
     "ScheduleConfig",
     "StopTraining",
@@ -81,6 +83,8 @@ __all__ = [
     "load_data",
     "load_plugin",
     "lr_range_test",
+    "pack_key",
+    "pack_refusal",
     "plugin_sections",
     "prepare_model",
     "resolve_device",

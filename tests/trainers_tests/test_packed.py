@@ -1,0 +1,267 @@
+"""Packed trials: every member trains as it would alone, to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainers import (
+    INITS,
+    LR_SCHEDULES,
+    CheckpointStore,
+    ConfigError,
+    Pack,
+    StopTraining,
+    config_from_dict,
+    pack_key,
+    pack_refusal,
+    train,
+)
+from trainers._packed_optim import KINDS, Hypers, member_update
+
+# 512 examples: 409 to train on (a short last batch for every batch size), 103 to validate.
+BASE = {"dataset": "synthetic", "data.size": 512, "hidden": [32, 16], "epochs": 3,
+        "batch_size": 64, "lr": 0.02, "optimizer": "sgd", "device": "cpu"}
+PACKED_OPTIMIZERS = ("sgd", "nesterov", "adam", "amsgrad", "adamw")
+# Lower Adam lrs: a high one makes the trajectory chaotic, and float rounding then grows.
+ADAM_LR = 0.003
+
+
+def _cfg(**changes):
+    return config_from_dict({**BASE, **changes})
+
+
+def _same(packed, alone):
+    assert packed.status == alone.status, (packed.reason, alone.reason)
+    assert packed.epochs_run == alone.epochs_run
+    for p, a in zip(packed.history, alone.history, strict=True):
+        assert p.epoch == a.epoch
+        assert p.train_loss == pytest.approx(a.train_loss, rel=2e-4, abs=1e-5)
+        assert p.val_loss == pytest.approx(a.val_loss, rel=2e-4, abs=1e-5)
+        assert abs(p.val_accuracy - a.val_accuracy) <= 1.5 / 103  # an example may flip
+        assert p.lr == pytest.approx(a.lr, rel=1e-12)
+        assert p.momentum == pytest.approx(a.momentum, rel=1e-12)
+        assert p.group_lrs == pytest.approx(a.group_lrs, rel=1e-12)
+        assert p.grad_norms.keys() == a.grad_norms.keys()
+        assert list(p.grad_norms.values()) == pytest.approx(list(a.grad_norms.values()),
+                                                            rel=2e-3)
+        assert p.trained_parameters == a.trained_parameters
+
+
+def _run(pack):
+    """Train a pack to the end; {member id: outcome}."""
+    out = {}
+    while len(pack):
+        out.update(dict(pack.run_until_free()))
+    return out
+
+
+def _packed(configs, capacity=None, on_epoch=None, spread=32):
+    # spread 32: one band from 32 to 1024, so batch sizes share micro-batches and accumulate.
+    pack = Pack(capacity or len(configs), spread=spread)
+    ids = [pack.add(c, on_epoch=on_epoch) for c in configs]
+    out = _run(pack)
+    return [out[i] for i in ids]
+
+
+def _check_alone(configs, **kwargs):
+    for packed, config in zip(_packed(configs, **kwargs), configs, strict=True):
+        _same(packed, train(config))
+
+
+@pytest.mark.parametrize("optimizer", PACKED_OPTIMIZERS)
+def test_each_optimizer_trains_as_alone(optimizer):
+    lr = ADAM_LR if "am" in optimizer else 0.02
+    _check_alone([_cfg(optimizer=optimizer, lr=lr, weight_decay=5e-2, scheduler="cosine"),
+                  _cfg(optimizer=optimizer, lr=lr / 2, batch_size=128, beta2=0.99,
+                       momentum=0.8, init="xavier_uniform", eps=1e-6)])
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES.names())
+def test_each_schedule_trains_as_alone(schedule):
+    _check_alone([_cfg(scheduler=schedule, warmup_epochs=1, epochs=4),
+                  _cfg(scheduler=schedule, optimizer="adam", lr=ADAM_LR, batch_size=32,
+                       epochs=3)])
+
+
+@pytest.mark.parametrize("init", INITS.names())
+def test_each_init_trains_as_alone(init):
+    _check_alone([_cfg(init=init, epochs=2), _cfg(init=init, epochs=2, seed=3, lr=0.05)])
+
+
+def test_a_mix_of_batch_sizes_trains_as_alone():
+    # 32 … 1024 in one pack (1024 is more than the 409 examples: one short batch an epoch).
+    configs = [_cfg(batch_size=2 ** p, optimizer=opt, lr=lr, epochs=2)
+               for p, (opt, lr) in zip(range(5, 11), [("sgd", 0.02), ("adamw", ADAM_LR),
+                                                      ("nesterov", 0.05), ("adam", ADAM_LR),
+                                                      ("sgd", 0.2), ("amsgrad", 0.01)],
+                                                 strict=True)]
+    _check_alone(configs)
+    _check_alone(configs, spread=1)  # one band per batch size
+    _check_alone(configs, spread=4)  # 32-128, 256-1024
+
+
+def test_members_of_other_layers_activations_and_clipping_train_as_alone():
+    _check_alone([_cfg(hidden=[24], activation="tanh", norm="layernorm", max_grad_norm=0.5,
+                       epochs=2),
+                  _cfg(hidden=[24], activation="tanh", norm="layernorm", optimizer="adamw",
+                       lr=ADAM_LR, epochs=2, **{"optimizer.decay_all": True}, weight_decay=0.1)])
+
+
+def test_members_reading_different_batches_train_as_alone():
+    # Six seeds: six data orders, past the wide first layer's limit (a batched matmul then).
+    _check_alone([_cfg(seed=s, epochs=2, batch_size=32 * (1 + s % 2)) for s in range(6)])
+
+
+def test_a_member_added_mid_run_trains_as_alone():
+    short, long_, late = _cfg(epochs=1), _cfg(epochs=3, optimizer="adam", lr=ADAM_LR), \
+        _cfg(epochs=2, batch_size=128, scheduler="onecycle")
+    pack = Pack(2)
+    ids = [pack.add(short), pack.add(long_)]
+    first = pack.run_until_free()
+    assert [i for i, _ in first] == [ids[0]] and len(pack) == 1
+    ids.append(pack.add(late))  # joins at epoch 0 while the other is at epoch 1
+    out = dict(first) | _run(pack)
+    for i, config in zip(ids, (short, long_, late), strict=True):
+        _same(out[i], train(config))
+
+
+def test_a_stopped_member_ends_alone_and_the_others_go_on():
+    def stop_second(m):
+        if m.epoch == 2:
+            raise StopTraining("pruned at epoch 2")
+
+    pack = Pack(2)
+    stopped = pack.add(_cfg(epochs=4), on_epoch=stop_second)
+    other = pack.add(_cfg(epochs=4, lr=0.05))
+    first = dict(pack.run_until_free())
+    assert list(first) == [stopped] and first[stopped].status == "stopped"
+    assert first[stopped].reason == "pruned at epoch 2"
+    _same(first[stopped], train(_cfg(epochs=4), stop_second))
+    _same(_run(pack)[other], train(_cfg(epochs=4, lr=0.05)))
+
+
+def test_another_exception_from_on_epoch_is_handed_back_for_that_member():
+    def fail(m):
+        raise KeyboardInterrupt("stop requested")
+
+    pack = Pack(2)
+    failing = pack.add(_cfg(epochs=2), on_epoch=fail)
+    pack.add(_cfg(epochs=2, lr=0.05))
+    first = dict(pack.run_until_free())
+    assert list(first) == [failing] and isinstance(first[failing], KeyboardInterrupt)
+    assert len(pack) == 1
+
+
+def test_a_diverging_member_ends_alone():
+    wild, calm = _cfg(lr=1e3, scheduler="constant"), _cfg()
+    pack = Pack(2)
+    ids = [pack.add(wild), pack.add(calm)]
+    out = _run(pack)
+    alone = train(wild)
+    assert out[ids[0]].status == alone.status == "diverged"
+    assert out[ids[0]].reason.split(" at ")[-1] == alone.reason.split(" at ")[-1]
+    _same(out[ids[0]], alone)
+    _same(out[ids[1]], train(calm))
+
+
+def test_resuming_a_packed_member_equals_an_uninterrupted_run(tmp_path):
+    config = _cfg(optimizer="adam", lr=ADAM_LR, scheduler="onecycle", epochs=4)
+    sgd = _cfg(optimizer="nesterov", scheduler="onecycle", epochs=4, momentum=0.9)
+    full = [train(config), train(sgd)]
+
+    def interrupt(m):
+        if m.epoch == 2:
+            raise StopTraining("interrupted")
+
+    stores = [CheckpointStore(tmp_path / "a"), CheckpointStore(tmp_path / "b")]
+    pack = Pack(2)
+    for c, store in zip((config, sgd), stores, strict=True):
+        pack.add(c, on_epoch=interrupt, checkpoint=store)
+    assert all(r.epochs_run == 2 for r in _run(pack).values())
+    # Resumed packed, and alone from a packed checkpoint: both as if never interrupted.
+    pack = Pack(1)
+    member = pack.add(config, checkpoint=stores[0])
+    resumed = _run(pack)[member]
+    assert resumed.resumed_from_epoch == 2
+    _same(resumed, full[0])
+    alone = train(sgd, None, stores[1])
+    assert alone.resumed_from_epoch == 2
+    _same(alone, full[1])
+
+
+def test_a_checkpoint_written_alone_resumes_packed(tmp_path):
+    config = _cfg(optimizer="amsgrad", lr=ADAM_LR, epochs=3, weight_decay=1e-3)
+    store = CheckpointStore(tmp_path / "ckpt")
+    train(config.replace(epochs=3), lambda m: _stop_at(m, 1), store)
+    pack = Pack(1)
+    member = pack.add(config, checkpoint=store)
+    _same(_run(pack)[member], train(config))
+
+
+def _stop_at(m, epoch):
+    if m.epoch == epoch:
+        raise StopTraining("interrupted")
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"norm": "batchnorm"}, "batchnorm"),
+    ({"dropout": 0.1}, "dropout"),
+    ({"optimizer": "rmsprop"}, "rmsprop"),
+    ({"model": "cnn"}, "cnn"),
+    ({"data.augment": ["flip"]}, "augment"),
+    ({"freeze": "backbone"}, "fine-tuning"),
+])
+def test_what_cannot_be_packed_is_refused_by_name(changes, says):
+    config = _cfg(**changes)
+    assert says in pack_refusal(config)
+    with pytest.raises(ConfigError, match=says):
+        Pack(2).add(config)
+
+
+def test_a_pack_takes_only_its_own_network_and_data():
+    pack = Pack(2)
+    pack.add(_cfg(batch_size=64))
+    assert pack_key(_cfg(lr=0.5, optimizer="adam", seed=4)) == pack_key(_cfg())
+    assert not pack.fits(_cfg(hidden=[16]))  # another network
+    assert not pack.fits(_cfg(**{"data.val_fraction": 0.3}))  # other data
+    assert pack.fits(_cfg(batch_size=96))  # a band of its own
+    pack.add(_cfg(batch_size=32))
+    assert not pack.fits(_cfg())  # full
+    with pytest.raises(ConfigError, match="cannot take"):
+        pack.add(_cfg())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_member_updates_match_torch_optim(kind):
+    torch.manual_seed(0)
+    name = {"sgd": "SGD", "nesterov": "SGD", "adam": "Adam", "adam_ams": "Adam",
+            "adamw": "AdamW", "adamw_ams": "AdamW"}[kind]
+    lrs, moms, b2s, epss, wds = [0.1, 0.01, 0.003], [0.9, 0.0, 0.5], [0.999, 0.9, 0.99], \
+        [1e-8, 1e-6, 1e-3], [0.0, 1e-2, 0.1]
+    shapes = [(5, 4), (5,)]
+    stacked = [torch.randn(3, *s) for s in shapes]
+    first, second, peak = ([torch.zeros_like(p) for p in stacked] for _ in range(3))
+    own = [[p[k].clone().requires_grad_() for p in stacked] for k in range(3)]
+    opts = []
+    for k in range(3):
+        if name == "SGD":
+            extra = {"momentum": moms[k], "nesterov": kind == "nesterov" and moms[k] > 0}
+        else:
+            extra = {"betas": (moms[k], b2s[k]), "eps": epss[k], "amsgrad": kind.endswith("_ams")}
+        opts.append(getattr(torch.optim, name)(own[k], lr=lrs[k], weight_decay=wds[k], **extra))
+    for step in range(1, 6):
+        grads = [torch.randn(3, *s) for s in shapes]
+        for k in range(3):
+            for p, g in zip(own[k], grads, strict=True):
+                p.grad = g[k].clone()
+            opts[k].step()
+            member_update(kind, [(wds[k], [0, 1])], [p[k] for p in stacked],
+                          [g[k] for g in grads], [t[k] for t in first],
+                          [t[k] for t in second], [t[k] for t in peak],
+                          Hypers(lr=lrs[k], momentum=moms[k], beta2=b2s[k], eps=epss[k],
+                                 step=step))
+    for k in range(3):
+        for p, q in zip(own[k], stacked, strict=True):
+            # Parameters of order 1 after five steps: a few float32 ulps apart at most.
+            torch.testing.assert_close(q[k], p.detach(), rtol=1e-5, atol=1e-5)
