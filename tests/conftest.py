@@ -17,9 +17,8 @@ os.environ.setdefault("HPSEARCH_ARTIFACTS", tempfile.mkdtemp(prefix="hpsearch-te
 
 
 # Files whose tests run alone, after the rest (scripts/test.sh runs the others in parallel):
-# they restart the database server or time heartbeats and grace periods to the second.
-SERIAL_FILES = {"test_drills.py", "test_heartbeat.py", "test_runaway.py", "test_ray.py",
-                "test_gpu_fill.py", "test_stop_and_delete.py"}
+# they restart the database server, or wait on a study's progress to the second.
+SERIAL_FILES = {"test_drills.py", "test_stop_and_delete.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -168,6 +169,42 @@ def test_each_gpu_worker_sees_the_gpu_ray_gave_it(cluster, tmp_path, postgres_ur
     assert sorted(t.user_attrs["ray_gpu"] for t in failed) == ["0", "1"]
     assert {t.user_attrs["ray_node"] for t in failed} == {cluster.gpu_node.node_id}
     assert all("CUDA is not available" in t.user_attrs["ended"] for t in failed)
+
+
+def test_ctrl_c_stops_the_ray_workers_and_queues_their_trials_again(cluster, tmp_path,
+                                                                    postgres_url, study_name):
+    """As with local workers: exit 130, every running trial interrupted and queued to resume."""
+    data = study_data(study_name, trials=4, epochs=30, size=20000, hidden=256, heartbeat=True,
+                      checkpoints=tmp_path / "ckpt")
+    proc = subprocess.Popen([HPSEARCH, "run", str(write(tmp_path, data)), "--ray",
+                             cluster.address, "--gpus", "none", "--workers", "2",
+                             "--storage", postgres_url], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        running: list = []
+        while len(running) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                study, _ = load(study_name, open_storage(postgres_url))
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+            running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                       if t.intermediate_values]
+        assert len(running) == 2, "two trials an epoch in"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, out
+    study, _ = load(study_name, open_storage(postgres_url))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running), out
+    assert all(t.user_attrs["ended"] == "interrupted" for t in failed)
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2  # queued to resume
+    assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
 def test_a_node_lost_mid_trial_is_resumed_on_another_from_the_bucket(
