@@ -22,7 +22,7 @@ any epoch finished. Ends with `name: value` lines.
     .venv/bin/python benchmarks/search_efficiency.py [--budget-s 600] [--arms ours,hand_loop,random]
 
 The optional arm `ours_cold` is ours without the file's enqueued config (what the search itself
-finds).
+finds). `--pack K|auto` runs the ours arms with packed trials (`hpsearch run --pack`).
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def cold_study(path: Path) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
-def run_ours(out: Path, budget_s: float, *, cold: bool) -> dict[str, Any]:
+def run_ours(out: Path, budget_s: float, *, cold: bool, pack: str | None = None
+             ) -> dict[str, Any]:
     """hpsearch as a user runs it; trial records read back from its storage."""
     import optuna
 
@@ -134,7 +135,8 @@ def run_ours(out: Path, budget_s: float, *, cold: bool) -> dict[str, Any]:
     url = f"sqlite:///{out / (arm + '.db')}"
     hpsearch = str(Path(sys.executable).with_name("hpsearch"))
     started = launch([hpsearch, "run", str(study_file), "--storage", url, "--timeout",
-                      str(budget_s), "--trials", "100000"], out / f"{arm}.log")
+                      str(budget_s), "--trials", "100000",
+                      *(["--pack", pack] if pack else [])], out / f"{arm}.log")
     searched = time.time() - started
     name = optuna.get_all_study_names(url)[0]
     study, spec = load(name, open_storage(url))
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", help="folder for the storages, logs and retrained models "
                                       "(default: a new temporary folder)")
+    parser.add_argument("--pack", metavar="K|auto",
+                        help="the ours arms with packed trials (`hpsearch run --pack`)")
     parser.add_argument("--loop", choices=("hand_loop", "random"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -234,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--arms: expected some of {', '.join(ARMS)}, got {', '.join(unknown)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="search-efficiency-")).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"search efficiency: {', '.join(arms)}; {args.budget_s:g} s each; files in {out}",
-          flush=True)
+    packed = f"; ours with --pack {args.pack}" if args.pack else ""
+    print(f"search efficiency: {', '.join(arms)}; {args.budget_s:g} s each{packed}; files in "
+          f"{out}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     for arm in arms:
         t0 = time.time()
         if arm in ("ours", "ours_cold"):
-            results[arm] = run_ours(out, args.budget_s, cold=arm == "ours_cold")
+            results[arm] = run_ours(out, args.budget_s, cold=arm == "ours_cold",
+                                    pack=args.pack)
         else:
             results[arm] = run_hand(arm, out, args.budget_s)
         r = results[arm]

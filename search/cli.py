@@ -70,6 +70,20 @@ def _per_gpu(text: str) -> int | str:
                                          ) from None
 
 
+def _pack(text: str) -> int | str:
+    limit = _package("spec").PACK_MAX
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= limit:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer from 1 to {limit}, "
+                                         f"got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -121,6 +135,10 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
                              "memory on a shared GPU queues the trial again and lowers it")
     parser.add_argument("--timeout", type=_positive_float,
                         help="stop starting trials after this many seconds")
+    parser.add_argument("--pack", type=_pack, metavar="K|auto",
+                        help="train up to K trials at once in each worker as one batched model "
+                             "(small MLPs; others run one at a time); auto: 32 for a model "
+                             "under 1M parameters, else off; overrides run.pack")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run the workers as Ray actors on a Ray cluster: auto, "
                              "ray://host:10001, host:6379, or none given (a local Ray started "
@@ -143,13 +161,13 @@ def _launch(args: argparse.Namespace, **extra: Any) -> tuple[Any, list[Any]]:
         request = run.ray_request(args.ray, gpus=args.gpus, trials_per_gpu=per_gpu,
                                   workers=args.workers, storage=args.storage)
         return run.Launch(storage=args.storage, timeout_s=args.timeout, ray=request,
-                          **extra), []
+                          pack=args.pack, **extra), []
     slots = run.plan(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
                      worker_index=args.worker_index, device=args.device, threads=args.threads)
     fill = args.trials_per_gpu == "auto" and any(s.device == "cuda" for s in slots)
     launch = run.Launch(storage=args.storage, timeout_s=args.timeout, device=args.device,
                         threads=args.threads, worker_index=args.worker_index, fill_gpus=fill,
-                        unless_stopped=args.unless_stopped, **extra)
+                        unless_stopped=args.unless_stopped, pack=args.pack, **extra)
     return launch, slots
 
 

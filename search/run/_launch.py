@@ -59,6 +59,7 @@ class Launch:
     fill_gpus: bool = False  # --trials-per-gpu auto on GPUs: add workers while they fit
     unless_stopped: bool = False  # a study paused by `hpsearch stop` is left paused (Slurm)
     ray: RayRequest | None = None  # --ray: the workers are Ray actors on a Ray cluster
+    pack: int | str | None = None  # --pack K|auto: trials trained at once per worker
 
 def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = None,
               name: str | None = None,
@@ -111,7 +112,8 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     with display(spec, budget) as shown:
         shown.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
         if launch.ray is not None:
-            code = supervise_ray(study, spec, url, launch.ray, display=shown, timeout_s=timeout)
+            code = supervise_ray(study, spec, url, launch.ray, display=shown, timeout_s=timeout,
+                                 pack=launch.pack)
             shown.finish(study, count_trials(study), hint, dashboard)
             return code
         if len(slots) > 1 or launch.fill_gpus:
@@ -119,7 +121,7 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
             fill = (GpuFill.for_probe([s.cuda_visible_devices for s in slots], probe)
                     if launch.fill_gpus else None)
             code = supervise(study, spec, url, slots, display=shown, timeout_s=timeout,
-                             fill=fill, probe=probe)
+                             fill=fill, probe=probe, pack=launch.pack)
             shown.finish(study, count_trials(study), hint, dashboard)
             return code
         device = launch.device or ("cuda" if slots[0].device == "cuda" else None)
@@ -131,7 +133,7 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
             summary = run_worker(
                 study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
                 on_trial=lambda s, t: shown.trial(s, t, count_trials(s)),
-                on_epoch=shown.epoch,
+                on_epoch=shown.epoch, pack=_pack(launch, spec),
             )
         except WorkerError as e:
             shown.console.print(f"[red]error:[/] {e}")
@@ -172,6 +174,11 @@ def _create(launch: Launch, spec: StudySpec, storage: Any) -> tuple[optuna.Study
         print(warm_start(study, spec, source, k=k, storage_label=label).describe(), flush=True)
     return study, spec
 
+def _pack(launch: Launch, spec: StudySpec) -> int | str | None:
+    """Trials per worker at once: `--pack` over the study file's `run.pack`."""
+    return launch.pack if launch.pack is not None else spec.run.pack
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -182,7 +189,8 @@ def _child_worker(study: optuna.Study, spec: StudySpec, launch: Launch,
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_worker(study, spec, device=launch.device, threads=launch.threads,
-                             timeout_s=timeout, lock=budget_lock(url, spec.name))
+                             timeout_s=timeout, lock=budget_lock(url, spec.name),
+                             pack=_pack(launch, spec))
         if summary.stopped == GPU_FULL:
             return EXIT_GPU_FULL  # its supervisor holds this GPU one worker lower
     except WorkerError as e:

@@ -14,9 +14,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 import torch
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from search.run._artifacts import ArtifactRecorder
     from search.spec import StudySpec
 
+T = TypeVar("T")
+
+
 class GpuFull(KeyboardInterrupt):
     """The trial ran out of memory on a GPU shared with other workers (`--trials-per-gpu
     auto`): it is queued again unchanged, as an interrupted trial is, and its worker leaves the
@@ -65,6 +68,12 @@ class StopRequested(KeyboardInterrupt):
 class TakenOver(Exception):  # noqa: N818 - a state of the trial, not a fault
     """The trial was finished by others while its worker was paused (failed as stale and
     retried): the worker drops it (`run_worker`)."""
+
+
+def say_dropped(number: int) -> None:
+    """The line a worker prints as it drops a trial that was taken over (`TakenOver`)."""
+    print(f"trial #{number}: failed as stale while this worker was paused, and retried by "
+          "another; its late result is dropped", file=sys.stderr, flush=True)
 
 
 def report_or_taken_over(trial: optuna.Trial, value: float, epoch: int) -> None:
@@ -99,6 +108,25 @@ class TrialOutcome:
     epochs_run: int
     seconds: float
     ended: str
+
+@dataclass
+class TrialStart:
+    """A trial between its two halves (`Objective.prepare`/`start` and `finish`): what the
+    alone path and the packed one (`search.run._packing`) share."""
+
+    trial: optuna.Trial
+    start_attrs: dict[str, Any]
+    started: float  # perf_counter at the start
+    params: dict[str, Any] = field(default_factory=dict)
+    report: Callable[[trainers.EpochMetrics], None] | None = None
+    config: trainers.TrainConfig | None = None
+    device: str = ""
+    retried_from: int | None = None
+    store: trainers.CheckpointStore | None = None
+
+    @property
+    def directory(self) -> Path | None:
+        return self.store.directory if self.store is not None else None
 
 class Objective:
     """Callable for `study.optimize`: trains one trial and returns its objective value(s)."""
@@ -158,10 +186,43 @@ class Objective:
         return self.checkpoint_root / self.spec.name / f"trial-{number}"
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        begun = self.prepare(trial)
+        result = self.guarded(begun, lambda: self.start(begun) or trainers.train(
+            begun.config, begun.report, begun.store))
+        values = self.finish(begun, result)
+        self.clear_later(begun.directory, begun.retried_from)
+        if values is None:
+            # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
+            # so it is pruned too; the budget counts it and the sampler learns from it.
+            raise optuna.TrialPruned(result.reason)
+        return values[0] if len(values) == 1 else values
 
-        start_attrs: dict[str, Any] = {}
+    def guarded(self, begun: TrialStart, run: Callable[[], T]) -> T:
+        """`run()` for trial `begun`: an error recorded as the trial's (`failed`), an
+        interruption marked (`interrupted`), both raised on; a trial taken over raised as it
+        is (nothing of it to record)."""
+        try:
+            return run()
+        except TakenOver:
+            raise  # not this worker's trial any more: nothing of it to record
+        except Exception as e:
+            self.failed(begun, e)
+            raise
+        except KeyboardInterrupt:
+            self.interrupted(begun)
+            raise
+        finally:
+            if begun.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    def prepare(self, trial: optuna.Trial) -> TrialStart:
+        """A trial's first half that cannot fail on the trainer's side: its params (the
+        sampler's suggestions) and its report callback (reports, the pruner, `hpsearch
+        stop`)."""
         self.current = trial.number
-        params = suggest(trial, self.spec, user_attrs=start_attrs)
+        self.last = None
+        begun = TrialStart(trial, {}, time.perf_counter())
+        begun.params = suggest(trial, self.spec, user_attrs=begun.start_attrs)
         single = len(self.metrics) == 1
 
         def report(m: trainers.EpochMetrics) -> None:
@@ -176,53 +237,55 @@ class Objective:
             if self.stop():  # after the epoch's checkpoint: its retry resumes from here
                 raise StopRequested(f"stopped at epoch {m.epoch} on request")
 
-        started = time.perf_counter()
-        self.last = None
-        device = ""
-        config = None
-        try:
-            config = train_config_for(self.spec, params)
-            overrides: dict[str, Any] = {}
-            if self.device:
-                overrides["device"] = self.device
-            if self.threads:
-                overrides["threads"] = self.threads
-            config = config.replace(**overrides) if overrides else config
-            start_attrs.update(host=self.host, pid=os.getpid(), device=config.device,
-                               **self.placed)
-            device = str(trainers.resolve_device(config.device))
-            start_attrs["device"] = device
-            retried_from = self.begin(trial, start_attrs)
-            store = self._checkpoint_store(trial.number, retried_from)
-            result = trainers.train(config, report, store)
-        except TakenOver:
-            raise  # not this worker's trial any more: nothing of it to record
-        except Exception as e:
-            reason = f"error: {type(e).__name__}: {e}"
-            if is_out_of_memory(e):  # the worker empties the cache (below) and goes on
-                batch = f" at batch_size {config.batch_size}" if config is not None else ""
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                reason = f"out of memory{batch} on {device or 'the device'}: {first}"
-                if oom_from_sharing(device):
-                    attrs = {"ended": INTERRUPTED, "oom_shared": reason,
-                             "seconds": round(time.perf_counter() - started, 3)}
-                    with_retry(lambda: set_user_attrs(trial, attrs), what="marking the trial")
-                    raise GpuFull(f"{reason}; the GPU is shared, so the trial is queued again "
-                                  "unchanged and this worker leaves the GPU") from e
-            self.record_failure(trial, reason, start_attrs, params, started)
-            raise
-        except KeyboardInterrupt:
-            # Ctrl-C, SIGTERM or `hpsearch stop`: the worker queues the trial again, and its
-            # retry resumes from the last epoch checkpoint. The mark is what says so: it waits
-            # out SQLite's write lock (every worker is interrupted at once).
-            attrs = {"ended": INTERRUPTED, "seconds": round(time.perf_counter() - started, 3)}
-            with_retry(lambda: set_user_attrs(trial, attrs), what="marking the interruption")
-            raise
-        finally:
-            if device.startswith("cuda"):
+        begun.report = report
+        return begun
 
-                torch.cuda.empty_cache()
+    def start(self, begun: TrialStart) -> None:
+        """The trial's config, its start attrs, and its checkpoint store (a retry's resumes
+        from the dead trial's checkpoints); a failure here is the trial's (`failed`)."""
+        config = train_config_for(self.spec, begun.params)
+        overrides: dict[str, Any] = {}
+        if self.device:
+            overrides["device"] = self.device
+        if self.threads:
+            overrides["threads"] = self.threads
+        begun.config = config = config.replace(**overrides) if overrides else config
+        begun.start_attrs.update(host=self.host, pid=os.getpid(), device=config.device,
+                                 **self.placed)
+        begun.device = str(trainers.resolve_device(config.device))
+        begun.start_attrs["device"] = begun.device
+        begun.retried_from = self.begin(begun.trial, begun.start_attrs)
+        begun.store = self._checkpoint_store(begun.trial.number, begun.retried_from)
 
+    def failed(self, begun: TrialStart, e: Exception) -> None:
+        """Record why trial `begun` raised `e` before it is told FAIL; GpuFull (the trial
+        marked to be queued again) for an out-of-memory on a GPU shared with other workers."""
+        trial, config, device = begun.trial, begun.config, begun.device
+        reason = f"error: {type(e).__name__}: {e}"
+        if is_out_of_memory(e):  # the worker empties the cache and goes on
+            batch = f" at batch_size {config.batch_size}" if config is not None else ""
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = f"out of memory{batch} on {device or 'the device'}: {first}"
+            if oom_from_sharing(device):
+                attrs = {"ended": INTERRUPTED, "oom_shared": reason,
+                         "seconds": round(time.perf_counter() - begun.started, 3)}
+                with_retry(lambda: set_user_attrs(trial, attrs), what="marking the trial")
+                raise GpuFull(f"{reason}; the GPU is shared, so the trial is queued again "
+                              "unchanged and this worker leaves the GPU") from e
+        self.record_failure(trial, reason, begun.start_attrs, begun.params, begun.started)
+
+    @staticmethod
+    def interrupted(begun: TrialStart) -> None:
+        """Ctrl-C, SIGTERM or `hpsearch stop`: the worker queues the trial again, and its
+        retry resumes from the last epoch checkpoint. The mark is what says so: it waits out
+        SQLite's write lock (every worker is interrupted at once)."""
+        attrs = {"ended": INTERRUPTED, "seconds": round(time.perf_counter() - begun.started, 3)}
+        with_retry(lambda: set_user_attrs(begun.trial, attrs), what="marking the interruption")
+
+    def finish(self, begun: TrialStart, result: trainers.TrainResult) -> list[float] | None:
+        """The trial's second half: its end attrs and artifacts, written with its result as it
+        is told (`record_result`); its values, None when it was pruned or diverged."""
+        trial, config = begun.trial, begun.config
         values = None
         if result.status == "completed":
             values = [metric_value(metric, list(result.history)) for metric in self.metrics]
@@ -240,7 +303,7 @@ class Objective:
             "ended": (f"failed: no usable value ({unusable})" if unusable
                       else result.reason if result.status != "completed" else "completed"),
         }
-        if retried_from is not None:
+        if begun.retried_from is not None:
             end_attrs["resumed_from_epoch"] = result.resumed_from_epoch
         if result.notes:  # what loading model.weights did: which heads were re-initialized
             end_attrs["weights_notes"] = list(result.notes)
@@ -253,18 +316,12 @@ class Objective:
                 end_attrs["artifact_seconds"] = round(written.seconds, 3)
                 links = written.links
         self.record_result(trial, end_attrs, links)
-        if store is not None:
-            self.clear_later(store.directory, retried_from)
         last = (float(getattr(result.history[-1], self.metrics[0])) if result.history
                 else None)
         state = "FAIL" if unusable else "COMPLETE" if values else "PRUNED"
-        self.last = TrialOutcome(trial.number, state, values, last, params, result.epochs_run,
-                                 end_attrs["seconds"], end_attrs["ended"])
-        if values is None:
-            # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
-            # so it is pruned too; the budget counts it and the sampler learns from it.
-            raise optuna.TrialPruned(result.reason)
-        return values[0] if single else values
+        self.last = TrialOutcome(trial.number, state, values, last, begun.params,
+                                 result.epochs_run, end_attrs["seconds"], end_attrs["ended"])
+        return values
 
     def begin(self, trial: optuna.Trial, start_attrs: dict[str, Any]) -> int | None:
         """Write what is left of a trial's start attrs; the number of the dead trial this one
@@ -304,9 +361,16 @@ class Objective:
         """Delete a finished trial's checkpoints once its result is safely told
         (`clear_checkpoints`), not now: if the storage fails before that, the trial goes stale
         and its retry resumes from them."""
-        if directory is not None and not self.spec.run.keep_checkpoints:
-            self._to_clear = [directory] + (
-                [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
+        self._to_clear = self.checkpoints_of(directory, retried_from)
+
+    def checkpoints_of(self, directory: Path | None, retried_from: int | None
+                       ) -> list[Path | None]:
+        """The folders to delete once a trial is told: its own `directory` and the dead
+        trial's it resumed (none when the study keeps its checkpoints)."""
+        if directory is None or self.spec.run.keep_checkpoints:
+            return []
+        return [directory] + (
+            [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
 
     def checkpoint_directory(self, number: int, retried_from: int | None) -> Path | None:
         """Trial `number`'s checkpoint folder: empty for a new trial, the dead trial's
@@ -341,11 +405,13 @@ class Objective:
             return SyncedCheckpointStore(directory, self.remote, self.spec.name, number)
         return trainers.CheckpointStore(directory)
 
-    def clear_checkpoints(self) -> None:
-        """Delete the checkpoints of the last trial (and of the dead trial it resumed)."""
-        for directory in self._to_clear:
+    def clear_checkpoints(self, directories: list[Path | None] | None = None) -> None:
+        """Delete the checkpoints of the last trial (and of the dead trial it resumed), or
+        `directories` (`checkpoints_of`)."""
+        for directory in self._to_clear if directories is None else directories:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
                 if self.remote is not None:  # trial-<n>: the bucket's copy goes too
                     self.remote.remove(self.spec.name, int(directory.name.split("-")[-1]))
-        self._to_clear = []
+        if directories is None:
+            self._to_clear = []

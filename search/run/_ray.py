@@ -198,7 +198,7 @@ class RayWorker:
                 "threads": threads, "host": socket.gethostname()}
 
     def run(self, index: int, name: str, url: str, *, device: str, trials_per_gpu: int,
-            timeout_s: float | None, cwd: str) -> int:
+            timeout_s: float | None, cwd: str, pack: int | str | None = None) -> int:
         """Run the worker until the study's budget is met; its exit code."""
         where = self.placement(device, trials_per_gpu)
         threads = str(where["threads"])
@@ -207,6 +207,8 @@ class RayWorker:
                 "--worker-index", str(index)]
         if timeout_s:
             argv += ["--timeout", str(timeout_s)]
+        if pack is not None:  # `--pack` on the driver's command line
+            argv += ["--pack", str(pack)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": where["gpu"], "OMP_NUM_THREADS": threads,
                "MKL_NUM_THREADS": threads, NODE_ENV: where["node"]}
         if where["gpu"]:
@@ -233,7 +235,8 @@ def forwarded_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRequest, *,
-                  display: Display, timeout_s: float | None) -> int:
+                  display: Display, timeout_s: float | None,
+                  pack: int | str | None = None) -> int:
     """Start the worker actors, show progress until they stop, return the exit code (as
     `supervise` does for local workers)."""
     import ray
@@ -255,7 +258,8 @@ def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRe
     ).remote() for s in slots]
     runs = {actor.run.remote(s.index, spec.name, url, device=s.device,
                              trials_per_gpu=request.trials_per_gpu, timeout_s=timeout_s,
-                             cwd=os.getcwd()): s for s, actor in zip(slots, actors, strict=True)}
+                             cwd=os.getcwd(), pack=pack): s
+            for s, actor in zip(slots, actors, strict=True)}
     placed = {actor.placement.remote(s.device, request.trials_per_gpu): s
               for s, actor in zip(slots, actors, strict=True)}
     kind = (f"{len(slots)} GPU slot(s) of {slots[0].num_gpus:g} GPU" if slots[0].device == "cuda"

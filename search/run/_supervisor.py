@@ -62,9 +62,11 @@ class Display(Protocol):
 
 def worker_command(slot: Slot, name: str, url: str, *, timeout_s: float | None,
                    base_env: Mapping[str, str] | None = None,
-                   yield_gpu: bool = False) -> tuple[list[str], dict[str, str]]:
+                   yield_gpu: bool = False, pack: int | str | None = None
+                   ) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the worker process for `slot`; `yield_gpu`: a trial that runs
-    out of memory on its shared GPU is queued again and the worker exits (`EXIT_GPU_FULL`)."""
+    out of memory on its shared GPU is queued again and the worker exits (`EXIT_GPU_FULL`);
+    `pack`: the `--pack` asked for on the command line (else the study file's)."""
     env = dict(os.environ if base_env is None else base_env)
     env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
     env["OMP_NUM_THREADS"] = str(slot.threads)
@@ -81,6 +83,8 @@ def worker_command(slot: Slot, name: str, url: str, *, timeout_s: float | None,
             "--worker-index", str(slot.index)]
     if timeout_s:
         argv += ["--timeout", str(timeout_s)]
+    if pack is not None:
+        argv += ["--pack", str(pack)]
     return argv, env
 
 def _die_with_parent() -> None:
@@ -94,7 +98,8 @@ def _die_with_parent() -> None:
 
 def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot], *,
               display: Display, timeout_s: float | None,
-              fill: GpuFill | None = None, probe: GpuProbe | None = None) -> int:
+              fill: GpuFill | None = None, probe: GpuProbe | None = None,
+              pack: int | str | None = None) -> int:
     """Start the workers, show progress until they stop, return the exit code.
 
     With `fill` (`--trials-per-gpu auto`), workers are added to a GPU while they fit, read
@@ -113,7 +118,7 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
     try:
         for slot in slots:
             argv, env = worker_command(slot, spec.name, url, timeout_s=timeout_s,
-                                       yield_gpu=fill is not None)
+                                       yield_gpu=fill is not None, pack=pack)
             procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
             if fill is not None:
                 fill.started(slot.cuda_visible_devices, time.monotonic())
@@ -131,7 +136,7 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
                        what="showing progress")
 
         filled = _Filler(study, spec, url, slots, procs, fill, probe, display,
-                         timeout_s=timeout_s) if fill is not None else None
+                         timeout_s=timeout_s, pack=pack) if fill is not None else None
         while not interrupted and any(p.poll() is None for p in procs):
             show()
             if filled is not None:
@@ -206,8 +211,9 @@ class _Filler:
 
     def __init__(self, study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
                  procs: list[subprocess.Popen[bytes]], fill: GpuFill, probe: GpuProbe | None,
-                 display: Display, *, timeout_s: float | None) -> None:
-        self.study, self.spec, self.url = study, spec, url
+                 display: Display, *, timeout_s: float | None,
+                 pack: int | str | None = None) -> None:
+        self.study, self.spec, self.url, self.pack = study, spec, url, pack
         self.slots, self.procs, self.fill, self.probe = slots, procs, fill, probe
         self.display = display
         self.deadline = time.monotonic() + timeout_s if timeout_s else None
@@ -258,7 +264,7 @@ class _Filler:
         slot = Slot(len(self.slots), "cuda", gpu, max(1, self.cores // (live + 1)))
         left = max(1.0, self.deadline - time.monotonic()) if self.deadline else None
         argv, env = worker_command(slot, self.spec.name, self.url, timeout_s=left,
-                                   yield_gpu=yield_gpu)
+                                   yield_gpu=yield_gpu, pack=self.pack)
         self.procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
         self.slots.append(slot)
         self.fill.started(gpu, time.monotonic())

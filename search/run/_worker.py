@@ -21,7 +21,8 @@ import optuna
 
 from search._errors import SearchError
 from search.run._artifacts import ArtifactRecorder, write_study_note
-from search.run._objective import GpuFull, Objective, StopRequested
+from search.run._objective import GpuFull, Objective, StopRequested, say_dropped
+from search.run._packing import PackedTrials
 from search.run._user_trainer import UserObjective
 from search.spec import real_value_attrs
 from search.storage import (
@@ -84,11 +85,14 @@ def run_worker(
     on_wait: Callable[[Counts], None] | None = None,
     lock: NullLock | FileLock | DatabaseLock | None = None,
     artifacts: ArtifactRecorder | None | bool = True,
+    pack: int | str | None = None,
 ) -> WorkerSummary:
     """Run trials until the study's budget is met or `timeout_s` passes; return a summary.
 
     `artifacts`: True records each trial's charts and metrics in the store next to the storage
-    (or $HPSEARCH_ARTIFACTS), a recorder records them there, False/None records none.
+    (or $HPSEARCH_ARTIFACTS), a recorder records them there, False/None records none. `pack`:
+    up to that many trials trained at once (`search.run._packing`; "auto" picks it from the
+    model's size), for a study trained by the built-in trainer; None or 1 trains one at a time.
     """
 
     write_study_note(study, spec)  # once per study: kept if present (or edited by hand)
@@ -130,15 +134,25 @@ def run_worker(
         finally:
             heartbeat.end()
 
-    def start_trial() -> None:
+    def room() -> None:
         if not storage_admits:  # the gRPC proxy: count first (no lock there either)
             counts = with_retry(lambda: count_trials(study), what="counting trials")
             if counts.finished >= budget or (counts.finished + counts.running >= budget
                                              and counts.waiting == 0):
                 raise BudgetReached(counts)
+
+    packed = (PackedTrials(objective, optimizing, heartbeat, lock, pack, room)
+              if pack not in (None, 1) and spec.trainer is None else None)
+
+    def start_trial() -> list[TrialOutcome | None]:
+        if packed is not None:  # after the timeout, the pack's trials run to their end
+            return packed.step(refill=time.monotonic() < deadline)
+        room()
         # No Optuna callback: it would read the finished trial back from the storage, and the
         # objective already knows how the trial ended.
         optimizing.optimize(run_trial, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        objective.clear_checkpoints()
+        return [objective.last]
 
     try:
         while True:
@@ -149,10 +163,11 @@ def run_worker(
                 # (and before stopping), not before every trial: it is one more query.
                 budget, budget_read = read_budget(), time.monotonic()
                 set_budget(optimizing, budget)
-            if time.monotonic() >= deadline:
+            training = packed is not None and len(packed) > 0  # it ends them first
+            if time.monotonic() >= deadline and not training:
                 summary.stopped = "timeout"
                 break
-            if heartbeat.stop.is_set():  # `hpsearch stop`, seen by the heartbeat thread
+            if heartbeat.stop.is_set() and not training:  # `hpsearch stop`, by the heartbeat
                 summary.stopped = "stop requested"
                 break
             # SQLite and MySQL: held from the budget check until this worker's trial exists,
@@ -160,17 +175,19 @@ def run_worker(
             with_retry(lock.acquire, what="taking the budget lock")
             try:
                 objective.current = None
-                start_trial()
+                outcomes = start_trial()
             except KeyboardInterrupt as interrupt:
                 # Ctrl-C, SIGTERM or `hpsearch stop` in the middle of a trial: it ended FAIL
                 # "interrupted"; queued again, it resumes from its checkpoints at the next
                 # `run` or `worker`, on any machine.
                 lock.release()
-                if objective.current is not None:
+                ended = (packed.interrupted if packed is not None
+                         else {objective.current} - {None})
+                if ended:
                     lock.acquire()  # not while another worker fails stale trials or queues
                     try:
-                        with_retry(lambda: requeue_interrupted(study, {objective.current}),
-                                   what="queueing the interrupted trial again")
+                        with_retry(lambda e=ended: requeue_interrupted(study, e),
+                                   what="queueing the interrupted trials again")
                     finally:
                         lock.release()
                 if isinstance(interrupt, GpuFull):
@@ -216,9 +233,7 @@ def run_worker(
                     # This worker was paused (SIGSTOP, a frozen VM) past the grace period: its
                     # trial was failed as stale and retried elsewhere. Its result is refused.
                     lock.release()
-                    print(f"trial #{number}: failed as stale while this worker was paused, and "
-                          "retried by another; its late result is dropped", file=sys.stderr,
-                          flush=True)
+                    say_dropped(number)
                     continue
                 # The storage went away outside the objective (asking for or telling a trial):
                 # wait for it and go on. A trial left RUNNING goes stale and is retried.
@@ -232,13 +247,12 @@ def run_worker(
                 continue
             finally:
                 lock.release()
-            objective.clear_checkpoints()
-            outcome = objective.last
-            summary.trials += 1
-            failed = outcome is None or outcome.state == "FAIL"
-            summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
-            if outcome is not None and on_trial is not None:
-                on_trial(optimizing, outcome)  # its cache already holds the trial
+            for outcome in outcomes:
+                summary.trials += 1
+                failed = outcome is None or outcome.state == "FAIL"
+                summary.failed_in_row = summary.failed_in_row + 1 if failed else 0
+                if outcome is not None and on_trial is not None:
+                    on_trial(optimizing, outcome)  # its cache already holds the trial
             if summary.failed_in_row >= spec.run.max_failures_in_row:
                 summary.stopped = "failures"
                 raise WorkerError(

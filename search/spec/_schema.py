@@ -183,12 +183,27 @@ class PrunerSpec(SpecModel):
         _check_options(self.options, getattr(optuna.pruners, PRUNERS[self.type]), {})
         return self
 
+PACK_MAX = 256  # trials in one pack at most (`--pack`): past it the batched matmuls stop paying
+
+
+def pack_value(value: Any) -> int | str | None:
+    """`run.pack` and `--pack`: None or 1 (off), an integer 2..PACK_MAX, or "auto"."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= PACK_MAX:
+        return value
+    raise spec_error(f"expected auto or an integer from 1 to {PACK_MAX} (trials trained at "
+                     f"once), got {show(value)}")
+
+
 class RunSpec(SpecModel):
     checkpoint_dir: StrictStr | None = None
     keep_checkpoints: StrictBool = False
     heartbeat_interval: StrictInt = Field(10, gt=0)  # seconds between a trial's heartbeats
     grace_period: StrictInt = Field(30, gt=0)  # seconds without one before a trial is failed
     max_failures_in_row: StrictInt = Field(5, gt=0)  # a worker stops after this many
+    # Trials one worker trains at once (search.run._packing): None or 1 off, or "auto".
+    pack: Annotated[int | str | None, PlainValidator(pack_value)] = None
 
     @field_validator("checkpoint_dir")
     @classmethod

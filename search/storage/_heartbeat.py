@@ -1,4 +1,5 @@
-"""A worker's heartbeat: one thread for the worker's life, beating for the trial it runs.
+"""A worker's heartbeat: one thread for the worker's life, beating for the trials it runs
+(one, or the members of a pack: `search.run._packing`).
 
 Each trial's first beat is written with the trial itself (`_trial_start`), or synchronously as a
 WAITING trial is taken, then one every `heartbeat_interval` seconds; a worker killed at any point
@@ -25,7 +26,8 @@ from search.storage._tables import first_heartbeat
 
 
 class WorkerHeartbeat:
-    """Beats for the trial between `begin` and `end`; fails stale trials with `fail_stale`.
+    """Beats for each trial between its `begin` and `end`; fails stale trials with
+    `fail_stale`.
 
     `study` must be on the heartbeat-enabled storage (it is the one stale trials are failed
     through, so its RetryHeartbeatStaleTrialCallback queues their retries). Without heartbeats
@@ -37,7 +39,7 @@ class WorkerHeartbeat:
         self.storage = storage_of(study)
         self.interval: int | None = (self.storage.get_heartbeat_interval()
                                      if heartbeat_enabled(self.storage) else None)
-        self._trial_id: int | None = None
+        self._trial_ids: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_check = -float("inf")
@@ -52,17 +54,18 @@ class WorkerHeartbeat:
             return
         if not written:
             first_heartbeat(self.storage, trial_id)
-        self._trial_id = trial_id
+        self._trial_ids = self._trial_ids | {trial_id}  # a new set: the thread reads a snapshot
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="hpsearch-heartbeat",
                                             daemon=True)
             self._thread.start()
 
-    def end(self) -> None:
-        self._trial_id = None
+    def end(self, trial_id: int | None = None) -> None:
+        """No more beats for `trial_id` (for every trial when None)."""
+        self._trial_ids = set() if trial_id is None else self._trial_ids - {trial_id}
 
     def close(self) -> None:
-        self._trial_id = None
+        self._trial_ids = set()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -90,13 +93,12 @@ class WorkerHeartbeat:
     def _beat(self) -> None:
         assert self.interval is not None
         while not self._stop.wait(self.interval):
-            trial_id = self._trial_id
+            trial_id = None
             try:
                 if stop_requested(self.study):
                     self.stop.set()
-                if trial_id is None:
-                    continue
-                self.storage.record_heartbeat(trial_id)
+                for trial_id in sorted(self._trial_ids):
+                    self.storage.record_heartbeat(trial_id)
             except Exception as e:
                 # The storage is away: the worker's own calls wait for it; a beat missed for
                 # longer than the grace period makes the trial stale, as a dead worker's would.

@@ -247,6 +247,11 @@ BAD: list[Bad] = [
         r"run\.max_failures_in_row: expected an integer, got 1\.5$"),
     Bad("RunSpec.max_failures_in_row", {"run": {"max_failures_in_row": None}},
         r"run\.max_failures_in_row: expected an integer, got null$"),
+    Bad("RunSpec.pack", {"run": {"pack": 0}},
+        r"run\.pack: expected auto or an integer from 1 to 256 \(trials trained at once\), "
+        r"got 0$"),
+    Bad("RunSpec.pack", {"run": {"pack": "max"}},
+        r"run\.pack: expected auto or an integer from 1 to 256 .*, got 'max'$"),
     Bad("RunSpec.<unknown>", {"run": {"heartbeat": 5}},
         r"run\.heartbeat: unknown key, did you mean 'heartbeat_interval'\?"),
     # ------------------------------------------------------------------ space: the mapping

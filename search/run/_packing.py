@@ -1,0 +1,265 @@
+"""Packed trials: one worker trains up to K trials of its study at once (`trainers.Pack`).
+
+`run_worker` steps a `PackedTrials` in place of one trial at a time (`--pack K`, `run.pack`).
+Each step fills the pack with trials asked under the budget lock, as an unpacked worker asks
+for one (the budget check and the trial's creation in one transaction), trains the pack until
+members end, and tells each ended member on its own: its epochs were reported, its pruner
+asked and its checkpoint written per member by the same halves of `Objective` an unpacked trial
+goes through, so its attrs, artifacts, retries and status are those of a trial run alone. A
+member's slot is refilled at the next step (continuous batching of trials). A trial that cannot
+be packed (`trainers.pack_refusal`, or another network than the pack's) runs alone, and the
+worker says why once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
+
+import trainers
+from search.run._objective import StopRequested, TakenOver, say_dropped
+from search.storage import BudgetReached, beat_written, trial_id_of, with_retry
+
+if TYPE_CHECKING:
+    from search.run._objective import Objective, TrialOutcome, TrialStart
+    from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
+
+# `--pack auto`: measured on the 2-core CPU (benchmarks/packing.py), 32 fashion_mlp trials
+# packed train 1.9x faster than one at a time; a model this large fills the machine alone.
+AUTO_PACK = 32
+AUTO_MAX_PARAMETERS = 1_000_000
+PACK_MAX = 256
+
+
+def auto_pack(config: trainers.TrainConfig) -> tuple[int, str]:
+    """K for `--pack auto` from the first packable trial's model, and why."""
+    data = trainers.data_for(config)
+    model = trainers.prepare_model(config.model, config.init, data.input_shape,
+                                   data.num_classes).model
+    size = sum(p.numel() for p in model.parameters())
+    if size < AUTO_MAX_PARAMETERS:
+        return AUTO_PACK, f"--pack auto: {size:,} parameters, {AUTO_PACK} trials at once"
+    return 1, (f"--pack auto: {size:,} parameters (at least {AUTO_MAX_PARAMETERS:,}): "
+               "one trial at a time")
+
+
+class PackedTrials:
+    """A worker's pack of trials between `step`s; `interrupted`: the trials an interruption
+    ended (FAIL "interrupted"), for the worker to queue again."""
+
+    def __init__(self, objective: Objective, study: optuna.Study, heartbeat: WorkerHeartbeat,
+                 lock: NullLock | FileLock | DatabaseLock, capacity: int | str,
+                 room: Callable[[], None]) -> None:
+        """`study`: the worker's budget-admitting view (`worker_study`); `room`: raises
+        BudgetReached where the storage does not admit trials itself; `capacity`: K or
+        "auto"."""
+        self.objective = objective
+        self.study = study
+        self.heartbeat = heartbeat
+        self.lock = lock
+        self.room = room
+        self.capacity: int | None = None if capacity == "auto" else int(capacity)
+        self.pack = trainers.Pack(max(self.capacity or 1, 1))
+        self.members: dict[int, TrialStart] = {}  # by the pack's member id
+        self.live: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
+        self.interrupted: set[int] = set()
+        self._said: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def step(self, *, refill: bool = True) -> list[TrialOutcome | None]:
+        """Fill the pack (unless not `refill`: past the worker's timeout), train it until
+        members end, and tell those; their outcomes (and that of a trial run alone).
+
+        BudgetReached when no trial could start and none is training; an interruption (Ctrl-C,
+        SIGTERM, `hpsearch stop`) ends every trial of the pack FAIL "interrupted" (listed in
+        `interrupted`) and is raised on."""
+        try:
+            if self.members and self.objective.stop():
+                raise StopRequested("stopped at an epoch's end on request")
+            outcomes = self._fill() if refill else []
+            if not self.members:
+                return outcomes
+            self.lock.release()  # held from the worker's loop when nothing was asked
+            try:
+                ended = self.pack.run_until_free()
+            except Exception as e:  # noqa: BLE001 - training itself failed: every member is lost
+                return outcomes + self._lose_all(e)
+            stop: KeyboardInterrupt | None = None
+            for member, outcome in ended:
+                begun = self.members.pop(member)
+                if isinstance(outcome, KeyboardInterrupt):
+                    self.objective.interrupted(begun)
+                    self._end(begun, TrialState.FAIL)
+                    self.interrupted.add(begun.trial.number)
+                    stop = stop or outcome
+                else:
+                    outcomes.append(self._told(begun, outcome))
+            if stop is not None:
+                raise stop
+            return outcomes
+        except KeyboardInterrupt:
+            self._interrupt_all()
+            raise
+
+    def _fill(self) -> list[TrialOutcome | None]:
+        """Ask for trials until the pack is full; a trial that cannot be packed runs alone
+        (and ends the filling: the worker looks at its outcome before the next)."""
+        first = True
+        while self.capacity is None or len(self.members) < self.capacity:
+            try:
+                begun = self._ask(first)
+            except BudgetReached:
+                if self.members:
+                    return []  # the last trials are in the pack: train them
+                raise
+            first = False
+            try:
+                refusal = self.objective.guarded(begun, lambda b=begun: self._start(b))
+            except TakenOver:
+                self._drop(begun)
+                return [None]
+            except Exception:  # noqa: BLE001 - recorded as the trial's (`Objective.failed`)
+                self._end(begun, TrialState.FAIL)
+                return [self.objective.last]
+            config = begun.config
+            assert config is not None
+            if refusal is None and self.capacity == 1:
+                refusal = "--pack auto: a large model"
+            elif refusal is None and not self.pack.fits(config):
+                refusal = "its network, data or device differ from the pack's"
+            if refusal is not None:
+                self._say(f"--pack: trials that cannot be packed run one at a time ({refusal})")
+                return [self._alone(begun)]
+            try:
+                member = self.objective.guarded(begun, lambda b=begun: self.pack.add(
+                    b.config, on_epoch=b.report, checkpoint=b.store))
+            except TakenOver:
+                self._drop(begun)
+                return [None]
+            except Exception:  # noqa: BLE001 - recorded as the trial's
+                self._end(begun, TrialState.FAIL)
+                return [self.objective.last]
+            self.members[member] = begun
+        return []
+
+    def _start(self, begun: TrialStart) -> str | None:
+        """Trial `begun`'s config and start attrs (`Objective.start`); why it cannot be packed
+        (None if it can). `auto` takes K from the first packable trial's model."""
+        self.objective.start(begun)
+        assert begun.config is not None
+        refusal = trainers.pack_refusal(begun.config)
+        if refusal is None and self.capacity is None:
+            self.capacity, why = auto_pack(begun.config)
+            self._say(why)
+            self.pack = trainers.Pack(max(self.capacity, 1))
+        return refusal
+
+    def _ask(self, locked: bool) -> TrialStart:
+        """A new trial (or a queued one), under the budget lock from the check until it exists
+        (the worker holds it already when `locked`); its first beat, its params."""
+        if not locked:
+            with_retry(self.lock.acquire, what="taking the budget lock")
+        try:
+            self.room()
+            trial = self.study.ask()
+        finally:
+            self.lock.release()  # the new trial exists: others may count it now
+        trial_id, written = trial_id_of(trial), beat_written(self.study, trial)
+        with_retry(lambda: self.heartbeat.begin(trial_id, written=written),
+                   what="starting a trial")
+        begun = self.objective.prepare(trial)
+        self.live[trial.number] = begun
+        return begun
+
+    def _alone(self, begun: TrialStart) -> TrialOutcome | None:
+        """Trial `begun` trained by itself (`trainers.train`), then told."""
+        try:
+            result = self.objective.guarded(begun, lambda: trainers.train(
+                begun.config, begun.report, begun.store))
+        except TakenOver:
+            self._drop(begun)
+            return None
+        except Exception:  # noqa: BLE001 - recorded as the trial's
+            self._end(begun, TrialState.FAIL)
+            return self.objective.last
+        return self._told(begun, result)
+
+    def _told(self, begun: TrialStart, outcome: trainers.TrainResult | BaseException
+              ) -> TrialOutcome | None:
+        """Tell an ended trial: its result (COMPLETE, or PRUNED when stopped by the pruner or
+        diverged), or FAIL for the error its report raised."""
+        if isinstance(outcome, TakenOver):
+            self._drop(begun)
+            return None
+        if isinstance(outcome, BaseException):
+            self.objective.failed(begun, outcome)  # type: ignore[arg-type]
+            self._end(begun, TrialState.FAIL)
+            return self.objective.last
+        values = self.objective.finish(begun, outcome)
+        outcome_state = self.objective.last
+        if values is None:
+            self._end(begun, TrialState.FAIL if outcome_state and outcome_state.state == "FAIL"
+                      else TrialState.PRUNED)
+        else:
+            self._end(begun, TrialState.COMPLETE, values)
+        # Told: its checkpoints (and those of the dead trial it resumed) are no longer needed.
+        self.objective.clear_checkpoints(
+            self.objective.checkpoints_of(begun.directory, begun.retried_from))
+        return outcome_state
+
+    def _end(self, begun: TrialStart, state: TrialState,
+             values: list[float] | None = None) -> None:
+        """Tell Optuna how trial `begun` ended and stop beating for it. A tell that fails
+        leaves the trial RUNNING without beats: it goes stale and is retried."""
+        trial = begun.trial
+        try:
+            with_retry(lambda: self.study.tell(trial, values, state=state,
+                                               skip_if_finished=True),
+                       what="telling a trial")
+        finally:
+            self.heartbeat.end(trial_id_of(trial))
+            self.live.pop(trial.number, None)
+
+    def _drop(self, begun: TrialStart) -> None:
+        """Trial `begun` was failed as stale while this worker was paused and retried by
+        another: its late result is dropped."""
+        self.heartbeat.end(trial_id_of(begun.trial))
+        self.live.pop(begun.trial.number, None)
+        self.members = {k: v for k, v in self.members.items() if v is not begun}
+        say_dropped(begun.trial.number)
+
+    def _lose_all(self, error: Exception) -> list[TrialOutcome | None]:
+        """Training the pack failed (out of memory, say): every member fails with the error."""
+        outcomes: list[TrialOutcome | None] = []
+        members, self.members = list(self.members.values()), {}
+        self.pack = trainers.Pack(self.pack.capacity)
+        for begun in members:
+            # GpuFull (a shared GPU out of memory) is raised on: `step` interrupts them all.
+            self.objective.failed(begun, error)
+            self._end(begun, TrialState.FAIL)
+            outcomes.append(self.objective.last)
+        return outcomes
+
+    def _interrupt_all(self) -> None:
+        """Every trial asked and not told ends FAIL "interrupted" (the worker queues them
+        again: each resumes from its last epoch checkpoint)."""
+        for begun in list(self.live.values()):
+            try:
+                self.objective.interrupted(begun)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # told already (an interruption during its tell)
+            self._end(begun, TrialState.FAIL)
+            self.interrupted.add(begun.trial.number)
+        self.members = {}
+        self.pack = trainers.Pack(self.pack.capacity)
+
+    def _say(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,174 @@
+"""Packed trials in a worker (`--pack K`, `run.pack`): budget, per-trial records, pruning and
+refill, the fallback for models that cannot be packed, retries that resume, and Ctrl-C.
+
+Real SQLite storages and the `hpsearch` command line; the engine's own equality with `train`
+is tested in tests/trainers_tests/test_packed.py.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.cli import build_parser
+from search.run import Slot, worker_command
+from search.storage import count_trials, load, open_storage
+from tests.search_tests.studies import LR, study_data
+from tests.search_tests.test_workers import (
+    HPSEARCH,
+    _study_if_created,
+    create,
+    slow,
+    start_worker,
+    wait_for,
+    write_spec,
+)
+
+SPACE = {**LR, "batch_size": {"pow2": [32, 64]}}
+PRUNER = {"type": "median", "options": {"n_startup_trials": 2, "n_warmup_steps": 1}}
+
+
+def _run(path, url, cwd, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([HPSEARCH, "run", str(path), "--storage", url, "--gpus", "none",
+                             *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _most_at_once(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """How many of `trials` ran at the same time at most (from their start and end)."""
+    events = sorted([(t.datetime_start, 1) for t in trials]
+                    + [(t.datetime_complete, -1) for t in trials])
+    live = most = 0
+    for _, step in events:
+        live += step
+        most = max(most, live)
+    return most
+
+
+def test_packed_study_meets_its_budget_with_each_trial_recorded_as_alone(tmp_path,
+                                                                         study_name):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = study_data(study_name, trials=12, epochs=4, space=SPACE, pruner=PRUNER,
+                      checkpoints=tmp_path / "ckpt", heartbeat=True)
+    _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "4")
+    alone = {**data, "name": f"{study_name}-alone", "budget": {"trials": 1, "epochs": 4}}
+    _run(write_spec(tmp_path, alone), url, tmp_path)
+    study, _ = load(study_name, open_storage(url))
+    trials = study.get_trials()
+    assert count_trials(study).finished == 12 == len(trials)  # the exact budget
+    assert _most_at_once(trials) == 4  # packed: four at a time, never more
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # A pruned member's slot is refilled while the others of its pack train on.
+    first = min(pruned, key=lambda t: t.datetime_complete)
+    assert any(first.datetime_complete <= t.datetime_start < other.datetime_complete
+               for t in trials for other in trials
+               if other.datetime_start < first.datetime_complete and other is not first)
+    for t in trials:  # each its own epochs, history and artifacts
+        epochs = t.user_attrs["epochs_run"]
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1)), t.number
+        assert len(t.user_attrs["history"]) == epochs
+        assert [h["val_loss"] for h in t.user_attrs["history"]] == pytest.approx(
+            [t.intermediate_values[e] for e in range(1, epochs + 1)], rel=1e-4)
+        assert any(k.startswith("artifacts:") for k in t.system_attrs), t.number
+    # The same first trial (same sampler seed, same params) trained alone: the same record.
+    single = load(f"{study_name}-alone", open_storage(url))[0].get_trials()[0]
+    packed = trials[0]
+    assert packed.params == single.params
+    assert set(packed.user_attrs) == set(single.user_attrs)
+    assert {k.split(":")[0] for k in packed.system_attrs} == {
+        k.split(":")[0] for k in single.system_attrs}
+    for epoch, value in single.intermediate_values.items():
+        assert abs(packed.intermediate_values[epoch] - value) < 1e-4 * max(1.0, abs(value))
+    assert not (tmp_path / "ckpt" / study_name).exists() or not any(
+        (tmp_path / "ckpt" / study_name).iterdir())  # told trials' checkpoints removed
+
+
+def test_pack_on_the_command_line_reaches_every_child_worker():
+    for pack in (4, "auto"):
+        argv, _ = worker_command(Slot(1, "cpu", "", 1), "s", "sqlite:///x.db", timeout_s=None,
+                                 base_env={}, pack=pack)
+        args = build_parser().parse_args(argv[3:])  # what the child's command line reads
+        assert args.pack == pack
+    argv, _ = worker_command(Slot(1, "cpu", "", 1), "s", "u", timeout_s=None, base_env={})
+    assert build_parser().parse_args(argv[3:]).pack is None  # the study file's run.pack
+
+
+def test_a_model_that_cannot_be_packed_runs_alone_and_says_so_once(tmp_path, study_name):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = study_data(study_name, trials=3, epochs=1, space=SPACE, size=256,
+                      model={"type": "mlp", "hidden": [16], "dropout": 0.1})
+    result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "4")
+    out = result.stdout + result.stderr
+    assert out.count("cannot be packed") == 1, out
+    assert "model.dropout 0.1" in out
+    study, _ = load(study_name, open_storage(url))
+    trials = study.get_trials()
+    assert count_trials(study).finished == 3 == len(trials)
+    assert _most_at_once(trials) == 1
+
+
+def test_killed_packed_worker_trials_resume_from_their_checkpoints(tmp_path, study_name):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = slow(study_name, tmp_path, trials=3, epochs=6)
+    # From the study file this time, as auto: a small model, 32 at once (all three trials).
+    data["run"]["pack"] = "auto"
+    study, _ = create(url, data)
+    first = start_worker(study_name, url, tmp_path)
+    try:
+        victims = wait_for(lambda: _running(study, 3, epochs=2), timeout=120,
+                           what="three packed trials two epochs in")
+    finally:
+        first.kill()
+        first.wait()
+    second = start_worker(study_name, url, tmp_path)
+    out, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, out
+    assert re.search(r"--pack auto: [\d,]+ parameters, 32 trials at once", out), out
+    assert count_trials(study).finished == 3  # the exact budget
+    retries = [t for t in study.get_trials(states=(TrialState.COMPLETE,))
+               if t.user_attrs.get("retried_from") is not None]
+    assert sorted(t.user_attrs["retried_from"] for t in retries) == sorted(
+        t.number for t in victims)
+    assert all(t.user_attrs["resumed_from_epoch"] >= 2 for t in retries)
+    assert _most_at_once(retries) == 3  # resumed in one pack
+
+
+def test_ctrl_c_queues_every_member_again(tmp_path, study_name):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    path = write_spec(tmp_path, slow(study_name, tmp_path, trials=6, epochs=20))
+    run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url, "--gpus", "none",
+                            "--pack", "3"], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        study = wait_for(lambda: _study_if_created(url, study_name), timeout=60,
+                         what="the study")
+        members = wait_for(lambda: _running(study, 3, epochs=1), timeout=120,
+                           what="three packed trials an epoch in")
+        run.send_signal(signal.SIGINT)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert sorted(t.number for t in failed) == sorted(t.number for t in members), out
+    assert all(t.user_attrs["ended"] == "interrupted" for t in failed)
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    retry_of = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    assert sorted(retry_of(t)[-1] for t in waiting) == sorted(
+        t.number for t in members)  # each queued again, to resume
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def _running(study, n: int, *, epochs: int) -> list | None:
+    """The running trials once `n` run, each `epochs` in."""
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    ready = len(running) == n and all(len(t.intermediate_values) >= epochs for t in running)
+    return running if ready else None
