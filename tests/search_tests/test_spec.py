@@ -240,7 +240,7 @@ def test_defaults_are_filled() -> None:
     assert dump["fixed"] == {} and dump["enqueue"] == []
     assert dump["run"] == {"checkpoint_dir": None, "keep_checkpoints": False,
                            "heartbeat_interval": 10, "grace_period": 30,
-                           "max_failures_in_row": 5}
+                           "max_failures_in_row": 5, "pack": None}
     # batch_size is an integer setting, so a plain range on it is an integer range
     spec = parse_spec(_with({"space": {"batch_size": {"low": 16, "high": 512}}}))
     assert spec.space["batch_size"].is_int is True
