@@ -18,9 +18,8 @@ fi
 if [ $# -gt 0 ]; then  # a chosen file or test: as asked
   exec .venv/bin/python -m pytest -q "$@"
 fi
-# The whole suite: most tests wait on worker processes and the database, so four run at once
-# (tests spread one by one, but a file sharing a module fixture stays on one worker:
-# tests/conftest.py); the `serial` ones, which restart the database or wait on a study's
-# progress to the second, then run alone.
-.venv/bin/python -m pytest -q -n 4 --dist loadgroup -m "not serial"
+# The whole suite: most tests wait on worker processes and the database, so four files run at
+# once (a file's tests stay together, in order: some share a module fixture); the `serial`
+# ones, which restart the database or wait on a study's progress to the second, then run alone.
+.venv/bin/python -m pytest -q -n 4 --dist loadfile -m "not serial"
 exec .venv/bin/python -m pytest -q -m serial
