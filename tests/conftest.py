@@ -17,8 +17,9 @@ os.environ.setdefault("HPSEARCH_ARTIFACTS", tempfile.mkdtemp(prefix="hpsearch-te
 
 
 # Files whose tests run alone, after the rest (scripts/test.sh runs the others in parallel):
-# they restart the database server, or wait on a study's progress to the second.
-SERIAL_FILES = {"test_drills.py", "test_stop_and_delete.py"}
+# they restart the database server, wait on a study's progress to the second, or start a
+# multi-node Ray cluster (on 2 cores beside three other test files, its runs timed out).
+SERIAL_FILES = {"test_drills.py", "test_stop_and_delete.py", "test_ray.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
