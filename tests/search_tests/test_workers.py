@@ -230,8 +230,8 @@ def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
                            text=True)
     study = wait_for(lambda: _study_if_created(url, study_name), timeout=60, what="the study")
     try:
-        running = wait_for(lambda: _running_pids(study, 2), timeout=90,
-                           what="both workers in a trial")
+        running = wait_for(lambda: _running_pids(study, 2), timeout=180,
+                           what="both workers training")
         pids = set(running)
         sent = time.monotonic()
         run.send_signal(signal.SIGINT)
@@ -248,9 +248,12 @@ def test_ctrl_c_stops_every_worker_within_ten_seconds(tmp_path, study_name):
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 def _running_pids(study, n: int) -> list[int] | None:
-    """The pids of the running trials once there are `n`, each with its pid written."""
-    pids = [t.user_attrs.get("pid") for t in study.get_trials(states=(TrialState.RUNNING,))]
-    return pids if len(pids) == n and None not in pids else None
+    """The pids of the running trials once there are `n`, each past its first epoch (training,
+    not still importing its first optimizer's modules) and with its pid written."""
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    pids = [t.user_attrs.get("pid") for t in running]
+    trained = all(t.intermediate_values for t in running)
+    return pids if len(pids) == n and None not in pids and trained else None
 
 def _study_if_created(url: str, name: str):
     # Read-only until the study exists: opening an Optuna storage on the file creates its
