@@ -128,6 +128,7 @@ class Pack:
         self._weights: list[int] = []  # indices of Linear weights (per-layer grad norms)
         self._data: Any = None
         self._device = torch.device("cpu")
+        self.epoch_seconds = 0.0  # the last epoch's, training and validation, all members
 
     def __len__(self) -> int:
         return len(self._members)
@@ -195,6 +196,12 @@ class Pack:
         self._dirty = True
         return member.id
 
+    def trial_seconds(self) -> float:
+        """How long a member's whole run would take at the last epoch's pace (0 before any
+        epoch): the longest member's epochs times `epoch_seconds`."""
+        epochs = max((m.config.epochs for m in self._members.values()), default=0)
+        return epochs * self.epoch_seconds
+
     def run_until_free(self) -> list[tuple[int, Outcome]]:
         """Train every member epoch by epoch until at least one ends; (id, outcome) of those.
 
@@ -236,7 +243,7 @@ class Pack:
         trained = [stack.train_epoch() for stack in self._stacks]
         train_seconds = time.perf_counter() - t0
         validated = [stack.evaluate() for stack in self._stacks]
-        seconds = time.perf_counter() - t0
+        seconds = self.epoch_seconds = time.perf_counter() - t0
         n = len(self._data.train)
         ended: list[tuple[int, Outcome]] = []
         members = [(m, stack, s, epoch, val) for stack, epoch, val in

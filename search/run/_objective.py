@@ -51,6 +51,12 @@ class GpuFull(KeyboardInterrupt):
     GPU to the others."""
 
 
+class PackTooBig(KeyboardInterrupt):
+    """A pack of several trials ran out of memory on a device it has to itself: its members
+    are queued again unchanged, as interrupted trials are, and the worker goes on with a pack
+    half the size (`search.run._packing`)."""
+
+
 # Set by the Ray launcher (`search.run._ray`) in its workers' environment: recorded per trial.
 RAY_ATTRS = {"ray_node": "HPSEARCH_RAY_NODE", "ray_gpu": "HPSEARCH_RAY_GPU"}
 

@@ -13,7 +13,9 @@ worker says why once.
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,8 +23,22 @@ import optuna
 from optuna.trial import TrialState
 
 import trainers
-from search.run._objective import StopRequested, TakenOver, say_dropped
-from search.storage import BudgetReached, beat_written, trial_id_of, with_retry
+from search.run._gpu_fill import oom_from_sharing
+from search.run._objective import (
+    PackTooBig,
+    StopRequested,
+    TakenOver,
+    is_out_of_memory,
+    say_dropped,
+)
+from search.storage import (
+    INTERRUPTED,
+    BudgetReached,
+    beat_written,
+    set_user_attrs,
+    trial_id_of,
+    with_retry,
+)
 
 if TYPE_CHECKING:
     from search.run._objective import Objective, TrialOutcome, TrialStart
@@ -72,9 +88,10 @@ class PackedTrials:
     def __len__(self) -> int:
         return len(self.members)
 
-    def step(self, *, refill: bool = True) -> list[TrialOutcome | None]:
-        """Fill the pack (unless not `refill`: past the worker's timeout), train it until
-        members end, and tell those; their outcomes (and that of a trial run alone).
+    def step(self, *, deadline: float = math.inf) -> list[TrialOutcome | None]:
+        """Fill the pack while a new trial could end by `deadline` (the worker's timeout, on
+        `time.monotonic`), train it until members end, and tell those; their outcomes (and
+        that of a trial run alone).
 
         BudgetReached when no trial could start and none is training; an interruption (Ctrl-C,
         SIGTERM, `hpsearch stop`) ends every trial of the pack FAIL "interrupted" (listed in
@@ -82,14 +99,17 @@ class PackedTrials:
         try:
             if self.members and self.objective.stop():
                 raise StopRequested("stopped at an epoch's end on request")
-            outcomes = self._fill() if refill else []
+            outcomes = self._fill(deadline)
             if not self.members:
                 return outcomes
             self.lock.release()  # held from the worker's loop when nothing was asked
             try:
                 ended = self.pack.run_until_free()
-            except Exception as e:  # noqa: BLE001 - training itself failed: every member is lost
-                return outcomes + self._lose_all(e)
+            except Exception as e:  # noqa: BLE001 - training itself failed
+                if (len(self.members) > 1 and is_out_of_memory(e)
+                        and not oom_from_sharing(self._device())):
+                    self._halve(e)  # raises PackTooBig: the members are queued again
+                return outcomes + self._lose_all(e)  # every member is lost
             stop: KeyboardInterrupt | None = None
             for member, outcome in ended:
                 begun = self.members.pop(member)
@@ -107,11 +127,13 @@ class PackedTrials:
             self._interrupt_all()
             raise
 
-    def _fill(self) -> list[TrialOutcome | None]:
-        """Ask for trials until the pack is full; a trial that cannot be packed runs alone
-        (and ends the filling: the worker looks at its outcome before the next)."""
+    def _fill(self, deadline: float) -> list[TrialOutcome | None]:
+        """Ask for trials until the pack is full or a new one could not end by `deadline`; a
+        trial that cannot be packed runs alone (and ends the filling: the worker looks at its
+        outcome before the next)."""
         first = True
-        while self.capacity is None or len(self.members) < self.capacity:
+        while ((self.capacity is None or len(self.members) < self.capacity)
+               and self._time_for_one_more(deadline)):
             try:
                 begun = self._ask(first)
             except BudgetReached:
@@ -147,6 +169,16 @@ class PackedTrials:
                 return [self.objective.last]
             self.members[member] = begun
         return []
+
+    def _time_for_one_more(self, deadline: float) -> bool:
+        """Whether a trial started now would end by `deadline` at the pack's pace: its full
+        epochs at the last epoch's time. An unpacked worker lets its one last trial overrun
+        the timeout; a pack refilled to the end would overrun by K such trials at 1/K speed
+        each, so near the timeout its slots drain instead."""
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        return not self.members or now + self.pack.trial_seconds() <= deadline
 
     def _start(self, begun: TrialStart) -> str | None:
         """Trial `begun`'s config and start attrs (`Objective.start`); why it cannot be packed
@@ -245,6 +277,29 @@ class PackedTrials:
             self._end(begun, TrialState.FAIL)
             outcomes.append(self.objective.last)
         return outcomes
+
+    def _device(self) -> str:
+        begun = next(iter(self.members.values()), None)
+        return begun.device if begun is not None and begun.device else "cpu"
+
+    def _halve(self, error: Exception) -> None:
+        """The pack ran out of memory on a device of its own: every member ends FAIL
+        "interrupted" (to be queued again unchanged, resuming from its checkpoint), the pack's
+        capacity halves, and PackTooBig tells the worker to queue them and go on."""
+        n = len(self.members)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = f"out of memory in a pack of {n} on {self._device()}: {first}"
+        attrs = {"ended": INTERRUPTED, "oom_pack": reason}
+        for begun in list(self.members.values()):
+            with_retry(lambda b=begun: set_user_attrs(b.trial, attrs),
+                       what="marking the trial")
+        self._interrupt_all()
+        self.capacity = max(1, n // 2)
+        self.pack = trainers.Pack(self.capacity)
+        line = (f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
+                f"with packs of {self.capacity}")
+        print(line, file=sys.stderr, flush=True)
+        raise PackTooBig(line) from error
 
     def _interrupt_all(self) -> None:
         """Every trial asked and not told ends FAIL "interrupted" (the worker queues them

@@ -21,7 +21,13 @@ import optuna
 
 from search._errors import SearchError
 from search.run._artifacts import ArtifactRecorder, write_study_note
-from search.run._objective import GpuFull, Objective, StopRequested, say_dropped
+from search.run._objective import (
+    GpuFull,
+    Objective,
+    PackTooBig,
+    StopRequested,
+    say_dropped,
+)
 from search.run._packing import PackedTrials
 from search.run._user_trainer import UserObjective
 from search.spec import real_value_attrs
@@ -145,8 +151,8 @@ def run_worker(
               if pack not in (None, 1) and spec.trainer is None else None)
 
     def start_trial() -> list[TrialOutcome | None]:
-        if packed is not None:  # after the timeout, the pack's trials run to their end
-            return packed.step(refill=time.monotonic() < deadline)
+        if packed is not None:  # near the timeout the pack drains: its trials run to their end
+            return packed.step(deadline=deadline)
         room()
         # No Optuna callback: it would read the finished trial back from the storage, and the
         # objective already knows how the trial ended.
@@ -190,6 +196,10 @@ def run_worker(
                                    what="queueing the interrupted trials again")
                     finally:
                         lock.release()
+                if packed is not None:
+                    packed.interrupted.clear()
+                if isinstance(interrupt, PackTooBig):
+                    continue  # queued again above: the smaller pack takes them
                 if isinstance(interrupt, GpuFull):
                     print(f"trial #{objective.current}: {interrupt}", file=sys.stderr,
                           flush=True)

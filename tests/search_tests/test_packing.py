@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from search.cli import build_parser
 from search.run import Slot, worker_command
+from search.run._packing import PackedTrials
 from search.storage import count_trials, load, open_storage
 from tests.search_tests.studies import LR, study_data
 from tests.search_tests.test_workers import (
@@ -172,3 +173,68 @@ def _running(study, n: int, *, epochs: int) -> list | None:
     running = study.get_trials(states=(TrialState.RUNNING,))
     ready = len(running) == n and all(len(t.intermediate_values) >= epochs for t in running)
     return running if ready else None
+
+
+def test_near_the_timeout_a_pack_drains_instead_of_refilling(monkeypatch):
+    """A slot frees: it is refilled only if a new trial, at the pack's pace, would end by the
+    worker's timeout (a pack refilled to the end would overrun it by K trials)."""
+    import search.run._packing as packing
+    import trainers
+
+    pack = trainers.Pack(4)
+    config = {"dataset": "synthetic", "data.size": 256, "hidden": [16], "epochs": 5,
+              "batch_size": 32, "lr": 0.01, "device": "cpu"}
+    pack.add(config)
+    pack.add({**config, "epochs": 10, "lr": 0.02})
+    assert pack.trial_seconds() == 0  # no epoch yet: nothing to judge by
+    (ended, _), = pack.run_until_free()  # the 5-epoch member ends; the other goes on
+    assert pack.epoch_seconds > 0 and len(pack) == 1
+    assert pack.trial_seconds() == pytest.approx(10 * pack.epoch_seconds)  # a whole new run
+
+    packed = PackedTrials(None, None, None, None, 4, lambda: None)  # the rule needs no storage
+    now = 1000.0
+    monkeypatch.setattr(packing.time, "monotonic", lambda: now)
+    assert packed._time_for_one_more(now + 1e-3)  # an empty pack fills before the timeout
+    assert not packed._time_for_one_more(now)  # ... and not after it
+    packed.pack, packed.members = pack, {0: None}
+    assert packed._time_for_one_more(now + 1.01 * pack.trial_seconds())
+    assert not packed._time_for_one_more(now + 0.99 * pack.trial_seconds())
+
+
+def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path, study_name,
+                                                                      monkeypatch, capfd):
+    """Injected where no GPU is present: a pack of more than two members runs out of memory.
+    Its members are queued again unchanged and resume in packs of half the size; no trial is
+    lost and the study meets its budget."""
+    import torch
+
+    import trainers
+    from search.run import run_worker
+    from search.storage import INTERRUPTED
+
+    study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
+        study_name, trials=6, epochs=2, size=256, space=SPACE, checkpoints=tmp_path / "ckpt"))
+    real = trainers.Pack.run_until_free
+    sizes = []
+
+    def oom_when_big(self):
+        sizes.append(len(self))
+        if len(self) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(trainers.Pack, "run_until_free", oom_when_big)
+    run_worker(study, spec, device="cpu", artifacts=False, pack=4)
+    assert sizes[0] == 4 and max(sizes[1:]) <= 2  # halved once, never grown back
+    trials = study.get_trials()
+    oom = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(oom) == 4 and all("oom_pack" in t.user_attrs
+                                 and t.user_attrs["ended"] == INTERRUPTED for t in oom)
+    assert oom[0].user_attrs["oom_pack"].startswith("out of memory in a pack of 4 on cpu: CUDA")
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 6  # the exact budget
+    retried = {t.user_attrs.get("retried_from"): t for t in finished}
+    for t in oom:  # each queued again unchanged, and run
+        assert retried[t.number].params == t.params
+    assert "its 4 trials are queued again and this worker goes on with packs of 2" in (
+        capfd.readouterr().err)
