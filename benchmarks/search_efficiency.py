@@ -22,7 +22,9 @@ any epoch finished. Ends with `name: value` lines.
     .venv/bin/python benchmarks/search_efficiency.py [--budget-s 600] [--arms ours,hand_loop,random]
 
 The optional arm `ours_cold` is ours without the file's enqueued config (what the search itself
-finds). `--pack K|auto` runs the ours arms with packed trials (`hpsearch run --pack`).
+finds); `ours_cold_packed` is the same with packed trials (`hpsearch run --pack auto`, or the
+`--pack` given), so both run side by side. `--pack K|auto` runs the ours and ours_cold arms
+with packed trials too.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TARGET_VAL = 0.88
 LOOP_EPOCHS = 8
-ARMS = ("ours", "hand_loop", "random", "ours_cold")
+ARMS = ("ours", "hand_loop", "random", "ours_cold", "ours_cold_packed")
 
 # --------------------------------------------------------------------- the hand-written loops
 
@@ -122,15 +124,18 @@ def cold_study(path: Path) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
-def run_ours(out: Path, budget_s: float, *, cold: bool, pack: str | None = None
+def run_ours(out: Path, budget_s: float, *, arm: str, pack: str | None = None
              ) -> dict[str, Any]:
-    """hpsearch as a user runs it; trial records read back from its storage."""
+    """hpsearch as a user runs it (`arm`: ours, ours_cold or ours_cold_packed); trial records
+    read back from its storage."""
     import optuna
 
     from search.run import retrain
     from search.storage import load, open_storage
 
-    arm = "ours_cold" if cold else "ours"
+    cold = arm.startswith("ours_cold")
+    if arm == "ours_cold_packed":
+        pack = pack or "auto"
     study_file = cold_study(out / "cold.yaml") if cold else ROOT / "studies" / "fashion_mlp.yaml"
     url = f"sqlite:///{out / (arm + '.db')}"
     hpsearch = str(Path(sys.executable).with_name("hpsearch"))
@@ -186,12 +191,12 @@ def _fmt_time(seconds: float | None, unit: str = "") -> str:
 def report(arms: dict[str, dict[str, Any]], budget_s: float) -> None:
     print(f"\nsearch efficiency on FashionMNIST, seed MLP 784-128-56-10, {budget_s:g} s per arm "
           f"({dt.date.today()}, {os.cpu_count()} CPU cores)")
-    print(f"{'arm':<10} {'trials':>6} {'epochs':>6} {'best val acc':>12} {'test acc':>9} "
+    print(f"{'arm':<16} {'trials':>6} {'epochs':>6} {'best val acc':>12} {'test acc':>9} "
           f"{'to val 0.88':>11}  best config")
     for name, arm in arms.items():
         finished = len(arm["trials"])
         epochs = sum(t["epochs"] for t in arm["trials"])
-        print(f"{name:<10} {finished:>6} {epochs:>6} {arm['best_val_accuracy']:>12.4f} "
+        print(f"{name:<16} {finished:>6} {epochs:>6} {arm['best_val_accuracy']:>12.4f} "
               f"{arm['test']['test_accuracy']['mean']:>9.4f} "
               f"{_fmt_time(time_to(arm, TARGET_VAL), 's'):>11}  {arm['best_params']}")
     print()
@@ -244,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for arm in arms:
         t0 = time.time()
-        if arm in ("ours", "ours_cold"):
-            results[arm] = run_ours(out, args.budget_s, cold=arm == "ours_cold",
-                                    pack=args.pack)
+        if arm.startswith("ours"):
+            results[arm] = run_ours(out, args.budget_s, arm=arm, pack=args.pack)
         else:
             results[arm] = run_hand(arm, out, args.budget_s)
         r = results[arm]

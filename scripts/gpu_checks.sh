@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one call on a lent device machine: tests/test_gpu.py, the CUDA
-# test of trainers' data path, and the GPU rows of the benchmarks (trainer_speed, streaming_epoch). Logs and figures go to $OUT.
+# test of trainers' data path, and the GPU rows of the benchmarks (trainer_speed: the CUDA step
+# against a bare loop; gpu_fill: the quick start's 40 trials packed against 4 workers per GPU;
+# streaming_epoch). Logs and figures go to $OUT. About 6 minutes on an H200.
 #
 # The device machine has CUDA PyTorch but no registry: prepare wheels and data here first,
 #   bash scripts/gpu_checks.sh --prepare     # .gpu-wheels/ (cp312) and .gpu-data/ (FashionMNIST)
@@ -10,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything hpsearch needs that the device image lacks (torch, numpy, scipy… are there).
 WHEELS="optuna sqlalchemy alembic Mako colorlog pydantic pydantic-core annotated-types
-        typing-inspection plotly narwhals cmaes"
+        typing-inspection plotly narwhals cmaes pyyaml"
 
 if [ "${1:-}" = "--prepare" ]; then
   set -e
@@ -47,6 +49,8 @@ run test_gpu $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   tests/trainers_tests/test_data.py -k "cuda or gpu"
 run trainer_speed $PY benchmarks/trainer_speed.py --batch-sizes 256,32 \
   --conv-subset cnn=16384,resnet18=8192
+run gpu_fill $PY benchmarks/gpu_fill.py --arms pack,tpg4,auto --out /tmp/gpu_fill
 run streaming_epoch $PY benchmarks/streaming_epoch.py --device cuda --workers 8 --rounds 1
-grep -E "^[a-z_0-9]+: " "$OUT/trainer_speed.txt" "$OUT/streaming_epoch.txt" | tail -n 24
+grep -E "^[a-z_0-9]+: " "$OUT/trainer_speed.txt" "$OUT/gpu_fill.txt" \
+  "$OUT/streaming_epoch.txt" | tail -n 40
 exit $status
