@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
 
 # `--pack auto`: measured on the 2-core CPU (benchmarks/packing.py), 32 fashion_mlp trials
-# packed train 1.9x faster than one at a time; a model this large fills the machine alone.
+# packed train 1.9-2.4x faster than one at a time; a model this large fills the machine alone.
 AUTO_PACK = 32
 AUTO_MAX_PARAMETERS = 1_000_000
 PACK_MAX = 256
