@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 import trainers
@@ -269,8 +270,9 @@ class PackedTrials:
     def _lose_all(self, error: Exception) -> list[TrialOutcome | None]:
         """Training the pack failed (out of memory, say): every member fails with the error."""
         outcomes: list[TrialOutcome | None] = []
+        device = self._device()
         members, self.members = list(self.members.values()), {}
-        self.pack = trainers.Pack(self.pack.capacity)
+        self._empty(self.pack.capacity, device)
         for begun in members:
             # GpuFull (a shared GPU out of memory) is raised on: `step` interrupts them all.
             self.objective.failed(begun, error)
@@ -282,20 +284,26 @@ class PackedTrials:
         begun = next(iter(self.members.values()), None)
         return begun.device if begun is not None and begun.device else "cpu"
 
+    def _empty(self, capacity: int, device: str) -> None:
+        """A new, empty pack; the old one's tensors go with it (and CUDA's cached blocks)."""
+        self.pack = trainers.Pack(capacity)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     def _halve(self, error: Exception) -> None:
         """The pack ran out of memory on a device of its own: every member ends FAIL
         "interrupted" (to be queued again unchanged, resuming from its checkpoint), the pack's
         capacity halves, and PackTooBig tells the worker to queue them and go on."""
-        n = len(self.members)
+        n, device = len(self.members), self._device()
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        reason = f"out of memory in a pack of {n} on {self._device()}: {first}"
+        reason = f"out of memory in a pack of {n} on {device}: {first}"
         attrs = {"ended": INTERRUPTED, "oom_pack": reason}
         for begun in list(self.members.values()):
             with_retry(lambda b=begun: set_user_attrs(b.trial, attrs),
                        what="marking the trial")
         self._interrupt_all()
         self.capacity = max(1, n // 2)
-        self.pack = trainers.Pack(self.capacity)
+        self._empty(self.capacity, device)
         line = (f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
                 f"with packs of {self.capacity}")
         print(line, file=sys.stderr, flush=True)
