@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -44,15 +45,21 @@ from tests.search_tests.test_workers import (
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
 
-def restart_postgres() -> None:
+def restart_postgres(down_s: float = 3.0) -> None:
+    """Stop the local server, leave it down `down_s` seconds (a plain restart can be quick
+    enough that no query meets it), and start it again."""
     versions = os.listdir("/etc/postgresql") if os.path.isdir("/etc/postgresql") else []
     if not versions or shutil.which("pg_ctlcluster") is None:
         message = "pg_ctlcluster is not here: the PostgreSQL restart drill needs the local server"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[0], "main",
-                    "restart"], check=True, capture_output=True, timeout=120)
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", versions[0], "main"]
+    subprocess.run([*ctl, "stop"], check=True, capture_output=True, timeout=120)
+    try:
+        time.sleep(down_s)
+    finally:
+        subprocess.run([*ctl, "start"], check=True, capture_output=True, timeout=120)
 
 
 def exact_budget(url: str, name: str, trials: int) -> list[optuna.trial.FrozenTrial]:
