@@ -238,3 +238,20 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
         assert retried[t.number].params == t.params
     assert "its 4 trials are queued again and this worker goes on with packs of 2" in (
         capfd.readouterr().err)
+
+
+def test_the_gpu_fill_benchmark_runs_its_arms_dry_on_the_cpu(tmp_path):
+    """benchmarks/gpu_fill.py waits for a lent GPU's few minutes: it must not fail there for a
+    reason the CPU could have shown (its CPU dry run: synthetic data, 4 trials of 1 epoch)."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_fill.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--trials", "4",
+                             "--epochs", "1", "--dataset", "synthetic", "--arms", "tpg1,pack",
+                             "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert lines["trials_tpg1"] == lines["trials_pack"] == "4"
+    assert float(lines["pack_speedup_vs_tpg1"]) > 0 and lines["gpu_busy_pack"] == "n/a"
