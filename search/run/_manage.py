@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from search._errors import SearchError, SpecError
 from search._urls import redact, resolve_url
 from search.storage import (
+    checkpoint_location,
     count_trials,
     delete_study,
     load,
@@ -58,7 +59,7 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
     opened = open_storage(url, must_exist=True)
     study, spec = load(name, opened)
     counts = count_trials(study)
-    root = Path(spec.run.checkpoint_dir or "checkpoints")
+    root = Path(checkpoint_location(spec.run.checkpoint_dir, url))
     if counts.running:
         raise SpecError(f"study {name!r} has {counts.running} running trial(s): stop it first "
                         f"(`hpsearch stop {name} --wait`)")

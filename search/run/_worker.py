@@ -40,6 +40,7 @@ from search.storage import (
     WorkerHeartbeat,
     beat_written,
     budget_of,
+    checkpoint_location,
     close_waiting,
     count_trials,
     is_connection_error,
@@ -47,6 +48,8 @@ from search.storage import (
     requeue_interrupted,
     set_budget,
     storage_error,
+    storage_of,
+    storage_url_of,
     taken_over,
     trial_id_of,
     with_retry,
@@ -105,7 +108,8 @@ def run_worker(
     if artifacts is True:
         artifacts = ArtifactRecorder.for_study(study)  # a bad $HPSEARCH_ARTIFACTS stops here
     recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
-    checkpoint_root = spec.run.checkpoint_dir or "checkpoints"
+    checkpoint_root = checkpoint_location(spec.run.checkpoint_dir,
+                                          storage_url_of(storage_of(study)))
     # A user's trainer is imported (or its program found) here, before any trial is taken.
     heartbeat = WorkerHeartbeat(study)
     kind = Objective if spec.trainer is None else UserObjective

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from search._urls import DEFAULT_URL, ENV_VAR, redact, resolve_url, sqlite_path
 from search.storage._artifact_store import (
+    ARTIFACT_STORE,
     artifact_location,
+    checkpoint_location,
     open_artifact_store,
     storage_url_of,
     store_files,
@@ -61,6 +63,7 @@ from search.storage._trial_start import (
 )
 
 __all__ = [
+    "ARTIFACT_STORE",
     "INTERRUPTED",
     "STOP_ATTR",
     "clear_stop",
@@ -87,6 +90,7 @@ __all__ = [
     "WorkerHeartbeat",
     "admit",
     "artifact_location",
+    "checkpoint_location",
     "backend_of",
     "beat_written",
     "budget_lock",

@@ -41,6 +41,23 @@ def artifact_location(storage_url: str | None) -> str | None:
         return f"{path}.artifacts"
     return DEFAULT_DIR
 
+# `run.checkpoint_dir: artifact-store`: the checkpoints follow the artifact store.
+ARTIFACT_STORE = "artifact-store"
+
+
+def checkpoint_location(configured: str | None, storage_url: str | None) -> str:
+    """Where a study's checkpoints go: `run.checkpoint_dir` as written (./checkpoints when
+    unset), and for `artifact-store` the artifact store's own place plus /checkpoints: under
+    `$HPSEARCH_ARTIFACTS` (a shared folder or s3://bucket/prefix, so a retry on another node
+    finds them), else next to the storage as the artifacts are."""
+    if configured != ARTIFACT_STORE:
+        return configured or "checkpoints"
+    store = artifact_location(storage_url)
+    if store is None:
+        raise SpecError(f"run.checkpoint_dir: {ARTIFACT_STORE}, but the artifact store is off "
+                        "($HPSEARCH_ARTIFACTS); name a folder or s3://bucket/prefix instead")
+    return f"{store.rstrip('/')}/checkpoints"
+
 class _PrefixedStore:
     """An artifact store whose keys all start with `prefix/` (s3://bucket/prefix)."""
 

@@ -46,20 +46,30 @@ def s3_endpoint():
         server.wait(timeout=10)
 
 
-def test_trial_artifacts_land_in_the_bucket(s3_endpoint, tmp_path, study_name):
+def _bucket(endpoint: str, prefix: str):
+    """The environment that sends artifacts to s3://hp-artifacts/`prefix`, and a client of the
+    bucket (created)."""
     import boto3
 
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test",
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "HPSEARCH_ARTIFACTS": "s3://hp-artifacts/exp1"}
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test",
+           "HPSEARCH_ARTIFACTS": f"s3://hp-artifacts/{prefix}"}
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
     client.create_bucket(Bucket="hp-artifacts")
-    spec = {"name": study_name, "budget": {"trials": 2, "epochs": 2},
+    return env, client
+
+
+def _spec(name: str, run: dict) -> dict:
+    return {"name": name, "budget": {"trials": 2, "epochs": 2},
             "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"},
             "data": {"dataset": "synthetic", "size": 512}, "model": {"hidden": [16]},
-            "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}},
-            "run": {"checkpoint_dir": str(tmp_path / "ckpt")}}
+            "space": {"lr": {"low": 1e-3, "high": 0.1, "log": True}}, "run": run}
+
+
+def test_trial_artifacts_land_in_the_bucket(s3_endpoint, tmp_path, study_name):
+    env, client = _bucket(s3_endpoint, "exp1")
+    spec = _spec(study_name, {"checkpoint_dir": str(tmp_path / "ckpt")})
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(spec))
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -81,3 +91,39 @@ def test_trial_artifacts_land_in_the_bucket(s3_endpoint, tmp_path, study_name):
         body = client.get_object(Bucket="hp-artifacts",
                                  Key=f"exp1/{metas['metrics.json'].artifact_id}")["Body"]
         assert json.loads(body.read())["history"] == trial.user_attrs["history"]
+
+
+def test_checkpoints_follow_the_artifact_store(s3_endpoint, tmp_path, study_name):
+    """`run.checkpoint_dir: artifact-store`: each epoch's checkpoint goes to
+    $HPSEARCH_ARTIFACTS/checkpoints, where a retry on another machine finds it."""
+    env, client = _bucket(s3_endpoint, "exp2")
+    spec = _spec(study_name, {"checkpoint_dir": "artifact-store", "keep_checkpoints": True})
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = subprocess.run([HPSEARCH, "run", str(path), "--storage",
+                             f"sqlite:///{tmp_path / 's.db'}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="hp-artifacts",
+                                                     Prefix="exp2/checkpoints/")["Contents"]}
+    assert keys == {f"exp2/checkpoints/{study_name}/trial-{n}/checkpoint.pt" for n in (0, 1)}
+    assert not (tmp_path / "checkpoints").exists()  # nothing on the local disk's default
+
+
+def test_where_artifact_store_checkpoints_go(monkeypatch):
+    from search._errors import SpecError
+    from search.storage import checkpoint_location
+
+    monkeypatch.delenv("HPSEARCH_ARTIFACTS", raising=False)
+    assert checkpoint_location(None, "sqlite:///s.db") == "checkpoints"
+    assert checkpoint_location("/shared/ckpt", None) == "/shared/ckpt"
+    assert checkpoint_location("artifact-store", "sqlite:////data/s.db") == (
+        "/data/s.db.artifacts/checkpoints")  # beside the storage, as its artifacts are
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", "s3://bucket/runs/")
+    assert checkpoint_location("artifact-store", "postgresql://h/db") == (
+        "s3://bucket/runs/checkpoints")
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", "/mnt/shared/art")
+    assert checkpoint_location("artifact-store", None) == "/mnt/shared/art/checkpoints"
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", "off")
+    with pytest.raises(SpecError, match="artifact-store, but the artifact store is off"):
+        checkpoint_location("artifact-store", None)
