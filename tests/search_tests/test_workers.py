@@ -166,9 +166,14 @@ def test_four_workers_meet_the_budget_exactly(backend, tmp_path, study_name, req
     study, _ = load(study_name, open_storage(url))
     trials = study.get_trials()
     assert count_trials(study).finished == 20
-    assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.user_attrs["pid"] for t in trials}) == 4  # every worker ran trials
+    done = [t for t in trials if t.state != TrialState.FAIL]
+    assert len(done) == 20 and all(t.state == TrialState.COMPLETE for t in done), [
+        (t.number, t.state.name, t.user_attrs.get("ended")) for t in trials]
+    # On a starved machine a worker may miss its 3 s grace period (1 s beats here): its trial
+    # is failed as stale and retried, never lost and never counted twice.
+    retried = [t.user_attrs["retried_from"] for t in trials if "retried_from" in t.user_attrs]
+    assert sorted(retried) == sorted(t.number for t in trials if t.state == TrialState.FAIL)
+    assert len({t.user_attrs["pid"] for t in done}) == 4  # every worker ran trials
     assert "locked" not in result.stdout + result.stderr
 
 # ---- faults ----
