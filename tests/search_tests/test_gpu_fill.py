@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -179,12 +180,15 @@ def test_an_out_of_memory_on_the_shared_gpu_requeues_the_trial_and_lowers_the_gp
     result, study = _run_on_simulated_gpu(tmp_path, study_name, monkeypatch, oom=True)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert not (tmp_path / "oom-once").exists()  # the second worker did run out of memory
-    assert "worker #1 ran out of memory on GPU 0, shared with others" in out
-    assert "GPU 0 keeps at most 1 worker(s) from now" in out
+    assert not (tmp_path / "oom-once").exists(), out  # the second worker did run out of memory
+    # The second process to reach a forward runs out: worker #1 as a rule, but #0 where its
+    # imports took longer than #1's start (a loaded machine).
+    assert re.search(r"worker #[01] ran out of memory on GPU 0, shared with others", out), out
+    assert "GPU 0 keeps at most 1 worker(s) from now" in out, out
     trials = study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and failed[0].user_attrs["ended"] == "interrupted"
+    assert len(failed) == 1 and failed[0].user_attrs["ended"] == "interrupted", [
+        (t.number, t.state.name, t.user_attrs.get("ended")) for t in trials]
     assert "out of memory" in failed[0].user_attrs["oom_shared"]
     retry = [t for t in trials if t.system_attrs.get("failed_trial") is not None
              or t.user_attrs.get("retried_from") == failed[0].number]
