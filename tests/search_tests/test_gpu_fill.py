@@ -148,7 +148,9 @@ def _run_on_simulated_gpu(tmp_path: Path, name: str, monkeypatch, *, oom: bool):
     monkeypatch.syspath_prepend(str(tmp_path))  # the stored spec names it: loading imports it
     if oom:
         (tmp_path / "oom-once").write_text("")
-    data = study_data(name, trials=10, epochs=4, size=4000, checkpoints=tmp_path / "ckpt",
+    # Trials long enough (10 epochs of 8,000) that worker #1, started a second or two after
+    # #0 and importing torch meanwhile, still finds trials left to take.
+    data = study_data(name, trials=10, epochs=10, size=8000, checkpoints=tmp_path / "ckpt",
                       model={"type": "oomnet:Net"})
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data))
