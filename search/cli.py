@@ -119,7 +119,10 @@ class Validate(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         spec = _package("spec")
-        print(f"{args.study}: {spec.describe(spec.load_spec(args.study))}")
+        loaded = spec.load_spec(args.study)
+        # A setting that depends on this machine's environment: refused here, not at `run`.
+        _package("storage").checkpoint_location(loaded.run.checkpoint_dir, None)
+        print(f"{args.study}: {spec.describe(loaded)}")
         return EXIT_OK
 
 

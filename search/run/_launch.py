@@ -31,6 +31,7 @@ from search.storage import (
     backend_of,
     budget_lock,
     budget_of,
+    checkpoint_location,
     clear_stop,
     count_trials,
     load,
@@ -72,6 +73,7 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     if spec is None:
         # A worker learns the heartbeat settings from the stored spec: open once to read it.
         _, spec = load(name, open_storage(url, must_exist=True))
+    checkpoint_location(spec.run.checkpoint_dir, url)  # refused before a study is created
     storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
                            grace_period=spec.run.grace_period)
     if name is None:

@@ -127,3 +127,20 @@ def test_where_artifact_store_checkpoints_go(monkeypatch):
     monkeypatch.setenv("HPSEARCH_ARTIFACTS", "off")
     with pytest.raises(SpecError, match="artifact-store, but the artifact store is off"):
         checkpoint_location("artifact-store", None)
+
+
+def test_artifact_store_checkpoints_with_the_store_off_are_refused_before_anything(tmp_path,
+                                                                                     study_name):
+    """`validate` and `run` refuse `checkpoint_dir: artifact-store` with the store off, and
+    `run` does so before the study (or its database) is created."""
+    path = tmp_path / "off.yaml"
+    path.write_text(yaml.safe_dump(_spec(study_name, {"checkpoint_dir": "artifact-store"})))
+    env = {**os.environ, "HPSEARCH_ARTIFACTS": "off"}
+    db = tmp_path / "s.db"
+    for argv in (["validate", str(path)], ["run", str(path), "--storage", f"sqlite:///{db}"]):
+        result = subprocess.run([HPSEARCH, *argv], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "run.checkpoint_dir: artifact-store, but the artifact store is off" in (
+            result.stderr), result.stderr
+    assert not db.exists()
