@@ -141,7 +141,8 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", type=_pack, metavar="K|auto",
                         help="train up to K trials at once in each worker as one batched model "
                              "(small MLPs; others run one at a time); auto: 32 for a model "
-                             "under 1M parameters, else off; overrides run.pack")
+                             "under 1M parameters, else off, grown on a GPU while it fits; "
+                             "overrides run.pack")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run the workers as Ray actors on a Ray cluster: auto, "
                              "ray://host:10001, host:6379, or none given (a local Ray started "

@@ -172,3 +172,26 @@ def test_packed_trials_train_on_cuda_as_they_would_alone():
         for p, a in zip(packed.history, alone.history, strict=True):
             assert p.train_loss == pytest.approx(a.train_loss, rel=2e-3)
             assert p.val_loss == pytest.approx(a.val_loss, rel=2e-3)
+
+
+def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path, monkeypatch,
+                                                                       capfd):
+    """`--pack auto` on a real GPU: CUDA's own counters are read after each full pack, and a
+    pack of tiny MLPs on a large GPU doubles (2 → 4) unless NVML says it is busy."""
+    import search.run._packing as packing
+    from search.run import run_worker
+    from search.run._packing import CudaMeter
+    from tests.search_tests.studies import LR, study_data
+    from tests.search_tests.test_workers import create
+
+    monkeypatch.setattr(packing, "AUTO_PACK", 2)
+    monkeypatch.delenv("HPSEARCH_FAKE_GPU_MEMORY", raising=False)
+    study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
+        "cuda-pack-grows", trials=8, epochs=2, size=1024, space=LR))
+    run_worker(study, spec, device="cuda", artifacts=False, pack="auto")
+    err = capfd.readouterr().err
+    assert "--pack auto: a pack of 2 peaked at" in err, err
+    assert "packs of 4 now" in err or "(GPU busy)" in err, err
+    assert len(study.get_trials()) == 8
+    reading = CudaMeter("cuda").read(1)
+    assert 0 <= reading.own_mb < reading.total_mb and reading.others_mb < reading.total_mb

@@ -9,6 +9,12 @@ goes through, so its attrs, artifacts, retries and status are those of a trial r
 member's slot is refilled at the next step (continuous batching of trials). A trial that cannot
 be packed (`trainers.pack_refusal`, or another network than the pack's) runs alone, and the
 worker says why once.
+
+`--pack auto` starts at `AUTO_PACK` for a small model. On a GPU the pack then grows: each time
+a full pack has trained, its peak memory and the GPU's utilization are read (`PackMeter`) and
+its capacity doubles while twice the pack still fits under the memory margin and the GPU is not
+busy (`grown_capacity`, the margins of `--trials-per-gpu auto`); the first time it may not, its
+size is settled. A pack that runs out of memory halves and grows no more.
 """
 
 from __future__ import annotations
@@ -17,14 +23,20 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 import trainers
-from search.run._gpu_fill import oom_from_sharing
+from search.run._gpu_fill import (
+    BUSY_UTILIZATION,
+    MEMORY_MARGIN,
+    SimulatedGpus,
+    oom_from_sharing,
+)
 from search.run._objective import (
     PackTooBig,
     StopRequested,
@@ -64,6 +76,85 @@ def auto_pack(config: trainers.TrainConfig) -> tuple[int, str]:
                "one trial at a time")
 
 
+@dataclass(frozen=True)
+class PackReading:
+    """A GPU as a packing worker sees it after a full pack trained."""
+
+    members: int  # the pack's size while it trained
+    own_mb: float  # the pack's peak memory (this process's), since the last reading
+    others_mb: float  # held on the device by everything else (other processes, CUDA contexts)
+    total_mb: float
+    utilization: float | None  # percent busy; None where the driver does not say
+
+
+class PackMeter(Protocol):
+    def read(self, members: int) -> PackReading: ...
+
+
+MB = 2**20
+
+
+class CudaMeter:
+    """Readings of this process's CUDA device: torch's peak (reset at each reading), the
+    device's free memory, and NVML's utilization where `pynvml` is installed."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+    def read(self, members: int) -> PackReading:
+        own = torch.cuda.max_memory_reserved(self.device) / MB
+        held = torch.cuda.memory_reserved(self.device) / MB
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free, total = (x / MB for x in torch.cuda.mem_get_info(self.device))
+        try:
+            utilization: float | None = float(torch.cuda.utilization(self.device))
+        except Exception:  # noqa: BLE001 - no pynvml, or a driver that does not say
+            utilization = None
+        return PackReading(members, own, max(0.0, total - free - held), total, utilization)
+
+
+class SimulatedMeter:
+    """`$HPSEARCH_FAKE_GPU_MEMORY`'s device, a member of the pack standing for a worker: for
+    tests on machines without a GPU."""
+
+    def __init__(self, gpus: SimulatedGpus) -> None:
+        self.gpus = gpus
+
+    def read(self, members: int) -> PackReading:
+        reading = self.gpus.read({"0": members})["0"]
+        own = members * self.gpus.per_worker_mb
+        return PackReading(members, own, reading.memory_used_mb - own, reading.memory_total_mb,
+                           reading.utilization)
+
+
+def meter_for(device: str) -> PackMeter | None:
+    """How a pack on `device` is measured: the simulated device where tests set one, CUDA's
+    own counters on a GPU, else None (a CPU pack keeps its size)."""
+    simulated = SimulatedGpus.from_env()
+    if simulated is not None:
+        return SimulatedMeter(simulated)
+    return CudaMeter(device) if device.startswith("cuda") else None
+
+
+def grown_capacity(capacity: int, reading: PackReading) -> tuple[int, str]:
+    """The pack's next capacity after a full pack's `reading`, and why (empty: unchanged)."""
+    if reading.members < capacity or capacity >= PACK_MAX:
+        return capacity, ""  # not full (nothing learned), or as large as packs get
+    busy = reading.utilization is not None and reading.utilization >= BUSY_UTILIZATION
+    target = min(PACK_MAX, 2 * capacity)
+    needed = reading.others_mb + reading.own_mb / reading.members * target
+    seen = (f"a pack of {capacity} peaked at {reading.own_mb:,.0f} MiB, others hold "
+            f"{reading.others_mb:,.0f} of {reading.total_mb:,.0f} MiB")
+    if reading.utilization is not None:
+        seen += f", GPU {reading.utilization:.0f}% busy"
+    if busy:
+        return capacity, f"--pack auto: {seen}: the pack stays at {capacity} (GPU busy)"
+    if needed > MEMORY_MARGIN * reading.total_mb:
+        return capacity, (f"--pack auto: {seen}: the pack stays at {capacity} ({target} would "
+                          f"need {needed:,.0f} MiB, over {MEMORY_MARGIN:.0%})")
+    return target, f"--pack auto: {seen}: packs of {target} now"
+
+
 class PackedTrials:
     """A worker's pack of trials between `step`s; `interrupted`: the trials an interruption
     ended (FAIL "interrupted"), for the worker to queue again."""
@@ -80,6 +171,8 @@ class PackedTrials:
         self.lock = lock
         self.room = room
         self.capacity: int | None = None if capacity == "auto" else int(capacity)
+        self.grows = capacity == "auto"  # by the meter's readings, until an out-of-memory
+        self.meter: PackMeter | None = None  # set when `auto` takes its K
         self.pack = trainers.Pack(max(self.capacity or 1, 1))
         self.members: dict[int, TrialStart] = {}  # by the pack's member id
         self.live: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
@@ -104,6 +197,7 @@ class PackedTrials:
             if not self.members:
                 return outcomes
             self.lock.release()  # held from the worker's loop when nothing was asked
+            size = len(self.pack)
             try:
                 ended = self.pack.run_until_free()
             except Exception as e:  # noqa: BLE001 - training itself failed
@@ -123,6 +217,7 @@ class PackedTrials:
                     outcomes.append(self._told(begun, outcome))
             if stop is not None:
                 raise stop
+            self._grow(size)
             return outcomes
         except KeyboardInterrupt:
             self._interrupt_all()
@@ -191,7 +286,20 @@ class PackedTrials:
             self.capacity, why = auto_pack(begun.config)
             self._say(why)
             self.pack = trainers.Pack(max(self.capacity, 1))
+            self.meter = meter_for(begun.device or "cpu") if self.capacity > 1 else None
         return refusal
+
+    def _grow(self, size: int) -> None:
+        """After the pack trained with `size` members: `auto` doubles its capacity while the
+        meter says twice the pack fits (`grown_capacity`)."""
+        if not self.grows or self.meter is None or self.capacity is None:
+            return
+        capacity, why = grown_capacity(self.capacity, self.meter.read(size))
+        if why:
+            self._say(why)
+        if why and capacity == self.capacity:
+            self.grows = False  # settled: the GPU is full or busy at this size
+        self.capacity = self.pack.capacity = capacity
 
     def _ask(self, locked: bool) -> TrialStart:
         """A new trial (or a queued one), under the budget lock from the check until it exists
@@ -302,7 +410,7 @@ class PackedTrials:
             with_retry(lambda b=begun: set_user_attrs(b.trial, attrs),
                        what="marking the trial")
         self._interrupt_all()
-        self.capacity = max(1, n // 2)
+        self.capacity, self.grows = max(1, n // 2), False
         self._empty(self.capacity, device)
         line = (f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
                 f"with packs of {self.capacity}")

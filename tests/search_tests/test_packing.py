@@ -240,6 +240,45 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
         capfd.readouterr().err)
 
 
+def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monkeypatch,
+                                                     capfd):
+    """`--pack auto` on a simulated GPU (1000 MiB, 100 MiB a member): the pack doubles after
+    each full pack while twice it fits under 85% (2 → 4 → 8), then settles at 8 and says why."""
+    import search.run._packing as packing
+    from search.run import run_worker
+
+    monkeypatch.setattr(packing, "AUTO_PACK", 2)  # where it starts (32 for a real small MLP)
+    monkeypatch.setenv("HPSEARCH_FAKE_GPU_MEMORY",
+                       '{"total_mb": 1000, "per_worker_mb": 100, "util_per_worker": 1}')
+    study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
+        study_name, trials=14, epochs=2, size=256, space=SPACE))
+    run_worker(study, spec, device="cpu", artifacts=False, pack="auto")
+    err = capfd.readouterr().err
+    assert ("a pack of 2 peaked at 200 MiB, others hold 0 of 1,000 MiB, GPU 2% busy: packs of "
+            "4 now") in err, err
+    assert "a pack of 4 peaked at 400 MiB" in err and "packs of 8 now" in err, err
+    assert "the pack stays at 8 (16 would need 1,600 MiB, over 85%)" in err, err
+    trials = study.get_trials()
+    assert len(trials) == 14 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert _most_at_once(trials) == 8  # 2, then 4, then the last 8 together
+
+
+def test_how_an_auto_pack_grows():
+    from search.run._packing import PACK_MAX, PackReading, grown_capacity
+
+    def reading(members, own, others=0.0, total=1000.0, util=None):
+        return PackReading(members, own, others, total, util)
+
+    assert grown_capacity(32, reading(32, 320))[0] == 64  # 640 MiB fits under 850
+    assert grown_capacity(32, reading(32, 320, others=300))[0] == 32  # 940 does not
+    assert grown_capacity(32, reading(20, 200))[0] == 32  # not full: nothing learned
+    size, why = grown_capacity(32, reading(32, 64, util=95.0))
+    assert size == 32 and why.endswith("the pack stays at 32 (GPU busy)")
+    assert grown_capacity(32, reading(32, 64, util=50.0))[0] == 64
+    assert grown_capacity(PACK_MAX // 2 + 1, reading(PACK_MAX // 2 + 1, 1))[0] == PACK_MAX
+    assert grown_capacity(PACK_MAX, reading(PACK_MAX, 1)) == (PACK_MAX, "")
+
+
 def test_the_gpu_fill_benchmark_runs_its_arms_dry_on_the_cpu(tmp_path):
     """benchmarks/gpu_fill.py waits for a lent GPU's few minutes: it must not fail there for a
     reason the CPU could have shown (its CPU dry run: synthetic data, 4 trials of 1 epoch)."""
