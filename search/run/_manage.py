@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from search._errors import SearchError, SpecError
 from search._urls import redact, resolve_url
+from search.run._remote_checkpoints import RemoteCheckpoints, is_remote
 from search.storage import (
     checkpoint_location,
     count_trials,
@@ -59,7 +60,8 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
     opened = open_storage(url, must_exist=True)
     study, spec = load(name, opened)
     counts = count_trials(study)
-    root = Path(checkpoint_location(spec.run.checkpoint_dir, url))
+    location = checkpoint_location(spec.run.checkpoint_dir, url)
+    remote = RemoteCheckpoints.open(location) if is_remote(location) else None
     if counts.running:
         raise SpecError(f"study {name!r} has {counts.running} running trial(s): stop it first "
                         f"(`hpsearch stop {name} --wait`)")
@@ -69,12 +71,16 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
                             f"{redact(url)} cannot be undone)")
         answer = input(f"delete study {name!r} ({counts.complete + counts.pruned + counts.failed}"
                        f" trials) from {redact(url)}, with its artifacts and checkpoints "
-                       f"under {root}/{name}? [y/N] ")
+                       f"under {location.rstrip('/')}/{name}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
-    removed = delete_study(name, opened, checkpoint_root=root)
+    numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    removed = delete_study(name, opened,
+                           checkpoint_root=None if remote else Path(location))
+    checkpoints = f"{removed['checkpoint_folders']} checkpoint folder(s)"
+    if remote is not None:  # each trial's copy in the bucket, where one was left
+        checkpoints = f"{remote.remove_study(name, numbers)} checkpoint file(s) in {location}"
     print(f"deleted study {name!r}: {removed['trials']} trials, {removed['artifacts']} "
-          f"artifact files, {removed['checkpoint_folders']} checkpoint folder(s), "
-          f"{removed['lock_files']} lock file(s)")
+          f"artifact files, {checkpoints}, {removed['lock_files']} lock file(s)")
     return 0

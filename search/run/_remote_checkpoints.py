@@ -77,6 +77,19 @@ class RemoteCheckpoints:
         except Exception:  # noqa: BLE001 - a leftover file costs bytes, not a result
             pass
 
+    def remove_study(self, study: str, numbers: list[int]) -> int:
+        """Delete the checkpoints of trials `numbers` of `study` (`hpsearch delete`); how many
+        there were."""
+        removed = 0
+        for number in numbers:
+            try:
+                self.store.open_reader(self.key(study, number)).close()
+            except ArtifactNotFound:
+                continue
+            self.store.remove(self.key(study, number))
+            removed += 1
+        return removed
+
     def __repr__(self) -> str:
         return f"RemoteCheckpoints({self.location!r})"
 

@@ -102,9 +102,10 @@ def requeue_left(study: optuna.Study, lock: Any) -> list[int]:
 
 
 def delete_study(name: str, storage: optuna.storages.BaseStorage, *,
-                 checkpoint_root: Path) -> dict[str, int]:
+                 checkpoint_root: Path | None) -> dict[str, int]:
     """Delete study `name` from `storage` with its trials' artifacts, its checkpoints under
-    `checkpoint_root` and its budget lock file; what was removed, counted."""
+    `checkpoint_root` (None: kept elsewhere, a bucket) and its budget lock file; what was
+    removed, counted."""
     study = optuna.load_study(study_name=name, storage=storage)
     url = storage_url_of(storage)
     removed = {"trials": 0, "artifacts": 0, "checkpoint_folders": 0, "lock_files": 0}
@@ -122,8 +123,8 @@ def delete_study(name: str, storage: optuna.storages.BaseStorage, *,
                 except Exception:  # noqa: BLE001 - already gone: nothing to remove
                     pass
     optuna.delete_study(study_name=name, storage=storage)
-    folder = checkpoint_root / name
-    if folder.is_dir():
+    folder = checkpoint_root / name if checkpoint_root is not None else None
+    if folder is not None and folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
         removed["checkpoint_folders"] += 1
     if url is not None:

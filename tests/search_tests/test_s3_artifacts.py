@@ -108,6 +108,14 @@ def test_checkpoints_follow_the_artifact_store(s3_endpoint, tmp_path, study_name
                                                      Prefix="exp2/checkpoints/")["Contents"]}
     assert keys == {f"exp2/checkpoints/{study_name}/trial-{n}/checkpoint.pt" for n in (0, 1)}
     assert not (tmp_path / "checkpoints").exists()  # nothing on the local disk's default
+    # `hpsearch delete` removes the bucket's copies with the study.
+    deleted = subprocess.run([HPSEARCH, "delete", study_name, "--yes", "--storage",
+                              f"sqlite:///{tmp_path / 's.db'}"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert "2 checkpoint file(s) in s3://hp-artifacts/exp2/checkpoints" in deleted.stdout
+    left = client.list_objects_v2(Bucket="hp-artifacts", Prefix="exp2/checkpoints/")
+    assert left.get("KeyCount") == 0, left.get("Contents")
 
 
 def test_where_artifact_store_checkpoints_go(monkeypatch):
