@@ -9,6 +9,7 @@ is, so the next `run` or `worker` on any machine resumes it from its last checkp
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import shutil
 from pathlib import Path
@@ -25,6 +26,9 @@ from search.storage._locks import budget_lock
 
 STOP_ATTR = "hpsearch_stop"  # set by `hpsearch stop`: when it was asked for
 INTERRUPTED = "interrupted"
+# Why a trial was interrupted by a lack of memory: of that trial, not of its retry (which
+# Optuna's retry would otherwise copy with the other user attrs).
+OOM_ATTRS = ("oom_pack", "oom_shared")
 
 
 def request_stop(study: optuna.Study) -> None:
@@ -84,6 +88,8 @@ def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
             t = storage.get_trial(trial_id_of(t))
         if t.state != TrialState.FAIL or t.user_attrs.get("ended") != INTERRUPTED:
             continue
+        t = copy.copy(t)
+        t.user_attrs = {k: v for k, v in t.user_attrs.items() if k not in OOM_ATTRS}
         retry(study, t)
         queued.append(t.number)
     return queued

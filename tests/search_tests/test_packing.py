@@ -236,6 +236,7 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
     retried = {t.user_attrs.get("retried_from"): t for t in finished}
     for t in oom:  # each queued again unchanged, and run
         assert retried[t.number].params == t.params
+        assert "oom_pack" not in retried[t.number].user_attrs  # the retry's record is its own
     assert "its 4 trials are queued again and this worker goes on with packs of 2" in (
         capfd.readouterr().err)
 
