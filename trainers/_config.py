@@ -4,6 +4,11 @@
 it accepts the nested form (``optimizer: {name: sgd, lr: 0.1}``) and the flat knob names a
 search space uses (``optimizer: sgd, lr: 0.1, scheduler: cosine``), checks every key and every
 value's type, and names the offending key path when something is wrong.
+
+Light to import (no torch): names (an optimizer's, a dataset's …) are checked against the
+registries (`trainers._validate`, which imports torch) when a config is built, loaded then;
+within `names_trusted()` they are not, for configs read back from where checked ones were
+stored (a study's spec), so a command that only reads a study never loads torch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -127,8 +134,22 @@ class InitConfig:
 
 
 # Checks of names against the registries (data, models, optimizers, schedules, inits), added
-# by `trainers._validate` when the package loads: the registries import this module.
+# by the package's face (`trainers/__init__`) when it loads: the registries import this module.
 NAME_CHECKS: list[Callable[[TrainConfig], None]] = []
+# Whether they run when a config is built (see `names_trusted`).
+_CHECK_NAMES: ContextVar[bool] = ContextVar("trainers_check_names", default=True)
+
+
+@contextmanager
+def names_trusted() -> Iterator[None]:
+    """Within it, configs are built without checking their names against the registries (data,
+    models, optimizers, schedules, inits), and so without importing torch: for configs read
+    back from where checked ones were stored. Ranges and types are still checked."""
+    token = _CHECK_NAMES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_NAMES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -155,8 +176,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_ranges(self)
-        for check in NAME_CHECKS:
-            check(self)
+        if _CHECK_NAMES.get():
+            for check in NAME_CHECKS:
+                check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The nested plain-data form; `config_from_dict(c.to_dict()) == c`.

@@ -1,8 +1,9 @@
-"""Name checks against the registries, run whenever a `TrainConfig` is created, before any work."""
+"""Name checks against the registries, run whenever a `TrainConfig` is created (outside
+`names_trusted`), before any work."""
 
 from __future__ import annotations
 
-from trainers._config import NAME_CHECKS, TrainConfig
+from trainers._config import TrainConfig
 from trainers._data import check_data_config
 from trainers._errors import ConfigError
 from trainers._inits import check_init_config
@@ -24,5 +25,3 @@ def check_names(config: TrainConfig) -> None:
         )
     check_init_config(config.init)
 
-
-NAME_CHECKS.append(check_names)

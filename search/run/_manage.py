@@ -16,11 +16,11 @@ from optuna.trial import TrialState
 
 from search._errors import SearchError, SpecError
 from search._urls import redact, resolve_url
-from search.run._remote_checkpoints import RemoteCheckpoints, is_remote
 from search.storage import (
     checkpoint_location,
     count_trials,
     delete_study,
+    is_remote,
     load,
     open_storage,
     quiet_optuna_warnings,
@@ -61,7 +61,11 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
     study, spec = load(name, opened)
     counts = count_trials(study)
     location = checkpoint_location(spec.run.checkpoint_dir, url)
-    remote = RemoteCheckpoints.open(location) if is_remote(location) else None
+    remote = None
+    if is_remote(location):  # its module loads the trainer (torch): only for a bucket
+        from search.run._remote_checkpoints import RemoteCheckpoints
+
+        remote = RemoteCheckpoints.open(location)
     if counts.running:
         raise SpecError(f"study {name!r} has {counts.running} running trial(s): stop it first "
                         f"(`hpsearch stop {name} --wait`)")

@@ -25,14 +25,16 @@ import trainers
 from search._errors import SpecError
 from search.run._gpu_fill import oom_from_sharing
 from search.run._history import history_record
-from search.run._remote_checkpoints import (
-    RemoteCheckpoints,
-    SyncedCheckpointStore,
-    is_remote,
-    scratch_root,
-)
+from search.run._remote_checkpoints import RemoteCheckpoints, SyncedCheckpointStore, scratch_root
 from search.spec import base_train_config, suggest, train_config_for
-from search.storage import INTERRUPTED, set_user_attrs, with_result, with_retry, written_attrs
+from search.storage import (
+    INTERRUPTED,
+    is_remote,
+    set_user_attrs,
+    with_result,
+    with_retry,
+    written_attrs,
+)
 from search.storage import retried_from as retry_link
 
 if TYPE_CHECKING:

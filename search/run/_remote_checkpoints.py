@@ -23,13 +23,6 @@ import trainers
 from search._errors import SpecError
 from search.storage import open_artifact_store
 
-REMOTE_SCHEMES = ("s3://",)
-
-
-def is_remote(location: str | None) -> bool:
-    """Whether `run.checkpoint_dir` names a remote store rather than a folder."""
-    return location is not None and location.startswith(REMOTE_SCHEMES)
-
 
 class RemoteCheckpoints:
     """The checkpoint files of a study's trials in a bucket: `<prefix>/<study>/trial-<n>/…`."""

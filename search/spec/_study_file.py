@@ -39,7 +39,7 @@ from search.spec._space import (
     enqueue_params,
     grid_search_space,
 )
-from trainers import ConfigError, TrainConfig, TrainerError, config_from_dict, load_data
+from trainers import ConfigError, TrainConfig, TrainerError, config_from_dict
 
 SPEC_VERSION = 1
 
@@ -164,7 +164,7 @@ def _check_network(spec: StudySpec, path: Path) -> None:
             variants += ([{knob: max(values)}] if knob == "model.freeze_blocks"
                          else [{knob: v} for v in values])
     try:
-        data = load_data(base.data)
+        data = trainers.load_data(base.data)
         for variant in variants:
             config = base.replace(**variant, device="cpu")
             net = trainers.prepare_model(config.model, config.init, data.input_shape,

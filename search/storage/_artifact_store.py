@@ -43,6 +43,14 @@ def artifact_location(storage_url: str | None) -> str | None:
 
 # `run.checkpoint_dir: artifact-store`: the checkpoints follow the artifact store.
 ARTIFACT_STORE = "artifact-store"
+# Checkpoint locations that are a bucket, not a folder (search.run._remote_checkpoints).
+REMOTE_SCHEMES = ("s3://",)
+
+
+def is_remote(location: str | None) -> bool:
+    """Whether `run.checkpoint_dir` (as `checkpoint_location` resolves it) names a remote store
+    rather than a folder."""
+    return location is not None and location.startswith(REMOTE_SCHEMES)
 
 
 def checkpoint_location(configured: str | None, storage_url: str | None) -> str:

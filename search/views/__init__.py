@@ -4,7 +4,7 @@ figures, and optuna-dashboard on the storage. Views read the storage; they never
 
 from __future__ import annotations
 
-from search.views._choices import KINDS, choices_text
+from search.views._choices import choices_text, kinds
 from search.views._dashboard import serve as serve_dashboard
 from search.views._progress import RunDisplay, flat_params, make_console, outcome_from_frozen
 from search.views._report import NothingToReport, build_report, write_report
@@ -18,13 +18,13 @@ from search.views._status import (
 )
 
 __all__ = [
-    "KINDS",
     "NothingToReport",
     "RunDisplay",
     "best_record",
     "build_report",
     "choices_text",
     "flat_params",
+    "kinds",
     "make_console",
     "outcome_from_frozen",
     "render_status",

@@ -5,23 +5,27 @@ from __future__ import annotations
 import trainers
 from search.spec import PRUNERS, SAMPLERS
 
-# kind → (the study-file key, its built-in names, the entry-point group that extends it)
-KINDS: dict[str, tuple[str, list[str], str | None]] = {
-    "models": ("model.type", trainers.MODELS.names(), trainers.MODEL_GROUP),
-    "datasets": ("data.dataset", trainers.DATASETS.names(), trainers.DATASET_GROUP),
-    "optimizers": ("optimizer", trainers.OPTIMIZERS.names(), None),
-    "schedules": ("scheduler", trainers.LR_SCHEDULES.names(), None),
-    "inits": ("init", trainers.INITS.names(), None),
-    "samplers": ("sampler.type", list(SAMPLERS), None),
-    "pruners": ("pruner.type", list(PRUNERS), None),
-}
+
+def kinds() -> dict[str, tuple[str, list[str], str | None]]:
+    """kind → (the study-file key, its built-in names, the entry-point group that extends it);
+    the trainer's registries load with it (torch)."""
+    return {
+        "models": ("model.type", trainers.MODELS.names(), trainers.MODEL_GROUP),
+        "datasets": ("data.dataset", trainers.DATASETS.names(), trainers.DATASET_GROUP),
+        "optimizers": ("optimizer", trainers.OPTIMIZERS.names(), None),
+        "schedules": ("scheduler", trainers.LR_SCHEDULES.names(), None),
+        "inits": ("init", trainers.INITS.names(), None),
+        "samplers": ("sampler.type", list(SAMPLERS), None),
+        "pruners": ("pruner.type", list(PRUNERS), None),
+    }
 
 
-def choices_text(kinds: list[str]) -> str:
+def choices_text(names: list[str]) -> str:
     """The names of each kind, built-in and installed, one kind a paragraph."""
+    table = kinds()
     out = []
-    for kind in kinds:
-        key, builtin, group = KINDS[kind]
+    for kind in names:
+        key, builtin, group = table[kind]
         lines = [f"{kind} ({key}):", f"  built in: {', '.join(builtin)}"]
         if group is not None:
             plugins = trainers.installed_plugins(group)

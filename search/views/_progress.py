@@ -11,7 +11,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from search._text import fmt
-from search.run import TrialOutcome
 from search.spec import base_train_config, params_from_optuna
 
 if TYPE_CHECKING:
@@ -34,6 +33,8 @@ def flat_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> dict[str, A
 
 def outcome_from_frozen(spec: StudySpec, t: optuna.trial.FrozenTrial) -> TrialOutcome:
     """How a finished trial ended, read back from the storage."""
+
+    from search.run import TrialOutcome  # with the worker's modules (torch): a run's display
 
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
     return TrialOutcome(

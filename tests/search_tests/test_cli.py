@@ -27,6 +27,32 @@ def test_help_is_instant_and_imports_no_torch():
         assert command in out.stdout
 
 
+def test_commands_that_read_a_study_never_load_torch(tmp_path):
+    """status, best, report, stop and delete read a study's stored spec, checked when it was
+    created: they import no torch (2 s of a 3 s `status` before). validate still checks the
+    trainer's names, and refuses a bad one."""
+    from search.run import run_worker
+    from tests.search_tests.studies import study_data
+    from tests.search_tests.test_workers import create
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, spec = create(url, study_data("reads", trials=2, epochs=1, size=128))
+    run_worker(study, spec, device="cpu", artifacts=False)
+    for argv in (["status"], ["status", "reads", "--json"], ["best", "reads"],
+                 ["report", "reads", "--out", str(tmp_path / "r.html")], ["stop", "reads"],
+                 ["delete", "reads", "--yes"]):
+        code = ("import sys; from search.cli import main; rc = main(sys.argv[1:]); "
+                "sys.exit(rc or 100 * ('torch' in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code, *argv, "--storage", url],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (argv, out.returncode, out.stdout + out.stderr)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(study_data("bad", space={"optimizer": {"choices": ["sgdd"]}})))
+    refused = hp("validate", str(bad), cwd=tmp_path)
+    assert refused.returncode == 2 and "unknown optimizer 'sgdd'" in refused.stderr, (
+        refused.stderr)
+
+
 def test_version_is_the_installed_distributions(tmp_path):
     from importlib.metadata import version
 
