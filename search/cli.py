@@ -104,7 +104,7 @@ class Command:
     reads_only = False
     # A command that reads a study's stored spec and trains nothing: the spec was checked when
     # the study was created, so its trainer names are not checked again (`trainers.
-    # names_trusted`), and torch, 2 s of a 3 s `status`, never loads.
+    # names_trusted`), and torch never loads.
     stored_spec_only = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
