@@ -292,8 +292,8 @@ class PackedTrials:
     def _grow(self, size: int) -> None:
         """After the pack trained with `size` members: `auto` doubles its capacity while the
         meter says twice the pack fits (`grown_capacity`)."""
-        if not self.grows or self.meter is None or self.capacity is None:
-            return
+        if not self.grows or self.meter is None or self.capacity is None or size < self.capacity:
+            return  # a pack that was not full tells nothing of a fuller one: no reading
         capacity, why = grown_capacity(self.capacity, self.meter.read(size))
         if why:
             self._say(why)
