@@ -79,12 +79,18 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
-    numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    in_bucket = None
+    if remote is not None:  # each trial's copy, first: a bucket out of reach deletes nothing
+        numbers = [t.number for t in study.get_trials(deepcopy=False)]
+        try:
+            in_bucket = remote.remove_study(name, numbers)
+        except Exception as e:  # noqa: BLE001 - botocore's errors: one line, the study kept
+            raise SearchError(f"{location}: cannot remove the study's checkpoints there "
+                              f"({type(e).__name__}: {e}); the study was not deleted") from e
     removed = delete_study(name, opened,
                            checkpoint_root=None if remote else Path(location))
-    checkpoints = f"{removed['checkpoint_folders']} checkpoint folder(s)"
-    if remote is not None:  # each trial's copy in the bucket, where one was left
-        checkpoints = f"{remote.remove_study(name, numbers)} checkpoint file(s) in {location}"
+    checkpoints = (f"{removed['checkpoint_folders']} checkpoint folder(s)" if in_bucket is None
+                   else f"{in_bucket} checkpoint file(s) in {location}")
     print(f"deleted study {name!r}: {removed['trials']} trials, {removed['artifacts']} "
           f"artifact files, {checkpoints}, {removed['lock_files']} lock file(s)")
     return 0

@@ -152,3 +152,27 @@ def test_artifact_store_checkpoints_with_the_store_off_are_refused_before_anythi
         assert "run.checkpoint_dir: artifact-store, but the artifact store is off" in (
             result.stderr), result.stderr
     assert not db.exists()
+
+
+def test_delete_with_its_checkpoint_bucket_out_of_reach_deletes_nothing(tmp_path, study_name):
+    """`hpsearch delete` removes the bucket's copies first: a bucket it cannot reach is one
+    line naming it, exit 1, and the study stays whole."""
+    from search.storage import load, open_storage
+    from tests.search_tests.test_workers import create
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, _ = create(url, _spec(study_name, {"checkpoint_dir": "s3://hp-ckpt/runs"}))
+    study.enqueue_trial({"lr": 0.01})
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "1"}
+    out = subprocess.run([HPSEARCH, "delete", study_name, "--yes", "--storage", url],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "s3://hp-ckpt/runs: cannot remove the study's checkpoints there" in out.stderr
+    assert "the study was not deleted" in out.stderr
+    assert len(load(study_name, open_storage(url))[0].get_trials()) == 1
