@@ -14,13 +14,12 @@ import optuna
 from search._errors import SpecError
 from search.spec import (
     StudySpec,
-    build_pruner,
     build_sampler,
     enqueue_params,
     spec_from_json,
     spec_to_json,
 )
-from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR
+from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR, study_pruner
 
 
 def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,7 +43,7 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
     `lr_find` is the LR range test's record when it chose `spec`'s lr range: stored on a new
     study, and the file's own lr entry is what a later run is compared by.
     """
-    sampler, pruner = build_sampler(spec), build_pruner(spec)
+    sampler, pruner = build_sampler(spec), study_pruner(spec)
     budget = trials if trials is not None else spec.budget.trials
     if spec.name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,

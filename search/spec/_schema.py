@@ -177,6 +177,8 @@ class SamplerSpec(SpecModel):
 class PrunerSpec(SpecModel):
     type: PrunerType = "hyperband"
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the pruner
+    # Space keys whose values make a group: a trial is judged against its group alone.
+    within: list[StrictStr] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _options(self) -> PrunerSpec:
@@ -371,6 +373,24 @@ class StudySpec(SpecModel):
         if self.objective.is_multi and self.sampler.type == "cmaes":
             raise spec_error("CMA-ES optimizes a single objective; for several use tpe, nsga2, "
                              "gp or random, got 'cmaes'", key="sampler.type")
+        return self
+
+    @model_validator(mode="after")
+    def _pruning_groups(self) -> StudySpec:
+        within = self.pruner.within
+        if within and self.pruner.type == "none":
+            raise spec_error("groups trials for a pruner, and pruner.type is none",
+                             key="pruner.within")
+        for i, key in enumerate(within):
+            if key not in self.space:
+                raise spec_error(f"expected a key of space{did_you_mean(key, list(self.space))}, "
+                                 f"got {show(key)}", key=f"pruner.within[{i}]")
+            if not self.space[key].discrete():
+                raise spec_error(f"a group needs a discrete parameter (choices, grid, pow2 or an "
+                                 f"int range), and space.{key} is a float range",
+                                 key=f"pruner.within[{i}]")
+            if key in within[:i]:
+                raise spec_error(f"{show(key)} is listed twice", key=f"pruner.within[{i}]")
         return self
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ from search.storage._control import (
     stop_requested,
     taken_over,
 )
+from search.storage._grouped import GroupedPruner, study_pruner
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
 from search.storage._open import open_for_watching, open_storage, serve_proxy
@@ -86,6 +87,7 @@ __all__ = [
     "Counts",
     "DatabaseLock",
     "FileLock",
+    "GroupedPruner",
     "Lock",
     "NullLock",
     "WorkerHeartbeat",
@@ -118,6 +120,7 @@ __all__ = [
     "storage_of",
     "storage_url_of",
     "store_files",
+    "study_pruner",
     "trial_id_of",
     "with_result",
     "with_retry",

@@ -11,7 +11,8 @@ import warnings
 import optuna
 
 from search._errors import SpecError, StudyNotFoundError
-from search.spec import StudySpec, build_pruner, build_sampler, spec_from_json
+from search.spec import StudySpec, build_sampler, spec_from_json
+from search.storage._grouped import study_pruner
 
 SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
 LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
@@ -33,6 +34,6 @@ def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study,
         raise SpecError(f"study {name!r} was not created by hpsearch (no stored spec)")
     spec = spec_from_json(stored)
     study.sampler = build_sampler(spec)
-    study.pruner = build_pruner(spec)
+    study.pruner = study_pruner(spec)
     return study, spec
 

@@ -161,6 +161,14 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
      "run.grace_period", "expected more than heartbeat_interval (10), got 10"),
     ("run-interval-zero", {"run": {"heartbeat_interval": 0}},
      "run.heartbeat_interval", "expected a number greater than 0, got 0"),
+    ("within-unknown-key", {"pruner": {"type": "hyperband", "within": ["optimzer"]}},
+     "pruner.within[0]", "did you mean 'optimizer'?"),
+    ("within-float-range", {"pruner": {"type": "median", "within": ["lr"]}},
+     "pruner.within[0]", "a group needs a discrete parameter"),
+    ("within-twice", {"pruner": {"type": "median", "within": ["optimizer", "optimizer"]}},
+     "pruner.within[1]", "'optimizer' is listed twice"),
+    ("within-no-pruner", {"pruner": {"type": "none", "within": ["optimizer"]}},
+     "pruner.within", "pruner.type is none"),
     ("section-not-a-mapping", {"budget": [60, 10]},
      "budget", "expected a mapping, got [60, 10]"),
 ]
@@ -236,7 +244,7 @@ def test_defaults_are_filled() -> None:
     assert dump["objective"]["direction"] == "minimize"
     assert dump["budget"] == {"trials": 60, "epochs": 10, "timeout_s": None}
     assert dump["sampler"] == {"type": "tpe", "seed": 0, "options": {}}
-    assert dump["pruner"] == {"type": "hyperband", "options": {}}
+    assert dump["pruner"] == {"type": "hyperband", "options": {}, "within": []}
     assert dump["fixed"] == {} and dump["enqueue"] == []
     assert dump["run"] == {"checkpoint_dir": None, "keep_checkpoints": False,
                            "heartbeat_interval": 10, "grace_period": 30,
