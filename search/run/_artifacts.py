@@ -216,7 +216,7 @@ def study_note(spec: StudySpec, storage_url: str | None) -> str:
         "",
         f"hpsearch study. Objective: {objective}. Budget: {spec.budget.trials} trials "
         f"(complete + pruned) of {spec.budget.epochs} epochs. Sampler: {spec.sampler.type}, "
-        f"pruner: {spec.pruner.type}.",
+        f"pruner: {spec.pruner.label}.",
         "",
         f"Data: `{json.dumps(data.get('data'))}`  ",
         f"Model: `{json.dumps(data.get('model'))}`"

@@ -180,6 +180,11 @@ class PrunerSpec(SpecModel):
     # Space keys whose values make a group: a trial is judged against its group alone.
     within: list[StrictStr] = Field(default_factory=list)
 
+    @property
+    def label(self) -> str:
+        """`hyperband`, or `hyperband within scheduler`: how the views name the pruner."""
+        return self.type + (f" within {', '.join(self.within)}" if self.within else "")
+
     @model_validator(mode="after")
     def _options(self) -> PrunerSpec:
         _check_options(self.options, getattr(optuna.pruners, PRUNERS[self.type]), {})

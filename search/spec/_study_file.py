@@ -255,5 +255,4 @@ def describe(spec: StudySpec) -> str:
         distributions(spec)  # every entry maps onto an Optuna distribution
     return (f"valid study {spec.name!r}: {len(dists)} searched parameters ({', '.join(dists)}), "
             f"{spec.budget.trials} trials x {spec.budget.epochs} epochs, "
-            f"sampler {spec.sampler.type}, pruner {spec.pruner.type}"
-            + (f" within {', '.join(spec.pruner.within)}" if spec.pruner.within else ""))
+            f"sampler {spec.sampler.type}, pruner {spec.pruner.label}")

@@ -86,7 +86,7 @@ class RunDisplay:
         self.console.print(
             f"{what} study [bold]{self.spec.name}[/]: {counts.finished}/{self.budget} trials "
             f"finished, {self.spec.budget.epochs} epochs each, sampler {self.spec.sampler.type}, "
-            f"pruner {self.spec.pruner.type}, objective "
+            f"pruner {self.spec.pruner.label}, objective "
             f"{' & '.join(self.spec.objective.metric_names)}"
         )
 
