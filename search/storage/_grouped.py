@@ -62,21 +62,22 @@ class GroupedPruner(BasePruner):
     def __init__(self, pruner: BasePruner, params: Sequence[str]) -> None:
         self.pruner = pruner
         self.params = tuple(params)
-        self._views: dict[tuple[int, str, tuple[Any, ...]], optuna.Study] = {}
+        self._views: dict[tuple[Any, ...], optuna.Study] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         return self.pruner.prune(self.view(study, group_of(trial, self.params)), trial)
 
     def view(self, study: optuna.Study, group: tuple[Any, ...]) -> optuna.Study:
-        """The study as `group` sees it (one per storage and group, reused)."""
+        """The study as `group` sees it: one per group, kept while the study's storage is the
+        same object (a worker's study lives as long as the worker)."""
         storage = storage_of(study)
-        key = (id(storage), study.study_name, group)
-        view = self._views.get(key)
-        if view is None:
+        view = self._views.get(group)
+        if (view is None or view.study_name != study.study_name
+                or storage_of(view).inner is not storage):
             view = optuna.Study(study_name=study.study_name,
                                 storage=GroupStorage(storage, self.params, group),
                                 sampler=study.sampler, pruner=self.pruner)
-            self._views[key] = view
+            self._views[group] = view
         return view
 
 
