@@ -216,7 +216,12 @@ BAD: list[Bad] = [
     Bad("PrunerSpec.options", {"pruner": {"type": "median", "options": {"n_warmup_steps": "x"}}},
         r"pruner\.options: median does not accept these options \("),
     Bad("PrunerSpec.<unknown>", {"pruner": {"typ": "none"}},
-        r"pruner\.typ: unknown key, did you mean 'type'\? \(expected one of: type, options\)$"),
+        r"pruner\.typ: unknown key, did you mean 'type'\? \(expected one of: type, options, "
+        r"within\)$"),
+    Bad("PrunerSpec.within", {"pruner": {"within": "optimizer"}},
+        r"pruner\.within: expected a list, got 'optimizer'$"),
+    Bad("PrunerSpec.within", {"pruner": {"within": [3]}},
+        r"pruner\.within\[0\]: expected a string, got 3$"),
     # ------------------------------------------------------------------ run
     Bad("StudySpec.run", {"run": 5}, r"run: expected a mapping, got 5$"),
     Bad("RunSpec.checkpoint_dir", {"run": {"checkpoint_dir": 3}},

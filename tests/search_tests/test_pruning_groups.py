@@ -53,7 +53,7 @@ def test_a_trial_is_judged_against_its_own_group_only(tmp_path: Path, url: str |
     plain = _median_study(median, None)
     assert _verdict(plain, "warmup", 4.0) is True
 
-def _search(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+def _search(pruner: optuna.pruners.BasePruner, name: str) -> optuna.Study:
     """A warmup schedule trails for its first 3 steps of 9, then ends at half a constant's loss."""
     def objective(trial: optuna.Trial) -> float:
         schedule = trial.suggest_categorical("sched", ["warmup", "constant"])
@@ -65,7 +65,9 @@ def _search(pruner: optuna.pruners.BasePruner) -> optuna.Study:
                 raise optuna.TrialPruned()
         return value
 
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+    # Named: Hyperband picks a trial's bracket from the study's name and the trial's number.
+    study = optuna.create_study(study_name=name, pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(objective, n_trials=40)
     return study
 
@@ -74,8 +76,8 @@ def _search(pruner: optuna.pruners.BasePruner) -> optuna.Study:
     lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
 ], ids=["hyperband", "asha"])
 def test_rung_pruners_judged_within_groups_find_the_late_starter(make) -> None:
-    plain = _search(make())
-    grouped = _search(GroupedPruner(make(), ["sched"]))
+    plain = _search(make(), "late-starter")
+    grouped = _search(GroupedPruner(make(), ["sched"]), "late-starter")
 
     def finished(study: optuna.Study, schedule: str) -> int:
         return sum(t.state == TrialState.COMPLETE and t.params["sched"] == schedule
