@@ -388,8 +388,9 @@ class StudySpec(SpecModel):
                              key="pruner.within")
         for i, key in enumerate(within):
             if key not in self.space:
-                raise spec_error(f"expected a key of space{did_you_mean(key, list(self.space))}, "
-                                 f"got {show(key)}", key=f"pruner.within[{i}]")
+                raise spec_error(f"expected a key of space ({', '.join(self.space)}), got "
+                                 f"{show(key)}{did_you_mean(key, list(self.space))}",
+                                 key=f"pruner.within[{i}]")
             if not self.space[key].discrete():
                 raise spec_error(f"a group needs a discrete parameter (choices, grid, pow2 or an "
                                  f"int range), and space.{key} is a float range",
