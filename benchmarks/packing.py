@@ -23,16 +23,22 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 
 import trainers
-from search.spec import load_spec, suggest, train_config_for
+from search.spec import parse_spec, suggest, train_config_for
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "fashion_mlp.yaml"
 
 
-def sample_configs(n: int, epochs: int, threads: int, seed: int = 0) -> list[trainers.TrainConfig]:
-    """`n` configs of the study's space, drawn by a seeded RandomSampler (no storage needed)."""
-    spec = load_spec(STUDY)
+def sample_configs(n: int, epochs: int, threads: int, seed: int = 0,
+                   optimizers: list[str] | None = None) -> list[trainers.TrainConfig]:
+    """`n` configs of the study's space (its optimizer choices replaced by `optimizers`, if
+    given), drawn by a seeded RandomSampler (no storage needed)."""
+    data = yaml.safe_load(STUDY.read_text())
+    if optimizers:
+        data["space"]["optimizer"] = {"choices": optimizers}
+    spec = parse_spec(data, source=str(STUDY))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configs = []
@@ -52,20 +58,24 @@ def alone(configs: list[trainers.TrainConfig]) -> tuple[float, list[trainers.Tra
 
 
 def packed(configs: list[trainers.TrainConfig], capacity: int, spread: int | None = None
-           ) -> tuple[float, list[trainers.TrainResult]]:
-    """A worker's loop: fill the pack in arrival order, refill a slot as soon as it frees."""
+           ) -> tuple[float, list[trainers.TrainResult], int]:
+    """A worker's loop: fill the pack in arrival order, refill a slot as soon as it frees; a
+    config that cannot be packed runs alone when its turn comes. Also how many did."""
     started = time.perf_counter()
     pack = trainers.Pack(capacity) if spread is None else trainers.Pack(capacity, spread=spread)
     queue = collections.deque(enumerate(configs))
     results: dict[int, trainers.TrainResult] = {}
     owner: dict[int, int] = {}
+    ran_alone = 0
 
     def refill() -> None:
+        nonlocal ran_alone
         while queue and len(pack) < capacity:
             i, config = queue[0]
             if trainers.pack_refusal(config) is not None:
                 queue.popleft()
                 results[i] = trainers.train(config)  # runs alone
+                ran_alone += 1
             elif pack.fits(config):
                 queue.popleft()
                 owner[pack.add(config)] = i
@@ -78,7 +88,7 @@ def packed(configs: list[trainers.TrainConfig], capacity: int, spread: int | Non
             assert isinstance(outcome, trainers.TrainResult), outcome
             results[owner.pop(member)] = outcome
         refill()
-    return time.perf_counter() - started, [results[i] for i in range(len(configs))]
+    return time.perf_counter() - started, [results[i] for i in range(len(configs))], ran_alone
 
 
 def differences(configs: list[trainers.TrainConfig], a: list[trainers.TrainResult],
@@ -113,15 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="32,64,128,256,512,1024",
                         help="the per-batch table's (empty: no table)")
     parser.add_argument("--spread", type=int, help="Pack's spread (default: its own)")
+    parser.add_argument("--optimizers", type=lambda t: t.split(","),
+                        help="the space's optimizer choices, comma-separated (default: the "
+                             "study file's)")
     args = parser.parse_args(argv)
 
-    configs = sample_configs(args.trials, args.epochs, args.threads)
+    configs = sample_configs(args.trials, args.epochs, args.threads,
+                             optimizers=args.optimizers)
     trainers.train(configs[0].replace(epochs=1))  # loads the data (cached) and warms up
     sizes = collections.Counter(c.batch_size for c in configs)
     print(f"{len(configs)} configs of {STUDY.name}, {args.epochs} epochs each, batch sizes "
           f"{dict(sorted(sizes.items()))}, {args.threads} threads, pack K={args.pack}")
     t_alone, r_alone = alone(configs)
-    t_packed, r_packed = packed(configs, args.pack, args.spread)
+    t_packed, r_packed, ran_alone = packed(configs, args.pack, args.spread)
     diffs, odd = differences(configs, r_alone, r_packed)
     print(f"alone {t_alone:.1f} s, packed {t_packed:.1f} s")
 
@@ -131,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for batch in (int(b) for b in args.batch_sizes.split(",") if b):
         group = [c.replace(batch_size=batch, epochs=1)
-                 for c in sample_configs(args.table_pack, 1, args.threads, seed=batch)]
+                 for c in sample_configs(args.table_pack, 1, args.threads, seed=batch,
+                                         optimizers=args.optimizers)]
         ta, ra = alone(group)
-        tp, rp = packed(group, args.table_pack)
+        tp, rp, table_alone = packed(group, args.table_pack)
+        ran_alone += table_alone
         more, odd_here = differences(group, ra, rp)
         diffs += more
         odd += odd_here
@@ -153,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median_relative_loss_difference: {diffs[len(diffs) // 2]:.1e}")
     print(f"share_within_1e-3: {sum(d <= 1e-3 for d in diffs) / len(diffs):.2f}")
     print(f"outcomes_differing: {len(odd)}")
+    print(f"packed_alone: {ran_alone}")
     print(f"packing_speedup: {t_alone / t_packed:.2f}")
     return 0
 

@@ -159,8 +159,11 @@ def test_packed_trials_train_on_cuda_as_they_would_alone():
         {"optimizer": "adam", "batch_size": 64, "lr": 0.003, "weight_decay": 1e-3},
         {"optimizer": "nesterov", "batch_size": 128, "lr": 0.05, "scheduler": "onecycle"},
         {"optimizer": "adamw", "batch_size": 256, "lr": 0.003, "init": "xavier_uniform"},
+        {"optimizer": "rmsprop", "batch_size": 32, "lr": 0.003, "weight_decay": 1e-3},
+        {"optimizer": "adagrad", "batch_size": 64, "lr": 0.02, "scheduler": "cosine"},
+        {"optimizer": "adadelta", "batch_size": 128, "lr": 1.0},
     )]
-    pack = trainers.Pack(4, spread=8)  # one band: 32 … 256 accumulate shared micro-batches
+    pack = trainers.Pack(7, spread=8)  # one band: 32 … 256 accumulate shared micro-batches
     ids = [pack.add(c) for c in configs]
     out: dict[int, trainers.TrainResult] = {}
     while len(pack):

@@ -49,7 +49,7 @@ from trainers._optimizers import (
     group_lrs,
     set_momentum,
 )
-from trainers._packed_optim import KINDS
+from trainers._packed_optim import KINDS, STATE_KEYS
 from trainers._packed_stack import Member, OnEpoch, Stack, stream
 from trainers._schedules import Schedule
 
@@ -74,8 +74,7 @@ def pack_refusal(config: TrainConfig) -> str | None:
                                and o.head_weight_decay != o.weight_decay):
         return "optimizer.head_lr_mult / head_weight_decay: per-group settings are not packed"
     if _kind(config) is None:
-        return (f"optimizer {o.name!r}: packed optimizers are "
-                "sgd, nesterov, adam, amsgrad and adamw")
+        return f"optimizer {o.name!r}: its update rule has no packed form"
     if d.augment:
         return f"data.augment {list(d.augment)}: per-batch augmentation is not packed"
     if d.dataset == "image_folder" or d.num_workers is not None:
@@ -97,14 +96,30 @@ def pack_key(config: TrainConfig) -> Hashable:
 
 def _kind(config: TrainConfig) -> str | None:
     """The member's update rule in `_packed_optim.KINDS`, or None outside the packed family."""
+    return _rule(config)[0]
+
+
+def _rule(config: TrainConfig) -> tuple[str | None, float, float]:
+    """(kind, decay, eps): the member's update rule in `_packed_optim.KINDS` (None outside the
+    packed family), the running average's decay of its squared gradients (Adam's beta2,
+    RMSprop's alpha, Adadelta's rho) and its eps, as `build_optimizer` passes them."""
     info = OPTIMIZERS.get(config.optimizer.name)
     kwargs = info.kwargs(config.optimizer)
+    eps = kwargs.get("eps", 0.0)
     if info.cls is torch.optim.SGD:
-        return "nesterov" if kwargs["nesterov"] else "sgd"
+        return ("nesterov" if kwargs["nesterov"] else "sgd"), 0.0, 0.0
     if info.cls in (torch.optim.Adam, torch.optim.AdamW):
         kind = "adam" if info.cls is torch.optim.Adam else "adamw"
-        return f"{kind}_ams" if kwargs["amsgrad"] else kind
-    return None
+        return (f"{kind}_ams" if kwargs["amsgrad"] else kind), kwargs["betas"][1], eps
+    if (info.cls is torch.optim.RMSprop and not kwargs.get("momentum")
+            and not kwargs.get("centered")):
+        return "rmsprop", kwargs["alpha"], eps
+    if (info.cls is torch.optim.Adagrad and not kwargs.get("lr_decay")
+            and not kwargs.get("initial_accumulator_value")):
+        return "adagrad", 0.0, eps
+    if info.cls is torch.optim.Adadelta:
+        return "adadelta", kwargs["rho"], eps
+    return None, 0.0, 0.0
 
 
 class Pack:
@@ -167,11 +182,11 @@ class Pack:
         optimizer = build_optimizer(model, config.optimizer, lr=base_lr)
         steps = max(1, math.ceil(len(data.train) / config.batch_size))
         schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps)
-        kind = _kind(config)
+        kind, decay, eps = _rule(config)
         assert kind is not None  # pack_refusal said so
         member = Member(self._next_id, config, on_epoch, checkpoint, model, optimizer, kind,
-                         base_lr, schedule, torch.Generator().manual_seed(config.seed), steps,
-                         prepared.notes, started, rng_cpu, rng_cuda)
+                        decay, eps, base_lr, schedule, torch.Generator().manual_seed(config.seed),
+                        steps, prepared.notes, started, rng_cpu, rng_cuda)
         state = checkpoint.load() if checkpoint is not None else None
         if state is not None:
             if _resumable(state["config"]) != _resumable(config.to_dict()):
@@ -338,11 +353,11 @@ def _unstacked(m: Member) -> list[list[torch.Tensor]]:
     for p, own in zip(m.model.parameters(), params, strict=True):
         st = m.optimizer.state.get(p, {})
         zero = torch.zeros_like(own)
-        first.append(_or(st.get("momentum_buffer", st.get("exp_avg")), zero))
-        second.append(_or(st.get("exp_avg_sq"), zero))
+        first.append(_or(st.get(STATE_KEYS[m.kind][0]), zero))
+        second.append(_or(st.get(STATE_KEYS[m.kind][1]), zero))
         peak.append(_or(st.get("max_exp_avg_sq"), zero))
         if "step" in st:
-            m.adam_steps = int(st["step"])
+            m.steps_taken = int(st["step"])
     return [params, first, second, peak]
 
 

@@ -4,8 +4,10 @@ Each member steps with torch's fused kernels (`torch._fused_sgd_`, `_fused_adam_
 `_fused_adamw_`: what `torch.optim` runs with ``fused=True``), one call per member and parameter
 group, with the member's own hyperparameters. A member's slices are small enough to stay in
 cache through the one fused pass, where an update over the whole stack at once makes several
-passes over tensors K times larger (measured on CPU: 4x slower for Adam). Tests compare each
-rule against `torch.optim` on the same member (tests/trainers_tests/test_packed.py).
+passes over tensors K times larger (measured on CPU: 4x slower for Adam). RMSprop, Adagrad and
+Adadelta, which have no fused kernel on every device, step with `torch.optim`'s own arithmetic
+over foreach lists, also one member at a time. Tests compare each rule against `torch.optim`
+on the same member (tests/trainers_tests/test_packed.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-# The packable family. "sgd" covers plain SGD with or without momentum; the Adam variants keep
-# amsgrad's running maximum of the second moment.
-KINDS = ("sgd", "nesterov", "adam", "adam_ams", "adamw", "adamw_ams")
+# The packable family: every built-in optimizer. "sgd" covers plain SGD with or without momentum;
+# the Adam variants keep amsgrad's running maximum of the second moment.
+KINDS = ("sgd", "nesterov", "adam", "adam_ams", "adamw", "adamw_ams", "rmsprop", "adagrad",
+         "adadelta")
+# Where each kind's `first` and `second` tensors live in `torch.optim`'s state (None: unused).
+STATE_KEYS: dict[str, tuple[str | None, str | None]] = {
+    "sgd": ("momentum_buffer", None), "nesterov": ("momentum_buffer", None),
+    **dict.fromkeys(("adam", "adam_ams", "adamw", "adamw_ams"), ("exp_avg", "exp_avg_sq")),
+    "rmsprop": (None, "square_avg"), "adagrad": (None, "sum"),
+    "adadelta": ("acc_delta", "square_avg"),
+}
 
 
 @dataclass(frozen=True)
@@ -26,9 +36,10 @@ class Hypers:
 
     lr: float
     momentum: float  # SGD momentum, or Adam's beta1 (both may be cycled by onecycle)
-    beta2: float
+    decay: float  # of the squared gradients' running average: Adam's beta2, RMSprop's alpha,
+    # Adadelta's rho
     eps: float
-    step: int  # Adam: the step count after this step (1 on the first)
+    step: int  # the step count after this step (1 on the first): Adam's bias correction
 
 
 def member_update(kind: str, groups: Sequence[tuple[float, Sequence[int]]],
@@ -38,8 +49,9 @@ def member_update(kind: str, groups: Sequence[tuple[float, Sequence[int]]],
     """One optimizer step of one member, in place.
 
     `groups`: (weight decay, indices into the parameter lists) per parameter group, as
-    `build_optimizer` groups them. `first`: SGD's momentum buffer or Adam's exp_avg; `second`:
-    Adam's exp_avg_sq; `peak`: amsgrad's max_exp_avg_sq. A momentum buffer that starts at zero
+    `build_optimizer` groups them. `first`: SGD's momentum buffer, Adam's exp_avg or Adadelta's
+    acc_delta; `second`: Adam's exp_avg_sq, RMSprop's and Adadelta's square_avg or Adagrad's
+    sum; `peak`: amsgrad's max_exp_avg_sq. A momentum buffer that starts at zero
     gives torch's first step exactly (SGD clones the gradient into it: 0 * momentum + d is d).
     """
     for weight_decay, idx in groups:
@@ -52,13 +64,47 @@ def member_update(kind: str, groups: Sequence[tuple[float, Sequence[int]]],
                 nesterov=kind == "nesterov", maximize=False, is_first_step=False,
                 grad_scale=None, found_inf=None)
             continue
+        if kind in ("rmsprop", "adagrad", "adadelta"):
+            _squared_rule(kind, weight_decay, p, g, [first[i] for i in idx],
+                          [second[i] for i in idx], h)
+            continue
         ams = kind.endswith("_ams")
         step = torch.tensor(float(h.step), device=p[0].device)
         fused = torch._fused_adamw_ if kind.startswith("adamw") else torch._fused_adam_
         fused(p, g, [first[i] for i in idx], [second[i] for i in idx],
               [peak[i] for i in idx] if ams else [], [step] * len(idx),
-              lr=h.lr, beta1=h.momentum, beta2=h.beta2, weight_decay=weight_decay, eps=h.eps,
+              lr=h.lr, beta1=h.momentum, beta2=h.decay, weight_decay=weight_decay, eps=h.eps,
               amsgrad=ams, maximize=False, grad_scale=None, found_inf=None)
+
+
+def _squared_rule(kind: str, weight_decay: float, p: list[torch.Tensor], g: list[torch.Tensor],
+                  first: list[torch.Tensor], second: list[torch.Tensor], h: Hypers) -> None:
+    """RMSprop (no momentum, not centered), Adagrad (no lr decay, accumulator from zero) and
+    Adadelta as `torch.optim` computes them: the same operations in the same order."""
+    if weight_decay != 0:
+        g = torch._foreach_add(g, p, alpha=weight_decay)
+    if kind == "adagrad":
+        torch._foreach_addcmul_(second, g, g, value=1)
+        std = torch._foreach_sqrt(second)
+        torch._foreach_add_(std, h.eps)
+        torch._foreach_addcdiv_(p, g, std, value=-h.lr)
+        return
+    torch._foreach_mul_(second, h.decay)
+    torch._foreach_addcmul_(second, g, g, value=1 - h.decay)
+    if kind == "rmsprop":
+        avg = torch._foreach_sqrt(second)
+        torch._foreach_add_(avg, h.eps)
+        torch._foreach_addcdiv_(p, g, avg, value=-h.lr)
+        return
+    std = torch._foreach_add(second, h.eps)  # adadelta
+    torch._foreach_sqrt_(std)
+    delta = torch._foreach_add(first, h.eps)
+    torch._foreach_sqrt_(delta)
+    torch._foreach_div_(delta, std)
+    torch._foreach_mul_(delta, g)
+    torch._foreach_mul_(first, h.decay)
+    torch._foreach_addcmul_(first, delta, delta, value=1 - h.decay)
+    torch._foreach_add_(p, delta, alpha=-h.lr)
 
 
 def clip_(grads: Sequence[torch.Tensor], max_norm: float) -> None:

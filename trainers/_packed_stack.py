@@ -26,7 +26,7 @@ from trainers._loop import (
     _divergence,
     _state,
 )
-from trainers._packed_optim import Hypers, clip_, member_update
+from trainers._packed_optim import STATE_KEYS, Hypers, clip_, member_update
 from trainers._schedules import Schedule
 
 OnEpoch = Callable[[EpochMetrics], None]
@@ -45,7 +45,9 @@ class Member:
     checkpoint: CheckpointStore | None
     model: nn.Module  # the member's own network: checkpoints and the result go through it
     optimizer: torch.optim.Optimizer  # holds param groups and, at checkpoints, the state
-    kind: str
+    kind: str  # its update rule (`_packed_optim.KINDS`)
+    decay: float  # the rule's squared-gradient decay and eps (`Hypers`)
+    eps: float
     base_lr: float
     schedule: Schedule
     order: torch.Generator
@@ -58,7 +60,7 @@ class Member:
     start_epoch: int = 0
     history: list[EpochMetrics] = field(default_factory=list)
     first_loss: float | None = None
-    adam_steps: int = 0
+    steps_taken: int = 0  # optimizer steps: torch.optim's state["step"]
     last_lr: float = math.nan
     momentum: float | None = None  # the cycled momentum (or beta1) of the last step
     diverged: str = ""
@@ -214,14 +216,12 @@ class Stack:
                 norm_samples[s] += 1
         for s in active:
             m = stack[s]
-            o = m.config.optimizer
-            if m.kind.startswith("adam"):
-                m.adam_steps += 1
+            m.steps_taken += 1
             params, first, second, peak = self.views[s]
             member_update(m.kind, self.groups[s], params, [p.grad[s] for p in self.params],
                           first, second, peak,
                           Hypers(lr=m.last_lr, momentum=momentum_of(m, m.momentum),
-                                 beta2=o.beta2, eps=o.eps, step=m.adam_steps))
+                                 decay=m.decay, eps=m.eps, step=m.steps_taken))
         checks = [s for s in active if batch[s] % DIVERGENCE_CHECK_EVERY == 0
                   or batch[s] == stack[s].steps_per_epoch - 1]
         if checks:
@@ -272,16 +272,18 @@ class Stack:
         opt = m.optimizer
         opt.state.clear()
         for i, p in enumerate(m.model.parameters()):
+            first, second = STATE_KEYS[m.kind]
             if m.kind in ("sgd", "nesterov"):
                 if m.uses_momentum:
-                    opt.state[p] = {"momentum_buffer": self.first[i][s].clone()}
-            else:
-                st = {"step": torch.tensor(float(m.adam_steps)),
-                      "exp_avg": self.first[i][s].clone(),
-                      "exp_avg_sq": self.second[i][s].clone()}
-                if m.kind.endswith("_ams"):
-                    st["max_exp_avg_sq"] = self.peak[i][s].clone()
-                opt.state[p] = st
+                    opt.state[p] = {first: self.first[i][s].clone()}
+                continue
+            st = {"step": torch.tensor(float(m.steps_taken))}
+            if first is not None:
+                st[first] = self.first[i][s].clone()
+            st[second] = self.second[i][s].clone()
+            if m.kind.endswith("_ams"):
+                st["max_exp_avg_sq"] = self.peak[i][s].clone()
+            opt.state[p] = st
         state = _state(m.config, m.model, opt, m.schedule, m.order, m.history, m.first_loss,
                        self.device)
         opt.state.clear()

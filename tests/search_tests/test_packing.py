@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import trainers
 from search.cli import build_parser
 from search.run import Slot, worker_command
 from search.run._packing import PackedTrials
@@ -113,6 +114,22 @@ def test_a_model_that_cannot_be_packed_runs_alone_and_says_so_once(tmp_path, stu
     trials = study.get_trials()
     assert count_trials(study).finished == 3 == len(trials)
     assert _most_at_once(trials) == 1
+
+
+def test_every_built_in_optimizer_trains_in_the_pack(tmp_path, study_name):
+    # A space over the whole registry: each trial is packed, none runs alone.
+    names = trainers.OPTIMIZERS.names()
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = study_data(study_name, trials=len(names), epochs=1, size=256,
+                      space={"optimizer": {"choices": names}, **SPACE},
+                      enqueue=[{"optimizer": n, "lr": 0.01, "batch_size": 32} for n in names])
+    result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", str(len(names)))
+    out = result.stdout + result.stderr
+    assert "cannot be packed" not in out, out
+    trials = load(study_name, open_storage(url))[0].get_trials()
+    assert sorted(t.params["optimizer"] for t in trials) == sorted(names)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert _most_at_once(trials) == len(names)  # all of them in one pack
 
 
 def test_killed_packed_worker_trials_resume_from_their_checkpoints(tmp_path, study_name):

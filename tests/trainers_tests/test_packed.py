@@ -8,6 +8,7 @@ import torch
 from trainers import (
     INITS,
     LR_SCHEDULES,
+    OPTIMIZERS,
     CheckpointStore,
     ConfigError,
     Pack,
@@ -22,7 +23,7 @@ from trainers._packed_optim import KINDS, Hypers, member_update
 # 512 examples: 409 to train on (a short last batch for every batch size), 103 to validate.
 BASE = {"dataset": "synthetic", "data.size": 512, "hidden": [32, 16], "epochs": 3,
         "batch_size": 64, "lr": 0.02, "optimizer": "sgd", "device": "cpu"}
-PACKED_OPTIMIZERS = ("sgd", "nesterov", "adam", "amsgrad", "adamw")
+PACKED_OPTIMIZERS = OPTIMIZERS.names()  # every built-in one
 # Lower Adam lrs: a high one makes the trajectory chaotic, and float rounding then grows.
 ADAM_LR = 0.003
 
@@ -40,7 +41,9 @@ def _same(packed, alone):
         assert p.val_loss == pytest.approx(a.val_loss, rel=2e-4, abs=1e-5)
         assert abs(p.val_accuracy - a.val_accuracy) <= 1.5 / 103  # an example may flip
         assert p.lr == pytest.approx(a.lr, rel=1e-12)
-        assert p.momentum == pytest.approx(a.momentum, rel=1e-12)
+        # None for the optimizers without momentum (RMSprop, Adagrad, Adadelta).
+        assert p.momentum == (a.momentum if a.momentum is None
+                              else pytest.approx(a.momentum, rel=1e-12))
         assert p.group_lrs == pytest.approx(a.group_lrs, rel=1e-12)
         assert p.grad_norms.keys() == a.grad_norms.keys()
         assert list(p.grad_norms.values()) == pytest.approx(list(a.grad_norms.values()),
@@ -69,12 +72,18 @@ def _check_alone(configs, **kwargs):
         _same(packed, train(config))
 
 
+# Per optimizer, an lr where it learns without chaos (Adadelta's steps are of order lr itself).
+OPTIMIZER_LR = {"adam": ADAM_LR, "amsgrad": ADAM_LR, "adamw": ADAM_LR, "rmsprop": ADAM_LR,
+                "adagrad": 0.02, "adadelta": 1.0}
+
+
 @pytest.mark.parametrize("optimizer", PACKED_OPTIMIZERS)
 def test_each_optimizer_trains_as_alone(optimizer):
-    lr = ADAM_LR if "am" in optimizer else 0.02
+    lr = OPTIMIZER_LR.get(optimizer, 0.02)
     _check_alone([_cfg(optimizer=optimizer, lr=lr, weight_decay=5e-2, scheduler="cosine"),
                   _cfg(optimizer=optimizer, lr=lr / 2, batch_size=128, beta2=0.99,
-                       momentum=0.8, init="xavier_uniform", eps=1e-6)])
+                       momentum=0.8, init="xavier_uniform", eps=1e-6, scheduler="onecycle",
+                       **{"optimizer.alpha": 0.9, "optimizer.rho": 0.95})])
 
 
 @pytest.mark.parametrize("schedule", LR_SCHEDULES.names())
@@ -199,6 +208,39 @@ def test_a_checkpoint_written_alone_resumes_packed(tmp_path):
     _same(_run(pack)[member], train(config))
 
 
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adagrad", "adadelta"])
+def test_the_squared_gradient_optimizers_resume_packed_or_alone(optimizer, tmp_path):
+    # Their running averages (square_avg, sum, acc_delta) and step count go through the
+    # checkpoint in torch.optim's own keys, so either side resumes the other's.
+    config = _cfg(optimizer=optimizer, lr=OPTIMIZER_LR[optimizer], epochs=3, weight_decay=1e-3)
+    full = train(config)
+    packed_store, alone_store = CheckpointStore(tmp_path / "p"), CheckpointStore(tmp_path / "a")
+    pack = Pack(1)
+    pack.add(config, on_epoch=lambda m: _stop_at(m, 2), checkpoint=packed_store)
+    _run(pack)
+    alone = train(config, None, packed_store)
+    assert alone.resumed_from_epoch == 2
+    _same(alone, full)
+    train(config, lambda m: _stop_at(m, 1), alone_store)
+    pack = Pack(1)
+    member = pack.add(config, checkpoint=alone_store)
+    resumed = _run(pack)[member]
+    assert resumed.resumed_from_epoch == 1
+    _same(resumed, full)
+
+
+def test_an_optimizer_outside_the_packed_family_runs_alone(monkeypatch):
+    # Every built-in optimizer packs; one without a packed rule (here NAdam) is refused by name.
+    from trainers._optimizers import OptimInfo
+
+    monkeypatch.setitem(OPTIMIZERS._entries, "nadam",
+                        OptimInfo("nadam", torch.optim.NAdam, lambda c: {"eps": c.eps}))
+    config = _cfg(optimizer="nadam", lr=ADAM_LR)
+    assert pack_refusal(config) == "optimizer 'nadam': its update rule has no packed form"
+    with pytest.raises(ConfigError, match="nadam"):
+        Pack(2).add(config)
+
+
 def _stop_at(m, epoch):
     if m.epoch == epoch:
         raise StopTraining("interrupted")
@@ -207,7 +249,6 @@ def _stop_at(m, epoch):
 @pytest.mark.parametrize(("changes", "says"), [
     ({"norm": "batchnorm"}, "batchnorm"),
     ({"dropout": 0.1}, "dropout"),
-    ({"optimizer": "rmsprop"}, "rmsprop"),
     ({"model": "cnn"}, "cnn"),
     ({"data.augment": ["flip"]}, "augment"),
     ({"freeze": "backbone"}, "fine-tuning"),
@@ -236,8 +277,9 @@ def test_a_pack_takes_only_its_own_network_and_data():
 def test_member_updates_match_torch_optim(kind):
     torch.manual_seed(0)
     name = {"sgd": "SGD", "nesterov": "SGD", "adam": "Adam", "adam_ams": "Adam",
-            "adamw": "AdamW", "adamw_ams": "AdamW"}[kind]
-    lrs, moms, b2s, epss, wds = [0.1, 0.01, 0.003], [0.9, 0.0, 0.5], [0.999, 0.9, 0.99], \
+            "adamw": "AdamW", "adamw_ams": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad",
+            "adadelta": "Adadelta"}[kind]
+    lrs, moms, decays, epss, wds = [0.1, 0.01, 0.003], [0.9, 0.0, 0.5], [0.999, 0.9, 0.99], \
         [1e-8, 1e-6, 1e-3], [0.0, 1e-2, 0.1]
     shapes = [(5, 4), (5,)]
     stacked = [torch.randn(3, *s) for s in shapes]
@@ -245,10 +287,13 @@ def test_member_updates_match_torch_optim(kind):
     own = [[p[k].clone().requires_grad_() for p in stacked] for k in range(3)]
     opts = []
     for k in range(3):
-        if name == "SGD":
-            extra = {"momentum": moms[k], "nesterov": kind == "nesterov" and moms[k] > 0}
-        else:
-            extra = {"betas": (moms[k], b2s[k]), "eps": epss[k], "amsgrad": kind.endswith("_ams")}
+        extra = {
+            "SGD": {"momentum": moms[k], "nesterov": kind == "nesterov" and moms[k] > 0},
+            "RMSprop": {"alpha": decays[k], "eps": epss[k]},
+            "Adagrad": {"eps": epss[k]},
+            "Adadelta": {"rho": decays[k], "eps": epss[k]},
+        }.get(name, {"betas": (moms[k], decays[k]), "eps": epss[k],
+                     "amsgrad": kind.endswith("_ams")})
         opts.append(getattr(torch.optim, name)(own[k], lr=lrs[k], weight_decay=wds[k], **extra))
     for step in range(1, 6):
         grads = [torch.randn(3, *s) for s in shapes]
@@ -259,7 +304,7 @@ def test_member_updates_match_torch_optim(kind):
             member_update(kind, [(wds[k], [0, 1])], [p[k] for p in stacked],
                           [g[k] for g in grads], [t[k] for t in first],
                           [t[k] for t in second], [t[k] for t in peak],
-                          Hypers(lr=lrs[k], momentum=moms[k], beta2=b2s[k], eps=epss[k],
+                          Hypers(lr=lrs[k], momentum=moms[k], decay=decays[k], eps=epss[k],
                                  step=step))
     for k in range(3):
         for p, q in zip(own[k], stacked, strict=True):
