@@ -32,12 +32,17 @@ STUDY = Path(__file__).resolve().parent.parent / "studies" / "fashion_mlp.yaml"
 
 
 def sample_configs(n: int, epochs: int, threads: int, seed: int = 0,
-                   optimizers: list[str] | None = None) -> list[trainers.TrainConfig]:
-    """`n` configs of the study's space (its optimizer choices replaced by `optimizers`, if
-    given), drawn by a seeded RandomSampler (no storage needed)."""
+                   optimizers: list[str] | None = None,
+                   hidden: list[list[int]] | None = None) -> list[trainers.TrainConfig]:
+    """`n` configs of the study's space (its optimizer choices replaced by `optimizers`, and
+    `hidden` searched over these shapes, if given), drawn by a seeded RandomSampler (no
+    storage needed)."""
     data = yaml.safe_load(STUDY.read_text())
     if optimizers:
         data["space"]["optimizer"] = {"choices": optimizers}
+    if hidden:
+        data["space"]["hidden"] = {"choices": hidden}
+        del data["model"]["hidden"]
     spec = parse_spec(data, source=str(STUDY))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -126,14 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", type=lambda t: t.split(","),
                         help="the space's optimizer choices, comma-separated (default: the "
                              "study file's)")
+    parser.add_argument("--hidden", type=lambda t: [[int(w) for w in shape.split(",")]
+                                                    for shape in t.split("/")],
+                        help="search the MLP's hidden layers over these shapes, e.g. "
+                             "128,56/256,128/64 (default: the study file's fixed shape)")
     args = parser.parse_args(argv)
 
     configs = sample_configs(args.trials, args.epochs, args.threads,
-                             optimizers=args.optimizers)
+                             optimizers=args.optimizers, hidden=args.hidden)
     trainers.train(configs[0].replace(epochs=1))  # loads the data (cached) and warms up
     sizes = collections.Counter(c.batch_size for c in configs)
+    shapes = collections.Counter(",".join(map(str, c.model.hidden)) for c in configs)
     print(f"{len(configs)} configs of {STUDY.name}, {args.epochs} epochs each, batch sizes "
-          f"{dict(sorted(sizes.items()))}, {args.threads} threads, pack K={args.pack}")
+          f"{dict(sorted(sizes.items()))}, hidden {dict(shapes)}, {args.threads} threads, "
+          f"pack K={args.pack}")
     t_alone, r_alone = alone(configs)
     t_packed, r_packed, ran_alone = packed(configs, args.pack, args.spread)
     diffs, odd = differences(configs, r_alone, r_packed)
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",") if b):
         group = [c.replace(batch_size=batch, epochs=1)
                  for c in sample_configs(args.table_pack, 1, args.threads, seed=batch,
-                                         optimizers=args.optimizers)]
+                                         optimizers=args.optimizers, hidden=args.hidden)]
         ta, ra = alone(group)
         tp, rp, table_alone = packed(group, args.table_pack)
         ran_alone += table_alone

@@ -59,6 +59,7 @@ _EXPORTS = {
     "load_plugin": ("_plugins", "load_plugin"),
     "lr_range_test": ("_lr_find", "lr_range_test"),
     "pack_key": ("_packed", "pack_key"),
+    "network_key": ("_packed", "network_key"),
     "pack_refusal": ("_packed", "pack_refusal"),
     "plugin_sections": ("_config", "plugin_sections"),
     "prepare_model": ("_finetune", "prepare_model"),
@@ -125,7 +126,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from trainers._lr_find import LRFindResult, lr_range_test
     from trainers._models import MODELS
     from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
-    from trainers._packed import Pack, pack_key, pack_refusal
+    from trainers._packed import Pack, network_key, pack_key, pack_refusal
     from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, load_plugin
     from trainers._plugins import installed as installed_plugins
     from trainers._registry import closest

@@ -2,12 +2,13 @@
 
 Every member is built exactly as `train` builds it (same seed: same init and data order) and
 keeps its own optimizer, schedule, epochs and checkpoint (in `train`'s format, so a packed
-member resumes alone and the other way round); only the arithmetic is shared. Members are
-grouped in bands of batch sizes (`_bands`), and a band's parameters are stacked on a leading
-axis (`_packed_stack`): where members read the same batch (same seed, same epoch), the first
-layer is one wide GEMM (``X @ [W1_1 ... W1_K]``), the later layers batched matmuls, and one
-backward serves all; each member then steps with torch's fused kernel on its own slices
-(`_packed_optim`).
+member resumes alone and the other way round); only the arithmetic is shared. The members of a
+pack share the data and device (`pack_key`); they are grouped by network (`network_key`: a
+space may search the hidden layers) and, within a network, in bands of batch sizes (`_bands`).
+Each group's parameters are stacked on a leading axis (`_packed_stack`): where members read
+the same batch (same seed, same epoch), the first layer is one wide GEMM
+(``X @ [W1_1 ... W1_K]``), the later layers batched matmuls, and one backward serves all; each
+member then steps with its own update rule on its own slices (`_packed_optim`).
 
 Within a band, batch sizes may differ: every member reads the band's micro-batches (its
 smallest batch size, which divides the others), and a member with a larger batch accumulates
@@ -85,13 +86,17 @@ def pack_refusal(config: TrainConfig) -> str | None:
 
 
 def pack_key(config: TrainConfig) -> Hashable:
-    """What the members of one pack share: the network, the data, the device, CPU settings."""
+    """What the members of one pack share: the data, the device, CPU settings."""
     plain = config.to_dict()
     data = {k: v for k, v in plain["data"].items()
             if k not in ("num_workers", "pin_memory", "persistent_workers")}
-    return (json.dumps(plain["model"], sort_keys=True, default=str),
-            json.dumps(data, sort_keys=True, default=str),
+    return (json.dumps(data, sort_keys=True, default=str),
             str(resolve_device(config.device)), config.threads, config.flush_denormal)
+
+
+def network_key(config: TrainConfig) -> str:
+    """What the members of one stack share besides the pack's key: the network."""
+    return json.dumps(config.to_dict()["model"], sort_keys=True, default=str)
 
 
 def _kind(config: TrainConfig) -> str | None:
@@ -123,7 +128,8 @@ def _rule(config: TrainConfig) -> tuple[str | None, float, float]:
 
 
 class Pack:
-    """Up to `capacity` members of one `pack_key`, trained together epoch by epoch."""
+    """Up to `capacity` members of one `pack_key`, trained together epoch by epoch (one stack
+    per network and band of batch sizes)."""
 
     def __init__(self, capacity: int, *, spread: int = BAND_SPREAD) -> None:
         """`spread`: how many times its band's smallest batch size a member's may be and still
@@ -139,8 +145,9 @@ class Pack:
         self._next_id = 0
         self._stacks: list[Stack] = []
         self._dirty = True
-        self._ops: list[tuple[Any, ...]] = []
-        self._weights: list[int] = []  # indices of Linear weights (per-layer grad norms)
+        # Per network: its stacked forward and the indices of its Linear weights (per-layer
+        # grad norms), from `_plan`.
+        self._plans: dict[str, tuple[list[tuple[Any, ...]], list[int]]] = {}
         self._data: Any = None
         self._device = torch.device("cpu")
         self.epoch_seconds = 0.0  # the last epoch's, training and validation, all members
@@ -165,7 +172,7 @@ class Pack:
             raise ConfigError(f"cannot pack this trial: {refusal}")
         if not self.fits(config):
             raise ConfigError(f"the pack cannot take this trial ({len(self)} of {self.capacity} "
-                              "members, or another network or data than the pack's)")
+                              "members, or other data or another device than the pack's)")
         started = time.perf_counter()
         device = resolve_device(config.device)
         configure_cpu(config)
@@ -205,7 +212,9 @@ class Pack:
         if self.key is None:
             self.key = pack_key(config)
             self._data, self._device = data, device
-            self._ops, self._weights = _plan(model)
+        member.network = network_key(config)
+        if member.network not in self._plans:
+            self._plans[member.network] = _plan(model)
         self._members[member.id] = member
         self._next_id += 1
         self._dirty = True
@@ -234,21 +243,28 @@ class Pack:
             self._dirty = True
         if not self._members:
             self.key = None
+        live = {m.network for m in self._members.values()}
+        self._plans = {k: v for k, v in self._plans.items() if k in live}
         return ended
 
     def _restack(self) -> None:
-        """One stack per band of batch sizes (`_bands`), members in an order that keeps those
-        reading the same batches, and those stepping together with one rule, side by side."""
+        """One stack per network and band of batch sizes (`_bands`), members in an order that
+        keeps those reading the same batches, and those stepping together with one rule, side
+        by side."""
         for stack in self._stacks:
             stack.unstack(self._members)
         streams: dict[bytes, int] = {}
+        networks: dict[str, list[Member]] = {}
         for m in sorted(self._members.values(), key=lambda m: m.id):
             streams.setdefault(stream(m), len(streams))
+            networks.setdefault(m.network, []).append(m)
         self._stacks = []
-        for band in _bands(list(self._members.values()), self.spread):
-            band.sort(key=lambda m: (streams[stream(m)], KINDS.index(m.kind),
-                                     m.config.batch_size, m.id))
-            self._stacks.append(Stack(band, self._ops, self._weights, self._data, self._device))
+        for network, members in networks.items():
+            ops, weights = self._plans[network]
+            for band in _bands(members, self.spread):
+                band.sort(key=lambda m: (streams[stream(m)], KINDS.index(m.kind),
+                                         m.config.batch_size, m.id))
+                self._stacks.append(Stack(band, ops, weights, self._data, self._device))
         self._dirty = False
 
     def _run_epoch(self) -> list[tuple[int, Outcome]]:

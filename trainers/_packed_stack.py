@@ -65,6 +65,7 @@ class Member:
     momentum: float | None = None  # the cycled momentum (or beta1) of the last step
     diverged: str = ""
     pending: list[list[torch.Tensor]] | None = None  # params, first, second, peak: unstacked
+    network: str = ""  # `network_key`: members of one stack share it
 
     @property
     def uses_momentum(self) -> bool:

@@ -6,11 +6,13 @@ for one (the budget check and the trial's creation in one transaction), trains t
 members end, and tells each ended member on its own: its epochs were reported, its pruner
 asked and its checkpoint written per member by the same halves of `Objective` an unpacked trial
 goes through, so its attrs, artifacts, retries and status are those of a trial run alone. A
-member's slot is refilled at the next step (continuous batching of trials). A trial that cannot
-be packed (`trainers.pack_refusal`, or another network than the pack's) runs alone, and the
-worker says why once.
+member's slot is refilled at the next step (continuous batching of trials). Trials of other
+networks (a space searching the hidden layers) share the pack, each network in stacks of its
+own. A trial that cannot be packed (`trainers.pack_refusal`, other data or device than the
+pack's, or under `auto` a large model) runs alone, and the worker says why once.
 
-`--pack auto` starts at `AUTO_PACK` for a small model. On a GPU the pack then grows: each time
+`--pack auto` starts at `AUTO_PACK` for a small model; a trial of a model of
+`AUTO_MAX_PARAMETERS` or more runs alone. On a GPU the pack then grows: each time
 a full pack has trained, its peak memory and the GPU's utilization are read (`PackMeter`) and
 its capacity doubles while twice the pack still fits under the memory margin and the GPU is not
 busy (`grown_capacity`, the margins of `--trials-per-gpu auto`); the first time it may not, its
@@ -65,7 +67,7 @@ PACK_MAX = 256
 
 
 def auto_pack(config: trainers.TrainConfig) -> tuple[int, str]:
-    """K for `--pack auto` from the first packable trial's model, and why."""
+    """K for `--pack auto` from a packable trial's model (1: its network runs alone), and why."""
     data = trainers.data_for(config)
     model = trainers.prepare_model(config.model, config.init, data.input_shape,
                                    data.num_classes).model
@@ -171,21 +173,26 @@ class PackedTrials:
         self.lock = lock
         self.room = room
         self.capacity: int | None = None if capacity == "auto" else int(capacity)
-        self.grows = capacity == "auto"  # by the meter's readings, until an out-of-memory
+        self.auto = capacity == "auto"
+        self.grows = self.auto  # by the meter's readings, until an out-of-memory
         self.meter: PackMeter | None = None  # set when `auto` takes its K
         self.pack = trainers.Pack(max(self.capacity or 1, 1))
         self.members: dict[int, TrialStart] = {}  # by the pack's member id
         self.live: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
         self.interrupted: set[int] = set()
         self._said: set[str] = set()
+        self._auto: dict[str, str | None] = {}  # `auto`: why a network runs alone, by its key
 
     def __len__(self) -> int:
         return len(self.members)
 
     def step(self, *, deadline: float = math.inf) -> list[TrialOutcome | None]:
         """Fill the pack while a new trial could end by `deadline` (the worker's timeout, on
-        `time.monotonic`), train it until members end, and tell those; their outcomes (and
-        that of a trial run alone).
+        `time.monotonic`), train it until members end, and tell those; their outcomes. Where
+        filling ended with a trial that ran alone and did not fail, only its outcome: the
+        worker looks at it, and the next step fills the pack again before it trains. (After
+        a failure the pack trains first, so a broken setup's failures in a row still meet
+        the members' results.)
 
         BudgetReached when no trial could start and none is training; an interruption (Ctrl-C,
         SIGTERM, `hpsearch stop`) ends every trial of the pack FAIL "interrupted" (listed in
@@ -194,7 +201,8 @@ class PackedTrials:
             if self.members and self.objective.stop():
                 raise StopRequested("stopped at an epoch's end on request")
             outcomes = self._fill(deadline)
-            if not self.members:
+            if not self.members or (outcomes and all(o is not None and o.state != "FAIL"
+                                                     for o in outcomes)):
                 return outcomes
             self.lock.release()  # held from the worker's loop when nothing was asked
             size = len(self.pack)
@@ -247,10 +255,8 @@ class PackedTrials:
                 return [self.objective.last]
             config = begun.config
             assert config is not None
-            if refusal is None and self.capacity == 1:
-                refusal = "--pack auto: a large model"
-            elif refusal is None and not self.pack.fits(config):
-                refusal = "its network, data or device differ from the pack's"
+            if refusal is None and not self.pack.fits(config):
+                refusal = "its data or device differ from the pack's"
             if refusal is not None:
                 self._say(f"--pack: trials that cannot be packed run one at a time ({refusal})")
                 return [self._alone(begun)]
@@ -278,15 +284,23 @@ class PackedTrials:
 
     def _start(self, begun: TrialStart) -> str | None:
         """Trial `begun`'s config and start attrs (`Objective.start`); why it cannot be packed
-        (None if it can). `auto` takes K from the first packable trial's model."""
+        (None if it can). `auto` judges each network by its size (`auto_pack`, once per
+        network) and takes K from the first small one."""
         self.objective.start(begun)
         assert begun.config is not None
         refusal = trainers.pack_refusal(begun.config)
-        if refusal is None and self.capacity is None:
-            self.capacity, why = auto_pack(begun.config)
-            self._say(why)
-            self.pack = trainers.Pack(max(self.capacity, 1))
-            self.meter = meter_for(begun.device or "cpu") if self.capacity > 1 else None
+        if refusal is None and self.auto:
+            network = trainers.network_key(begun.config)
+            if network not in self._auto:
+                k, why = auto_pack(begun.config)
+                self._auto[network] = None if k > 1 else "--pack auto: a large model"
+                if k == 1 or self.capacity is None:
+                    self._say(why)  # the size of the first network packed, or a large one
+                if k > 1 and self.capacity is None:
+                    self.capacity = k
+                    self.pack = trainers.Pack(k)
+                    self.meter = meter_for(begun.device or "cpu")
+            refusal = self._auto[network]
         return refusal
 
     def _grow(self, size: int) -> None:

@@ -132,6 +132,45 @@ def test_every_built_in_optimizer_trains_in_the_pack(tmp_path, study_name):
     assert _most_at_once(trials) == len(names)  # all of them in one pack
 
 
+def test_a_space_over_hidden_layers_packs_every_network(tmp_path, study_name):
+    # Three networks in one pack, each in stacks of its own: none runs alone.
+    shapes = [[16], [24, 8], [8, 8, 8]]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    data = study_data(study_name, trials=6, epochs=2, size=256,
+                      space={**SPACE, "hidden": {"choices": shapes}},
+                      enqueue=[{"hidden": shapes[k % 3], "lr": 0.05, "batch_size": 32}
+                               for k in range(6)])
+    del data["model"]["hidden"]
+    result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "6")
+    out = result.stdout + result.stderr
+    assert "cannot be packed" not in out, out
+    trials = load(study_name, open_storage(url))[0].get_trials()
+    assert sorted(t.params["hidden"] for t in trials) == sorted(["16", "24,8", "8,8,8"] * 2)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert _most_at_once(trials) == 6
+
+
+def test_under_auto_a_large_network_runs_alone_and_the_small_ones_pack(tmp_path, study_name):
+    # 64 inputs, [1024, 1024]: 1.12M parameters, over auto's 1M.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    shapes = [[16], [1024, 1024]]
+    data = study_data(study_name, trials=5, epochs=1, size=256,
+                      space={**SPACE, "hidden": {"choices": shapes}},
+                      enqueue=[{"hidden": h, "lr": 0.05, "batch_size": 32}
+                               for h in ([16], [1024, 1024], [16], [16], [16])])
+    del data["model"]["hidden"]
+    result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "auto")
+    out = result.stdout + result.stderr
+    assert re.search(r"--pack auto: [\d,]+ parameters, 32 trials at once", out), out
+    assert re.search(r"--pack auto: 1,1\d\d,\d+ parameters \(at least 1,000,000\): one "
+                     r"trial at a time", out), out
+    assert out.count("cannot be packed") == 1, out
+    trials = load(study_name, open_storage(url))[0].get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    small = [t for t in trials if t.params["hidden"] == "16"]
+    assert len(small) == 4 and _most_at_once(small) == 4  # one pack, around the large one
+
+
 def test_killed_packed_worker_trials_resume_from_their_checkpoints(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
     data = slow(study_name, tmp_path, trials=3, epochs=6)

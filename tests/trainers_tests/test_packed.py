@@ -117,6 +117,27 @@ def test_members_of_other_layers_activations_and_clipping_train_as_alone():
                        lr=ADAM_LR, epochs=2, **{"optimizer.decay_all": True}, weight_decay=0.1)])
 
 
+def test_members_of_other_networks_train_as_alone():
+    # A space searching the hidden layers: one stack per network (and band), in one pack.
+    _check_alone([_cfg(hidden=[32, 16], epochs=2),
+                  _cfg(hidden=[24], optimizer="adam", lr=ADAM_LR, epochs=2),
+                  _cfg(hidden=[32, 16], batch_size=128, epochs=2, scheduler="onecycle"),
+                  _cfg(hidden=[24], activation="tanh", norm="layernorm", epochs=3),
+                  _cfg(hidden=[8, 8, 8], optimizer="rmsprop", lr=ADAM_LR, epochs=1)])
+
+
+def test_a_network_that_leaves_the_pack_and_comes_back_trains_as_alone():
+    first, other, again = _cfg(hidden=[24], epochs=1), _cfg(epochs=3), _cfg(hidden=[24], seed=2)
+    pack = Pack(2)
+    ids = [pack.add(first), pack.add(other)]
+    out = dict(pack.run_until_free())
+    assert list(out) == [ids[0]]
+    ids.append(pack.add(again))  # its network's plan was dropped with the last member
+    out |= _run(pack)
+    for i, config in zip(ids, (first, other, again), strict=True):
+        _same(out[i], train(config))
+
+
 def test_members_reading_different_batches_train_as_alone():
     # Six seeds: six data orders, past the wide first layer's limit (a batched matmul then).
     _check_alone([_cfg(seed=s, epochs=2, batch_size=32 * (1 + s % 2)) for s in range(6)])
@@ -260,14 +281,16 @@ def test_what_cannot_be_packed_is_refused_by_name(changes, says):
         Pack(2).add(config)
 
 
-def test_a_pack_takes_only_its_own_network_and_data():
-    pack = Pack(2)
+def test_a_pack_takes_only_its_own_data_and_device():
+    pack = Pack(3)
     pack.add(_cfg(batch_size=64))
-    assert pack_key(_cfg(lr=0.5, optimizer="adam", seed=4)) == pack_key(_cfg())
-    assert not pack.fits(_cfg(hidden=[16]))  # another network
+    assert pack_key(_cfg(lr=0.5, optimizer="adam", seed=4, hidden=[8])) == pack_key(_cfg())
     assert not pack.fits(_cfg(**{"data.val_fraction": 0.3}))  # other data
+    assert not pack.fits(_cfg(threads=1))  # other CPU settings
     assert pack.fits(_cfg(batch_size=96))  # a band of its own
+    assert pack.fits(_cfg(hidden=[16]))  # another network: a stack of its own
     pack.add(_cfg(batch_size=32))
+    pack.add(_cfg(hidden=[16], activation="tanh"))
     assert not pack.fits(_cfg())  # full
     with pytest.raises(ConfigError, match="cannot take"):
         pack.add(_cfg())
