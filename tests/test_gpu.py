@@ -177,6 +177,56 @@ def test_packed_trials_train_on_cuda_as_they_would_alone():
             assert p.val_loss == pytest.approx(a.val_loss, rel=2e-3)
 
 
+def _syncs(run) -> list[str]:
+    """What `run()` did that waits for the GPU: each synchronizing call warns under sync debug
+    mode."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+# A loop reads its loss every DIVERGENCE_CHECK_EVERY steps, and a handful of times an epoch (the
+# data order, the epoch's totals, validation, the results); nothing else may wait for the GPU,
+# or the host stops queueing kernels while it waits: 205 steps here, so at most 13 + 30.
+STEPS = -(-int(8192 * 0.8) // 32)
+
+
+def test_a_cuda_epoch_waits_for_the_gpu_only_at_its_loss_checks():
+    import trainers
+    from trainers._loop import DIVERGENCE_CHECK_EVERY
+
+    for optimizer, lr in (("sgd", 0.02), ("adam", 0.003)):
+        config = {"dataset": "synthetic", "data.size": 8192, "hidden": [64, 32], "epochs": 1,
+                  "device": "cuda", "batch_size": 32, "optimizer": optimizer, "lr": lr,
+                  "scheduler": "onecycle"}
+        trainers.train(config)  # warm: the data cache, cuBLAS
+        syncs = _syncs(lambda c=config: trainers.train(c))
+        assert len(syncs) <= STEPS // DIVERGENCE_CHECK_EVERY + 30, (optimizer, syncs)
+
+
+def test_a_packed_epoch_on_cuda_waits_for_the_gpu_only_at_its_loss_checks():
+    import trainers
+    from trainers._loop import DIVERGENCE_CHECK_EVERY
+
+    base = {"dataset": "synthetic", "data.size": 8192, "hidden": [64, 32], "epochs": 1,
+            "device": "cuda", "batch_size": 32}
+    configs = [trainers.config_from_dict({**base, **c}) for c in (
+        {"optimizer": "adam", "lr": 0.003}, {"optimizer": "adamw", "lr": 0.003, "seed": 1},
+        {"optimizer": "sgd", "lr": 0.02}, {"optimizer": "rmsprop", "lr": 0.003})]
+    pack = trainers.Pack(len(configs))
+    for c in configs:
+        pack.add(c)
+    syncs = _syncs(pack.run_until_free)
+    assert len(syncs) <= STEPS // DIVERGENCE_CHECK_EVERY + 30, syncs
+
+
 def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path, monkeypatch,
                                                                        capfd):
     """`--pack auto` on a real GPU: CUDA's own counters are read after each full pack, and a

@@ -39,7 +39,10 @@ class Hypers:
     decay: float  # of the squared gradients' running average: Adam's beta2, RMSprop's alpha,
     # Adadelta's rho
     eps: float
-    step: int  # the step count after this step (1 on the first): Adam's bias correction
+    # The step count after this step (1 on the first), for Adam's bias correction: a 0-dim
+    # tensor on the parameters' device, where the fused kernel reads it (a count made into a
+    # tensor each step would be a host-to-device copy, which waits for the GPU, per step).
+    step: torch.Tensor
 
 
 def member_update(kind: str, groups: Sequence[tuple[float, Sequence[int]]],
@@ -69,10 +72,9 @@ def member_update(kind: str, groups: Sequence[tuple[float, Sequence[int]]],
                           [second[i] for i in idx], h)
             continue
         ams = kind.endswith("_ams")
-        step = torch.tensor(float(h.step), device=p[0].device)
         fused = torch._fused_adamw_ if kind.startswith("adamw") else torch._fused_adam_
         fused(p, g, [first[i] for i in idx], [second[i] for i in idx],
-              [peak[i] for i in idx] if ams else [], [step] * len(idx),
+              [peak[i] for i in idx] if ams else [], [h.step] * len(idx),
               lr=h.lr, beta1=h.momentum, beta2=h.decay, weight_decay=weight_decay, eps=h.eps,
               amsgrad=ams, maximize=False, grad_scale=None, found_inf=None)
 

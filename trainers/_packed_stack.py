@@ -101,6 +101,11 @@ class Stack:
                 self.groups.append([(wd, matrices + vectors)])
             else:
                 self.groups.append([(wd, matrices), (0.0, vectors)])
+        # Each member's optimizer step count on the device, for the Adam kinds' bias correction,
+        # and device copies of the member indices the grad-norm samples use: built from host
+        # values once, not each step (a host-to-device copy waits for the GPU's queue).
+        self.steps = torch.tensor([float(m.steps_taken) for m in members], device=device)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         for m in members:
             m.pending = None
 
@@ -209,12 +214,14 @@ class Stack:
         sample = [s for s in active if batch[s] % GRAD_NORM_EVERY == 0]
         if sample and self.weights:
             # Sampled, as `train` samples them: the per-layer trend, not every step.
-            idx = torch.tensor(sample, device=self.device)
+            idx = self._index(sample)
             layer = torch.stack([self.params[w].grad.index_select(0, idx).flatten(1).norm(dim=1)
                                  for w in self.weights], dim=1)
             norm_sum.index_add_(0, idx, layer)
             for s in sample:
                 norm_samples[s] += 1
+        for a, end in ranges([s for s in active if stack[s].kind.startswith("adam")]):
+            self.steps[a:end].add_(1)
         for s in active:
             m = stack[s]
             m.steps_taken += 1
@@ -222,11 +229,12 @@ class Stack:
             member_update(m.kind, self.groups[s], params, [p.grad[s] for p in self.params],
                           first, second, peak,
                           Hypers(lr=m.last_lr, momentum=momentum_of(m, m.momentum),
-                                 decay=m.decay, eps=m.eps, step=m.steps_taken))
+                                 decay=m.decay, eps=m.eps, step=self.steps[s]))
         checks = [s for s in active if batch[s] % DIVERGENCE_CHECK_EVERY == 0
                   or batch[s] == stack[s].steps_per_epoch - 1]
         if checks:
-            values = batch_loss[checks].tolist()
+            losses = batch_loss.tolist()  # one read for all (indexing by a list would copy
+            values = [losses[s] for s in checks]  # the list to the device first)
             for s, value in zip(checks, values, strict=True):
                 m = stack[s]
                 m.first_loss = value if m.first_loss is None else m.first_loss
@@ -241,7 +249,14 @@ class Stack:
                 for a, end in ranges(stepping):
                     p.grad[a:end].zero_()
         for a, end in ranges(stepping):
-            batch_loss[a:end] = 0
+            batch_loss[a:end].zero_()
+
+    def _index(self, members: list[int]) -> torch.Tensor:
+        """`members` as an index tensor on the device (cached: the patterns repeat)."""
+        key = tuple(members)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(members, device=self.device)
+        return self._indices[key]
 
     def evaluate(self) -> tuple[list[float], list[float]]:
         split = self.data.val
