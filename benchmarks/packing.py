@@ -11,8 +11,15 @@ same epochs:
 batch size, packed against alone, one epoch each. Also checks that the packed arm's final losses
 equal the alone arm's (the largest relative difference is printed).
 
+Other spaces: `--optimizers` replaces the space's optimizer choices (the brief's seven:
+sgd,nesterov,adam,amsgrad,adamw,rmsprop,adagrad), `--hidden` searches the MLP's hidden layers
+(choices such as `128,56/256,128/64`) and `--dropout` its dropout rate (a range such as
+`0,0.5`). A config that cannot be packed runs alone in the packed arm, as in a `--pack` worker
+(`packed_alone` counts them).
+
     .venv/bin/python benchmarks/packing.py [--trials 32] [--epochs 2] [--pack 32] [--threads 1]
-        [--table-pack 8] [--batch-sizes 32,64,128,256,512,1024]
+        [--table-pack 8] [--batch-sizes 32,64,128,256,512,1024] [--optimizers a,b,…]
+        [--hidden 128,56/256,128/…] [--dropout LOW,HIGH]
 """
 
 from __future__ import annotations
@@ -33,16 +40,19 @@ STUDY = Path(__file__).resolve().parent.parent / "studies" / "fashion_mlp.yaml"
 
 def sample_configs(n: int, epochs: int, threads: int, seed: int = 0,
                    optimizers: list[str] | None = None,
-                   hidden: list[list[int]] | None = None) -> list[trainers.TrainConfig]:
-    """`n` configs of the study's space (its optimizer choices replaced by `optimizers`, and
-    `hidden` searched over these shapes, if given), drawn by a seeded RandomSampler (no
-    storage needed)."""
+                   hidden: list[list[int]] | None = None,
+                   dropout: list[float] | None = None) -> list[trainers.TrainConfig]:
+    """`n` configs of the study's space (its optimizer choices replaced by `optimizers`,
+    `hidden` searched over these shapes and `dropout` in this range, if given), drawn by a
+    seeded RandomSampler (no storage needed)."""
     data = yaml.safe_load(STUDY.read_text())
     if optimizers:
         data["space"]["optimizer"] = {"choices": optimizers}
     if hidden:
         data["space"]["hidden"] = {"choices": hidden}
         del data["model"]["hidden"]
+    if dropout:
+        data["space"]["dropout"] = {"low": dropout[0], "high": dropout[1]}
     spec = parse_spec(data, source=str(STUDY))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -135,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                                                     for shape in t.split("/")],
                         help="search the MLP's hidden layers over these shapes, e.g. "
                              "128,56/256,128/64 (default: the study file's fixed shape)")
+    parser.add_argument("--dropout", type=lambda t: [float(v) for v in t.split(",")],
+                        help="search the MLP's dropout rate in LOW,HIGH (default: none)")
     args = parser.parse_args(argv)
 
     configs = sample_configs(args.trials, args.epochs, args.threads,
-                             optimizers=args.optimizers, hidden=args.hidden)
+                             optimizers=args.optimizers, hidden=args.hidden,
+                             dropout=args.dropout)
     trainers.train(configs[0].replace(epochs=1))  # loads the data (cached) and warms up
     sizes = collections.Counter(c.batch_size for c in configs)
     shapes = collections.Counter(",".join(map(str, c.model.hidden)) for c in configs)
@@ -157,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",") if b):
         group = [c.replace(batch_size=batch, epochs=1)
                  for c in sample_configs(args.table_pack, 1, args.threads, seed=batch,
-                                         optimizers=args.optimizers, hidden=args.hidden)]
+                                         optimizers=args.optimizers, hidden=args.hidden,
+                             dropout=args.dropout)]
         ta, ra = alone(group)
         tp, rp, table_alone = packed(group, args.table_pack)
         ran_alone += table_alone

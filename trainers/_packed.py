@@ -67,8 +67,9 @@ def pack_refusal(config: TrainConfig) -> str | None:
         return f"model.type {m.type!r}: only the built-in mlp is packed"
     if "batchnorm" in m.norm:
         return "model.norm batchnorm: batch statistics in train mode are not packed"
-    if m.dropout > 0:
-        return f"model.dropout {m.dropout}: dropout masks would not match the run alone"
+    if m.dropout > 0 and resolve_device(config.device).type == "cuda":
+        return (f"model.dropout {m.dropout} on cuda: packed dropout draws its masks as the CPU "
+                "does, not as CUDA's fused dropout kernel")
     if m.weights or m.freeze != "none" or m.freeze_blocks or m.unfreeze_after is not None:
         return "fine-tuning (model.weights or freezing) is not packed"
     if o.head_lr_mult != 1 or (o.head_weight_decay is not None
@@ -95,8 +96,11 @@ def pack_key(config: TrainConfig) -> Hashable:
 
 
 def network_key(config: TrainConfig) -> str:
-    """What the members of one stack share besides the pack's key: the network."""
-    return json.dumps(config.to_dict()["model"], sort_keys=True, default=str)
+    """What the members of one stack share besides the pack's key: the network. Its dropout
+    rate only as present or not: the rate is the member's own (a space may search it)."""
+    model = config.to_dict()["model"]
+    model["dropout"] = model["dropout"] > 0
+    return json.dumps(model, sort_keys=True, default=str)
 
 
 def _kind(config: TrainConfig) -> str | None:
@@ -387,7 +391,7 @@ def _sync_groups(m: Member) -> None:
 
 def _plan(model: nn.Module) -> tuple[list[tuple[Any, ...]], list[int]]:
     """The stacked forward of a built-in MLP: ("linear", w, b), ("layernorm", w, b, eps) with
-    indices into its parameters, or ("act", module)."""
+    indices into its parameters, ("act", module) or ("dropout",)."""
     index = {id(p): i for i, p in enumerate(model.parameters())}
     ops: list[tuple[Any, ...]] = []
     weights: list[int] = []
@@ -395,6 +399,10 @@ def _plan(model: nn.Module) -> tuple[list[tuple[Any, ...]], list[int]]:
     for module in model.children():
         if isinstance(module, nn.Flatten):
             continue  # inputs arrive flat
+        if isinstance(module, nn.Dropout):
+            if module.p > 0:
+                ops.append(("dropout",))  # at each member's own rate
+            continue
         if isinstance(module, nn.Linear):
             ops.append(("linear", index[id(module.weight)], index[id(module.bias)]))
             weights.append(index[id(module.weight)])

@@ -66,6 +66,16 @@ class Member:
     diverged: str = ""
     pending: list[list[torch.Tensor]] | None = None  # params, first, second, peak: unstacked
     network: str = ""  # `network_key`: members of one stack share it
+    # Dropout: the member's stand-in for the global RNG `train` draws its masks from (its state
+    # after the init, `rng_cpu`), and the masks of its current step, one per dropout layer.
+    rng: torch.Generator | None = None
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+    def generator(self) -> torch.Generator:
+        if self.rng is None:
+            self.rng = torch.Generator()
+            self.rng.set_state(self.rng_cpu)
+        return self.rng
 
     @property
     def uses_momentum(self) -> bool:
@@ -116,10 +126,15 @@ class Stack:
                 m.pending = [[t[s].detach().clone() for t in ts]
                              for ts in (self.params, self.first, self.second, self.peak)]
 
-    def forward(self, xs: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, xs: list[tuple[int, int, torch.Tensor]],
+                drop: list[tuple[int, int | None] | None] | None = None) -> torch.Tensor:
         """Logits [K, batch, classes] of every member; `xs`: (first, end, inputs) per group of
-        members reading the same inputs."""
+        members reading the same inputs; `drop`, in training: each member's (offset of this
+        micro-batch in its step's batch, that batch's size where this micro-batch starts the
+        step, else None), or None once it diverged, for its dropout masks (`_masks`). Without
+        it, no dropout (eval)."""
         h: torch.Tensor | None = None
+        layer = 0
         for op in self.ops:
             if op[0] == "linear":
                 w, b = self.params[op[1]], self.params[op[2]]
@@ -131,10 +146,39 @@ class Stack:
                 assert h is not None
                 w, b = self.params[op[1]], self.params[op[2]]
                 h = F.layer_norm(h, h.shape[-1:], eps=op[3]) * w.unsqueeze(1) + b.unsqueeze(1)
+            elif op[0] == "dropout":
+                if drop is not None:
+                    assert h is not None
+                    h = h * self._masks(layer, h.shape[1], h.shape[2], drop)
+                    layer += 1
             else:
                 h = op[1](h)
         assert h is not None
         return h
+
+    def _masks(self, layer: int, size: int, width: int,
+               drop: list[tuple[int, int | None] | None]) -> torch.Tensor:
+        """The scaled dropout masks [K, size, width] of this micro-batch at dropout `layer`, each
+        member's at its own rate p.
+
+        `train` draws a mask for its whole batch at each dropout layer, in forward order, from
+        the global RNG (`empty_like(h).bernoulli_(1 - p).div_(1 - p)`, then `h * mask`: the
+        CPU's dropout). Each member draws the same from its own generator, at the micro-batch
+        that starts its step, and each micro-batch takes its rows."""
+        parts = []
+        for m, where in zip(self.members, drop, strict=True):
+            if where is None:  # diverged: its loss no longer counts
+                parts.append(torch.ones(size, width, device=self.device))
+                continue
+            offset, rows = where
+            if rows is not None:
+                if layer == 0:
+                    m.masks = []
+                p = m.config.model.dropout
+                mask = torch.empty(rows, width, device=self.device)
+                m.masks.append(mask.bernoulli_(1 - p, generator=m.generator()).div_(1 - p))
+            parts.append(m.masks[layer][offset:offset + size])
+        return torch.stack(parts)
 
     def train_epoch(self) -> tuple[list[float], list[int], list[list[float]]]:
         """One epoch of every member: (summed train loss, correct, mean grad norms) of each."""
@@ -178,7 +222,9 @@ class Stack:
             if sizes != scale_key:
                 scale_key = sizes
                 scale = 1.0 / torch.tensor(sizes, device=device)
-            logits = self.forward(xs)
+            drop = [((j % e) * micro, int(b) if j % e == 0 else None) if ok else None
+                    for e, b, ok in zip(every, sizes, live, strict=True)]
+            logits = self.forward(xs, drop)
             ce = F.cross_entropy(logits.reshape(k * size, -1), y.reshape(-1),
                                  reduction="none").view(k, size)
             ce_sum = ce.sum(1)
@@ -307,7 +353,7 @@ class Stack:
         state = _state(m.config, m.model, opt, m.schedule, m.order, m.history, m.first_loss,
                        self.device)
         opt.state.clear()
-        state["rng_cpu"] = m.rng_cpu
+        state["rng_cpu"] = m.rng.get_state() if m.rng is not None else m.rng_cpu
         if m.rng_cuda is not None:
             state["rng_cuda"] = m.rng_cuda
         return state

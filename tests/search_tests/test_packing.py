@@ -105,11 +105,11 @@ def test_pack_on_the_command_line_reaches_every_child_worker():
 def test_a_model_that_cannot_be_packed_runs_alone_and_says_so_once(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
     data = study_data(study_name, trials=3, epochs=1, space=SPACE, size=256,
-                      model={"type": "mlp", "hidden": [16], "dropout": 0.1})
+                      model={"type": "mlp", "hidden": [16], "norm": "batchnorm"})
     result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "4")
     out = result.stdout + result.stderr
     assert out.count("cannot be packed") == 1, out
-    assert "model.dropout 0.1" in out
+    assert "model.norm batchnorm" in out
     study, _ = load(study_name, open_storage(url))
     trials = study.get_trials()
     assert count_trials(study).finished == 3 == len(trials)

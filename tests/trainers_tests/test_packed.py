@@ -14,6 +14,7 @@ from trainers import (
     Pack,
     StopTraining,
     config_from_dict,
+    network_key,
     pack_key,
     pack_refusal,
     train,
@@ -136,6 +137,35 @@ def test_a_network_that_leaves_the_pack_and_comes_back_trains_as_alone():
     out |= _run(pack)
     for i, config in zip(ids, (first, other, again), strict=True):
         _same(out[i], train(config))
+
+
+def test_members_with_dropout_train_as_alone():
+    # Each member draws its masks from its own generator, in the state the global RNG has
+    # after its init, at its step's whole batch: the same masks as alone, also where a larger
+    # batch accumulates micro-batches, and where rates differ within one stack.
+    _check_alone([_cfg(dropout=0.2), _cfg(dropout=0.2, batch_size=128, optimizer="adam",
+                                          lr=ADAM_LR),
+                  _cfg(dropout=0.5, batch_size=32, seed=3),
+                  _cfg(dropout=0.2, batch_size=256, hidden=[24], norm="layernorm")])
+
+
+def test_a_member_with_dropout_resumes_as_if_never_interrupted(tmp_path):
+    # The checkpoint holds its generator's state, as `train`'s holds the global RNG's.
+    config = _cfg(dropout=0.3, epochs=3)
+    full = train(config)
+    store = CheckpointStore(tmp_path / "c")
+    pack = Pack(2)
+    pack.add(config, on_epoch=lambda m: _stop_at(m, 1), checkpoint=store)
+    pack.add(_cfg(dropout=0.3, epochs=3, seed=5))
+    _run(pack)
+    resumed = train(config, None, store)
+    assert resumed.resumed_from_epoch == 1
+    _same(resumed, full)
+    pack = Pack(1)
+    store2 = CheckpointStore(tmp_path / "d")
+    train(config, lambda m: _stop_at(m, 2), store2)
+    member = pack.add(config, checkpoint=store2)
+    _same(_run(pack)[member], full)
 
 
 def test_members_reading_different_batches_train_as_alone():
@@ -269,7 +299,6 @@ def _stop_at(m, epoch):
 
 @pytest.mark.parametrize(("changes", "says"), [
     ({"norm": "batchnorm"}, "batchnorm"),
-    ({"dropout": 0.1}, "dropout"),
     ({"model": "cnn"}, "cnn"),
     ({"data.augment": ["flip"]}, "augment"),
     ({"freeze": "backbone"}, "fine-tuning"),
@@ -281,10 +310,23 @@ def test_what_cannot_be_packed_is_refused_by_name(changes, says):
         Pack(2).add(config)
 
 
+def test_dropout_on_cuda_is_refused_by_name(monkeypatch):
+    # Packed masks are drawn as the CPU's dropout draws them; CUDA's fused kernel draws
+    # otherwise, so there a member would not train as alone.
+    import trainers._packed as packed
+
+    monkeypatch.setattr(packed, "resolve_device", lambda name: torch.device("cuda"))
+    assert "model.dropout 0.1 on cuda" in pack_refusal(_cfg(dropout=0.1))
+    assert pack_refusal(_cfg()) is None
+
+
 def test_a_pack_takes_only_its_own_data_and_device():
     pack = Pack(3)
     pack.add(_cfg(batch_size=64))
     assert pack_key(_cfg(lr=0.5, optimizer="adam", seed=4, hidden=[8])) == pack_key(_cfg())
+    # A dropout rate is a member's own: rates share a stack, no dropout is another network.
+    assert network_key(_cfg(dropout=0.1)) == network_key(_cfg(dropout=0.4))
+    assert network_key(_cfg(dropout=0.1)) != network_key(_cfg())
     assert not pack.fits(_cfg(**{"data.val_fraction": 0.3}))  # other data
     assert not pack.fits(_cfg(threads=1))  # other CPU settings
     assert pack.fits(_cfg(batch_size=96))  # a band of its own
