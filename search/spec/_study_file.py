@@ -38,6 +38,7 @@ from search.spec._space import (
     distributions,
     enqueue_params,
     grid_search_space,
+    suggest,
 )
 from trainers import ConfigError, TrainConfig, TrainerError, config_from_dict
 
@@ -245,6 +246,37 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The study's pruner; options the pruner rejects are a SpecError naming them."""
     return build("pruner", spec.pruner.type, dict(spec.pruner.options),
                  Settings(seed=spec.sampler.seed, epochs=spec.budget.epochs))
+
+def pack_outlook(spec: StudySpec, *, samples: int = 64) -> str | None:
+    """One line on how `run.pack` will treat the space's trials, from `samples` configs drawn
+    at random (seeded): all packed, some alone and why, or none (None without `run.pack`)."""
+    pack = spec.run.pack
+    if pack in (None, 1) or spec.trainer is not None:
+        return None
+    auto = auto_lr_key(spec)  # its range comes from the LR range test at run: not drawn here
+    drawn = spec.model_copy(update={"space": {k: v for k, v in spec.space.items()
+                                              if k != auto}})
+    quiet = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory"
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    finally:
+        optuna.logging.set_verbosity(quiet)
+    reasons: dict[str, int] = {}
+    for _ in range(samples):
+        trial = study.ask()
+        reason = trainers.pack_refusal(train_config_for(drawn, suggest(trial, drawn)))
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        study.tell(trial, 0.0)
+    alone = sum(reasons.values())
+    if not alone:
+        return f"run.pack {pack}: every trial of the space can be packed"
+    why = max(reasons, key=lambda r: reasons[r])
+    share = "no trial packs" if alone == samples else (
+        f"about {round(100 * alone / samples)}% of the space's trials run alone")
+    return f"run.pack {pack}: {share} ({why})"
+
 
 def describe(spec: StudySpec) -> str:
     """One line on a valid spec: what it searches, how long, with which sampler and pruner."""

@@ -144,3 +144,34 @@ def test_bad_arguments_exit_2(tmp_path):
                  ["run", "x.yaml", "--timeout", "soon"],
                  ["status", "--storage", "redis://localhost"]):
         assert hp(*args, cwd=tmp_path).returncode == 2, args
+
+
+def test_validate_says_how_run_pack_will_treat_the_space(tmp_path):
+    from search.spec import pack_outlook, parse_spec
+    from tests.search_tests.studies import study_data
+
+    def outlook(space, **changes):
+        return pack_outlook(parse_spec(study_data("p", space=space, **changes)))
+
+    lr = {"lr": {"low": 1e-3, "high": 0.1, "log": True}}
+    packs = {**lr, "optimizer": {"choices": ["sgd", "rmsprop"]}, "dropout": {"low": 0.0,
+                                                                                "high": 0.5}}
+    assert outlook(packs) is None  # no run.pack: nothing to say
+    assert outlook(packs, run={"pack": 1}) is None  # off
+    assert outlook(packs, run={"pack": 8}) == "run.pack 8: every trial of the space can be packed"
+    some = outlook({**lr, "norm": {"choices": ["none", "batchnorm"]}}, run={"pack": "auto"})
+    assert some.startswith("run.pack auto: about "), some
+    assert some.endswith("% of the space's trials run alone (model.norm batchnorm: batch "
+                         "statistics in train mode are not packed)"), some
+    assert 25 <= int(some.split("about ")[1].split("%")[0]) <= 75, some
+    none = outlook(lr, run={"pack": 4}, model={"type": "mlp", "hidden": [16],
+                                                "norm": "batchnorm"})
+    assert none.startswith("run.pack 4: no trial packs (model.norm batchnorm"), none
+    # The command prints it under the usual line.
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(study_data("p", space=packs, run={"pack": "auto"})))
+    out = hp("validate", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == (f"{path}: run.pack auto: every trial of the space can "
+                                          "be packed"), out.stdout
+    assert "new study created" not in out.stderr, out.stderr
