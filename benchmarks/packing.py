@@ -29,11 +29,11 @@ import collections
 import time
 from pathlib import Path
 
-import optuna
 import yaml
 
 import trainers
-from search.spec import parse_spec, suggest, train_config_for
+from search import SpecError
+from search.spec import drawn_configs, parse_spec
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "fashion_mlp.yaml"
 
@@ -44,7 +44,7 @@ def sample_configs(n: int, epochs: int, threads: int, seed: int = 0,
                    dropout: list[float] | None = None) -> list[trainers.TrainConfig]:
     """`n` configs of the study's space (its optimizer choices replaced by `optimizers`,
     `hidden` searched over these shapes and `dropout` in this range, if given), drawn by a
-    seeded RandomSampler (no storage needed)."""
+    seeded RandomSampler (`search.spec.drawn_configs`)."""
     data = yaml.safe_load(STUDY.read_text())
     if optimizers:
         data["space"]["optimizer"] = {"choices": optimizers}
@@ -53,17 +53,27 @@ def sample_configs(n: int, epochs: int, threads: int, seed: int = 0,
         del data["model"]["hidden"]
     if dropout:
         data["space"]["dropout"] = {"low": dropout[0], "high": dropout[1]}
-    spec = parse_spec(data, source=str(STUDY))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    configs = []
-    for _ in range(n):
-        trial = study.ask()
-        params = suggest(trial, spec)
-        configs.append(train_config_for(spec, params).replace(epochs=epochs, device="cpu",
-                                                               threads=threads))
-        study.tell(trial, 0.0)
-    return configs
+    spec = parse_spec(data, source=f"{STUDY} with this run's --optimizers/--hidden/--dropout")
+    return [c.replace(epochs=epochs, device="cpu", threads=threads)
+            for c in drawn_configs(spec, n, seed=seed)]
+
+
+def _comma_list(kind: type, count: int | None = None):
+    """An argparse type: comma-separated values of `kind` (exactly `count` of them, if given)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} values, got {text!r}")
+        return values
+    return parse
+
+
+def _shapes(text: str) -> list[list[int]]:
+    return [_comma_list(int)(shape) for shape in text.split("/")]
 
 
 def alone(configs: list[trainers.TrainConfig]) -> tuple[float, list[trainers.TrainResult]]:
@@ -138,20 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="32,64,128,256,512,1024",
                         help="the per-batch table's (empty: no table)")
     parser.add_argument("--spread", type=int, help="Pack's spread (default: its own)")
-    parser.add_argument("--optimizers", type=lambda t: t.split(","),
+    parser.add_argument("--optimizers", type=_comma_list(str),
                         help="the space's optimizer choices, comma-separated (default: the "
                              "study file's)")
-    parser.add_argument("--hidden", type=lambda t: [[int(w) for w in shape.split(",")]
-                                                    for shape in t.split("/")],
+    parser.add_argument("--hidden", type=_shapes,
                         help="search the MLP's hidden layers over these shapes, e.g. "
                              "128,56/256,128/64 (default: the study file's fixed shape)")
-    parser.add_argument("--dropout", type=lambda t: [float(v) for v in t.split(",")],
+    parser.add_argument("--dropout", type=_comma_list(float, 2),
                         help="search the MLP's dropout rate in LOW,HIGH (default: none)")
     args = parser.parse_args(argv)
 
-    configs = sample_configs(args.trials, args.epochs, args.threads,
-                             optimizers=args.optimizers, hidden=args.hidden,
-                             dropout=args.dropout)
+    try:
+        configs = sample_configs(args.trials, args.epochs, args.threads,
+                                 optimizers=args.optimizers, hidden=args.hidden,
+                                 dropout=args.dropout)
+    except SpecError as e:  # an unknown optimizer, a dropout outside [0, 1)…
+        parser.error(str(e))
     trainers.train(configs[0].replace(epochs=1))  # loads the data (cached) and warms up
     sizes = collections.Counter(c.batch_size for c in configs)
     shapes = collections.Counter(",".join(map(str, c.model.hidden)) for c in configs)

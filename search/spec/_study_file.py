@@ -247,28 +247,38 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return build("pruner", spec.pruner.type, dict(spec.pruner.options),
                  Settings(seed=spec.sampler.seed, epochs=spec.budget.epochs))
 
-def pack_outlook(spec: StudySpec, *, samples: int = 64) -> str | None:
-    """One line on how `run.pack` will treat the space's trials, from `samples` configs drawn
-    at random (seeded): all packed, some alone and why, or none (None without `run.pack`)."""
-    pack = spec.run.pack
-    if pack in (None, 1) or spec.trainer is not None:
-        return None
-    auto = auto_lr_key(spec)  # its range comes from the LR range test at run: not drawn here
+def drawn_configs(spec: StudySpec, n: int, *, seed: int = 0) -> list[TrainConfig]:
+    """`n` trainer configs of the space, drawn by a seeded RandomSampler in memory (no storage).
+    An `auto` lr key keeps its base value: its range comes from the LR range test at run."""
+    auto = auto_lr_key(spec)
     drawn = spec.model_copy(update={"space": {k: v for k, v in spec.space.items()
                                               if k != auto}})
     quiet = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory"
     try:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     finally:
         optuna.logging.set_verbosity(quiet)
-    reasons: dict[str, int] = {}
-    for _ in range(samples):
+    configs = []
+    for _ in range(n):
         trial = study.ask()
-        reason = trainers.pack_refusal(train_config_for(drawn, suggest(trial, drawn)))
+        configs.append(train_config_for(drawn, suggest(trial, drawn)))
+        study.tell(trial, 0.0)
+    return configs
+
+
+def pack_outlook(spec: StudySpec, *, samples: int = 64) -> str | None:
+    """One line on how `run.pack` will treat the space's trials, from `samples` configs drawn
+    at random (`drawn_configs`): all packed, some alone and why, or none (None without
+    `run.pack`)."""
+    pack = spec.run.pack
+    if pack in (None, 1) or spec.trainer is not None:
+        return None
+    reasons: dict[str, int] = {}
+    for config in drawn_configs(spec, samples):
+        reason = trainers.pack_refusal(config)
         if reason is not None:
             reasons[reason] = reasons.get(reason, 0) + 1
-        study.tell(trial, 0.0)
     alone = sum(reasons.values())
     if not alone:
         return f"run.pack {pack}: every trial of the space can be packed"
