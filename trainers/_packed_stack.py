@@ -90,6 +90,7 @@ class Stack:
                  data: Any, device: torch.device) -> None:
         self.members, self.ops, self.weights = members, ops, weights
         self.data, self.device = data, device
+        self.dropout = any(op[0] == "dropout" for op in ops)
         stacks = []
         for which in range(4):
             per_param = zip(*(m.pending[which] for m in members), strict=True)  # type: ignore[index]
@@ -223,7 +224,7 @@ class Stack:
                 scale_key = sizes
                 scale = 1.0 / torch.tensor(sizes, device=device)
             drop = [((j % e) * micro, int(b) if j % e == 0 else None) if ok else None
-                    for e, b, ok in zip(every, sizes, live, strict=True)]
+                    for e, b, ok in zip(every, sizes, live, strict=True)] if self.dropout else None
             logits = self.forward(xs, drop)
             ce = F.cross_entropy(logits.reshape(k * size, -1), y.reshape(-1),
                                  reduction="none").view(k, size)
@@ -256,7 +257,7 @@ class Stack:
         # Every member's gradient views in one call per parameter, not one per member and
         # parameter (a tenth of a large pack's host time per step).
         by_param = [p.grad.unbind(0) for p in self.params]
-        grads = [[g[s] for g in by_param] for s in range(len(stack))]
+        grads = {s: [g[s] for g in by_param] for s in active}
         for s in active:
             m = stack[s]
             if m.config.max_grad_norm is not None:

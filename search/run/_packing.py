@@ -181,7 +181,8 @@ class PackedTrials:
         self.live: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
         self.interrupted: set[int] = set()
         self._said: set[str] = set()
-        self._auto: dict[str, str | None] = {}  # `auto`: why a network runs alone, by its key
+        # `auto`: by network key, why its trials run alone (None: they pack)
+        self._large: dict[str, str | None] = {}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -291,16 +292,16 @@ class PackedTrials:
         refusal = trainers.pack_refusal(begun.config)
         if refusal is None and self.auto:
             network = trainers.network_key(begun.config)
-            if network not in self._auto:
+            if network not in self._large:
                 k, why = auto_pack(begun.config)
-                self._auto[network] = None if k > 1 else "--pack auto: a large model"
+                self._large[network] = None if k > 1 else "--pack auto: a large model"
                 if k == 1 or self.capacity is None:
                     self._say(why)  # the size of the first network packed, or a large one
                 if k > 1 and self.capacity is None:
                     self.capacity = k
                     self.pack = trainers.Pack(k)
                     self.meter = meter_for(begun.device or "cpu")
-            refusal = self._auto[network]
+            refusal = self._large[network]
         return refusal
 
     def _grow(self, size: int) -> None:
