@@ -32,6 +32,7 @@ _EXPORTS = {
     "InitConfig": ("_config", "InitConfig"),
     "KNOB_ALIASES": ("_config", "ALIASES"),
     "LRFindResult": ("_lr_find", "LRFindResult"),
+    "LRPlan": ("_lr_plan", "LRPlan"),
     "LR_SCHEDULES": ("_schedules", "LR_SCHEDULES"),
     "MODELS": ("_models", "MODELS"),
     "MODEL_GROUP": ("_plugins", "MODEL_GROUP"),
@@ -50,13 +51,14 @@ _EXPORTS = {
     "closest": ("_registry", "closest"),
     "config_from_dict": ("_config", "config_from_dict"),
     "data_for": ("_loop", "data_for"),
-    "effective_lr": ("_optimizers", "effective_lr"),
+    "effective_lr": ("_lr_plan", "effective_lr"),
     "installed_plugins": ("_plugins", "installed"),
     "is_plugin_argument": ("_config", "is_plugin_argument"),
     "knob_names": ("_config", "knob_names"),
     "names_trusted": ("_config", "names_trusted"),
     "load_data": ("_data", "load_data"),
     "load_plugin": ("_plugins", "load_plugin"),
+    "lr_plan": ("_lr_plan", "lr_plan"),
     "lr_range_test": ("_lr_find", "lr_range_test"),
     "pack_key": ("_packed", "pack_key"),
     "network_key": ("_packed", "network_key"),
@@ -64,7 +66,10 @@ _EXPORTS = {
     "plugin_sections": ("_config", "plugin_sections"),
     "prepare_model": ("_finetune", "prepare_model"),
     "resolve_device": ("_loop", "resolve_device"),
+    "scale_lr": ("_lr_plan", "scale_lr"),
+    "steps_per_epoch": ("_lr_plan", "steps_per_epoch"),
     "train": ("_loop", "train"),
+    "unscale_lr": ("_lr_plan", "unscale_lr"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -124,8 +129,16 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
         train,
     )
     from trainers._lr_find import LRFindResult, lr_range_test
+    from trainers._lr_plan import (
+        LRPlan,
+        effective_lr,
+        lr_plan,
+        scale_lr,
+        steps_per_epoch,
+        unscale_lr,
+    )
     from trainers._models import MODELS
-    from trainers._optimizers import OPTIMIZERS, build_optimizer, effective_lr
+    from trainers._optimizers import OPTIMIZERS, build_optimizer
     from trainers._packed import Pack, network_key, pack_key, pack_refusal
     from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, load_plugin
     from trainers._plugins import installed as installed_plugins

@@ -25,11 +25,11 @@ from trainers._config import TrainConfig, config_from_dict
 from trainers._data import Data, Split, augment_batch, load_data
 from trainers._errors import ConfigError
 from trainers._finetune import FrozenParts, prepare_model
+from trainers._lr_plan import lr_plan
 from trainers._optimizers import (
     OPTIMIZERS,
     build_optimizer,
     current_momentum,
-    effective_lr,
     group_lrs,
     keep_implementation,
     set_momentum,
@@ -143,13 +143,12 @@ def train(
         model.to(device)
     freezer = FrozenParts(model, prepared.frozen, config.model)
     info = OPTIMIZERS.get(config.optimizer.name)
-    base_lr = effective_lr(config.optimizer, config.batch_size)
+    n_train = len(data.train)
+    plan = lr_plan(config, n_train)
+    base_lr, steps_per_epoch, schedule = plan.base_lr, plan.steps_per_epoch, plan.schedule
     optimizer = build_optimizer(model, config.optimizer, lr=base_lr, head=prepared.head,
                                 frozen=prepared.frozen,
                                 unfreezes=config.model.unfreeze_after is not None)
-    n_train = len(data.train)
-    steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
-    schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed)  # data order, separate from init/dropout
 
     history: list[EpochMetrics] = []

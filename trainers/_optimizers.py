@@ -106,13 +106,6 @@ def role_groups(model: nn.Module, config: OptimizerConfig, *,
     return groups
 
 
-def effective_lr(config: OptimizerConfig, batch_size: int) -> float:
-    """The lr the optimizer uses; with `lr_per_batch` set, scaled linearly by the batch size."""
-    if config.lr_per_batch:
-        return config.lr * batch_size / config.lr_per_batch
-    return config.lr
-
-
 def build_optimizer(model: nn.Module, config: OptimizerConfig, *, lr: float,
                     head: frozenset[str] = frozenset(), frozen: frozenset[str] = frozenset(),
                     unfreezes: bool = False) -> torch.optim.Optimizer:

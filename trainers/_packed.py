@@ -41,18 +41,17 @@ from trainers._loop import (
     configure_cpu,
     resolve_device,
 )
+from trainers._lr_plan import lr_plan
 from trainers._models import ACTIVATIONS
 from trainers._optimizers import (
     OPTIMIZERS,
     build_optimizer,
     current_momentum,
-    effective_lr,
     group_lrs,
     set_momentum,
 )
 from trainers._packed_optim import KINDS, STATE_KEYS
 from trainers._packed_stack import Member, OnEpoch, Stack, stream
-from trainers._schedules import Schedule
 
 Outcome = TrainResult | BaseException
 # A band's largest batch size over its smallest (see `_bands`): 2 measured fastest on the
@@ -189,10 +188,9 @@ class Pack:
         model = prepared.model.to(device)
         rng_cpu = torch.get_rng_state()
         rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        base_lr = effective_lr(config.optimizer, config.batch_size)
+        plan = lr_plan(config, len(data.train))
+        base_lr, steps, schedule = plan.base_lr, plan.steps_per_epoch, plan.schedule
         optimizer = build_optimizer(model, config.optimizer, lr=base_lr)
-        steps = max(1, math.ceil(len(data.train) / config.batch_size))
-        schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=steps)
         kind, decay, eps = _rule(config)
         assert kind is not None  # pack_refusal said so
         member = Member(self._next_id, config, on_epoch, checkpoint, model, optimizer, kind,
