@@ -35,7 +35,7 @@ from search.spec import (
     show,
 )
 from search.storage import LR_FIND_ATTR
-from trainers import OPTIMIZERS
+from trainers import OPTIMIZERS, unscale_lr
 
 WIDEN = 2.0  # the suggestions are read off one noisy run: leave the sampler some room
 MAX_BATCH_SIZES = 3  # more searched batch sizes than this: test the smallest, middle, largest
@@ -110,10 +110,6 @@ def run_tests(
                 on_result(result)
     return results, note
 
-def in_space_units(value: float, batch_size: int, per_batch: int | None) -> float:
-    """An optimizer lr as the space samples it: per `per_batch` examples under linear scaling."""
-    return value * per_batch / batch_size if per_batch else value
-
 def _sig(value: float) -> float:
     return float(f"{value:.3g}")
 
@@ -122,8 +118,8 @@ def narrowed_range(spec: StudySpec, key: str, results: list[trainers.LRFindResul
     """The lr range the study searches after the tests (see the module docstring)."""
     entry = spec.space[key]
     per_batch = getattr(entry, "per_batch", None)
-    low = min(in_space_units(r.suggested_min, r.batch_size, per_batch) for r in results) / WIDEN
-    high = max(in_space_units(r.suggested_max, r.batch_size, per_batch) for r in results) * WIDEN
+    low = min(unscale_lr(r.suggested_min, r.batch_size, per_batch) for r in results) / WIDEN
+    high = max(unscale_lr(r.suggested_max, r.batch_size, per_batch) for r in results) * WIDEN
     if isinstance(entry, RangeEntry):  # `run --lr-find` narrows the file's range, never widens
         if low >= entry.high or high <= entry.low:
             raise SpecError(f"space.{key}: the LR range test suggests [{low:.3g}, {high:.3g}], "
@@ -184,8 +180,8 @@ def summary(result: trainers.LRFindResult, per_batch: int | None = None) -> dict
     }
     if per_batch:
         out[f"per_{per_batch}"] = [
-            _sig(in_space_units(result.suggested_min, result.batch_size, per_batch)),
-            _sig(in_space_units(result.suggested_max, result.batch_size, per_batch))]
+            _sig(unscale_lr(result.suggested_min, result.batch_size, per_batch)),
+            _sig(unscale_lr(result.suggested_max, result.batch_size, per_batch))]
     return out
 
 def needs_test(spec: StudySpec, *, force: bool) -> bool:
@@ -200,8 +196,8 @@ def table(results: list[trainers.LRFindResult], per_batch: int | None) -> list[s
     for r in results:
         scaled = ""
         if per_batch:
-            lo = in_space_units(r.suggested_min, r.batch_size, per_batch)
-            hi = in_space_units(r.suggested_max, r.batch_size, per_batch)
+            lo = unscale_lr(r.suggested_min, r.batch_size, per_batch)
+            hi = unscale_lr(r.suggested_max, r.batch_size, per_batch)
             scaled = f"  {lo:>10.3g} {hi:>10.3g}"
         lines.append(f"{r.optimizer:<10} {r.batch_size:>5}  {r.suggested_min:>13.3g}  "
                      f"{r.suggested_max:>13.3g}  {r.steepest_lr:>9.3g}  {r.min_loss_lr:>9.3g}"

@@ -30,6 +30,7 @@ from search.spec import (
     spec_from_json,
 )
 from search.storage import SPEC_ATTR, WARM_START_ATTR
+from trainers import scale_lr, unscale_lr
 
 if TYPE_CHECKING:
     import optuna
@@ -90,8 +91,7 @@ def translate(spec: StudySpec, flat: dict[str, Any], source: StudySpec | None) -
     theirs_per, our_per = _per_batch(source), _per_batch(spec)
     if lr is not None and lr in ours and theirs_per != our_per:
         batch = _batch_size(spec, flat, source)
-        effective = ours[lr] * batch / theirs_per if theirs_per else ours[lr]
-        ours[lr] = effective * our_per / batch if our_per else effective
+        ours[lr] = unscale_lr(scale_lr(ours[lr], batch, theirs_per), batch, our_per)
     return enqueue_params(spec, ours, path="trial")
 
 def _batch_size(spec: StudySpec, flat: dict[str, Any], source: StudySpec | None) -> int:
