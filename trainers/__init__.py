@@ -27,7 +27,7 @@ _EXPORTS = {
     "Data": ("_data", "Data"),
     "DataConfig": ("_config", "DataConfig"),
     "DataNotFoundError": ("_errors", "DataNotFoundError"),
-    "EpochMetrics": ("_loop", "EpochMetrics"),
+    "EpochMetrics": ("_results", "EpochMetrics"),
     "INITS": ("_inits", "INITS"),
     "InitConfig": ("_config", "InitConfig"),
     "KNOB_ALIASES": ("_config", "ALIASES"),
@@ -42,9 +42,9 @@ _EXPORTS = {
     "Pack": ("_packed", "Pack"),
     "Schedule": ("_schedules", "Schedule"),
     "ScheduleConfig": ("_config", "ScheduleConfig"),
-    "StopTraining": ("_loop", "StopTraining"),
+    "StopTraining": ("_results", "StopTraining"),
     "TrainConfig": ("_config", "TrainConfig"),
-    "TrainResult": ("_loop", "TrainResult"),
+    "TrainResult": ("_results", "TrainResult"),
     "TrainerError": ("_errors", "TrainerError"),
     "build_optimizer": ("_optimizers", "build_optimizer"),
     "check_names": ("_validate", "check_names"),
@@ -65,7 +65,7 @@ _EXPORTS = {
     "pack_refusal": ("_packed", "pack_refusal"),
     "plugin_sections": ("_config", "plugin_sections"),
     "prepare_model": ("_finetune", "prepare_model"),
-    "resolve_device": ("_loop", "resolve_device"),
+    "resolve_device": ("_setup", "resolve_device"),
     "scale_lr": ("_lr_plan", "scale_lr"),
     "steps_per_epoch": ("_lr_plan", "steps_per_epoch"),
     "train": ("_loop", "train"),
@@ -120,14 +120,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from trainers._errors import ConfigError, DataNotFoundError, TrainerError
     from trainers._finetune import prepare_model
     from trainers._inits import INITS
-    from trainers._loop import (
-        EpochMetrics,
-        StopTraining,
-        TrainResult,
-        data_for,
-        resolve_device,
-        train,
-    )
+    from trainers._loop import data_for, train
     from trainers._lr_find import LRFindResult, lr_range_test
     from trainers._lr_plan import (
         LRPlan,
@@ -143,5 +136,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from trainers._plugins import DATASET_GROUP, MODEL_GROUP, Args, load_plugin
     from trainers._plugins import installed as installed_plugins
     from trainers._registry import closest
+    from trainers._results import EpochMetrics, StopTraining, TrainResult
     from trainers._schedules import LR_SCHEDULES, Schedule
+    from trainers._setup import resolve_device
     from trainers._validate import check_names

@@ -13,7 +13,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,92 +22,12 @@ from torch import nn
 from trainers._checkpoint import CheckpointStore
 from trainers._config import TrainConfig, config_from_dict
 from trainers._data import Data, Split, augment_batch, load_data
-from trainers._errors import ConfigError
-from trainers._finetune import FrozenParts, prepare_model
-from trainers._lr_plan import lr_plan
-from trainers._optimizers import (
-    OPTIMIZERS,
-    build_optimizer,
-    current_momentum,
-    group_lrs,
-    keep_implementation,
-    set_momentum,
-)
-from trainers._schedules import Schedule
+from trainers._optimizers import OPTIMIZERS, current_momentum, group_lrs, set_momentum
+from trainers._results import EpochMetrics, StopTraining, TrainResult
+from trainers._setup import checkpoint_state, prepare_run, resolve_device
 
 DIVERGENCE_CHECK_EVERY = 16  # steps between loss checks: a host sync on CUDA, so not every step
 GRAD_NORM_EVERY = 8  # steps between per-layer gradient-norm samples
-
-
-class StopTraining(Exception):  # noqa: N818 - a control signal, not an error
-    """Raised by an `on_epoch` callback to end the run cleanly after the current epoch."""
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int  # 1-based: the number of epochs completed
-    train_loss: float
-    train_accuracy: float
-    val_loss: float  # nan without a validation split
-    val_accuracy: float
-    lr: float  # at the end of the epoch
-    momentum: float | None
-    grad_norms: dict[str, float]  # mean L2 norm of each layer's weight gradient (sampled)
-    epoch_seconds: float  # training pass plus validation
-    train_seconds: float  # the training pass alone
-    samples_per_second: float
-    group_lrs: dict[str, float] = field(default_factory=dict)  # lr of each parameter group
-    trained_parameters: int = 0  # parameters that were not frozen this epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    status: str  # "completed" | "stopped" (by on_epoch) | "diverged"
-    reason: str
-    history: tuple[EpochMetrics, ...]
-    seconds: float
-    resumed_from_epoch: int = 0
-    parameters: int = 0
-    trained_parameters: int = 0  # in the last epoch (freezing may have changed it)
-    device: str = "cpu"
-    test_loss: float | None = None
-    test_accuracy: float | None = None
-    notes: tuple[str, ...] = ()  # what loading `model.weights` did (re-initialized heads, …)
-    model: nn.Module | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.history)
-
-    @property
-    def final(self) -> EpochMetrics | None:
-        return self.history[-1] if self.history else None
-
-
-def configure_cpu(config: TrainConfig) -> None:
-    """Process-wide CPU settings a run asks for: intra-op threads, denormal flushing."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(config.flush_denormal)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA where present, else CPU; a CUDA request without CUDA is a clear error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available here")
-    if device.type == "cuda" and device.index is None:
-        # Name the GPU: trials record where they ran ("cuda:0" inside CUDA_VISIBLE_DEVICES).
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def train(
@@ -128,46 +47,16 @@ def train(
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
-    started = time.perf_counter()
-    device = resolve_device(config.device)
-    configure_cpu(config)
-    data = load_data(config.data, device=device, include_test=evaluate_test, merge_val=merge_val)
-
-    torch.manual_seed(config.seed)
-    prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
-    model = prepared.model
-    channels_last = config.channels_last and device.type == "cuda" and len(data.input_shape) == 3
-    if channels_last:
-        model.to(device, memory_format=torch.channels_last)
-    else:
-        model.to(device)
-    freezer = FrozenParts(model, prepared.frozen, config.model)
+    run = prepare_run(config, checkpoint, include_test=evaluate_test, merge_val=merge_val)
+    started, device, data, model = run.started, run.device, run.data, run.model
+    prepared, freezer, channels_last, optimizer = (run.prepared, run.freezer, run.channels_last,
+                                                   run.optimizer)
+    base_lr, steps_per_epoch, schedule = (run.plan.base_lr, run.plan.steps_per_epoch,
+                                          run.plan.schedule)
     info = OPTIMIZERS.get(config.optimizer.name)
     n_train = len(data.train)
-    plan = lr_plan(config, n_train)
-    base_lr, steps_per_epoch, schedule = plan.base_lr, plan.steps_per_epoch, plan.schedule
-    optimizer = build_optimizer(model, config.optimizer, lr=base_lr, head=prepared.head,
-                                frozen=prepared.frozen,
-                                unfreezes=config.model.unfreeze_after is not None)
-    order = torch.Generator().manual_seed(config.seed)  # data order, separate from init/dropout
-
-    history: list[EpochMetrics] = []
-    first_loss: float | None = None
-    start_epoch = 0
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
-        if _resumable(state["config"]) != _resumable(config.to_dict()):
-            raise ConfigError(f"{checkpoint}: the checkpoint was written by another configuration")
-        model.load_state_dict(state["model"])
-        keep_implementation(optimizer, state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        order.set_state(state["rng_order"])
-        history = [EpochMetrics(**m) for m in state["history"]]
-        first_loss = state["first_loss"]
-        start_epoch = int(state["epoch"])
+    order = run.order
+    history, first_loss, start_epoch = run.history, run.first_loss, run.start_epoch
 
     forward = model
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
@@ -276,7 +165,8 @@ def train(
         )
         history.append(metrics)
         if checkpoint is not None and not checkpoint.save_or_warn(
-                _state(config, model, optimizer, schedule, order, history, first_loss, device)):
+                checkpoint_state(config, model, optimizer, schedule, order, history, first_loss,
+                                 device)):
             checkpoint = None  # a full disk: the run goes on without checkpoints
         if on_epoch is not None:
             try:
@@ -331,19 +221,6 @@ def evaluate(
     return loss_sum.item() / n, correct.item() / n
 
 
-# Where and how a run executes may change across a resume (a retry on another worker, another
-# GPU, more threads, more DataLoader workers); what it trains may not.
-_EXECUTION_FIELDS = ("device", "threads", "amp", "compile", "channels_last", "flush_denormal",
-                     "eval_batch_size")
-_READING_FIELDS = ("num_workers", "pin_memory", "persistent_workers")
-
-
-def _resumable(config: dict[str, Any]) -> dict[str, Any]:
-    kept = {k: v for k, v in config.items() if k not in _EXECUTION_FIELDS}
-    kept["data"] = {k: v for k, v in kept["data"].items() if k not in _READING_FIELDS}
-    return kept
-
-
 def _divergence(loss: float, first: float, factor: float) -> str:
     if not math.isfinite(loss):
         return f"diverged: loss is {loss}"
@@ -364,32 +241,6 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             if module.weight.requires_grad:
                 layers.append((f"{kind}{counts[kind]}", module.weight))
     return layers
-
-
-def _state(
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    order: torch.Generator,
-    history: list[EpochMetrics],
-    first_loss: float | None,
-    device: torch.device,
-) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "epoch": len(history),
-        "config": config.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_order": order.get_state(),
-        "history": [m.to_dict() for m in history],
-        "first_loss": first_loss,
-    }
-    if device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def data_for(config: TrainConfig) -> Data:

@@ -36,8 +36,8 @@ from trainers._config import TrainConfig, config_from_dict
 from trainers._data import load_data
 from trainers._errors import ConfigError
 from trainers._finetune import FrozenParts, prepare_model
-from trainers._loop import configure_cpu, resolve_device
 from trainers._optimizers import build_optimizer
+from trainers._setup import configure_cpu, resolve_device
 
 RULES = ("minimum", "steepest")
 MIN_DIVISOR = 10.0  # min lr = max lr / this: one order of magnitude

@@ -30,28 +30,14 @@ from torch import nn
 
 from trainers._checkpoint import CheckpointStore
 from trainers._config import TrainConfig, config_from_dict
-from trainers._data import Split, load_data
+from trainers._data import Split
 from trainers._errors import ConfigError
-from trainers._finetune import prepare_model
-from trainers._loop import (
-    EpochMetrics,
-    StopTraining,
-    TrainResult,
-    _resumable,
-    configure_cpu,
-    resolve_device,
-)
-from trainers._lr_plan import lr_plan
 from trainers._models import ACTIVATIONS
-from trainers._optimizers import (
-    OPTIMIZERS,
-    build_optimizer,
-    current_momentum,
-    group_lrs,
-    set_momentum,
-)
+from trainers._optimizers import OPTIMIZERS, current_momentum, group_lrs, set_momentum
 from trainers._packed_optim import KINDS, STATE_KEYS
 from trainers._packed_stack import Member, OnEpoch, Stack, stream
+from trainers._results import EpochMetrics, StopTraining, TrainResult
+from trainers._setup import prepare_run, resolve_device
 
 Outcome = TrainResult | BaseException
 # A band's largest batch size over its smallest (see `_bands`): 2 measured fastest on the
@@ -176,47 +162,25 @@ class Pack:
         if not self.fits(config):
             raise ConfigError(f"the pack cannot take this trial ({len(self)} of {self.capacity} "
                               "members, or other data or another device than the pack's)")
-        started = time.perf_counter()
-        device = resolve_device(config.device)
-        configure_cpu(config)
-        data = load_data(config.data, device=device)
+        run = prepare_run(config, checkpoint)
+        data = run.data
         if not isinstance(data.train, Split) or not isinstance(data.val, (Split, type(None))):
             raise ConfigError(f"data.dataset {config.data.dataset!r}: streamed data is not "
                               "packed")
-        torch.manual_seed(config.seed)
-        prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
-        model = prepared.model.to(device)
-        rng_cpu = torch.get_rng_state()
-        rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        plan = lr_plan(config, len(data.train))
-        base_lr, steps, schedule = plan.base_lr, plan.steps_per_epoch, plan.schedule
-        optimizer = build_optimizer(model, config.optimizer, lr=base_lr)
         kind, decay, eps = _rule(config)
         assert kind is not None  # pack_refusal said so
-        member = Member(self._next_id, config, on_epoch, checkpoint, model, optimizer, kind,
-                        decay, eps, base_lr, schedule, torch.Generator().manual_seed(config.seed),
-                        steps, prepared.notes, started, rng_cpu, rng_cuda)
-        state = checkpoint.load() if checkpoint is not None else None
-        if state is not None:
-            if _resumable(state["config"]) != _resumable(config.to_dict()):
-                raise ConfigError(f"{checkpoint}: the checkpoint was written by another "
-                                  "configuration")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            member.rng_cpu = state["rng_cpu"]
-            member.rng_cuda = state.get("rng_cuda", rng_cuda)
-            member.order.set_state(state["rng_order"])
-            member.history = [EpochMetrics(**m) for m in state["history"]]
-            member.first_loss = state["first_loss"]
-            member.epoch = member.start_epoch = int(state["epoch"])
+        member = Member(self._next_id, config, on_epoch, checkpoint, run.model, run.optimizer,
+                        kind, decay, eps, run.plan.base_lr, run.plan.schedule, run.order,
+                        run.plan.steps_per_epoch, run.prepared.notes, run.started, run.rng_cpu,
+                        run.rng_cuda, epoch=run.start_epoch, start_epoch=run.start_epoch,
+                        history=run.history, first_loss=run.first_loss)
         member.pending = _unstacked(member)
         if self.key is None:
             self.key = pack_key(config)
-            self._data, self._device = data, device
+            self._data, self._device = data, run.device
         member.network = network_key(config)
         if member.network not in self._plans:
-            self._plans[member.network] = _plan(model)
+            self._plans[member.network] = _plan(run.model)
         self._members[member.id] = member
         self._next_id += 1
         self._dirty = True

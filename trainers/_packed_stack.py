@@ -19,15 +19,11 @@ from torch import nn
 
 from trainers._checkpoint import CheckpointStore
 from trainers._config import TrainConfig
-from trainers._loop import (
-    DIVERGENCE_CHECK_EVERY,
-    GRAD_NORM_EVERY,
-    EpochMetrics,
-    _divergence,
-    _state,
-)
+from trainers._loop import DIVERGENCE_CHECK_EVERY, GRAD_NORM_EVERY, _divergence
 from trainers._packed_optim import STATE_KEYS, Hypers, clip_, member_update
+from trainers._results import EpochMetrics
 from trainers._schedules import Schedule
+from trainers._setup import checkpoint_state
 
 OnEpoch = Callable[[EpochMetrics], None]
 # Beyond this many groups of members reading different batches, one gather and a batched
@@ -351,8 +347,8 @@ class Stack:
             if m.kind.endswith("_ams"):
                 st["max_exp_avg_sq"] = self.peak[i][s].clone()
             opt.state[p] = st
-        state = _state(m.config, m.model, opt, m.schedule, m.order, m.history, m.first_loss,
-                       self.device)
+        state = checkpoint_state(m.config, m.model, opt, m.schedule, m.order, m.history,
+                                 m.first_loss, self.device)
         opt.state.clear()
         state["rng_cpu"] = m.rng.get_state() if m.rng is not None else m.rng_cpu
         if m.rng_cuda is not None:
