@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +25,38 @@ from trainers._config import TrainConfig, config_from_dict
 from trainers._data import Data, Split, augment_batch, load_data
 from trainers._optimizers import OPTIMIZERS, current_momentum, group_lrs, set_momentum
 from trainers._results import EpochMetrics, StopTraining, TrainResult
-from trainers._setup import checkpoint_state, prepare_run, resolve_device
+from trainers._setup import RunSetup, checkpoint_state, prepare_run, resolve_device
 
 DIVERGENCE_CHECK_EVERY = 16  # steps between loss checks: a host sync on CUDA, so not every step
 GRAD_NORM_EVERY = 8  # steps between per-layer gradient-norm samples
+
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class _Compute:
+    """How a run computes its batches: the forward (compiled or not), autocast, and the loss
+    scaler of float16 mixed precision (None otherwise)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Autocast
+    scaler: torch.amp.GradScaler | None
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One epoch's training pass: per-batch values kept on the device and counted once, at the
+    epoch's end (a count per step was two more kernel launches in a launch-bound step)."""
+
+    losses: list[torch.Tensor]  # each batch's mean loss
+    predicted: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    layers: list[tuple[str, torch.Tensor]]  # the trained weight layers (`_weight_layers`)
+    norm_sum: torch.Tensor  # each layer's gradient norm, summed over the samples
+    norm_samples: int
+    last_lr: float
+    diverged: str  # why the run diverged in this pass, or ""
 
 
 def train(
@@ -48,125 +77,19 @@ def train(
     if isinstance(config, dict):
         config = config_from_dict(config)
     run = prepare_run(config, checkpoint, include_test=evaluate_test, merge_val=merge_val)
-    started, device, data, model = run.started, run.device, run.data, run.model
-    prepared, freezer, channels_last, optimizer = (run.prepared, run.freezer, run.channels_last,
-                                                   run.optimizer)
-    base_lr, steps_per_epoch, schedule = (run.plan.base_lr, run.plan.steps_per_epoch,
-                                          run.plan.schedule)
-    info = OPTIMIZERS.get(config.optimizer.name)
-    n_train = len(data.train)
-    order = run.order
-    history, first_loss, start_epoch = run.history, run.first_loss, run.start_epoch
-
-    forward = model
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-    scaler = None
-    if device.type == "cuda":
-        if config.compile:
-            forward = torch.compile(model)
-        if config.amp:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
-            if dtype == torch.float16:
-                scaler = torch.amp.GradScaler("cuda")
-
+    compute = _compute(run)
     status, reason = "completed", f"trained {config.epochs} epochs"
-    params_count = sum(p.numel() for p in model.parameters())
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(run.start_epoch, config.epochs):
         t0 = time.perf_counter()
-        model.train()
-        freezer.start_epoch(epoch)
-        layers = _weight_layers(model)  # the trained ones: unfreezing adds some
-        perm = torch.randperm(n_train, generator=order)
-        # Per-batch means, predictions and labels, kept on the device and counted once at the
-        # epoch's end: a count per step was two more kernel launches in a launch-bound step.
-        losses: list[torch.Tensor] = []
-        predicted: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-        norm_sum = torch.zeros(len(layers), device=device)
-        norm_samples = 0
-        last_lr = math.nan
-        diverged = ""
-        for i, (xb, yb) in enumerate(data.train.batches(perm, config.batch_size)):
-            t = epoch * steps_per_epoch + i
-            lr = base_lr * schedule.factor(t)
-            if lr != last_lr:  # most schedules hold the lr for many steps: skip the writes
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_mult"]
-                last_lr = lr
-            momentum = schedule.momentum(t)
-            if momentum is not None:
-                set_momentum(optimizer, info, momentum)
-            if config.data.augment:
-                xb = augment_batch(xb, config.data.augment, order)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                out = forward(xb)
-                loss = F.cross_entropy(out, yb)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.max_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if layers and i % GRAD_NORM_EVERY == 0:
-                # Sampled, not every step: a per-layer trend for spotting vanishing gradients
-                # costs ~7% of a small model's step if taken each time.
-                norm_sum += torch.stack(torch._foreach_norm([w.grad for _, w in layers]))
-                norm_samples += 1
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            losses.append(loss.detach())
-            predicted.append(out.detach().argmax(1))
-            labels.append(yb)
-            if i % DIVERGENCE_CHECK_EVERY == 0 or i == steps_per_epoch - 1:
-                value = loss.item()
-                first_loss = value if first_loss is None else first_loss
-                diverged = _divergence(value, first_loss, config.divergence_factor)
-                if diverged:
-                    diverged = f"{diverged} at epoch {epoch + 1}, step {i + 1}"
-                    break
-        if diverged:
-            status, reason = "diverged", diverged
+        done = _train_pass(run, compute, epoch)
+        if done.diverged:
+            status, reason = "diverged", done.diverged
             break
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = evaluate(forward, data.val, config.eval_batch_size, autocast)
-        schedule.end_epoch(val_loss, base_lr)
-        seconds = time.perf_counter() - t0
-        norms = (norm_sum / max(1, norm_samples)).tolist()
-        # Every batch has batch_size examples but the last, which holds the remainder.
-        sizes = torch.full((len(losses),), float(config.batch_size), device=device)
-        sizes[-1] = n_train - config.batch_size * (len(losses) - 1)
-        train_loss = float((torch.stack(losses).float() * sizes).sum()) / n_train
-        train_correct = int((torch.cat(predicted) == torch.cat(labels)).sum())
-        metrics = EpochMetrics(
-            epoch=epoch + 1,
-            train_loss=train_loss,
-            train_accuracy=train_correct / n_train,
-            val_loss=val_loss,
-            val_accuracy=val_acc,
-            lr=last_lr,
-            momentum=current_momentum(optimizer, info),
-            grad_norms={name: norms[k] for k, (name, _) in enumerate(layers)},
-            epoch_seconds=seconds,
-            train_seconds=train_seconds,
-            samples_per_second=n_train / train_seconds if train_seconds > 0 else math.inf,
-            group_lrs=group_lrs(optimizer),
-            trained_parameters=freezer.trained_parameters(),
-        )
-        history.append(metrics)
-        if checkpoint is not None and not checkpoint.save_or_warn(
-                checkpoint_state(config, model, optimizer, schedule, order, history, first_loss,
-                                 device)):
+        metrics = _end_epoch(run, compute, epoch, done, t0)
+        run.history.append(metrics)
+        if checkpoint is not None and not checkpoint.save_or_warn(checkpoint_state(
+                config, run.model, run.optimizer, run.plan.schedule, run.order, run.history,
+                run.first_loss, run.device)):
             checkpoint = None  # a full disk: the run goes on without checkpoints
         if on_epoch is not None:
             try:
@@ -174,23 +97,152 @@ def train(
             except StopTraining as stop:
                 status, reason = "stopped", str(stop) or f"stopped after epoch {epoch + 1}"
                 break
+    return _result(run, compute, status, reason, evaluate_test=evaluate_test)
 
+
+def _compute(run: RunSetup) -> _Compute:
+    """On CUDA, `compile` and `amp` as configured (bfloat16 where supported: no loss scaler);
+    on the CPU, the plain model."""
+    forward: Callable[[torch.Tensor], torch.Tensor] = run.model
+    autocast: Autocast = contextlib.nullcontext
+    scaler = None
+    if run.device.type == "cuda":
+        if run.config.compile:
+            forward = torch.compile(run.model)
+        if run.config.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+            if dtype == torch.float16:
+                scaler = torch.amp.GradScaler("cuda")
+    return _Compute(forward, autocast, scaler)
+
+
+def _train_pass(run: RunSetup, compute: _Compute, epoch: int) -> _Pass:
+    """One epoch's optimizer steps, at the lr plan's lr; the loss is checked for divergence
+    every `DIVERGENCE_CHECK_EVERY` steps and at the last (the check syncs with the device)."""
+    config, model, optimizer, order = run.config, run.model, run.optimizer, run.order
+    base_lr, steps_per_epoch, schedule = (run.plan.base_lr, run.plan.steps_per_epoch,
+                                          run.plan.schedule)
+    forward, autocast, scaler = compute.forward, compute.autocast, compute.scaler
+    info = OPTIMIZERS.get(config.optimizer.name)
+    channels_last, first_loss = run.channels_last, run.first_loss
+    model.train()
+    run.freezer.start_epoch(epoch)
+    layers = _weight_layers(model)  # the trained ones: unfreezing adds some
+    perm = torch.randperm(len(run.data.train), generator=order)
+    losses: list[torch.Tensor] = []
+    predicted: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    norm_sum = torch.zeros(len(layers), device=run.device)
+    norm_samples = 0
+    last_lr = math.nan
+    diverged = ""
+    for i, (xb, yb) in enumerate(run.data.train.batches(perm, config.batch_size)):
+        t = epoch * steps_per_epoch + i
+        lr = base_lr * schedule.factor(t)  # `LRPlan.lr(t)`, without the call on the hot path
+        if lr != last_lr:  # most schedules hold the lr for many steps: skip the writes
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            last_lr = lr
+        momentum = schedule.momentum(t)
+        if momentum is not None:
+            set_momentum(optimizer, info, momentum)
+        if config.data.augment:
+            xb = augment_batch(xb, config.data.augment, order)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out = forward(xb)
+            loss = F.cross_entropy(out, yb)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if layers and i % GRAD_NORM_EVERY == 0:
+            # Sampled, not every step: a per-layer trend for spotting vanishing gradients
+            # costs ~7% of a small model's step if taken each time.
+            norm_sum += torch.stack(torch._foreach_norm([w.grad for _, w in layers]))
+            norm_samples += 1
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        losses.append(loss.detach())
+        predicted.append(out.detach().argmax(1))
+        labels.append(yb)
+        if i % DIVERGENCE_CHECK_EVERY == 0 or i == steps_per_epoch - 1:
+            value = loss.item()
+            first_loss = value if first_loss is None else first_loss
+            diverged = _divergence(value, first_loss, config.divergence_factor)
+            if diverged:
+                diverged = f"{diverged} at epoch {epoch + 1}, step {i + 1}"
+                break
+    run.first_loss = first_loss
+    return _Pass(losses, predicted, labels, layers, norm_sum, norm_samples, last_lr, diverged)
+
+
+def _end_epoch(run: RunSetup, compute: _Compute, epoch: int, done: _Pass,
+               t0: float) -> EpochMetrics:
+    """Validate, let the schedule see the validation loss (plateau), and count the epoch's
+    metrics; `t0` is when the epoch began."""
+    config, n_train = run.config, len(run.data.train)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    train_seconds = time.perf_counter() - t0
+    val_loss, val_acc = evaluate(compute.forward, run.data.val, config.eval_batch_size,
+                                 compute.autocast)
+    run.plan.schedule.end_epoch(val_loss, run.plan.base_lr)
+    seconds = time.perf_counter() - t0
+    norms = (done.norm_sum / max(1, done.norm_samples)).tolist()
+    # Every batch has batch_size examples but the last, which holds the remainder.
+    sizes = torch.full((len(done.losses),), float(config.batch_size), device=run.device)
+    sizes[-1] = n_train - config.batch_size * (len(done.losses) - 1)
+    train_loss = float((torch.stack(done.losses).float() * sizes).sum()) / n_train
+    train_correct = int((torch.cat(done.predicted) == torch.cat(done.labels)).sum())
+    return EpochMetrics(
+        epoch=epoch + 1,
+        train_loss=train_loss,
+        train_accuracy=train_correct / n_train,
+        val_loss=val_loss,
+        val_accuracy=val_acc,
+        lr=done.last_lr,
+        momentum=current_momentum(run.optimizer, OPTIMIZERS.get(config.optimizer.name)),
+        grad_norms={name: norms[k] for k, (name, _) in enumerate(done.layers)},
+        epoch_seconds=seconds,
+        train_seconds=train_seconds,
+        samples_per_second=n_train / train_seconds if train_seconds > 0 else math.inf,
+        group_lrs=group_lrs(run.optimizer),
+        trained_parameters=run.freezer.trained_parameters(),
+    )
+
+
+def _result(run: RunSetup, compute: _Compute, status: str, reason: str, *,
+            evaluate_test: bool) -> TrainResult:
+    """The run's result; with `evaluate_test`, after one pass over the test set (not for a run
+    that diverged)."""
     test_loss = test_acc = None
-    if evaluate_test and data.test is not None and status != "diverged":
-        test_loss, test_acc = evaluate(forward, data.test, config.eval_batch_size, autocast)
+    if evaluate_test and run.data.test is not None and status != "diverged":
+        test_loss, test_acc = evaluate(compute.forward, run.data.test,
+                                       run.config.eval_batch_size, compute.autocast)
+    history = run.history
     return TrainResult(
         status=status,
         reason=reason,
         history=tuple(history),
-        seconds=time.perf_counter() - started,
-        resumed_from_epoch=start_epoch,
-        parameters=params_count,
+        seconds=time.perf_counter() - run.started,
+        resumed_from_epoch=run.start_epoch,
+        parameters=sum(p.numel() for p in run.model.parameters()),
         trained_parameters=history[-1].trained_parameters if history else 0,
-        device=str(device),
+        device=str(run.device),
         test_loss=test_loss,
         test_accuracy=test_acc,
-        notes=prepared.notes,
-        model=model,
+        notes=run.prepared.notes,
+        model=run.model,
     )
 
 
@@ -198,7 +250,7 @@ def evaluate(
     model: Callable[[torch.Tensor], torch.Tensor],
     split: Split | None,
     batch_size: int,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> tuple[float, float]:
     """Mean loss and accuracy over a split (nan, nan when there is none)."""
     if split is None or len(split) == 0:
