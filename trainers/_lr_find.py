@@ -31,13 +31,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trainers._config import TrainConfig, config_from_dict
-from trainers._data import load_data
 from trainers._errors import ConfigError
-from trainers._finetune import FrozenParts, prepare_model
+from trainers._finetune import FrozenParts
 from trainers._optimizers import build_optimizer
-from trainers._setup import configure_cpu, resolve_device
+from trainers._setup import network_and_data
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 RULES = ("minimum", "steepest")
 MIN_DIVISOR = 10.0  # min lr = max lr / this: one order of magnitude
@@ -89,62 +91,13 @@ def lr_range_test(
         config = config_from_dict(config)
     _check(start_lr, end_lr, iterations, smoothing, stop_factor, rule)
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    configure_cpu(config)
-    data = load_data(config.data, device=device)  # train/val only: never the test split
-    torch.manual_seed(config.seed)
-    # The network as training starts it: weights loaded, frozen parts frozen (the range test
-    # of a fine-tune is the range test of what trains in its first epochs).
-    prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
-    model = prepared.model
-    model.to(device).train()
-    FrozenParts(model, prepared.frozen, config.model).start_epoch(0)
-    optimizer = build_optimizer(model, config.optimizer, lr=start_lr, head=prepared.head,
-                                frozen=prepared.frozen)
-    order = torch.Generator().manual_seed(config.seed)
-    n = len(data.train)
-    batch = min(config.batch_size, n)
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:  # full batches only; each pass over the data reshuffles, as training would
-            perm = torch.randperm(n, generator=order)
-            yield from data.train.batches(perm[: n - n % batch], batch)
-
-    stream = batches()
+    model, optimizer, batches, batch = _start(config, start_lr)
     ratio = (end_lr / start_lr) ** (1.0 / (iterations - 1))
-
-    lrs: list[float] = []
-    losses: list[float] = []
-    smoothed: list[float] = []
-    avg, best = 0.0, math.inf
-    stopped = f"reached end_lr {end_lr:g} after {iterations} steps"
-    for i in range(iterations):
-        lr = start_lr * ratio**i
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
-        xb, yb = next(stream)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            stopped = f"loss became {value} at lr {lr:.3g}"
-            break
-        avg = smoothing * avg + (1 - smoothing) * value
-        smooth = avg / (1 - smoothing ** (i + 1))  # bias correction: early values not ~0
-        lrs.append(lr)
-        losses.append(value)
-        smoothed.append(smooth)
-        if on_step is not None:
-            on_step(i, lr, smooth)
-        best = min(best, smooth)
-        if smooth > stop_factor * best:
-            stopped = (f"smoothed loss {smooth:.3g} exceeded {stop_factor:g}x its minimum "
-                       f"{best:.3g} at lr {lr:.3g}")
-            break
+    lrs, losses, smoothed, stopped = _ramp(
+        model, optimizer, batches, [start_lr * ratio**i for i in range(iterations)],
+        max_grad_norm=config.max_grad_norm, smoothing=smoothing, stop_factor=stop_factor,
+        on_step=on_step)
+    stopped = stopped or f"reached end_lr {end_lr:g} after {iterations} steps"
     if len(lrs) < 10:
         raise ConfigError(f"lr range test: the loss exploded within {len(lrs)} steps "
                           f"(start_lr {start_lr:g}); lower start_lr")
@@ -154,10 +107,6 @@ def lr_range_test(
     if lowest == lrs[-1]:
         stopped += " (the loss was still falling: raise end_lr)"
     top = lowest if rule == "minimum" else steepest
-    where = ("at the minimum of the smoothed loss (zero-lag), just before it turns up"
-             if rule == "minimum" else
-             "where the smoothed loss (zero-lag) falls fastest against log10(lr), before its "
-             "minimum")
     return LRFindResult(
         lrs=tuple(lrs),
         losses=tuple(losses),
@@ -168,12 +117,81 @@ def lr_range_test(
         steepest_lr=steepest,
         min_loss_lr=lowest,
         rule=rule,
-        rule_text=f"{rule}: max lr {where}; min lr = max/{MIN_DIVISOR:g}",
+        rule_text=f"{rule}: max lr {_WHERE[rule]}; min lr = max/{MIN_DIVISOR:g}",
         stopped=stopped,
         optimizer=config.optimizer.name,
         batch_size=batch,
         seconds=time.perf_counter() - started,
     )
+
+
+# Where each rule reads the max lr off the curve, in words (`LRFindResult.rule_text`).
+_WHERE = {
+    "minimum": "at the minimum of the smoothed loss (zero-lag), just before it turns up",
+    "steepest": "where the smoothed loss (zero-lag) falls fastest against log10(lr), before "
+                "its minimum",
+}
+
+
+def _start(config: TrainConfig, start_lr: float
+           ) -> tuple[nn.Module, torch.optim.Optimizer, Iterator[Batch], int]:
+    """The network as training starts it (weights loaded, frozen parts frozen: the range test
+    of a fine-tune is the range test of what trains in its first epochs), its optimizer at
+    `start_lr`, an endless stream of full batches and their size."""
+    device, data, prepared = network_and_data(config)  # train/val only: never the test split
+    model = prepared.model
+    model.to(device).train()
+    FrozenParts(model, prepared.frozen, config.model).start_epoch(0)
+    optimizer = build_optimizer(model, config.optimizer, lr=start_lr, head=prepared.head,
+                                frozen=prepared.frozen)
+    order = torch.Generator().manual_seed(config.seed)
+    n = len(data.train)
+    batch = min(config.batch_size, n)
+
+    def batches() -> Iterator[Batch]:
+        while True:  # full batches only; each pass over the data reshuffles, as training would
+            perm = torch.randperm(n, generator=order)
+            yield from data.train.batches(perm[: n - n % batch], batch)
+
+    return model, optimizer, batches(), batch
+
+
+def _ramp(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
+          schedule: list[float], *, max_grad_norm: float | None, smoothing: float,
+          stop_factor: float, on_step: Callable[[int, float, float], None] | None
+          ) -> tuple[list[float], list[float], list[float], str]:
+    """One optimizer step at each lr of `schedule` until the loss explodes: (lrs, raw losses,
+    bias-corrected running averages, why it stopped early or "")."""
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    avg, best = 0.0, math.inf
+    for i, lr in enumerate(schedule):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        xb, yb = next(batches)
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            return lrs, losses, smoothed, f"loss became {value} at lr {lr:.3g}"
+        avg = smoothing * avg + (1 - smoothing) * value
+        smooth = avg / (1 - smoothing ** (i + 1))  # bias correction: early values not ~0
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(smooth)
+        if on_step is not None:
+            on_step(i, lr, smooth)
+        best = min(best, smooth)
+        if smooth > stop_factor * best:
+            return lrs, losses, smoothed, (f"smoothed loss {smooth:.3g} exceeded "
+                                           f"{stop_factor:g}x its minimum {best:.3g} at lr "
+                                           f"{lr:.3g}")
+    return lrs, losses, smoothed, ""
 
 
 def zero_lag(values: list[float], *, tau: float) -> list[float]:

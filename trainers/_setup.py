@@ -50,6 +50,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def network_and_data(config: TrainConfig, *, include_test: bool = False,
+                     merge_val: bool = False) -> tuple[torch.device, Data, Prepared]:
+    """The device (the CPU settings applied), the data, and the network as every run of
+    `config` starts it: built right after seeding with `config.seed`, so the init is the
+    seed's, and still on the CPU (the caller moves it). `include_test` and `merge_val` go to
+    `load_data`."""
+    device = resolve_device(config.device)
+    configure_cpu(config)
+    data = load_data(config.data, device=device, include_test=include_test, merge_val=merge_val)
+    torch.manual_seed(config.seed)
+    return device, data, prepare_model(config.model, config.init, data.input_shape,
+                                       data.num_classes)
+
+
 @dataclass(eq=False)
 class RunSetup:
     """A run ready for its first epoch, fresh or resumed (then `history` and the rest say how
@@ -84,11 +98,8 @@ def prepare_run(config: TrainConfig, checkpoint: CheckpointStore | None = None, 
     a run of the same configuration, else ConfigError); the global RNG is left where the run
     continues from. `include_test` and `merge_val` go to `load_data`."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    configure_cpu(config)
-    data = load_data(config.data, device=device, include_test=include_test, merge_val=merge_val)
-    torch.manual_seed(config.seed)
-    prepared = prepare_model(config.model, config.init, data.input_shape, data.num_classes)
+    device, data, prepared = network_and_data(config, include_test=include_test,
+                                              merge_val=merge_val)
     model = prepared.model
     channels_last = config.channels_last and device.type == "cuda" and len(data.input_shape) == 3
     if channels_last:
