@@ -15,8 +15,9 @@ over about a tenth of a decade of lr):
 - rule "steepest": max lr = where the curve falls fastest against log10(lr), looked for only
   before its minimum (Lightning's suggestion; more conservative); min lr = max/10.
 
-On the seed MLP the two are about an order of magnitude apart, and the hand-tuned lrs (SGD with
-Nesterov one-cycle to 0.1, Adam 3e-3) sit at the "minimum" suggestion.
+On the everyday 784-128-56-10 FashionMNIST MLP (docs/lore.md) the two are about an order of
+magnitude apart, and the hand-tuned lrs (SGD with Nesterov one-cycle to 0.1, Adam 3e-3) sit at
+the "minimum" suggestion.
 
 Only the training split is used: the test split is never loaded here.
 """

@@ -1,4 +1,5 @@
-"""Models: the seed report's MLP, conv-BN-ReLU 3x3 CNNs, torchvision networks, and users' own.
+"""Models: MLPs (by default the everyday 784-128-56-10 FashionMNIST MLP, see docs/lore.md),
+conv-BN-ReLU 3x3 CNNs, torchvision networks, and users' own.
 
 A user's network is named by import path (`model.type: mypkg.nets:build_net`) or by an installed
 package's entry point (group `hpsearch.models`). It is called with the data's shape and the model
@@ -34,7 +35,7 @@ from trainers._vision import (
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,  # kept for the lore's vanishing-gradient demonstrations
+    "sigmoid": nn.Sigmoid,  # kept to show vanishing gradients (docs/lore.md#network)
     "gelu": nn.GELU,
 }
 NORMS = ("none", "batchnorm", "layernorm")

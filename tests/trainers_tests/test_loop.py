@@ -137,7 +137,8 @@ def test_trainers_never_import_optuna_or_search():
 
 @pytest.mark.slow
 def test_fashion_mnist_seed_network_reaches_080_in_two_epochs():
-    """The seed report's network, SGD lr 0.1, batch 256: validation accuracy >= 0.80 in 2 epochs."""
+    """The everyday 784-128-56-10 FashionMNIST MLP (docs/lore.md), SGD lr 0.1, batch 256:
+    validation accuracy >= 0.80 in 2 epochs."""
     result = train({"dataset": "fashion_mnist", "hidden": [128, 56], "optimizer": "sgd",
                     "lr": 0.1, "momentum": 0.0, "batch_size": 256, "epochs": 2})
     assert result.history[-1].val_accuracy >= 0.80

@@ -95,7 +95,8 @@ def test_adam_range_sits_below_sgd():
 
 @pytest.mark.slow
 def test_fashion_mnist_suggestion_brackets_the_hand_tuned_lr():
-    """The seed MLP with SGD+Nesterov: one-cycle to 0.1 is the known good setting (LORE.md)."""
+    """The 784-128-56-10 FashionMNIST MLP with SGD+Nesterov: one-cycle to 0.1 is the known good
+    setting (docs/lore.md; one-cycle: Smith 2018, arXiv:1803.09820)."""
     try:
         result = lr_range_test(config_from_dict({"optimizer": "nesterov", "batch_size": 128}))
     except DataNotFoundError:
