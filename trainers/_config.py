@@ -29,6 +29,9 @@ from trainers._registry import guess
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The `data` section: which dataset, how it is split into train and validation, what is
+    kept of it, how batches are augmented, and how streamed data is read."""
+
     dataset: str = "fashion_mnist"
     val_fraction: float = 0.2  # the customary 80/20 split of the training set
     seed: int = 0  # seeds the split, not the training
@@ -54,6 +57,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The `model` section: the network (a built-in family or a plugin's) and its shape, and
+    for fine-tuning the weights it starts from, what is frozen and until when, and its head."""
+
     type: str = "mlp"
     hidden: tuple[int, ...] = (128, 56)  # mlp: the everyday 784-128-56-10 FashionMNIST MLP
     activation: str = "relu"
@@ -82,6 +88,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    """The `optimizer` section: the update rule (`OPTIMIZERS`), its lr (scaled by the batch
+    size with `lr_per_batch`: `trainers.scale_lr`) and settings, and fine-tuning's per-group
+    lr multipliers and weight decay."""
+
     name: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -103,6 +113,9 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
+    """The `schedule` section: the lr schedule (`LR_SCHEDULES`), its warmup, and each
+    schedule's settings (each comment names the schedules that read it)."""
+
     name: str = "constant"
     warmup_epochs: float = 0.0  # linear warmup in front of any schedule
     step_size: int = 10  # step: epochs between decays
@@ -126,6 +139,9 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
+    """The `init` section: how the network's weights are initialized (`INITS`) and the
+    settings of the schemes that take any."""
+
     name: str = "default"
     std: float = 0.01  # normal
     mode: str = "fan_in"  # kaiming
@@ -154,6 +170,10 @@ def names_trusted() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One run's whole configuration, built once (`config_from_dict`) and passed down: its
+    sections, the batch size, epochs and seed, and where and how it executes (device,
+    threads, precision), which may change when a run resumes."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -167,7 +187,8 @@ class TrainConfig:
     amp: bool = False  # mixed precision, used only on CUDA
     channels_last: bool = False  # NHWC memory format for conv nets, used only on CUDA
     # Flush denormal floats to zero on CPU (process-wide, set by each run): tiny weights and
-    # gradients otherwise take the CPU's slow path (measured 1.6x a seed-MLP epoch at batch 32).
+    # gradients otherwise take the CPU's slow path (measured 1.6x a 784-128-56-10 MLP's epoch
+    # at batch 32).
     flush_denormal: bool = True
     compile: bool = False  # torch.compile, used only on CUDA
     eval_batch_size: int = 2048

@@ -18,6 +18,8 @@ class StopTraining(Exception):  # noqa: N818 - a control signal, not an error
 
 @dataclass(frozen=True)
 class EpochMetrics:
+    """What one epoch of a run reports to `on_epoch` (and its checkpoint keeps)."""
+
     epoch: int  # 1-based: the number of epochs completed
     train_loss: float
     train_accuracy: float
@@ -38,6 +40,8 @@ class EpochMetrics:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """How a run ended, its every epoch's metrics, and the trained network."""
+
     status: str  # "completed" | "stopped" (by on_epoch) | "diverged"
     reason: str
     history: tuple[EpochMetrics, ...]
