@@ -28,8 +28,8 @@ from pathlib import Path
 import optuna
 
 import trainers
-from search.run import ArtifactRecorder
 from search.storage import open_artifact_store
+from search.trial import ArtifactRecorder
 
 # Trials of a quickstart fashion-mlp run by epochs run (Hyperband, 30 trials, 2026-11-22).
 STUDY_MIX = {1: 8, 3: 11, 8: 11}

@@ -39,9 +39,11 @@ from typing import Any
 
 import optuna
 
-from search.run import ArtifactRecorder, create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import budget_lock, open_artifact_store, open_storage, quiet_optuna_warnings
+from search.trial import ArtifactRecorder
+from search.workers import run_worker
 
 SETTINGS = {"epochs": 3, "sleep_s": 0.002}
 WORK = {"seconds": 0.0}  # the user's own work, summed inside fit

@@ -130,8 +130,8 @@ def run_ours(out: Path, budget_s: float, *, arm: str, pack: str | None = None
     read back from its storage."""
     import optuna
 
-    from search.run import retrain
-    from search.storage import load, open_storage
+    from search.run import load, retrain
+    from search.storage import open_storage
 
     cold = arm.startswith("ours_cold")
     if arm == "ours_cold_packed":

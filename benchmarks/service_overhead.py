@@ -33,9 +33,11 @@ from typing import Any
 import optuna
 
 import trainers
-from search.run import ArtifactRecorder, create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import budget_lock, open_artifact_store, open_storage, quiet_optuna_warnings
+from search.trial import ArtifactRecorder
+from search.workers import run_worker
 
 EPOCHS = 3
 SLEEP_S = 0.002  # per epoch: the "training"

@@ -81,8 +81,9 @@ import service_overhead as so
 import trainers
 from search.storage._locks import budget_lock
 from search.storage._open import open_storage
-from search.storage._studies import load, reseed
-from search.run._worker import quiet_optuna_warnings, run_worker
+from search.run import load, reseed
+from search.storage import quiet_optuna_warnings
+from search.workers import run_worker
 quiet_optuna_warnings()
 trainers.train = so.fake_train
 url, name, index = sys.argv[1], sys.argv[2], int(sys.argv[3])

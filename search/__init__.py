@@ -14,51 +14,28 @@ Importing this package is cheap (no torch, no Optuna); the names load on first u
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from search._errors import SearchError, SpecError, StorageError, StudyNotFoundError
-from search._reporting import checkpoint_dir, is_final, params, report
+from search._lazy import lazy_face
 
-# Public name → the module that defines it, imported when the name is first used.
-_LAZY = {
-    "Pruned": "search.run",
-    "Trial": "search.run",
+# Every public name loads from its module on first use.
+__all__, __getattr__, __dir__ = lazy_face(__name__, {
+    "Pruned": "search.trial",
     "Results": "search._api",
+    "SearchError": "search._errors",
+    "SpecError": "search._errors",
+    "StorageError": "search._errors",
+    "StudyNotFoundError": "search._errors",
+    "Trial": "search.trial",
+    "checkpoint_dir": "search.trial",
+    "is_final": "search.trial",
     "load_results": "search._api",
+    "params": "search.trial",
+    "report": "search.trial",
     "tune": "search._api",
-}
-
-__all__ = [
-    "Pruned",
-    "Results",
-    "SearchError",
-    "SpecError",
-    "StorageError",
-    "StudyNotFoundError",
-    "Trial",
-    "checkpoint_dir",
-    "is_final",
-    "load_results",
-    "params",
-    "report",
-    "tune",
-]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
-
+})
 
 if TYPE_CHECKING:
     from search._api import Results, load_results, tune  # noqa: F401
-    from search.run import Pruned, Trial  # noqa: F401
+    from search._errors import SearchError, SpecError, StorageError, StudyNotFoundError  # noqa: F401
+    from search.trial import Pruned, Trial, checkpoint_dir, is_final, params, report  # noqa: F401

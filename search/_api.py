@@ -67,9 +67,10 @@ def tune(spec: dict[str, Any] | str | Path, *, storage: str | None = None,
     """
     from rich.console import Console
 
-    from search.run import Launch, plan, run_study
+    from search.run import Launch, run_study
     from search.spec import check_trainer
     from search.views import RunDisplay, make_console
+    from search.workers import plan
 
     study = _spec_of(spec)
     if study.trainer is not None and isinstance(spec, dict):
@@ -93,8 +94,9 @@ def load_results(name: str, *, storage: str | None = None) -> Results:
     """A study's results: best params and value, and every trial as a row of real values."""
     from optuna.trial import TrialState
 
+    from search.run import load
     from search.spec import params_from_optuna
-    from search.storage import count_trials, load, open_storage, quiet_optuna_warnings
+    from search.storage import count_trials, open_storage, quiet_optuna_warnings
 
     quiet_optuna_warnings()
     study, spec = load(name, open_storage(storage, must_exist=True))

@@ -168,14 +168,14 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace, **extra: Any) -> tuple[Any, list[Any]]:
     """What `run`/`worker` was asked for, and the worker slots (a single GPU worker is pinned
     here, before torch loads)."""
-    run = _package("run")
+    run, workers = _package("run"), _package("workers")
     if args.ray is not None and args.worker_index is None:  # Ray places them: no local slots
         per_gpu = 1 if args.trials_per_gpu == "auto" else args.trials_per_gpu
-        request = run.ray_request(args.ray, gpus=args.gpus, trials_per_gpu=per_gpu,
+        request = workers.ray_request(args.ray, gpus=args.gpus, trials_per_gpu=per_gpu,
                                   workers=args.workers, storage=args.storage)
         return run.Launch(storage=args.storage, timeout_s=args.timeout, ray=request,
                           pack=args.pack, **extra), []
-    slots = run.plan(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
+    slots = workers.plan(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
                      worker_index=args.worker_index, device=args.device, threads=args.threads)
     fill = args.trials_per_gpu == "auto" and any(s.device == "cuda" for s in slots)
     launch = run.Launch(storage=args.storage, timeout_s=args.timeout, device=args.device,
@@ -447,7 +447,7 @@ class Slurm(Command):
                             help="print the batch script and each task's command; submit nothing")
 
     def run(self, args: argparse.Namespace) -> int:
-        return _package("run").submit_slurm(
+        return _package("workers").submit_slurm(
             args.name, args.storage, dry_run=args.dry_run, nodes=args.nodes,
             gpus_per_node=args.gpus_per_node, trials_per_gpu=args.trials_per_gpu,
             workers=args.workers, cpus_per_task=args.cpus_per_task, partition=args.partition,

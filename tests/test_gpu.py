@@ -81,7 +81,8 @@ def test_fine_tuned_conv_nets_train_on_cuda_with_channels_last_and_amp(tmp_path)
 def test_two_gpu_workers_share_a_study(tmp_path):
     from optuna.trial import TrialState
 
-    from search.storage import load, open_storage
+    from search.run import load
+    from search.storage import open_storage
 
     spec = {
         "name": "gpu-smoke", "budget": {"trials": 6, "epochs": 2},
@@ -129,7 +130,8 @@ def test_the_cuda_step_is_fused_and_its_checkpoint_resumes_on_the_cpu(tmp_path):
 
 def test_auto_trials_per_gpu_adds_workers_while_they_fit(tmp_path):
     """The default `--trials-per-gpu auto` on a real GPU: one worker, then more by nvidia-smi."""
-    from search.storage import count_trials, load, open_storage
+    from search.run import load
+    from search.storage import count_trials, open_storage
 
     spec = {
         "name": "gpu-auto", "budget": {"trials": 24, "epochs": 3},
@@ -231,9 +233,9 @@ def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path,
                                                                        capfd):
     """`--pack auto` on a real GPU: CUDA's own counters are read after each full pack, and a
     pack of tiny MLPs on a large GPU doubles (2 → 4) unless NVML says it is busy."""
-    import search.run._packing as packing
-    from search.run import run_worker
-    from search.run._packing import CudaMeter
+    import search.trial._packing as packing
+    from search.trial._packing import CudaMeter
+    from search.workers import run_worker
     from tests.search_tests.studies import LR, study_data
     from tests.search_tests.test_workers import create
 

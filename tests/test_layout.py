@@ -16,8 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "search"
 # Each unit may import only those before it (and itself): the leaves, then the packages.
-ORDER = ["search._errors", "search._text", "search._urls", "search._reporting", "search.spec",
-         "search.storage", "search.run", "search.views", "search._api", "search.cli"]
+ORDER = ["search._errors", "search._text", "search._urls", "search._lazy", "search.spec",
+         "search.storage", "search.trial", "search.workers", "search.run", "search.views",
+         "search._api", "search.cli"]
 COMPAT = "search/storage/_compat.py"
 
 
@@ -182,8 +183,8 @@ def test_trainers_modules_have_no_import_cycles() -> None:
         visit(node, [node])
 
 
-@pytest.mark.parametrize("package", ["search.spec", "search.storage", "search.run",
-                                     "search.views", "trainers"])
+@pytest.mark.parametrize("package", ["search.spec", "search.storage", "search.trial",
+                                     "search.workers", "search.run", "search.views", "trainers"])
 def test_every_package_has_a_public_face(package: str) -> None:
     import importlib
 
@@ -191,3 +192,56 @@ def test_every_package_has_a_public_face(package: str) -> None:
     assert module.__all__, f"{package} lists no public names"
     missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert not missing, f"{package}.__all__ names what it does not have: {missing}"
+
+
+LONGEST = 80  # lines a function may run, `def` to its last line: one a reader holds in mind
+RUNNER = "search/trial/_runner.py"
+# `.ask()`/`.tell()` outside the runner that are not a trial's life in a storage: validate's
+# outlook draws configs from a sampler in memory.
+IN_MEMORY = {"search/spec/_study_file.py": "drawn_configs"}
+
+
+def _functions(folder: Path):
+    for path in _sources(folder):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(ROOT), node
+
+
+@pytest.mark.parametrize("folder", ["search", "trainers"])
+def test_no_function_runs_past_eighty_lines(folder: str) -> None:
+    long = [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, node in _functions(ROOT / folder)
+            if node.end_lineno - node.lineno + 1 > LONGEST]
+    assert not long, f"functions over {LONGEST} lines:\n" + "\n".join(long)
+
+
+def test_a_trial_is_asked_and_told_only_by_the_runner() -> None:
+    """One home for a trial's life: Optuna's ask and tell are called in the runner alone (a
+    runner's own `self.ask()` is its method), and `study.optimize` nowhere."""
+    bad = []
+    for path, function in _functions(SEARCH):
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, receiver = node.func.attr, node.func.value
+            if name == "optimize" or (
+                    name in ("ask", "tell")
+                    and not (isinstance(receiver, ast.Name) and receiver.id == "self")
+                    and str(path) != RUNNER and IN_MEMORY.get(str(path)) != function.name):
+                bad.append(f"{path}:{node.lineno} .{name}() in {function.name}")
+    assert not bad, "a trial's life outside the runner:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_no_control_flow_rides_on_keyboard_interrupt() -> None:
+    """Outcomes are values: no class of search derives from KeyboardInterrupt (or
+    BaseException), so only a real Ctrl-C or SIGTERM travels as one."""
+    bad = []
+    for path in _sources(SEARCH):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "")
+                         for b in node.bases}
+                if bases & {"KeyboardInterrupt", "BaseException", "SystemExit"}:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not bad, "control flow on KeyboardInterrupt:\n" + "\n".join(bad)

@@ -17,15 +17,10 @@ import optuna
 
 from search._errors import SpecError
 from search._urls import redact, resolve_url
-from search.run._gpu_fill import EXIT_GPU_FULL, GpuFill, default_probe
 from search.run._lr_find import for_new_study, needs_test
-from search.run._ray import RayRequest, supervise_ray
-from search.run._ray import connect as connect_ray
-from search.run._slots import Slot
+from search.run._studies import load
 from search.run._study import create_or_load, reseed
-from search.run._supervisor import Display, supervise
 from search.run._warm_start import load_source, parse_source, warm_start
-from search.run._worker import GPU_FULL, WorkerError, run_worker
 from search.spec import StudySpec, auto_lr_key
 from search.storage import (
     backend_of,
@@ -34,12 +29,26 @@ from search.storage import (
     checkpoint_location,
     clear_stop,
     count_trials,
-    load,
     open_storage,
     quiet_optuna_warnings,
     requeue_left,
     stop_requested,
     storage_of,
+)
+from search.trial import default_probe
+from search.workers import (
+    EXIT_GPU_FULL,
+    GPU_FULL,
+    Display,
+    GpuFill,
+    RayRequest,
+    Slot,
+    WorkerError,
+    WorkerSummary,
+    connect_ray,
+    run_worker,
+    supervise,
+    supervise_ray,
 )
 
 
@@ -70,6 +79,23 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     if launch.ray is not None:  # before the storage: an unreachable cluster writes nothing
         connect_ray(launch.ray)
     url = resolve_url(launch.storage)
+    study, spec = _open(launch, url, spec=spec, name=name)
+    done = _before_workers(launch, study, spec, url)
+    if done is not None:
+        return done
+    timeout = launch.timeout_s or spec.budget.timeout_s
+    # Each process its own seed: the supervisor's children by index, a joining worker by pid.
+    reseed(study, spec, launch.worker_index if launch.worker_index is not None
+           else (0 if name is None else None))
+    if launch.worker_index is not None or display is None:
+        return _child_worker(study, spec, launch, timeout, url)
+    return _shown(launch, slots, study, spec, url, display, timeout)
+
+
+def _open(launch: Launch, url: str, *, spec: StudySpec | None, name: str | None
+          ) -> tuple[optuna.Study, StudySpec]:
+    """The study created from `spec`, or joined by `name`, in a storage opened with the
+    spec's heartbeat settings."""
     if spec is None:
         # A worker learns the heartbeat settings from the stored spec: open once to read it.
         _, spec = load(name, open_storage(url, must_exist=True))
@@ -77,46 +103,53 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     storage = open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
                            grace_period=spec.run.grace_period)
     if name is None:
-        study, spec = _create(launch, spec, storage)
-    else:
-        study, spec = load(name, storage)
+        return _create(launch, spec, storage)
+    return load(name, storage)
+
+
+def _before_workers(launch: Launch, study: optuna.Study, spec: StudySpec, url: str
+                    ) -> int | None:
+    """What is done before any worker starts: the exit code when none will (`--create-only`,
+    a stopped study under `--unless-stopped`), else None after resuming a stopped study and
+    queueing its interrupted trials again."""
     if launch.create_only:
         counts = count_trials(study)
         print(f"study {spec.name!r} ready in {redact(url)}: {counts.finished}/"
-              f"{budget_of(study, spec)} trials finished; workers join with "
+              f"{budget_of(study, spec.budget.trials)} trials finished; workers join with "
               f"`hpsearch worker {spec.name} --storage URL`")
         return 0
     if launch.unless_stopped and stop_requested(study):
         print(f"study {spec.name!r} is stopped (`hpsearch stop`): this worker ends; "
               f"`hpsearch slurm` or `hpsearch worker` resumes it", flush=True)
         return 0
-    if launch.worker_index is None and clear_stop(study):
+    if launch.worker_index is not None:
+        return None
+    if clear_stop(study):
         # A `run` or a joining `worker` after `hpsearch stop`: the study resumes, and its
         # interrupted trials (queued again) are the first taken.
         print(f"resuming study {spec.name!r} after `hpsearch stop`", flush=True)
-    if launch.worker_index is None:
-        # An interrupted worker queues its trial again itself; one killed while it did (its
-        # supervisor killed, a second signal) leaves it to the next `run` or `worker`.
-        requeued = requeue_left(study, budget_lock(url, spec.name))
-        if requeued:
-            print(f"queued {len(requeued)} interrupted trial(s) again to resume: "
-                  + ", ".join(f"#{n}" for n in requeued), flush=True)
-    timeout = launch.timeout_s or spec.budget.timeout_s
-    # Each process its own seed: the supervisor's children by index, a joining worker by pid.
-    reseed(study, spec, launch.worker_index if launch.worker_index is not None
-           else (0 if name is None else None))
-    if launch.worker_index is not None or display is None:
-        return _child_worker(study, spec, launch, timeout, url)
-    budget = budget_of(study, spec)
+    # An interrupted worker queues its trial again itself; one killed while it did (its
+    # supervisor killed, a second signal) leaves it to the next `run` or `worker`.
+    requeued = requeue_left(study, budget_lock(url, spec.name))
+    if requeued:
+        print(f"queued {len(requeued)} interrupted trial(s) again to resume: "
+              + ", ".join(f"#{n}" for n in requeued), flush=True)
+    return None
+
+
+def _shown(launch: Launch, slots: list[Slot], study: optuna.Study, spec: StudySpec, url: str,
+           display: Callable[[StudySpec, int], Display], timeout: float | None) -> int:
+    """The study's workers, with the progress shown: on Ray, supervised child processes, or
+    one worker in this process."""
+    budget = budget_of(study, spec.budget.trials)
     counts = count_trials(study)
     hint = f" --storage {redact(launch.storage)}" if launch.storage else ""
-    dashboard = redact(url)
     with display(spec, budget) as shown:
         shown.start(counts, resumed=counts.finished + counts.failed > 0, study=study)
         if launch.ray is not None:
             code = supervise_ray(study, spec, url, launch.ray, display=shown, timeout_s=timeout,
                                  pack=launch.pack)
-            shown.finish(study, count_trials(study), hint, dashboard)
+            shown.finish(study, count_trials(study), hint, redact(url))
             return code
         if len(slots) > 1 or launch.fill_gpus:
             probe = default_probe() if launch.fill_gpus else None
@@ -124,27 +157,16 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
                     if launch.fill_gpus else None)
             code = supervise(study, spec, url, slots, display=shown, timeout_s=timeout,
                              fill=fill, probe=probe, pack=launch.pack)
-            shown.finish(study, count_trials(study), hint, dashboard)
+            shown.finish(study, count_trials(study), hint, redact(url))
             return code
-        device = launch.device or ("cuda" if slots[0].device == "cuda" else None)
-        # SIGTERM (a container stopped, a pod evicted, a Slurm task preempted) ends the trial
-        # as Ctrl-C does: checkpointed and queued again. As a container's PID 1 this process
-        # would otherwise ignore it until killed.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            summary = run_worker(
-                study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
-                on_trial=lambda s, t: shown.trial(s, t, count_trials(s)),
-                on_epoch=shown.epoch, pack=_pack(launch, spec),
-            )
+            summary = _one_worker(launch, slots[0], study, spec, url, shown, timeout)
         except WorkerError as e:
             shown.console.print(f"[red]error:[/] {e}")
-            shown.finish(study, count_trials(study), hint, dashboard)
+            shown.finish(study, count_trials(study), hint, redact(url))
             return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     counts = count_trials(study)
-    shown.finish(study, counts, hint, dashboard)
+    shown.finish(study, counts, hint, redact(url))
     if summary.stopped == "stop requested":
         shown.console.print("stopped by `hpsearch stop`: the interrupted trial resumes from its "
                             "checkpoint when the study runs again")
@@ -152,6 +174,25 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
         shown.console.print(f"stopped by the timeout ({timeout:g} s) with {counts.finished}/"
                             f"{budget} trials finished; run the same command again to continue")
     return 0
+
+
+def _one_worker(launch: Launch, slot: Slot, study: optuna.Study, spec: StudySpec, url: str,
+                shown: Display, timeout: float | None) -> WorkerSummary:
+    """One worker in this process, its trials and epochs shown."""
+    device = launch.device or ("cuda" if slot.device == "cuda" else None)
+    # SIGTERM (a container stopped, a pod evicted, a Slurm task preempted) ends the trial
+    # as Ctrl-C does: checkpointed and queued again. As a container's PID 1 this process
+    # would otherwise ignore it until killed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_worker(
+            study, spec, device=device, timeout_s=timeout, lock=budget_lock(url, spec.name),
+            on_trial=lambda s, t: shown.trial(s, t, count_trials(s)),
+            on_epoch=shown.epoch, pack=_pack(launch, spec),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def _create(launch: Launch, spec: StudySpec, storage: Any) -> tuple[optuna.Study, StudySpec]:
     """`run`: the LR range test when asked for, the study, then any warm start."""

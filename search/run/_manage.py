@@ -16,12 +16,12 @@ from optuna.trial import TrialState
 
 from search._errors import SearchError, SpecError
 from search._urls import redact, resolve_url
+from search.run._studies import load
 from search.storage import (
     checkpoint_location,
     count_trials,
     delete_study,
     is_remote,
-    load,
     open_storage,
     quiet_optuna_warnings,
     request_stop,
@@ -63,7 +63,7 @@ def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> 
     location = checkpoint_location(spec.run.checkpoint_dir, url)
     remote = None
     if is_remote(location):  # its module loads the trainer (torch): only for a bucket
-        from search.run._remote_checkpoints import RemoteCheckpoints
+        from search.trial import RemoteCheckpoints
 
         remote = RemoteCheckpoints.open(location)
     if counts.running:

@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 
 import trainers
 from search._errors import SearchError, SpecError
+from search.run._studies import load
 from search.spec import params_from_optuna, train_config_for
-from search.storage import RETRAIN_ATTR, load, open_storage, quiet_optuna_warnings
+from search.storage import RETRAIN_ATTR, open_storage, quiet_optuna_warnings
 
 if TYPE_CHECKING:
     import optuna
@@ -120,7 +121,7 @@ def retrain_user(study: optuna.Study, spec: StudySpec, *, out: Path, epochs: int
     """`retrain` for a study with its own trainer: the chosen trial's params run once per
     seed with `trial.final` True (HPSEARCH_FINAL=1 for a command); what the run returns, or
     its last report, is its test result."""
-    from search.run._user_trainer import Trial, fixed_params, run_command
+    from search.trial import Trial, fixed_params, run_command
 
     chosen = chosen_trial(study, trial)
     params = {**fixed_params(spec), **params_from_optuna(spec, chosen.params)}

@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from search._errors import SpecError
+from search.run._studies import study_pruner
 from search.spec import (
     StudySpec,
     build_sampler,
@@ -19,7 +20,7 @@ from search.spec import (
     spec_from_json,
     spec_to_json,
 )
-from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR, study_pruner
+from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR
 
 
 def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:

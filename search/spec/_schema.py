@@ -209,7 +209,7 @@ class RunSpec(SpecModel):
     heartbeat_interval: StrictInt = Field(10, gt=0)  # seconds between a trial's heartbeats
     grace_period: StrictInt = Field(30, gt=0)  # seconds without one before a trial is failed
     max_failures_in_row: StrictInt = Field(5, gt=0)  # a worker stops after this many
-    # Trials one worker trains at once (search.run._packing): None or 1 off, or "auto".
+    # Trials one worker trains at once (search.trial._packing): None or 1 off, or "auto".
     pack: Annotated[int | str | None, PlainValidator(pack_value)] = None
 
     @field_validator("checkpoint_dir")

@@ -1,7 +1,7 @@
 """Everything hpsearch keeps in the study storage, and the only package that touches Optuna's
 tables or private names.
 
-Opening storages (`open_storage`, URLs, passwords redacted), studies as stored (`load`, the
+Opening storages (`open_storage`, URLs, passwords redacted), studies as stored (`open_study`, the
 attributes kept on a study), the global budget (`Counts`, `admit`, `budget_of`), the worker's
 view that starts a trial in one transaction (`worker_study`), fast writes and the two-query
 trial reader, locks, retries, heartbeats and the artifact store. Optuna's private names are
@@ -49,12 +49,18 @@ from search.storage._control import (
     stop_requested,
     taken_over,
 )
-from search.storage._grouped import GroupedPruner, study_pruner
+from search.storage._grouped import GroupedPruner
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
 from search.storage._open import open_for_watching, open_storage, serve_proxy
 from search.storage._retry import is_connection_error, storage_error, with_retry
-from search.storage._studies import LR_FIND_ATTR, RETRAIN_ATTR, SPEC_ATTR, WARM_START_ATTR, load
+from search.storage._studies import (
+    LR_FIND_ATTR,
+    RETRAIN_ATTR,
+    SPEC_ATTR,
+    WARM_START_ATTR,
+    open_study,
+)
 from search.storage._tables import close_waiting, retried_from, set_user_attrs
 from search.storage._trial_start import (
     beat_written,
@@ -105,7 +111,7 @@ __all__ = [
     "is_connection_error",
     "is_remote",
     "storage_error",
-    "load",
+    "open_study",
     "open_artifact_store",
     "open_for_watching",
     "open_storage",
@@ -120,7 +126,6 @@ __all__ = [
     "storage_of",
     "storage_url_of",
     "store_files",
-    "study_pruner",
     "trial_id_of",
     "with_result",
     "with_retry",

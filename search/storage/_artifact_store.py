@@ -43,7 +43,7 @@ def artifact_location(storage_url: str | None) -> str | None:
 
 # `run.checkpoint_dir: artifact-store`: the checkpoints follow the artifact store.
 ARTIFACT_STORE = "artifact-store"
-# Checkpoint locations that are a bucket, not a folder (search.run._remote_checkpoints).
+# Checkpoint locations that are a bucket, not a folder (search.trial._remote_checkpoints).
 REMOTE_SCHEMES = ("s3://",)
 
 

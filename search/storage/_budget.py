@@ -9,15 +9,12 @@ while the finished ones alone leave room.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from search.storage._tables import state_counts
-
-if TYPE_CHECKING:
-    from search.spec import StudySpec
 
 BUDGET_ATTR = "hpsearch_budget_trials"  # the global trial budget, updatable by `run --trials`
 
@@ -57,6 +54,7 @@ def counts_of(states: dict[Any, int]) -> Counts:
 
 
 def count_trials(study: optuna.Study) -> Counts:
+    """The study's trials counted by state, in one GROUP BY query."""
     return counts_of(state_counts(study))
 
 
@@ -68,6 +66,6 @@ def admit(budget: int, counts: Counts, *, taking_waiting: bool = False) -> None:
         raise BudgetReached(counts)
 
 
-def budget_of(study: optuna.Study, spec: StudySpec) -> int:
-    """The study's global trial budget: the stored one, else the spec's."""
-    return int(study.user_attrs.get(BUDGET_ATTR, spec.budget.trials))
+def budget_of(study: optuna.Study, trials: int) -> int:
+    """The study's global trial budget: the stored one, else `trials` (the spec's)."""
+    return int(study.user_attrs.get(BUDGET_ATTR, trials))

@@ -32,6 +32,8 @@ OOM_ATTRS = ("oom_pack", "oom_shared")
 
 
 def request_stop(study: optuna.Study) -> None:
+    """`hpsearch stop`: flag the study; every worker's heartbeat reads it and stops its
+    trials at their next epoch's end."""
     study.set_user_attr(STOP_ATTR, dt.datetime.now(dt.timezone.utc).isoformat())
 
 

@@ -20,7 +20,6 @@ from optuna.pruners import BasePruner
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from search.spec import StudySpec, build_pruner
 from search.storage._compat import storage_of
 
 
@@ -80,10 +79,3 @@ class GroupedPruner(BasePruner):
             self._views[group] = view
         return view
 
-
-def study_pruner(spec: StudySpec) -> BasePruner:
-    """The study's pruner (`build_pruner`), judging within `pruner.within`'s groups if set."""
-    pruner = build_pruner(spec)
-    if not spec.pruner.within:
-        return pruner
-    return GroupedPruner(pruner, [spec.space[key].optuna_name(key) for key in spec.pruner.within])

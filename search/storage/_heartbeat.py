@@ -1,5 +1,5 @@
 """A worker's heartbeat: one thread for the worker's life, beating for the trials it runs
-(one, or the members of a pack: `search.run._packing`).
+(one, or the members of a pack: `search.trial._packing`).
 
 Each trial's first beat is written with the trial itself (`_trial_start`), or synchronously as a
 WAITING trial is taken, then one every `heartbeat_interval` seconds; a worker killed at any point

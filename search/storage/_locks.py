@@ -26,11 +26,15 @@ from search.storage._open import install_idle_ping
 
 
 class Lock(Protocol):
+    """The budget lock: held from a budget check until the trial it admits exists."""
+
     def acquire(self) -> None: ...
 
     def release(self) -> None: ...
 
 class NullLock:
+    """No lock: where the storage itself serializes trial starts (or nothing can)."""
+
     def acquire(self) -> None:
         pass
 

@@ -1,7 +1,8 @@
-"""Studies as stored: the attributes hpsearch keeps on a study, and loading one by name.
+"""Studies as stored: the attributes hpsearch keeps on a study, and opening one by name.
 
 The validated spec is stored on the study (user attr, versioned JSON), so a worker on another
-machine needs only the study name and the storage URL.
+machine needs only the study name and the storage URL. Reading that spec back, with the sampler
+and pruner it names, is `search.run.load`'s: storage and spec stand side by side.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import warnings
 import optuna
 
 from search._errors import SpecError, StudyNotFoundError
-from search.spec import StudySpec, build_sampler, spec_from_json
-from search.storage._grouped import study_pruner
 
 SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
 LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
@@ -20,8 +19,9 @@ WARM_START_ATTR = "hpsearch_warm_start"  # source trials enqueued by `run --warm
 RETRAIN_ATTR = "hpsearch_retrain"  # the final test of `hpsearch retrain`
 
 
-def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
-    """An existing hpsearch study and its stored spec; unknown names list the studies there."""
+def open_study(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, str]:
+    """An existing hpsearch study and its stored spec (JSON); unknown names list the studies
+    there, a study hpsearch did not create is refused."""
     names = optuna.get_all_study_names(storage)
     if name not in names:
         listing = ", ".join(names) if names else "none"
@@ -32,8 +32,4 @@ def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study,
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise SpecError(f"study {name!r} was not created by hpsearch (no stored spec)")
-    spec = spec_from_json(stored)
-    study.sampler = build_sampler(spec)
-    study.pruner = study_pruner(spec)
-    return study, spec
-
+    return study, stored

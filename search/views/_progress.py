@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     import optuna
 
     import trainers
-    from search.run import TrialOutcome
     from search.spec import StudySpec
     from search.storage import Counts
+    from search.trial import TrialOutcome
 
 def params_text(params: dict[str, Any], limit: int = 8) -> str:
     items = [f"{k}={fmt(v)}" for k, v in params.items()]
@@ -34,7 +34,7 @@ def flat_params(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> dict[str, A
 def outcome_from_frozen(spec: StudySpec, t: optuna.trial.FrozenTrial) -> TrialOutcome:
     """How a finished trial ended, read back from the storage."""
 
-    from search.run import TrialOutcome  # with the worker's modules (torch): a run's display
+    from search.trial import TrialOutcome  # with the worker's modules (torch): a run's display
 
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
     return TrialOutcome(
@@ -49,6 +49,7 @@ def outcome_from_frozen(spec: StudySpec, t: optuna.trial.FrozenTrial) -> TrialOu
     )
 
 def make_console() -> Console:
+    """The console every view prints to."""
     # soft_wrap: a CI log or a pipe keeps one line per trial instead of wrapping at 80 columns.
     return Console(highlight=False, soft_wrap=True)
 

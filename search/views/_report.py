@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from search._errors import StorageError
 from search._text import fmt
-from search.storage import load, open_storage, quiet_optuna_warnings, redact, resolve_url
+from search.run import load
+from search.storage import open_storage, quiet_optuna_warnings, redact, resolve_url
 from search.views import _figures as figs
 from search.views._figures import Unavailable
 from search.views._progress import flat_params

@@ -13,12 +13,12 @@ from optuna.trial import TrialState
 from rich.table import Table
 
 from search._text import finite, fmt
+from search.run import load
 from search.spec import train_config_for
 from search.storage import (
     RETRAIN_ATTR,
     budget_of,
     count_trials,
-    load,
     open_storage,
     quiet_optuna_warnings,
 )
@@ -83,7 +83,7 @@ def status_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "study": spec.name,
         "objective": dict(zip(spec.objective.metric_names, spec.objective.direction_names,
                            strict=True)),
-        "budget": {"trials": budget_of(study, spec), "epochs": spec.budget.epochs},
+        "budget": {"trials": budget_of(study, spec.budget.trials), "epochs": spec.budget.epochs},
         "counts": {"complete": counts.complete, "pruned": counts.pruned,
                    "failed": counts.failed, "running": counts.running,
                    "waiting": counts.waiting, "finished": counts.finished},
@@ -128,6 +128,7 @@ def retrain_text(record: dict[str, Any]) -> str:
     return text
 
 def render_status(data: dict[str, Any], console: Any) -> None:
+    """`hpsearch status NAME` as a person reads it, from the data `--json` prints."""
 
     c = data["counts"]
     console.print(

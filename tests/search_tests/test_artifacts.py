@@ -16,9 +16,7 @@ from optuna.trial import TrialState
 
 import trainers
 from search._errors import SpecError
-from search.run import ArtifactRecorder, create_or_load, run_worker, write_study_note
-from search.run._artifacts import lr_per_step
-from search.run._charts import curves_svg, grad_norms_svg, lr_svg
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import (
     artifact_location,
@@ -27,6 +25,10 @@ from search.storage import (
     quiet_optuna_warnings,
 )
 from search.storage._artifact_store import ENV_VAR, _PrefixedStore
+from search.trial import ArtifactRecorder, write_study_note
+from search.trial._artifacts import lr_per_step
+from search.trial._charts import curves_svg, grad_norms_svg, lr_svg
+from search.workers import run_worker
 from tests.search_tests.studies import OPTIMIZER_LR_BATCH, SGD_MOMENTUM, searched
 from trainers._loop import data_for
 

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import open_storage, quiet_optuna_warnings
 from search.storage._artifact_store import ENV_VAR
+from search.workers import run_worker
 from tests.search_tests.studies import OPTIMIZER_LR_BATCH, WEIGHT_DECAY_GRID, searched
 
 quiet_optuna_warnings()

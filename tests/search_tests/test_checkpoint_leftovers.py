@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from optuna.trial import TrialState
 
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import open_storage, quiet_optuna_warnings
+from search.workers import run_worker
 from trainers import CheckpointStore, StopTraining, train
 
 quiet_optuna_warnings()

@@ -31,7 +31,7 @@ def test_commands_that_read_a_study_never_load_torch(tmp_path):
     """status, best, report, stop and delete read a study's stored spec, checked when it was
     created: they import no torch (2 s of a 3 s `status` before). validate still checks the
     trainer's names, and refuses a bad one."""
-    from search.run import run_worker
+    from search.workers import run_worker
     from tests.search_tests.studies import study_data
     from tests.search_tests.test_workers import create
 
@@ -62,9 +62,9 @@ def test_version_is_the_installed_distributions(tmp_path):
 
 def test_a_single_gpu_worker_is_pinned_before_torch_or_optuna_loads():
     """Planning the worker slots loads neither: CUDA_VISIBLE_DEVICES is set before them."""
-    code = ("import os, sys; from search import run; "
+    code = ("import os, sys; from search import workers; "
             "os.environ['HPSEARCH_FAKE_GPU_COUNT'] = '1'; "
-            "slots = run.plan('auto'); "
+            "slots = workers.plan('auto'); "
             "assert os.environ['CUDA_VISIBLE_DEVICES'] == '0', slots; "
             "assert 'torch' not in sys.modules and 'optuna' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -25,11 +25,12 @@ import torch
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-import search.run._objective as objective_module
+import search.trial._objective as objective_module
 import trainers
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import open_storage
+from search.workers import run_worker
 from tests.search_tests.studies import study_data
 from tests.search_tests.test_stop_and_delete import running_with_an_epoch
 from tests.search_tests.test_workers import (

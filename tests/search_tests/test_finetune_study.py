@@ -11,9 +11,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import load_spec, parse_spec
 from search.storage import open_storage, quiet_optuna_warnings
+from search.workers import run_worker
 from trainers import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,15 +18,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.run._gpu_fill import (
-    MAX_PER_GPU,
-    GpuFill,
-    GpuReading,
-    NvidiaSmi,
-    SimulatedGpus,
-    shared_gpu_oom,
-)
-from search.storage import count_trials, load, open_storage
+from search.run import load
+from search.storage import count_trials, open_storage
+from search.trial._gpu import GpuReading, NvidiaSmi, SimulatedGpus, shared_gpu_oom
+from search.workers._gpu_fill import MAX_PER_GPU, GpuFill
 from tests.search_tests.studies import study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))

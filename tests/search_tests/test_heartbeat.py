@@ -17,7 +17,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 import trainers
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import (
     WorkerHeartbeat,
@@ -28,6 +28,7 @@ from search.storage import (
 )
 from search.storage._tables import first_heartbeat
 from search.storage._trial_start import WorkerStorage
+from search.workers import run_worker
 from tests.search_tests.studies import study_data
 
 quiet_optuna_warnings()
@@ -107,14 +108,14 @@ def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
     import os
     import socket
 
-    import search.run._objective
+    import search.trial._objective
 
     spec = _spec(study_name, tmp_path, trials=1,
                  space={"lr": {"low": 1e-3, "high": 0.1, "log": True},
                         "batch_size": {"pow2": [16, 64]}})
     study = _open(storage_url, spec)
     seen, writes = [], []
-    real_train, real_set = trainers.train, search.run._objective.set_user_attrs
+    real_train, real_set = trainers.train, search.trial._objective.set_user_attrs
 
     def train(config, on_epoch=None, checkpoint=None, **kwargs):
         # Read on another connection while the trial runs: committed before training.
@@ -123,7 +124,7 @@ def test_a_workers_trial_has_no_attribute_transaction_of_its_own(
         return real_train(config, on_epoch, checkpoint, **kwargs)
 
     monkeypatch.setattr(trainers, "train", train)
-    monkeypatch.setattr(search.run._objective, "set_user_attrs",
+    monkeypatch.setattr(search.trial._objective, "set_user_attrs",
                         lambda trial, attrs, **kw: (writes.append(sorted(attrs)),
                                                     real_set(trial, attrs, **kw)))
     run_worker(study, spec, device="cpu", artifacts=False)

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from search._errors import SpecError
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.run._lr_find import narrowed_range, resolve
 from search.run._lr_find import plan_tests as plan
 from search.spec import (
@@ -23,6 +23,7 @@ from search.spec import (
     train_config_for,
 )
 from search.storage import LR_FIND_ATTR, SPEC_ATTR, open_storage, quiet_optuna_warnings
+from search.workers import run_worker
 from tests.search_tests import studies
 from tests.search_tests.studies import AUTO_LR
 from trainers import LRFindResult

@@ -17,9 +17,10 @@ from optuna.trial import TrialState
 
 import trainers
 from search.cli import build_parser
-from search.run import Slot, worker_command
-from search.run._packing import PackedTrials
-from search.storage import count_trials, load, open_storage
+from search.run import load
+from search.storage import count_trials, open_storage
+from search.trial._packing import PackRunner
+from search.workers import Slot, worker_command
 from tests.search_tests.studies import LR, study_data
 from tests.search_tests.test_workers import (
     HPSEARCH,
@@ -234,7 +235,7 @@ def _running(study, n: int, *, epochs: int) -> list | None:
 def test_near_the_timeout_a_pack_drains_instead_of_refilling(monkeypatch):
     """A slot frees: it is refilled only if a new trial, at the pack's pace, would end by the
     worker's timeout (a pack refilled to the end would overrun it by K trials)."""
-    import search.run._packing as packing
+    import search.trial._packing as packing
     import trainers
 
     pack = trainers.Pack(4)
@@ -247,7 +248,7 @@ def test_near_the_timeout_a_pack_drains_instead_of_refilling(monkeypatch):
     assert pack.epoch_seconds > 0 and len(pack) == 1
     assert pack.trial_seconds() == pytest.approx(10 * pack.epoch_seconds)  # a whole new run
 
-    packed = PackedTrials(None, None, None, None, 4, lambda: None)  # the rule needs no storage
+    packed = PackRunner(None, None, None, None, None, 0, 4)  # the rule needs no storage
     now = 1000.0
     monkeypatch.setattr(packing.time, "monotonic", lambda: now)
     assert packed._time_for_one_more(now + 1e-3)  # an empty pack fills before the timeout
@@ -265,8 +266,8 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
     import torch
 
     import trainers
-    from search.run import run_worker
     from search.storage import INTERRUPTED
+    from search.workers import run_worker
 
     study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
         study_name, trials=6, epochs=2, size=256, space=SPACE, checkpoints=tmp_path / "ckpt"))
@@ -301,8 +302,8 @@ def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monk
                                                      capfd):
     """`--pack auto` on a simulated GPU (1000 MiB, 100 MiB a member): the pack doubles after
     each full pack while twice it fits under 85% (2 → 4 → 8), then settles at 8 and says why."""
-    import search.run._packing as packing
-    from search.run import run_worker
+    import search.trial._packing as packing
+    from search.workers import run_worker
 
     monkeypatch.setattr(packing, "AUTO_PACK", 2)  # where it starts (32 for a real small MLP)
     monkeypatch.setenv("HPSEARCH_FAKE_GPU_MEMORY",
@@ -321,7 +322,7 @@ def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monk
 
 
 def test_how_an_auto_pack_grows():
-    from search.run._packing import PACK_MAX, PackReading, grown_capacity
+    from search.trial._packing import PACK_MAX, PackReading, grown_capacity
 
     def reading(members, own, others=0.0, total=1000.0, util=None):
         return PackReading(members, own, others, total, util)

@@ -25,9 +25,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.run import RayRequest
-from search.run._ray import plan_ray_slots
-from search.storage import count_trials, load, open_storage
+from search.run import load
+from search.storage import count_trials, open_storage
+from search.workers import RayRequest
+from search.workers._ray import plan_ray_slots
 from tests.search_tests.studies import study_data
 from tests.search_tests.test_s3_artifacts import s3_endpoint  # noqa: F401 - a fixture
 

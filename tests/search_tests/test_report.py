@@ -15,9 +15,10 @@ from optuna.trial import TrialState
 
 import search.cli
 from search.cli import Report
-from search.run import WorkerError, create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import open_storage, quiet_optuna_warnings
+from search.workers import WorkerError, run_worker
 from tests.search_tests import studies
 from tests.search_tests.studies import OPTIMIZER_LR_BATCH, WEIGHT_DECAY_GRID
 

@@ -13,10 +13,11 @@ import torch
 
 import trainers._data
 from search._errors import SpecError
-from search.run import create_or_load, final_test, retrain, run_worker
+from search.run import create_or_load, final_test, retrain
 from search.run._lr_find import resolve, run_tests
 from search.spec import parse_spec
 from search.storage import RETRAIN_ATTR, open_storage, quiet_optuna_warnings
+from search.workers import run_worker
 from tests.search_tests import studies
 from tests.search_tests.studies import AUTO_LR
 from trainers import config_from_dict

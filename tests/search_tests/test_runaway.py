@@ -11,10 +11,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-import search.run._objective as objective_module
-from search.run import WorkerError, create_or_load, run_worker
+import search.trial._objective as objective_module
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import open_storage
+from search.workers import WorkerError, run_worker
 from tests.search_tests.studies import study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))

@@ -157,7 +157,8 @@ def test_artifact_store_checkpoints_with_the_store_off_are_refused_before_anythi
 def test_delete_with_its_checkpoint_bucket_out_of_reach_deletes_nothing(tmp_path, study_name):
     """`hpsearch delete` removes the bucket's copies first: a bucket it cannot reach is one
     line naming it, exit 1, and the study stays whole."""
-    from search.storage import load, open_storage
+    from search.run import load
+    from search.storage import open_storage
     from tests.search_tests.test_workers import create
 
     url = f"sqlite:///{tmp_path / 's.db'}"

@@ -21,9 +21,10 @@ import pytest
 from optuna.trial import TrialState
 
 from search.cli import build_parser, main
-from search.run import SlurmArray, create_or_load
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import count_trials, open_storage, request_stop, stop_requested
+from search.workers import SlurmArray
 from tests.search_tests.studies import LR, study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))

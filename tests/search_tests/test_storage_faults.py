@@ -11,9 +11,10 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from search import StorageError
-from search.run import create_or_load, run_worker
+from search.run import create_or_load
 from search.spec import parse_spec
 from search.storage import is_connection_error, open_storage, with_retry
+from search.workers import run_worker
 from tests.search_tests.studies import study_data
 
 

@@ -11,9 +11,10 @@ import pytest
 from optuna.trial import TrialState
 
 from search._errors import SpecError
-from search.run import WorkerError, create_or_load, run_worker
+from search.run import create_or_load, load
 from search.spec import parse_spec
-from search.storage import count_trials, load, open_storage, quiet_optuna_warnings
+from search.storage import count_trials, open_storage, quiet_optuna_warnings
+from search.workers import WorkerError, run_worker
 from tests.search_tests.studies import OPTIMIZER_LR_BATCH, SGD_MOMENTUM, study_data
 
 quiet_optuna_warnings()

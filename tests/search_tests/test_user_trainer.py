@@ -178,7 +178,7 @@ def test_a_retry_gets_the_checkpoint_and_the_history_back(tmp_path):
 
 
 def test_a_stop_request_ends_the_trial_right_after_a_checkpoint(tmp_path):
-    from search.run._objective import StopRequested
+    from search.trial._api import StopRequested
 
     asked = {"stop": False}
     trial = Trial(number=0, study_name="s", params={}, checkpoint_dir=tmp_path,
@@ -207,7 +207,7 @@ def test_the_command_helpers_import_neither_torch_nor_optuna(tmp_path):
 
 
 def test_a_command_sees_its_workers_gpu_and_no_gpu_on_a_cpu_worker(monkeypatch):
-    from search.run._user_trainer import command_argv, command_env
+    from search.trial._command import command_argv, command_env
 
     spec = parse_spec({"name": "x", "trainer": {"command": ["python", "t.py", "{lr}",
                                                             "{device}", "{batch_size}"]},

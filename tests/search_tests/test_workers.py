@@ -21,9 +21,10 @@ import yaml
 from optuna.trial import TrialState
 
 from search._urls import sqlite_path
-from search.run import Slot, create_or_load, plan_slots, visible_gpu_ids, worker_command
+from search.run import create_or_load, load
 from search.spec import parse_spec
-from search.storage import count_trials, load, open_storage
+from search.storage import count_trials, open_storage
+from search.workers import Slot, plan_slots, visible_gpu_ids, worker_command
 from tests.search_tests.studies import LR, study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))

@@ -23,9 +23,6 @@ import optuna
 from optuna.trial import TrialState
 
 import trainers
-from search.run._gpu_fill import EXIT_GPU_FULL, YIELD_ENV, GpuFill, GpuProbe, SimulatedGpus
-from search.run._objective import TrialOutcome
-from search.run._slots import FAKE_GPUS_ENV, Slot, usable_cores
 from search.spec import StudySpec
 from search.storage import (
     Counts,
@@ -35,6 +32,9 @@ from search.storage import (
     stop_requested,
     with_retry,
 )
+from search.trial import YIELD_ENV, GpuProbe, SimulatedGpus, TrialOutcome
+from search.workers._gpu_fill import EXIT_GPU_FULL, GpuFill
+from search.workers._slots import FAKE_GPUS_ENV, Slot, usable_cores
 
 STOP_GRACE_S = 8.0  # Ctrl-C to SIGKILL: within the 10 s a user waits
 POLL_S = 1.0
@@ -171,8 +171,9 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
 def exit_code(study: optuna.Study, spec: StudySpec, display: Display) -> int:
     """Once the workers have stopped (local or on a cluster): 0 when the budget was met or
     `hpsearch stop` asked for it, else 1 (their failures were shown)."""
-    finished = with_retry(lambda: count_trials(study).finished >= budget_of(study, spec),
-                          what="counting the trials")
+    finished = with_retry(
+        lambda: count_trials(study).finished >= budget_of(study, spec.budget.trials),
+        what="counting the trials")
     stopped = with_retry(lambda: stop_requested(study), what="reading the study")
     if stopped and not finished:
         display.console.print("stopped by `hpsearch stop`: the interrupted trials resume from "
@@ -244,7 +245,7 @@ class _Filler:
         counts = count_trials(self.study)
         live = sum(p.poll() is None for p in self.procs)
         # Another worker only helps when every live one is busy and trials remain to start.
-        if counts.finished + counts.running >= budget_of(self.study, self.spec) or \
+        if counts.finished + counts.running >= budget_of(self.study, self.spec.budget.trials) or \
                 counts.running < live:
             return
         readings = self.probe.read(self.fill.workers())
@@ -257,7 +258,7 @@ class _Filler:
                 f"started worker #{index} there ({self.fill.state[gpu].workers} on it now)")
 
     def _budget_met(self) -> bool:
-        return count_trials(self.study).finished >= budget_of(self.study, self.spec)
+        return count_trials(self.study).finished >= budget_of(self.study, self.spec.budget.trials)
 
     def _start(self, gpu: str, *, yield_gpu: bool) -> int:
         live = sum(p.poll() is None for p in self.procs)

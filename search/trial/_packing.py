@@ -1,10 +1,10 @@
 """Packed trials: one worker trains up to K trials of its study at once (`trainers.Pack`).
 
-`run_worker` steps a `PackedTrials` in place of one trial at a time (`--pack K`, `run.pack`).
-Each step fills the pack with trials asked under the budget lock, as an unpacked worker asks
-for one (the budget check and the trial's creation in one transaction), trains the pack until
-members end, and tells each ended member on its own: its epochs were reported, its pruner
-asked and its checkpoint written per member by the same halves of `Objective` an unpacked trial
+`PackRunner` is a trial runner (`search.trial._runner`) that holds several trials at once
+(`--pack K`, `run.pack`). Each step fills the pack with trials asked as every trial is (under
+the budget lock, the budget check and the trial's creation in one transaction), trains the pack
+until members end, and tells each ended member on its own: its epochs were reported, its pruner
+asked and its checkpoint written per member by the same halves of `Objective` a trial run alone
 goes through, so its attrs, artifacts, retries and status are those of a trial run alone. A
 member's slot is refilled at the next step (continuous batching of trials). Trials of other
 networks (a space searching the hidden layers) share the pack, each network in stacks of its
@@ -21,46 +21,36 @@ size is settled. A pack that runs out of memory halves and grows no more.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 import trainers
-from search.run._gpu_fill import (
+from search.storage import INTERRUPTED, Counts, set_user_attrs, with_retry
+from search.trial._gpu import (
     BUSY_UTILIZATION,
     MEMORY_MARGIN,
     SimulatedGpus,
     oom_from_sharing,
 )
-from search.run._objective import (
-    PackTooBig,
-    StopRequested,
-    TakenOver,
-    is_out_of_memory,
-    say_dropped,
-)
-from search.storage import (
-    INTERRUPTED,
-    BudgetReached,
-    beat_written,
-    set_user_attrs,
-    trial_id_of,
-    with_retry,
-)
+from search.trial._objective import is_out_of_memory
+from search.trial._outcome import End, Ended, Step, TrialOutcome
+from search.trial._runner import TrialRunner
 
 if TYPE_CHECKING:
-    from search.run._objective import Objective, TrialOutcome, TrialStart
     from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
+    from search.trial._objective import Objective, TrialStart
 
-# `--pack auto`: measured on the 2-core CPU (benchmarks/packing.py), 32 fashion_mlp trials
-# packed train 1.9-2.4x faster than one at a time; a model this large fills the machine alone.
+Told = tuple[Ended, "TrialOutcome | None"]  # a member told, and what the display shows of it
+
+# `--pack auto`: 32 small trials at once on a CPU (what packing gains there: the packing
+# section of benchmarks/README.md); a model this large fills the machine alone.
 AUTO_PACK = 32
 AUTO_MAX_PARAMETERS = 1_000_000
 PACK_MAX = 256
@@ -157,29 +147,23 @@ def grown_capacity(capacity: int, reading: PackReading) -> tuple[int, str]:
     return target, f"--pack auto: {seen}: packs of {target} now"
 
 
-class PackedTrials:
-    """A worker's pack of trials between `step`s; `interrupted`: the trials an interruption
-    ended (FAIL "interrupted"), for the worker to queue again."""
+class PackRunner(TrialRunner):
+    """A runner that holds up to K trials at once, trained together (`trainers.Pack`) between
+    `step`s."""
 
-    def __init__(self, objective: Objective, study: optuna.Study, heartbeat: WorkerHeartbeat,
-                 lock: NullLock | FileLock | DatabaseLock, capacity: int | str,
-                 room: Callable[[], None]) -> None:
-        """`study`: the worker's budget-admitting view (`worker_study`); `room`: raises
-        BudgetReached where the storage does not admit trials itself; `capacity`: K or
-        "auto"."""
-        self.objective = objective
-        self.study = study
-        self.heartbeat = heartbeat
-        self.lock = lock
-        self.room = room
+    def __init__(self, kind: Objective, study: optuna.Study, view: optuna.Study,
+                 heartbeat: WorkerHeartbeat, lock: NullLock | FileLock | DatabaseLock,
+                 budget: int, capacity: int | str) -> None:
+        """As `TrialRunner`; `capacity`: K, or "auto"."""
+        super().__init__(kind, study, view, heartbeat, lock, budget)
+        self.objective = kind
         self.capacity: int | None = None if capacity == "auto" else int(capacity)
         self.auto = capacity == "auto"
         self.grows = self.auto  # by the meter's readings, until an out-of-memory
         self.meter: PackMeter | None = None  # set when `auto` takes its K
         self.pack = trainers.Pack(max(self.capacity or 1, 1))
         self.members: dict[int, TrialStart] = {}  # by the pack's member id
-        self.live: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
-        self.interrupted: set[int] = set()
+        self.begun: dict[int, TrialStart] = {}  # every trial asked and not yet told, by number
         self._said: set[str] = set()
         # `auto`: by network key, why its trials run alone (None: they pack)
         self._large: dict[str, str | None] = {}
@@ -187,89 +171,78 @@ class PackedTrials:
     def __len__(self) -> int:
         return len(self.members)
 
-    def step(self, *, deadline: float = math.inf) -> list[TrialOutcome | None]:
-        """Fill the pack while a new trial could end by `deadline` (the worker's timeout, on
-        `time.monotonic`), train it until members end, and tell those; their outcomes. Where
-        filling ended with a trial that ran alone and did not fail, only its outcome: the
-        worker looks at it, and the next step fills the pack again before it trains. (After
-        a failure the pack trains first, so a broken setup's failures in a row still meet
-        the members' results.)
+    @property
+    def busy(self) -> bool:
+        return bool(self.members)
 
-        BudgetReached when no trial could start and none is training; an interruption (Ctrl-C,
-        SIGTERM, `hpsearch stop`) ends every trial of the pack FAIL "interrupted" (listed in
-        `interrupted`) and is raised on."""
+    def step(self, *, deadline: float = math.inf) -> Step:
+        """Fill the pack while a new trial could end by `deadline` (the worker's timeout, on
+        `time.monotonic`), train it until members end, and tell those. Where filling ended
+        with a trial that ran alone and did not fail, only that trial: the worker looks at it,
+        and the next step fills the pack again before it trains. (After a failure the pack
+        trains first, so a broken setup's failures in a row still meet the members' results.)
+        The budget's counts when no trial could start and none is training; `hpsearch stop`
+        ends every member "interrupted", queued again."""
         try:
             if self.members and self.objective.stop():
-                raise StopRequested("stopped at an epoch's end on request")
-            outcomes = self._fill(deadline)
-            if not self.members or (outcomes and all(o is not None and o.state != "FAIL"
-                                                     for o in outcomes)):
-                return outcomes
-            self.lock.release()  # held from the worker's loop when nothing was asked
-            size = len(self.pack)
-            try:
-                ended = self.pack.run_until_free()
-            except Exception as e:  # noqa: BLE001 - training itself failed
-                if (len(self.members) > 1 and is_out_of_memory(e)
-                        and not oom_from_sharing(self._device())):
-                    self._halve(e)  # raises PackTooBig: the members are queued again
-                return outcomes + self._lose_all(e)  # every member is lost
-            stop: KeyboardInterrupt | None = None
-            for member, outcome in ended:
-                begun = self.members.pop(member)
-                if isinstance(outcome, KeyboardInterrupt):
-                    self.objective.interrupted(begun)
-                    self._end(begun, TrialState.FAIL)
-                    self.interrupted.add(begun.trial.number)
-                    stop = stop or outcome
-                else:
-                    outcomes.append(self._told(begun, outcome))
-            if stop is not None:
-                raise stop
-            self._grow(size)
-            return outcomes
+                return self._interrupt_all()
+            filled = self._fill(deadline)
+            if isinstance(filled, Counts):
+                return Step(full=filled)
+            if not self.members or (filled and all(e.how is not End.FAILED for e, _ in filled)):
+                return self._stepped(filled)
+            return self._train(filled)
         except KeyboardInterrupt:
-            self._interrupt_all()
+            self.abandon()
             raise
 
-    def _fill(self, deadline: float) -> list[TrialOutcome | None]:
+    def _stepped(self, told: list[Told]) -> Step:
+        return self.stepped([e for e, _ in told], [s for _, s in told])
+
+    def _train(self, told: list[Told]) -> Step:
+        """Train the pack until members end; tell them after `told` (the filling's)."""
+        size = len(self.pack)
+        try:
+            ended = self.pack.run_until_free()
+        except Exception as e:  # noqa: BLE001 - training itself failed
+            if (len(self.members) > 1 and is_out_of_memory(e)
+                    and not oom_from_sharing(self._device())):
+                return self._halve(e)  # the members are queued again
+            return self._stepped(told + self._lose_all(e))  # every member is lost
+        for member, outcome in ended:
+            if isinstance(outcome, KeyboardInterrupt):  # Ctrl-C in a member's report
+                raise outcome
+            told.append(self._told(self.members.pop(member), outcome))
+        if any(e.how is End.INTERRUPTED for e, _ in told):  # `hpsearch stop` met a member
+            return self._interrupt_all(told)
+        self._grow(size)
+        return self._stepped(told)
+
+    def _fill(self, deadline: float) -> list[Told] | Counts:
         """Ask for trials until the pack is full or a new one could not end by `deadline`; a
         trial that cannot be packed runs alone (and ends the filling: the worker looks at its
-        outcome before the next)."""
-        first = True
+        outcome before the next). The counts when the budget leaves no room and the pack is
+        empty."""
         while ((self.capacity is None or len(self.members) < self.capacity)
                and self._time_for_one_more(deadline)):
-            try:
-                begun = self._ask(first)
-            except BudgetReached:
-                if self.members:
-                    return []  # the last trials are in the pack: train them
-                raise
-            first = False
-            try:
-                refusal = self.objective.guarded(begun, lambda b=begun: self._start(b))
-            except TakenOver:
-                self._drop(begun)
-                return [None]
-            except Exception:  # noqa: BLE001 - recorded as the trial's (`Objective.failed`)
-                self._end(begun, TrialState.FAIL)
-                return [self.objective.last]
-            config = begun.config
-            assert config is not None
-            if refusal is None and not self.pack.fits(config):
+            asked = self.ask()
+            if isinstance(asked, Counts):
+                return [] if self.members else asked  # the last trials are in the pack
+            begun = self.objective.prepare(asked)
+            self.begun[asked.number] = begun
+            refusal = self.objective.guarded(begun, lambda b=begun: self._start(b))
+            if isinstance(refusal, Ended):  # failed to start (recorded), or taken over
+                return [self._tell(begun, refusal)]
+            assert begun.config is not None
+            if refusal is None and not self.pack.fits(begun.config):
                 refusal = "its data or device differ from the pack's"
             if refusal is not None:
                 self._say(f"--pack: trials that cannot be packed run one at a time ({refusal})")
                 return [self._alone(begun)]
-            try:
-                member = self.objective.guarded(begun, lambda b=begun: self.pack.add(
-                    b.config, on_epoch=b.report, checkpoint=b.store))
-            except TakenOver:
-                self._drop(begun)
-                return [None]
-            except Exception:  # noqa: BLE001 - recorded as the trial's
-                self._end(begun, TrialState.FAIL)
-                return [self.objective.last]
+            member = self.objective.guarded(begun, lambda b=begun: self.pack.add(
+                b.config, on_epoch=b.report, checkpoint=b.store))
+            if isinstance(member, Ended):
+                return [self._tell(begun, member)]
             self.members[member] = begun
         return []
 
@@ -316,92 +289,34 @@ class PackedTrials:
             self.grows = False  # settled: the GPU is full or busy at this size
         self.capacity = self.pack.capacity = capacity
 
-    def _ask(self, locked: bool) -> TrialStart:
-        """A new trial (or a queued one), under the budget lock from the check until it exists
-        (the worker holds it already when `locked`); its first beat, its params."""
-        if not locked:
-            with_retry(self.lock.acquire, what="taking the budget lock")
-        try:
-            self.room()
-            trial = self.study.ask()
-        finally:
-            self.lock.release()  # the new trial exists: others may count it now
-        trial_id, written = trial_id_of(trial), beat_written(self.study, trial)
-        with_retry(lambda: self.heartbeat.begin(trial_id, written=written),
-                   what="starting a trial")
-        begun = self.objective.prepare(trial)
-        self.live[trial.number] = begun
-        return begun
-
-    def _alone(self, begun: TrialStart) -> TrialOutcome | None:
+    def _alone(self, begun: TrialStart) -> Told:
         """Trial `begun` trained by itself (`trainers.train`), then told."""
-        try:
-            result = self.objective.guarded(begun, lambda: trainers.train(
-                begun.config, begun.report, begun.store))
-        except TakenOver:
-            self._drop(begun)
-            return None
-        except Exception:  # noqa: BLE001 - recorded as the trial's
-            self._end(begun, TrialState.FAIL)
-            return self.objective.last
+        result = self.objective.guarded(begun, lambda: trainers.train(
+            begun.config, begun.report, begun.store))
         return self._told(begun, result)
 
-    def _told(self, begun: TrialStart, outcome: trainers.TrainResult | BaseException
-              ) -> TrialOutcome | None:
+    def _told(self, begun: TrialStart, outcome: trainers.TrainResult | BaseException | Ended
+              ) -> Told:
         """Tell an ended trial: its result (COMPLETE, or PRUNED when stopped by the pruner or
-        diverged), or FAIL for the error its report raised."""
-        if isinstance(outcome, TakenOver):
-            self._drop(begun)
-            return None
+        diverged), or how the error its report raised ended it."""
         if isinstance(outcome, BaseException):
-            self.objective.failed(begun, outcome)  # type: ignore[arg-type]
-            self._end(begun, TrialState.FAIL)
-            return self.objective.last
-        values = self.objective.finish(begun, outcome)
-        outcome_state = self.objective.last
-        if values is None:
-            self._end(begun, TrialState.FAIL if outcome_state and outcome_state.state == "FAIL"
-                      else TrialState.PRUNED)
-        else:
-            self._end(begun, TrialState.COMPLETE, values)
-        # Told: its checkpoints (and those of the dead trial it resumed) are no longer needed.
-        self.objective.clear_checkpoints(
-            self.objective.checkpoints_of(begun.directory, begun.retried_from))
-        return outcome_state
+            outcome = self.objective.guarded(begun, functools.partial(_reraise, outcome))
+        if not isinstance(outcome, Ended):
+            outcome = self.objective.finish(begun, outcome)
+        return self._tell(begun, outcome)
 
-    def _end(self, begun: TrialStart, state: TrialState,
-             values: list[float] | None = None) -> None:
-        """Tell Optuna how trial `begun` ended and stop beating for it. A tell that fails
-        leaves the trial RUNNING without beats: it goes stale and is retried."""
-        trial = begun.trial
-        try:
-            with_retry(lambda: self.study.tell(trial, values, state=state,
-                                               skip_if_finished=True),
-                       what="telling a trial")
-        finally:
-            self.heartbeat.end(trial_id_of(trial))
-            self.live.pop(trial.number, None)
-
-    def _drop(self, begun: TrialStart) -> None:
-        """Trial `begun` was failed as stale while this worker was paused and retried by
-        another: its late result is dropped."""
-        self.heartbeat.end(trial_id_of(begun.trial))
-        self.live.pop(begun.trial.number, None)
+    def _tell(self, begun: TrialStart, ended: Ended) -> Told:
+        self.begun.pop(begun.trial.number, None)
         self.members = {k: v for k, v in self.members.items() if v is not begun}
-        say_dropped(begun.trial.number)
+        return ended, self.tell(begun.trial, ended)
 
-    def _lose_all(self, error: Exception) -> list[TrialOutcome | None]:
-        """Training the pack failed (out of memory, say): every member fails with the error."""
-        outcomes: list[TrialOutcome | None] = []
+    def _lose_all(self, error: Exception) -> list[Told]:
+        """Training the pack failed (out of memory, say): every member fails with the error
+        (or, on a GPU shared with other workers, is queued again: `End.GPU_FULL`)."""
         device = self._device()
-        members, self.members = list(self.members.values()), {}
+        members = list(self.members.values())
         self._empty(self.pack.capacity, device)
-        for begun in members:
-            # GpuFull (a shared GPU out of memory) is raised on: `step` interrupts them all.
-            self.objective.failed(begun, error)
-            self._end(begun, TrialState.FAIL)
-            outcomes.append(self.objective.last)
-        return outcomes
+        return [self._tell(begun, self.objective.failed(begun, error)) for begun in members]
 
     def _device(self) -> str:
         begun = next(iter(self.members.values()), None)
@@ -409,43 +324,63 @@ class PackedTrials:
 
     def _empty(self, capacity: int, device: str) -> None:
         """A new, empty pack; the old one's tensors go with it (and CUDA's cached blocks)."""
+        self.members = {}
         self.pack = trainers.Pack(capacity)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _halve(self, error: Exception) -> None:
+    def _halve(self, error: Exception) -> Step:
         """The pack ran out of memory on a device of its own: every member ends FAIL
-        "interrupted" (to be queued again unchanged, resuming from its checkpoint), the pack's
-        capacity halves, and PackTooBig tells the worker to queue them and go on."""
+        "interrupted" (queued again unchanged, resuming from its checkpoint), and the worker
+        goes on with packs of half the size."""
         n, device = len(self.members), self._device()
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         reason = f"out of memory in a pack of {n} on {device}: {first}"
-        attrs = {"ended": INTERRUPTED, "oom_pack": reason}
-        for begun in list(self.members.values()):
-            with_retry(lambda b=begun: set_user_attrs(b.trial, attrs),
-                       what="marking the trial")
-        self._interrupt_all()
+        for begun in list(self.begun.values()):
+            self._tell(begun, self._interrupted(begun, {"oom_pack": reason}))
         self.capacity, self.grows = max(1, n // 2), False
         self._empty(self.capacity, device)
-        line = (f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
-                f"with packs of {self.capacity}")
-        print(line, file=sys.stderr, flush=True)
-        raise PackTooBig(line) from error
+        self.queue_again()
+        print(f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
+              f"with packs of {self.capacity}", file=sys.stderr, flush=True)
+        return Step()
 
-    def _interrupt_all(self) -> None:
-        """Every trial asked and not told ends FAIL "interrupted" (the worker queues them
-        again: each resumes from its last epoch checkpoint)."""
-        for begun in list(self.live.values()):
+    def _interrupt_all(self, told: list[Told] | None = None) -> Step:
+        """`hpsearch stop`: every trial asked and not told ends FAIL "interrupted" (queued
+        again: each resumes from its last epoch checkpoint); the worker stops."""
+        told = list(told or [])
+        for begun in list(self.begun.values()):
+            told.append(self._tell(begun, self._interrupted(begun)))
+        self._empty(self.pack.capacity, self._device())
+        return self._stepped(told)
+
+    def _interrupted(self, begun: TrialStart, extra: dict[str, str] | None = None) -> Ended:
+        """Mark trial `begun` interrupted (with `extra` attrs): it ends INTERRUPTED."""
+        if extra:
+            attrs = {"ended": INTERRUPTED, **extra}
+            with_retry(lambda: set_user_attrs(begun.trial, attrs), what="marking the trial")
+        try:
+            self.objective.interrupted(begun)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told already (an interruption during its tell)
+        return Ended(End.INTERRUPTED)
+
+    def abandon(self) -> None:
+        """Ctrl-C or SIGTERM: as every runner's, each member marked interrupted first."""
+        for begun in list(self.begun.values()):
             try:
                 self.objective.interrupted(begun)
             except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # told already (an interruption during its tell)
-            self._end(begun, TrialState.FAIL)
-            self.interrupted.add(begun.trial.number)
-        self.members = {}
-        self.pack = trainers.Pack(self.pack.capacity)
+                pass
+        self.begun = {}
+        self._empty(self.pack.capacity, self._device())
+        super().abandon()
 
     def _say(self, line: str) -> None:
         if line not in self._said:
             self._said.add(line)
             print(line, file=sys.stderr, flush=True)
+
+
+def _reraise(error: BaseException) -> None:
+    raise error

@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from search._urls import redact
-from search.run._charts import curves_svg, grad_norms_svg, lr_svg, metrics_svg
-from search.run._history import history_record
 from search.storage import (
     artifact_location,
     open_artifact_store,
@@ -35,6 +33,8 @@ from search.storage import (
     storage_url_of,
     store_files,
 )
+from search.trial._charts import curves_svg, grad_norms_svg, lr_svg, metrics_svg
+from search.trial._history import history_record
 from trainers import Schedule, data_for, effective_lr
 
 if TYPE_CHECKING:

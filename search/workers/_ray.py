@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
-from search.run._engines import import_engine, shared_storage
+from search.workers._engines import import_engine, shared_storage
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import optuna
 
-    from search.run._supervisor import Display
     from search.spec import StudySpec
     from search.storage import Counts
+    from search.workers._supervisor import Display
 
 LOCAL = "local"  # `--ray` without an address: a Ray instance started here for this run
 DEFAULT_PORTS = {"ray://": 10001, "": 6379}  # Ray Client's port, the GCS port
@@ -143,7 +145,7 @@ def probe(address: str) -> None:
                           "its address (auto, ray://host:10001, host:6379)") from None
 
 
-def connect(request: RayRequest) -> None:
+def connect_ray(request: RayRequest) -> None:
     """Join the Ray cluster at `request.address` (start one here for "local"); SearchError
     (exit 1) when none answers there."""
     import logging
@@ -241,62 +243,91 @@ def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRe
     `supervise` does for local workers)."""
     import ray
 
-    from search.run._supervisor import exit_code
-    from search.storage import budget_of, with_retry
+    from search.workers._supervisor import exit_code
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    free = ray.available_resources()
-    slots = plan_ray_slots([n["Resources"].get("CPU", 0) for n in nodes],
-                           free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
-                           request=request)
-    actor_class = ray.remote(RayWorker)
-    env = forwarded_env()
-    actors = [actor_class.options(
-        num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=MAX_RESTARTS,
-        max_task_retries=-1, max_concurrency=2,  # `interrupt` while `run` waits
-        runtime_env={"env_vars": env} if env else None,
-    ).remote() for s in slots]
-    runs = {actor.run.remote(s.index, spec.name, url, device=s.device,
-                             trials_per_gpu=request.trials_per_gpu, timeout_s=timeout_s,
-                             cwd=os.getcwd(), pack=pack): s
-            for s, actor in zip(slots, actors, strict=True)}
-    placed = {actor.placement.remote(s.device, request.trials_per_gpu): s
-              for s, actor in zip(slots, actors, strict=True)}
-    kind = (f"{len(slots)} GPU slot(s) of {slots[0].num_gpus:g} GPU" if slots[0].device == "cuda"
-            else f"{len(slots)} CPU worker(s) of {slots[0].num_cpus:g} CPU")
-    display.console.print(f"starting {kind} as Ray actors on {len(nodes)} node(s)")
-    interrupted = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal interrupted
-        interrupted = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    codes: dict[int, int | str] = {}
+    actors = _RayActors.start(ray, spec, url, request, display, timeout_s=timeout_s, pack=pack)
+    old = {s: signal.signal(s, actors.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        actors.watch(study, spec)
+        if actors.interrupted:
+            display.console.print("interrupted: stopping the Ray workers")
+            _stop(ray, study, actors.actors,
+                  [r for r in actors.runs if actors.runs[r].index not in actors.codes])
+        show(study, display)  # what ended since the last look
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for actor in actors.actors:  # never leave one behind, whatever happened above
+            ray.kill(actor)
+        ray.shutdown()  # a cluster started here for this run stops with it
+    if actors.interrupted:
+        return 130
+    for index, code in sorted(actors.codes.items()):
+        if code != 0:
+            display.console.print(f"Ray worker #{index} ended with {code} (its messages are "
+                                  "above)")
+    return exit_code(study, spec, display)
+
+
+class _RayActors:
+    """The worker actors of one `supervise_ray`: their runs, where Ray placed them, and the
+    codes they ended with."""
+
+    def __init__(self, ray: ModuleType, display: Display, actors: list[Any],
+                 runs: dict[Any, RaySlot], placed: dict[Any, RaySlot]) -> None:
+        self.ray, self.display = ray, display
+        self.actors, self.runs, self.placed = actors, runs, placed
+        self.codes: dict[int, int | str] = {}
+        self.interrupted = False
+        self.submitted, self.warned = time.monotonic(), False
+
+    @classmethod
+    def start(cls, ray: ModuleType, spec: StudySpec, url: str, request: RayRequest,
+              display: Display, *, timeout_s: float | None, pack: int | str | None
+              ) -> _RayActors:
+        """One actor per slot Ray has room for, each running a worker of the study."""
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        free = ray.available_resources()
+        slots = plan_ray_slots([n["Resources"].get("CPU", 0) for n in nodes],
+                               free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
+                               request=request)
+        actor_class = ray.remote(RayWorker)
+        env = forwarded_env()
+        actors = [actor_class.options(
+            num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=MAX_RESTARTS,
+            max_task_retries=-1, max_concurrency=2,  # `interrupt` while `run` waits
+            runtime_env={"env_vars": env} if env else None,
+        ).remote() for s in slots]
+        runs = {actor.run.remote(s.index, spec.name, url, device=s.device,
+                                 trials_per_gpu=request.trials_per_gpu, timeout_s=timeout_s,
+                                 cwd=os.getcwd(), pack=pack): s
+                for s, actor in zip(slots, actors, strict=True)}
+        placed = {actor.placement.remote(s.device, request.trials_per_gpu): s
+                  for s, actor in zip(slots, actors, strict=True)}
+        kind = (f"{len(slots)} GPU slot(s) of {slots[0].num_gpus:g} GPU"
+                if slots[0].device == "cuda"
+                else f"{len(slots)} CPU worker(s) of {slots[0].num_cpus:g} CPU")
+        display.console.print(f"starting {kind} as Ray actors on {len(nodes)} node(s)")
+        return cls(ray, display, actors, runs, placed)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+
+    def watch(self, study: optuna.Study, spec: StudySpec) -> None:
+        """Show progress until every run ended, a signal came, or the budget was met and a
+        late worker had its grace."""
+        from search.storage import budget_of, with_retry
+
         met_since: float | None = None
-        submitted, warned = time.monotonic(), False
-        pending = list(runs)
-        while pending and not interrupted:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        pending = list(self.runs)
+        while pending and not self.interrupted:
+            done, pending = self.ray.wait(pending, num_returns=len(pending), timeout=0)
             for ref in done:
-                codes[runs[ref].index] = _code(ray, ref)
-            landed = ray.wait(list(placed), num_returns=len(placed), timeout=0)[0] if placed else []
-            for ref in landed:
-                s, where = placed.pop(ref), _value(ray, ref)
-                if where is not None:
-                    display.console.print(
-                        f"Ray worker #{s.index} on node {where['node'][:8]} ({where['ip']})"
-                        + (f" GPU {where['gpu']}" if where["gpu"] else "")
-                        + f", {where['threads']} thread{'s' * (where['threads'] > 1)}")
-            if placed and not warned and time.monotonic() - submitted > PLACEMENT_WARNING_S:
-                warned = True  # Ray queues an actor it cannot place yet: say so, once
-                display.console.print(
-                    "waiting for Ray to place worker(s) "
-                    + ", ".join(f"#{s.index}" for s in placed.values())
-                    + f" (free now: {_free_text(ray.available_resources())})")
-            counts = show(study, display)
-            budget = with_retry(lambda: budget_of(study, spec), what="reading the budget")
+                self.codes[self.runs[ref].index] = _code(self.ray, ref)
+            self.say_placements()
+            counts = show(study, self.display)
+            budget = with_retry(lambda: budget_of(study, spec.budget.trials),
+                                what="reading the budget")
             if pending and counts.finished >= budget:
                 # A worker restarted on another node late may still be starting: it would
                 # only find the budget met, so it is not waited for long.
@@ -304,23 +335,23 @@ def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRe
                 if time.monotonic() - met_since > FINISH_GRACE_S:
                     break
             time.sleep(POLL_S)
-        if interrupted:
-            display.console.print("interrupted: stopping the Ray workers")
-            _stop(ray, study, actors, [r for r in runs if runs[r].index not in codes])
-        show(study, display)  # what ended since the last look
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for actor in actors:  # never leave one behind, whatever happened above
-            ray.kill(actor)
-        ray.shutdown()  # a cluster started here for this run stops with it
-    if interrupted:
-        return 130
-    for index, code in sorted(codes.items()):
-        if code != 0:
-            display.console.print(f"Ray worker #{index} ended with {code} (its messages are "
-                                  "above)")
-    return exit_code(study, spec, display)
+
+    def say_placements(self) -> None:
+        """Where Ray placed the workers that landed since the last look; once, the ones it
+        is still waiting to place."""
+        ray, placed, console = self.ray, self.placed, self.display.console
+        landed = ray.wait(list(placed), num_returns=len(placed), timeout=0)[0] if placed else []
+        for ref in landed:
+            s, where = placed.pop(ref), _value(ray, ref)
+            if where is not None:
+                console.print(f"Ray worker #{s.index} on node {where['node'][:8]} ({where['ip']})"
+                              + (f" GPU {where['gpu']}" if where["gpu"] else "")
+                              + f", {where['threads']} thread{'s' * (where['threads'] > 1)}")
+        if placed and not self.warned and time.monotonic() - self.submitted > PLACEMENT_WARNING_S:
+            self.warned = True  # Ray queues an actor it cannot place yet: say so, once
+            console.print("waiting for Ray to place worker(s) "
+                          + ", ".join(f"#{s.index}" for s in placed.values())
+                          + f" (free now: {_free_text(ray.available_resources())})")
 
 
 def show(study: optuna.Study, display: Display) -> Counts:

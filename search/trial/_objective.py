@@ -1,12 +1,15 @@
-"""The objective: a trial's sampled params → a trainer config → `trainers.train` → a value.
+"""The built-in trial: a trial's sampled params → a trainer config → `trainers.train` → how it
+ended (`Ended`), for the runner to tell.
 
 Optuna stays on this side: the trainer reports through `on_epoch`, and this module turns the
-pruner's verdict into `StopTraining` (inside the trainer) and then `TrialPruned` (for Optuna),
-the way the Lightning pruning callback keeps Optuna out of training code.
+pruner's verdict (and `hpsearch stop`) into `StopTraining` inside the trainer, the way the
+Lightning pruning callback keeps Optuna out of training code. Its halves (`prepare`, `start`,
+`finish`) are shared with the packed trials (`search.trial._packing`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -23,9 +26,6 @@ import torch
 
 import trainers
 from search._errors import SpecError
-from search.run._gpu_fill import oom_from_sharing
-from search.run._history import history_record
-from search.run._remote_checkpoints import RemoteCheckpoints, SyncedCheckpointStore, scratch_root
 from search.spec import base_train_config, suggest, train_config_for
 from search.storage import (
     INTERRUPTED,
@@ -36,30 +36,27 @@ from search.storage import (
     written_attrs,
 )
 from search.storage import retried_from as retry_link
+from search.trial._gpu import oom_from_sharing
+from search.trial._history import history_record
+from search.trial._outcome import End, Ended, TrialOutcome
+from search.trial._remote_checkpoints import RemoteCheckpoints, SyncedCheckpointStore, scratch_root
 
 if TYPE_CHECKING:
     import optuna
 
     import trainers
-    from search.run._artifacts import ArtifactRecorder
     from search.spec import StudySpec
+    from search.trial._artifacts import ArtifactRecorder
 
 T = TypeVar("T")
 
 
-class GpuFull(KeyboardInterrupt):
-    """The trial ran out of memory on a GPU shared with other workers (`--trials-per-gpu
-    auto`): it is queued again unchanged, as an interrupted trial is, and its worker leaves the
-    GPU to the others."""
+# Optuna's own logger family: a trial's error is shown as Optuna showed it under
+# `study.optimize`, with its traceback, and follows `optuna.logging`'s verbosity.
+LOG = logging.getLogger("optuna.hpsearch")
 
 
-class PackTooBig(KeyboardInterrupt):
-    """A pack of several trials ran out of memory on a device it has to itself: its members
-    are queued again unchanged, as interrupted trials are, and the worker goes on with a pack
-    half the size (`search.run._packing`)."""
-
-
-# Set by the Ray launcher (`search.run._ray`) in its workers' environment: recorded per trial.
+# Set by the Ray launcher (`search.workers._ray`) in its workers' environment: recorded per trial.
 RAY_ATTRS = {"ray_node": "HPSEARCH_RAY_NODE", "ray_gpu": "HPSEARCH_RAY_GPU"}
 
 
@@ -68,20 +65,9 @@ def placement_attrs() -> dict[str, str]:
     return {attr: os.environ[env] for attr, env in RAY_ATTRS.items() if os.environ.get(env)}
 
 
-class StopRequested(KeyboardInterrupt):
-    """`hpsearch stop` asked the worker to stop: its trial ends at an epoch boundary, after
-    its checkpoint, as an interrupted trial does (and is queued again to resume)."""
-
-
 class TakenOver(Exception):  # noqa: N818 - a state of the trial, not a fault
-    """The trial was finished by others while its worker was paused (failed as stale and
-    retried): the worker drops it (`run_worker`)."""
-
-
-def say_dropped(number: int) -> None:
-    """The line a worker prints as it drops a trial that was taken over (`TakenOver`)."""
-    print(f"trial #{number}: failed as stale while this worker was paused, and retried by "
-          "another; its late result is dropped", file=sys.stderr, flush=True)
+    """Raised out of the trainer when the trial was finished by others while its worker was
+    paused (failed as stale and retried): its run ends `End.TAKEN_OVER`, and is dropped."""
 
 
 def report_or_taken_over(trial: optuna.Trial, value: float, epoch: int) -> None:
@@ -104,23 +90,10 @@ def metric_value(metric: str, history: list[trainers.EpochMetrics]) -> float:
         return sum(m.epoch_seconds for m in history) / len(history)
     return float(getattr(history[-1], metric))
 
-@dataclass(frozen=True)
-class TrialOutcome:
-    """How a trial ended, as the worker saw it: enough to show it without reading it back."""
-
-    number: int
-    state: str  # COMPLETE | PRUNED | FAIL
-    values: list[float] | None
-    last_value: float | None  # the last reported value (pruned trials have no final value)
-    params: dict[str, Any]
-    epochs_run: int
-    seconds: float
-    ended: str
-
 @dataclass
 class TrialStart:
     """A trial between its two halves (`Objective.prepare`/`start` and `finish`): what the
-    alone path and the packed one (`search.run._packing`) share."""
+    alone path and the packed one (`search.trial._packing`) share."""
 
     trial: optuna.Trial
     start_attrs: dict[str, Any]
@@ -131,13 +104,14 @@ class TrialStart:
     device: str = ""
     retried_from: int | None = None
     store: trainers.CheckpointStore | None = None
+    stop_requested: bool = False  # `hpsearch stop` ended its run at an epoch's end
 
     @property
     def directory(self) -> Path | None:
         return self.store.directory if self.store is not None else None
 
 class Objective:
-    """Callable for `study.optimize`: trains one trial and returns its objective value(s)."""
+    """The built-in trainer's trials: `run` trains one asked trial and says how it ended."""
 
     def __init__(
         self,
@@ -152,7 +126,6 @@ class Objective:
     ) -> None:
         self.spec = spec
         self.stop = stop or (lambda: False)  # `hpsearch stop` was asked for
-        self.current: int | None = None  # the number of the trial being run
         self.device = device
         self.threads = threads
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
@@ -172,8 +145,6 @@ class Objective:
         self.host = socket.gethostname()
         # A worker placed by Ray: its node and the GPU Ray gave it (hosts may share a name).
         self.placed = placement_attrs()
-        self.last: TrialOutcome | None = None
-        self._to_clear: list[Path | None] = []
 
     def creation_attrs(self) -> dict[str, Any]:
         """The start attrs every trial of this worker shares (host, pid, and the device where
@@ -193,29 +164,25 @@ class Objective:
             return None
         return self.checkpoint_root / self.spec.name / f"trial-{number}"
 
-    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+    def run(self, trial: optuna.Trial) -> Ended:
+        """Train `trial` (asked by the runner) and say how it ended."""
         begun = self.prepare(trial)
         result = self.guarded(begun, lambda: self.start(begun) or trainers.train(
             begun.config, begun.report, begun.store))
-        values = self.finish(begun, result)
-        self.clear_later(begun.directory, begun.retried_from)
-        if values is None:
-            # Stopped by the pruner, or diverged: a diverged run is a bad region, not a bug,
-            # so it is pruned too; the budget counts it and the sampler learns from it.
-            raise optuna.TrialPruned(result.reason)
-        return values[0] if len(values) == 1 else values
+        if isinstance(result, Ended):
+            return result
+        return self.finish(begun, result)
 
-    def guarded(self, begun: TrialStart, run: Callable[[], T]) -> T:
-        """`run()` for trial `begun`: an error recorded as the trial's (`failed`), an
-        interruption marked (`interrupted`), both raised on; a trial taken over raised as it
-        is (nothing of it to record)."""
+    def guarded(self, begun: TrialStart, run: Callable[[], T]) -> T | Ended:
+        """`run()` for trial `begun`, or how the trial ended when it raised: an error recorded
+        as the trial's (`failed`), a trial taken over as it is (nothing of it to record). A
+        Ctrl-C or SIGTERM is marked on the trial (`interrupted`) and raised on."""
         try:
             return run()
         except TakenOver:
-            raise  # not this worker's trial any more: nothing of it to record
-        except Exception as e:
-            self.failed(begun, e)
-            raise
+            return Ended(End.TAKEN_OVER)
+        except Exception as e:  # noqa: BLE001 - the trial's own error, recorded as its reason
+            return self.failed(begun, e)
         except KeyboardInterrupt:
             self.interrupted(begun)
             raise
@@ -227,8 +194,6 @@ class Objective:
         """A trial's first half that cannot fail on the trainer's side: its params (the
         sampler's suggestions) and its report callback (reports, the pruner, `hpsearch
         stop`)."""
-        self.current = trial.number
-        self.last = None
         begun = TrialStart(trial, {}, time.perf_counter())
         begun.params = suggest(trial, self.spec, user_attrs=begun.start_attrs)
         single = len(self.metrics) == 1
@@ -243,7 +208,8 @@ class Objective:
                 if with_retry(trial.should_prune, what="asking the pruner"):
                     raise trainers.StopTraining(f"pruned at epoch {m.epoch}")
             if self.stop():  # after the epoch's checkpoint: its retry resumes from here
-                raise StopRequested(f"stopped at epoch {m.epoch} on request")
+                begun.stop_requested = True
+                raise trainers.StopTraining(f"stopped at epoch {m.epoch} on request")
 
         begun.report = report
         return begun
@@ -265,9 +231,9 @@ class Objective:
         begun.retried_from = self.begin(begun.trial, begun.start_attrs)
         begun.store = self._checkpoint_store(begun.trial.number, begun.retried_from)
 
-    def failed(self, begun: TrialStart, e: Exception) -> None:
-        """Record why trial `begun` raised `e` before it is told FAIL; GpuFull (the trial
-        marked to be queued again) for an out-of-memory on a GPU shared with other workers."""
+    def failed(self, begun: TrialStart, e: Exception) -> Ended:
+        """Record why trial `begun` raised `e`: it ends FAILED, or GPU_FULL (marked to be
+        queued again unchanged) for an out-of-memory on a GPU shared with other workers."""
         trial, config, device = begun.trial, begun.config, begun.device
         reason = f"error: {type(e).__name__}: {e}"
         if is_out_of_memory(e):  # the worker empties the cache and goes on
@@ -278,9 +244,13 @@ class Objective:
                 attrs = {"ended": INTERRUPTED, "oom_shared": reason,
                          "seconds": round(time.perf_counter() - begun.started, 3)}
                 with_retry(lambda: set_user_attrs(trial, attrs), what="marking the trial")
-                raise GpuFull(f"{reason}; the GPU is shared, so the trial is queued again "
-                              "unchanged and this worker leaves the GPU") from e
-        self.record_failure(trial, reason, begun.start_attrs, begun.params, begun.started)
+                return Ended(End.GPU_FULL, reason=f"{reason}; the GPU is shared, so the trial "
+                             "is queued again unchanged and this worker leaves the GPU")
+        LOG.warning("Trial %d failed because of the following error: %r", trial.number, e,
+                    exc_info=e)
+        shown = self.record_failure(trial, reason, begun.start_attrs, begun.params,
+                                    begun.started)
+        return Ended.of(shown)
 
     @staticmethod
     def interrupted(begun: TrialStart) -> None:
@@ -290,10 +260,15 @@ class Objective:
         attrs = {"ended": INTERRUPTED, "seconds": round(time.perf_counter() - begun.started, 3)}
         with_retry(lambda: set_user_attrs(begun.trial, attrs), what="marking the interruption")
 
-    def finish(self, begun: TrialStart, result: trainers.TrainResult) -> list[float] | None:
+    def finish(self, begun: TrialStart, result: trainers.TrainResult) -> Ended:
         """The trial's second half: its end attrs and artifacts, written with its result as it
-        is told (`record_result`); its values, None when it was pruned or diverged."""
+        is told (`record_result`). Stopped by the pruner, or diverged, it ends PRUNED: a
+        diverged run is a bad region, not a bug, the budget counts it and the sampler learns
+        from it. Stopped by `hpsearch stop`, it ends INTERRUPTED (queued again to resume)."""
         trial, config = begun.trial, begun.config
+        if begun.stop_requested:
+            self.interrupted(begun)
+            return Ended(End.INTERRUPTED)
         values = None
         if result.status == "completed":
             values = [metric_value(metric, list(result.history)) for metric in self.metrics]
@@ -327,9 +302,10 @@ class Objective:
         last = (float(getattr(result.history[-1], self.metrics[0])) if result.history
                 else None)
         state = "FAIL" if unusable else "COMPLETE" if values else "PRUNED"
-        self.last = TrialOutcome(trial.number, state, values, last, begun.params,
-                                 result.epochs_run, end_attrs["seconds"], end_attrs["ended"])
-        return values
+        shown = TrialOutcome(trial.number, state, values, last, begun.params,
+                             result.epochs_run, end_attrs["seconds"], end_attrs["ended"])
+        # Told, its checkpoints (and those of the dead trial it resumed) are no longer needed.
+        return Ended.of(shown, clear=self.checkpoints_of(begun.directory, begun.retried_from))
 
     def begin(self, trial: optuna.Trial, start_attrs: dict[str, Any]) -> int | None:
         """Write what is left of a trial's start attrs; the number of the dead trial this one
@@ -347,14 +323,14 @@ class Objective:
 
     def record_failure(self, trial: optuna.Trial, ended: str, start_attrs: dict[str, Any],
                        params: dict[str, Any], started: float,
-                       extra: dict[str, Any] | None = None) -> None:
-        """A trial that raised: why (`ended`), and what it ran, before Optuna marks it FAIL."""
+                       extra: dict[str, Any] | None = None) -> TrialOutcome:
+        """A trial that raised: why (`ended`), and what it ran, before it is told FAIL."""
         ended = ended[:500]
         seconds = round(time.perf_counter() - started, 3)
         attrs = {**start_attrs, **(extra or {}), "ended": ended, "seconds": seconds}
         with_retry(lambda: set_user_attrs(trial, attrs), what="recording a failure")
         epochs = len(attrs.get("history") or [])
-        self.last = TrialOutcome(trial.number, "FAIL", None, None, params, epochs, seconds, ended)
+        return TrialOutcome(trial.number, "FAIL", None, None, params, epochs, seconds, ended)
 
     @staticmethod
     def record_result(trial: optuna.Trial, end_attrs: dict[str, Any],
@@ -365,20 +341,14 @@ class Objective:
             with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
                        what="recording a result")
 
-    def clear_later(self, directory: Path | None, retried_from: int | None) -> None:
-        """Delete a finished trial's checkpoints once its result is safely told
-        (`clear_checkpoints`), not now: if the storage fails before that, the trial goes stale
-        and its retry resumes from them."""
-        self._to_clear = self.checkpoints_of(directory, retried_from)
-
     def checkpoints_of(self, directory: Path | None, retried_from: int | None
-                       ) -> list[Path | None]:
+                       ) -> tuple[Path | None, ...]:
         """The folders to delete once a trial is told: its own `directory` and the dead
         trial's it resumed (none when the study keeps its checkpoints)."""
         if directory is None or self.spec.run.keep_checkpoints:
-            return []
-        return [directory] + (
-            [self.checkpoint_dir(retried_from)] if retried_from is not None else [])
+            return ()
+        return (directory, *(
+            [self.checkpoint_dir(retried_from)] if retried_from is not None else []))
 
     def checkpoint_directory(self, number: int, retried_from: int | None) -> Path | None:
         """Trial `number`'s checkpoint folder: empty for a new trial, the dead trial's
@@ -413,13 +383,12 @@ class Objective:
             return SyncedCheckpointStore(directory, self.remote, self.spec.name, number)
         return trainers.CheckpointStore(directory)
 
-    def clear_checkpoints(self, directories: list[Path | None] | None = None) -> None:
-        """Delete the checkpoints of the last trial (and of the dead trial it resumed), or
-        `directories` (`checkpoints_of`)."""
-        for directory in self._to_clear if directories is None else directories:
+    def clear_checkpoints(self, directories: tuple[Path | None, ...]) -> None:
+        """Delete a told trial's checkpoints (`Ended.clear`): its own, and the dead trial's it
+        resumed. Not before it is told: if the storage fails first, the trial goes stale and
+        its retry resumes from them."""
+        for directory in directories:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
                 if self.remote is not None:  # trial-<n>: the bucket's copy goes too
                     self.remote.remove(self.spec.name, int(directory.name.split("-")[-1]))
-        if directories is None:
-            self._to_clear = []

@@ -22,6 +22,7 @@ def _rounded(value: Any) -> Any:
 
 
 def history_record(m: trainers.EpochMetrics) -> dict[str, Any]:
+    """One epoch's metrics as stored in a trial's `history` attr (rounded; NaN as null)."""
     out = {}
     for field in HISTORY_FIELDS:
         value = _rounded(getattr(m, field))

@@ -36,7 +36,7 @@ from typing import Any
 
 from search._errors import SearchError, SpecError
 from search._urls import redact
-from search.run._engines import import_engine, shared_storage
+from search.workers._engines import import_engine, shared_storage
 
 LAUNCHER = "hpsearch slurm"
 STOP_GRACE_S = 45.0  # SIGINT to SIGKILL; inside the 90 s between USR2 and Slurm's kill
@@ -171,9 +171,9 @@ def submit_slurm(name: str, storage: str | None, *, dry_run: bool = False, **opt
     if missing:
         raise SpecError(f"{LAUNCHER}: {' and '.join(missing)} not found on PATH: run it on a "
                         f"Slurm login node, or add --dry-run to print the batch script")
-    from search.storage import clear_stop, load, open_storage
+    from search.storage import clear_stop, open_storage, open_study
 
-    study, _ = load(name, open_storage(array.url, must_exist=True))  # no array for a typo
+    study, _ = open_study(name, open_storage(array.url, must_exist=True))  # no array for a typo
     jobs = array.submit()
     if clear_stop(study):  # as `run` and `worker` do: the new tasks resume a stopped study
         print(f"resuming study {name!r} after `hpsearch stop`")

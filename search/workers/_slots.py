@@ -65,7 +65,7 @@ def plan_slots(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None 
     """The worker processes to start for `--gpus`, `--trials-per-gpu` and `--workers`.
 
     `trials_per_gpu="auto"` starts one per GPU; the supervisor adds more as they fit
-    (`search.run._gpu_fill`).
+    (`search.workers._gpu_fill`).
     """
     cores = cores or usable_cores()
     available = visible_gpu_ids() if gpu_ids is None else gpu_ids

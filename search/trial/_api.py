@@ -1,0 +1,262 @@
+"""The public face of hpsearch for users' own training code, apart from the code that runs it.
+
+- `Trial`: what a `trainer: pkg.module:fit` function gets besides its params (`report`,
+  checkpoints, device), and `Pruned`, what `Trial.report` raises when the trial should stop;
+- `report`, `params`, `checkpoint_dir` and `is_final`: for a script run by `trainer: {command:
+  [...]}`, in any framework;
+- the ``@hpsearch`` line protocol those scripts speak (`parse_line`, `check_report`).
+
+Importable without torch or Optuna. The worker starts a script with its trial's parameters as
+JSON in ``HPSEARCH_PARAMS`` (and substituted into the command's arguments) and reads its
+standard output: a line
+
+    @hpsearch {"epoch": 3, "val_loss": 0.2512, "val_accuracy": 0.91}
+
+reports the metrics of an epoch. `report` prints one; any language can print the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HISTORY_FILE = "hpsearch-history.json"  # beside the user's checkpoint: what was reported
+STATE_FILE = "state.pt"
+PREFIX = "@hpsearch "
+PARAMS_ENV = "HPSEARCH_PARAMS"
+# The rest of what the worker tells a script, by environment variable.
+ENV = {
+    "trial_number": "HPSEARCH_TRIAL_NUMBER",
+    "study_name": "HPSEARCH_STUDY",
+    "checkpoint_dir": "HPSEARCH_CHECKPOINT_DIR",
+    "device": "HPSEARCH_DEVICE",
+    "epochs": "HPSEARCH_EPOCHS",
+    "final": "HPSEARCH_FINAL",
+    "seed": "HPSEARCH_SEED",
+}
+
+
+def report(epoch: int, **metrics: float) -> None:
+    """Report an epoch's metrics to the worker running this script (a line on stdout)."""
+    values = {k: float(v) for k, v in metrics.items()}
+    line = json.dumps({"epoch": int(epoch), **values}, allow_nan=True)
+    print(PREFIX + line, flush=True)
+
+
+def params() -> dict[str, Any]:
+    """This trial's parameters (real values: ``batch_size: 128``), from ``HPSEARCH_PARAMS``."""
+    text = os.environ.get(PARAMS_ENV)
+    if text is None:
+        raise RuntimeError(f"{PARAMS_ENV} is not set: this script was not started by an "
+                           "hpsearch worker")
+    return dict(json.loads(text))
+
+
+def checkpoint_dir() -> Path | None:
+    """Where this trial keeps its checkpoints (the retry of a dead trial finds them here)."""
+    value = os.environ.get(ENV["checkpoint_dir"])
+    return Path(value) if value else None
+
+
+def is_final() -> bool:
+    """True under `hpsearch retrain`: train on train+validation and report the test metrics."""
+    return os.environ.get(ENV["final"]) == "1"
+
+
+def parse_line(line: str) -> tuple[int, dict[str, float]] | None:
+    """(epoch, metrics) of a report line; None for any other line; ValueError for a report
+    line that is malformed (the trial fails with that message)."""
+    if not line.startswith(PREFIX):
+        return None
+    text = line[len(PREFIX):].strip()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"report line is not JSON ({e}): {text[:200]}") from None
+    if not isinstance(record, dict) or "epoch" not in record:
+        raise ValueError(f"report line without an epoch: {text[:200]}")
+    epoch = record.pop("epoch")
+    return epoch, record
+
+
+def check_report(epoch: Any, metrics: dict[str, Any], last_epoch: int | None) -> dict[str, float]:
+    """The metrics as floats; ValueError naming what is wrong (epoch or a value)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"report: epoch must be a whole number 0 or more, got {epoch!r}")
+    if last_epoch is not None and epoch <= last_epoch:
+        raise ValueError(f"report: epoch {epoch} after epoch {last_epoch}: epochs must increase")
+    if not metrics:
+        raise ValueError(f"report: epoch {epoch} has no metrics")
+    out = {}
+    for name, value in metrics.items():
+        number = _number(value)
+        if number is None:
+            raise ValueError(f"report: metric {name!r} at epoch {epoch} is {value!r}, expected "
+                             "a number")
+        out[name] = number
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        try:  # numpy scalars, one-element tensors and arrays
+            value = value.item()
+        except (ValueError, RuntimeError, TypeError):
+            return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+
+class Pruned(Exception):  # noqa: N818 - a signal, as optuna.TrialPruned
+    """Raised by `Trial.report` when the trial should stop (the pruner said so, or a reported
+    objective value is NaN or infinite). Let it propagate out of your function."""
+
+class StopRequested(Pruned):
+    """Raised by `Trial.report` or `Trial.save_checkpoint` when `hpsearch stop` asked the
+    worker to stop: the trial ends at that point, after its checkpoint, and is queued again to
+    resume. Let it propagate, as `Pruned`."""
+
+
+@dataclass(frozen=True)
+class Reported:
+    """One `report` as the progress display sees it."""
+
+    epoch: int
+    metrics: dict[str, float]
+
+
+class Trial:
+    """What your training function gets besides its params: where to run, how to report and
+    checkpoint. Optuna-free: hpsearch's pruning, storage and retries stay behind it.
+
+    Attributes: `number`, `study_name`, `params` (a copy), `device` ("cuda:0", "cpu"),
+    `threads` (CPU threads this worker may use, or None), `epochs` (budget.epochs, the most
+    a trial trains), `final` (True under `hpsearch retrain`: train on everything you tune on
+    and return the test metrics), `seed` (the retrain seed, else None), `checkpoint_dir`.
+    """
+
+    def __init__(self, *, number: int, study_name: str, params: dict[str, Any],
+                 device: str = "cpu", threads: int | None = None, epochs: int = 1,
+                 checkpoint_dir: Path | None = None, final: bool = False,
+                 seed: int | None = None,
+                 on_report: Callable[[int, dict[str, float]], str | None] | None = None,
+                 stop: Callable[[], bool] | None = None,
+                 ) -> None:
+        self.number = number
+        self.study_name = study_name
+        self.params = dict(params)
+        self.device = device
+        self.threads = threads
+        self.epochs = epochs
+        self.final = final
+        self.seed = seed
+        self.checkpoint_dir = checkpoint_dir
+        self._on_report = on_report
+        self._stop = stop or (lambda: False)
+        self._checkpointed = False  # save_checkpoint was called in this run
+        self._history: list[dict[str, float]] = []
+        self._resumed = False
+        # The epoch the loop resumed after (its first report's epoch - 1) on a dead trial's
+        # retry; 0 when it started from scratch.
+        self.resumed_from_epoch = 0
+        self.stopped: str | None = None  # why report raised Pruned, once it has
+        self.stop_requested = False  # `hpsearch stop` ended it (StopRequested was raised)
+        self._warned = False
+        if checkpoint_dir is not None and (checkpoint_dir / HISTORY_FILE).is_file():
+            try:
+                self._history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
+                self._resumed = bool(self._history)
+            except (OSError, ValueError):
+                self._history = []
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Every report so far, as ``{"epoch": …, metric: value, …}`` (a retry's includes the
+        dead trial's reports up to its checkpoint)."""
+        return [dict(r) for r in self._history]
+
+    @property
+    def last_epoch(self) -> int | None:
+        return int(self._history[-1]["epoch"]) if self._history else None
+
+    def report(self, epoch: int, **metrics: float) -> None:
+        """Report an epoch's metrics (numbers). Raises `Pruned` when the trial should stop;
+        ValueError when the epoch does not follow the last one or a value is not a number."""
+        last = self.last_epoch
+        if self._resumed:
+            # The first report after a resume may repeat epochs the dead trial reported (its
+            # checkpoint was older, or there was none): those reports are replaced.
+            self._resumed = False
+            self._history = [r for r in self._history if r["epoch"] < epoch]
+            self.resumed_from_epoch = max(0, epoch - 1) if self._history else 0
+            last = self.last_epoch
+        values = check_report(epoch, metrics, last)
+        self._history.append({"epoch": epoch, **values})
+        self._save_history()
+        if self._on_report is not None:
+            verdict = self._on_report(epoch, values)
+            if verdict:
+                self.stopped = verdict
+                raise Pruned(verdict)
+        if not self._checkpointed and self._stop():  # code that never checkpoints stops here
+            self.stop_requested = True
+            raise StopRequested(f"stopped at epoch {epoch} on request")
+
+    def save_checkpoint(self, state: Any) -> None:
+        """Save `state` (anything `torch.save` takes) as this trial's checkpoint: a retry of
+        this trial after its worker died gets it back from `load_checkpoint`. A full disk is a
+        warning, not a failure: the trial goes on without a checkpoint."""
+        if self.checkpoint_dir is None:
+            return
+        import torch
+
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint_dir / f".{STATE_FILE}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.checkpoint_dir / STATE_FILE)
+            self._save_history(force=True)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            self._warn(f"checkpoint not saved ({getattr(e, 'strerror', None) or e}): the trial "
+                       "goes on without it")
+            return
+        self._checkpointed = True
+        if self._stop():  # `hpsearch stop`: right after a checkpoint, so nothing is lost
+            self.stop_requested = True
+            raise StopRequested("stopped on request after a checkpoint")
+
+    def load_checkpoint(self) -> Any | None:
+        """The last state `save_checkpoint` saved for this trial (or for the dead trial this
+        one retries), else None."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / STATE_FILE).is_file():
+            return None
+        import torch
+
+        # Written by this study's own workers into its checkpoint folder (see the trust
+        # model in docs/operations.md); the user's state may hold any Python object.
+        return torch.load(self.checkpoint_dir / STATE_FILE, map_location="cpu",
+                          weights_only=False)
+
+    def _save_history(self, *, force: bool = False) -> None:
+        directory = self.checkpoint_dir
+        if directory is None or not (force or directory.exists()):
+            return
+        try:
+            tmp = directory / f".{HISTORY_FILE}.tmp"
+            tmp.write_text(json.dumps(self._history))
+            os.replace(tmp, directory / HISTORY_FILE)
+        except OSError as e:
+            self._warn(f"history not saved beside the checkpoint ({e.strerror or e})")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: trial #{self.number}: {message}", flush=True)

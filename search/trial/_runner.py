@@ -1,0 +1,198 @@
+"""One home for a trial's life: asked, started, run, told.
+
+Every trial a worker runs goes through `TrialRunner`, whatever its kind: the built-in trainer's
+(`Objective`), a user's function or command (`UserObjective`), or several at once in a pack
+(`PackRunner`, `search.trial._packing`, a runner that holds several trials). The runner asks
+for a trial under the budget lock (the storage admits it against the budget in the transaction
+that creates it), starts beating for it, hands it to its kind, and tells Optuna how it ended.
+The kind says so as a value (`Ended`): complete, pruned, failed with a reason, interrupted,
+taken over by another worker, or out of memory on a shared GPU; the runner acts on it. An
+interrupted trial is told FAIL "interrupted" and queued again: its retry resumes from its last
+epoch checkpoint, at the next `run` or `worker`, on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+from typing import TYPE_CHECKING, Protocol
+
+import optuna
+
+from search.storage import (
+    BudgetReached,
+    Counts,
+    beat_written,
+    count_trials,
+    is_connection_error,
+    requeue_interrupted,
+    set_budget,
+    taken_over,
+    trial_id_of,
+    with_retry,
+)
+from search.trial._outcome import GPU_FULL, STOP_REQUESTED, End, Ended, Step, TrialOutcome
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
+
+LOG = logging.getLogger("optuna.hpsearch")
+
+
+class TrialKind(Protocol):
+    """What runs a trial the runner asked for (`Objective`, `UserObjective`)."""
+
+    def run(self, trial: optuna.Trial) -> Ended: ...
+
+    def clear_checkpoints(self, directories: tuple[Path | None, ...]) -> None: ...
+
+
+def say_dropped(number: int) -> None:
+    """The line a worker prints as it drops a trial that was taken over."""
+    print(f"trial #{number}: failed as stale while this worker was paused, and retried by "
+          "another; its late result is dropped", file=sys.stderr, flush=True)
+
+
+class TrialRunner:
+    """Asks, starts, runs and tells a worker's trials, one at a time (`step`)."""
+
+    def __init__(self, kind: TrialKind, study: optuna.Study, view: optuna.Study,
+                 heartbeat: WorkerHeartbeat, lock: NullLock | FileLock | DatabaseLock,
+                 budget: int) -> None:
+        """`study`: the study as loaded; `view`: the worker's view of it that admits trials
+        against the budget (`search.storage.worker_study`; the study itself where the storage
+        cannot, as the gRPC proxy: there the runner counts first)."""
+        self.kind = kind
+        self.study = study
+        self.view = view
+        self.heartbeat = heartbeat
+        self.lock = lock
+        self.budget = budget
+        self.live: dict[int, optuna.Trial] = {}  # asked and not yet told, by number
+        self._to_queue: set[int] = set()
+
+    @property
+    def busy(self) -> bool:
+        """Whether trials are mid-training between steps (a pack's): the worker lets them end
+        before it stops for a timeout or `hpsearch stop`."""
+        return False
+
+    def set_budget(self, budget: int) -> None:
+        """The budget trials are admitted against from now on (`run --trials` moved it)."""
+        self.budget = budget
+        set_budget(self.view, budget)
+
+    def step(self, *, deadline: float = math.inf) -> Step:
+        """Ask for a trial, run it and tell it; the budget's counts when none could start."""
+        asked = self.ask()
+        if isinstance(asked, Counts):
+            return Step(full=asked)
+        try:
+            ended = self.run(asked)
+            shown = self.tell(asked, ended)
+            return self.stepped([ended], [shown])
+        except KeyboardInterrupt:
+            self.abandon()
+            raise
+
+    def ask(self) -> optuna.Trial | Counts:
+        """A new trial (or a queued one), asked under the budget lock from the check until it
+        exists, with its first beat; the counts when the budget leaves no room."""
+        with_retry(self.lock.acquire, what="taking the budget lock")
+        try:
+            if self.view is self.study:  # the storage does not admit trials itself: count
+                counts = with_retry(lambda: count_trials(self.study), what="counting trials")
+                if counts.finished >= self.budget or (
+                        counts.finished + counts.running >= self.budget and not counts.waiting):
+                    return counts
+            with warnings.catch_warnings():
+                # Optuna's advice for its own heartbeat thread: this worker beats itself.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                trial = self.view.ask()
+        except BudgetReached as full:
+            return full.counts
+        finally:
+            self.lock.release()  # the new trial exists: others may count it now
+        self.live[trial.number] = trial
+        trial_id, written = trial_id_of(trial), beat_written(self.view, trial)
+        with_retry(lambda: self.heartbeat.begin(trial_id, written=written),
+                   what="starting a trial")
+        return trial
+
+    def run(self, trial: optuna.Trial) -> Ended:
+        """`trial` run by its kind. An error that escaped it (the storage failing as the
+        trial was recorded, say) fails the trial, as `study.optimize` does, unless the trial
+        was taken over meanwhile."""
+        try:
+            return self.kind.run(trial)
+        except Exception as e:  # noqa: BLE001 - the trial's, told FAIL
+            if not is_connection_error(e) and with_retry(
+                    lambda: taken_over(self.study, trial.number), what="reading the trial"):
+                return Ended(End.TAKEN_OVER)
+            LOG.warning("Trial %d failed because of the following error: %r", trial.number,
+                        e, exc_info=e)
+            return Ended(End.FAILED)
+
+    def tell(self, trial: optuna.Trial, ended: Ended) -> TrialOutcome | None:
+        """Tell how `trial` ended and stop beating for it; what the display shows (None for a
+        trial taken over: dropped). A trial to be queued again is queued at the step's end; a
+        tell that fails leaves the trial RUNNING without beats: it goes stale and is retried."""
+        self.live.pop(trial.number, None)
+        if ended.how is End.TAKEN_OVER:
+            self.heartbeat.end(trial_id_of(trial))
+            say_dropped(trial.number)
+            return None
+        try:
+            with_retry(lambda: self.view.tell(trial, ended.values, state=ended.how.state,
+                                              skip_if_finished=True),
+                       what="telling a trial")
+        finally:
+            self.heartbeat.end(trial_id_of(trial))
+        if ended.how is End.GPU_FULL:
+            print(f"trial #{trial.number}: {ended.reason}", file=sys.stderr, flush=True)
+        if ended.how.queued_again:
+            self._to_queue.add(trial.number)
+            return None  # not an end: it runs again
+        if ended.clear:  # told: its checkpoints (and the dead trial's it resumed) may go
+            self.kind.clear_checkpoints(ended.clear)
+        return ended.shown
+
+    def stepped(self, ended: list[Ended], shown: list[TrialOutcome | None]) -> Step:
+        """The step of trials told as `ended` (shown as `shown`): the interrupted ones queued
+        again, and why the worker stops, if it does."""
+        self.queue_again()
+        step = Step(outcomes=[s for s in shown if s is not None])
+        for end in ended:
+            if end.how is End.GPU_FULL:
+                step.stop = GPU_FULL
+            elif end.how is End.INTERRUPTED and not step.stop:
+                step.stop = STOP_REQUESTED
+        return step
+
+    def queue_again(self) -> None:
+        """Queue the interrupted trials told so far again (FAIL "interrupted": each resumes
+        from its checkpoints), under the budget lock: not while another worker fails stale
+        trials or queues."""
+        numbers, self._to_queue = self._to_queue, set()
+        if not numbers:
+            return
+        with_retry(self.lock.acquire, what="taking the budget lock")
+        try:
+            with_retry(lambda: requeue_interrupted(self.study, numbers),
+                       what="queueing the interrupted trials again")
+        finally:
+            self.lock.release()
+
+    def abandon(self) -> None:
+        """Ctrl-C or SIGTERM: every trial asked and not told ends FAIL "interrupted" and is
+        queued again, with those told so."""
+        numbers = set(self.live)
+        for trial in self.live.values():
+            self.heartbeat.end(trial_id_of(trial))
+        self.live = {}
+        self._to_queue |= numbers
+        self.queue_again()
