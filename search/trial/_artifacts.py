@@ -16,7 +16,6 @@ or store them prints one warning line and never fails the trial.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from search.storage import (
 )
 from search.trial._charts import curves_svg, grad_norms_svg, lr_svg, metrics_svg
 from search.trial._history import history_record
-from trainers import Schedule, data_for, effective_lr
+from trainers import data_for, lr_plan
 
 if TYPE_CHECKING:
     import optuna
@@ -48,27 +47,26 @@ MAX_LR_POINTS = 800  # per-step lr drawn at most this many points: ~2 per pixel 
 def lr_per_step(config: trainers.TrainConfig, history: list[trainers.EpochMetrics],
                 n_train: int, *, max_points: int = MAX_LR_POINTS
                 ) -> tuple[list[float], list[float], list[float] | None]:
-    """(x in epochs, lr, momentum or None) over the steps the run took, from its schedule.
+    """(x in epochs, lr, momentum or None) over the steps the run took, from its lr plan.
 
-    Schedules are pure functions of the step, so the trajectory is recomputed rather than logged
-    on the hot path. Plateau's cuts depend on validation loss: each epoch is scaled to the lr the
-    run recorded at its end.
+    Schedules are pure functions of the step, so the trajectory is recomputed
+    (`trainers.lr_plan`, the plan the run followed) rather than logged on the hot path.
+    Plateau's cuts depend on validation loss: each epoch is scaled to the lr the run recorded
+    at its end.
     """
-
-    per_epoch = max(1, math.ceil(n_train / config.batch_size))
-    schedule = Schedule(config.schedule, epochs=config.epochs, steps_per_epoch=per_epoch)
-    base = effective_lr(config.optimizer, config.batch_size)
+    plan = lr_plan(config, n_train)
+    per_epoch, schedule = plan.steps_per_epoch, plan.schedule
     total = len(history) * per_epoch
     if total == 0:
         return [], [], None
     n = min(total, max_points)
     steps = sorted({round(i * (total - 1) / max(1, n - 1)) for i in range(n)}
                    | {(e + 1) * per_epoch - 1 for e in range(len(history))})
-    lr = [base * schedule.factor(t) for t in steps]
+    lr = [plan.lr(t) for t in steps]
     if config.schedule.name == "plateau":
         scale = []
         for e, m in enumerate(history):
-            planned = base * schedule.factor((e + 1) * per_epoch - 1)
+            planned = plan.lr((e + 1) * per_epoch - 1)
             scale.append(m.lr / planned if planned > 0 else 1.0)
         lr = [v * scale[t // per_epoch] for t, v in zip(steps, lr, strict=True)]
     momentum: list[float] | None = None
