@@ -134,8 +134,8 @@ def run_command(spec: StudySpec, user: Trial, output: dict[str, str]) -> None:
     if user.checkpoint_dir is not None:
         user.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     # The command dies with its worker: util-linux's setpriv sets the parent-death signal and
-    # execs it, where a preexec_fn would make Python fork the whole worker (~13 ms a trial
-    # with torch loaded) instead of vfork.
+    # execs it, where a preexec_fn would make Python fork the whole worker, torch loaded,
+    # every trial instead of vfork.
     setpriv = _setpriv()
     launch = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
     try:
