@@ -40,8 +40,8 @@ from trainers._results import EpochMetrics, StopTraining, TrainResult
 from trainers._setup import prepare_run, resolve_device
 
 Outcome = TrainResult | BaseException
-# A band's largest batch size over its smallest (see `_bands`): 2 measured fastest on the
-# fashion_mlp space (benchmarks/packing.py; 1 and 4 were 15-25% slower).
+# A band's largest batch size over its smallest (see `_bands`): 2 ran fastest on the
+# fashion_mlp space in benchmarks/packing.py (1 and 4 ran slower).
 BAND_SPREAD = 2
 
 

@@ -4,7 +4,7 @@ Each member steps with torch's fused kernels (`torch._fused_sgd_`, `_fused_adam_
 `_fused_adamw_`: what `torch.optim` runs with ``fused=True``), one call per member and parameter
 group, with the member's own hyperparameters. A member's slices are small enough to stay in
 cache through the one fused pass, where an update over the whole stack at once makes several
-passes over tensors K times larger (measured on CPU: 4x slower for Adam). RMSprop, Adagrad and
+passes over tensors K times larger (several times slower for Adam on the CPU). RMSprop, Adagrad and
 Adadelta, which have no fused kernel on every device, step with `torch.optim`'s own arithmetic
 over foreach lists, also one member at a time. Tests compare each rule against `torch.optim`
 on the same member (tests/trainers_tests/test_packed.py).
