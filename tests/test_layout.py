@@ -196,9 +196,10 @@ def test_every_package_has_a_public_face(package: str) -> None:
 
 LONGEST = 80  # lines a function may run, `def` to its last line: one a reader holds in mind
 RUNNER = "search/trial/_runner.py"
-# `.ask()`/`.tell()` outside the runner that are not a trial's life in a storage: validate's
-# outlook draws configs from a sampler in memory.
-IN_MEMORY = {"search/spec/_study_file.py": "drawn_configs"}
+# `.ask()`/`.tell()` outside the runner: validate's outlook draws configs from a sampler in
+# memory (no trial's life in a storage), and the storage's door to Optuna's tell, which only
+# the runner calls (test_the_runner_alone_tells).
+EXCUSED = {"search/spec/_study_file.py": "drawn_configs", "search/storage/_compat.py": "tell_trial"}
 
 
 def _functions(folder: Path):
@@ -228,7 +229,7 @@ def test_a_trial_is_asked_and_told_only_by_the_runner() -> None:
             if name == "optimize" or (
                     name in ("ask", "tell")
                     and not (isinstance(receiver, ast.Name) and receiver.id == "self")
-                    and str(path) != RUNNER and IN_MEMORY.get(str(path)) != function.name):
+                    and str(path) != RUNNER and EXCUSED.get(str(path)) != function.name):
                 bad.append(f"{path}:{node.lineno} .{name}() in {function.name}")
     assert not bad, "a trial's life outside the runner:\n" + "\n".join(sorted(set(bad)))
 
@@ -245,3 +246,11 @@ def test_no_control_flow_rides_on_keyboard_interrupt() -> None:
                 if bases & {"KeyboardInterrupt", "BaseException", "SystemExit"}:
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not bad, "control flow on KeyboardInterrupt:\n" + "\n".join(bad)
+
+
+def test_the_runner_alone_tells() -> None:
+    """`tell_trial`, the storage's door to Optuna's tell, is called by the runner alone."""
+    callers = sorted({str(path) for path, function in _functions(SEARCH)
+                      for node in ast.walk(function)
+                      if isinstance(node, ast.Name) and node.id == "tell_trial"})
+    assert callers == [RUNNER], callers

@@ -35,6 +35,7 @@ from search.storage._compat import (
     fast_paths,
     quiet_optuna_warnings,
     storage_of,
+    tell_trial,
     trial_id_of,
 )
 from search.storage._control import (
@@ -126,6 +127,7 @@ __all__ = [
     "storage_of",
     "storage_url_of",
     "store_files",
+    "tell_trial",
     "trial_id_of",
     "with_result",
     "with_retry",

@@ -30,6 +30,7 @@ from search.storage import (
     requeue_interrupted,
     set_budget,
     taken_over,
+    tell_trial,
     trial_id_of,
     with_retry,
 )
@@ -147,8 +148,7 @@ class TrialRunner:
             say_dropped(trial.number)
             return None
         try:
-            with_retry(lambda: self.view.tell(trial, ended.values, state=ended.how.state,
-                                              skip_if_finished=True),
+            with_retry(lambda: tell_trial(self.view, trial, ended.values, ended.how.state),
                        what="telling a trial")
         finally:
             self.heartbeat.end(trial_id_of(trial))

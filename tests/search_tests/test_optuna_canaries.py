@@ -229,3 +229,28 @@ def test_a_study_runs_whole_on_the_public_path(tmp_path, sqlite_url):
         assert len(t.user_attrs["history"]) == 2
         links = [k for k in t.system_attrs if k.startswith("artifacts:")]
         assert len(links) == 4 and json.loads(t.system_attrs[links[0]])["filename"]
+
+
+@pytest.mark.parametrize("state", [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
+def test_tell_trial_stores_what_optunas_tell_stores_without_reading_back(sqlite_url, study_name,
+                                                                         state, monkeypatch):
+    """The runner's tell (`_compat.tell_trial`, Optuna's `_tell_with_warning`) leaves each
+    state as `Study.tell` does, skips a finished trial, and reads the trial once, not twice."""
+    study = optuna.create_study(storage=sqlite_url, study_name=study_name)
+    view = worker_study(study, budget=10)
+    values = [0.25] if state == TrialState.COMPLETE else None
+    ours, theirs = view.ask(), view.ask()
+    for trial in (ours, theirs):
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.report(0.5, 1)
+    storage = _compat.storage_of(view)
+    reads = []
+    real = storage.get_trial
+    monkeypatch.setattr(storage, "get_trial", lambda i: reads.append(i) or real(i))
+    _compat.tell_trial(view, ours, values, state)
+    assert len(reads) == 1  # Study.tell reads it again for the copy it returns
+    view.tell(theirs, values, state=state)
+    a, b = (study.get_trials(deepcopy=False)[n] for n in (0, 1))
+    assert (a.state, a.values, a.intermediate_values) == (b.state, b.values, b.intermediate_values)
+    _compat.tell_trial(view, ours, values, state)  # told already: skipped, no error
+    assert study.get_trials(deepcopy=False)[0].state == state
