@@ -254,3 +254,12 @@ def test_the_runner_alone_tells() -> None:
                       for node in ast.walk(function)
                       if isinstance(node, ast.Name) and node.id == "tell_trial"})
     assert callers == [RUNNER], callers
+
+
+def test_spec_and_storage_stand_side_by_side() -> None:
+    """Peers in the order: neither imports the other (a study loaded with its spec, sampler
+    and pruner is `search.run`'s)."""
+    bad = [f"{module} imports {other}" for module, imported in _search_modules().items()
+           for other in imported
+           if {_unit(module), _unit(other)} == {"search.spec", "search.storage"}]
+    assert not bad, "\n".join(sorted(bad))
