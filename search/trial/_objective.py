@@ -31,6 +31,7 @@ from search.storage import (
     INTERRUPTED,
     is_remote,
     set_user_attrs,
+    trial_id_of,
     with_result,
     with_retry,
     written_attrs,
@@ -269,6 +270,8 @@ class Objective:
         if begun.stop_requested:
             self.interrupted(begun)
             return Ended(End.INTERRUPTED)
+        if begun.retried_from is not None and result.resumed_from_epoch:
+            self.report_restored(trial, result)
         values = None
         if result.status == "completed":
             values = [metric_value(metric, list(result.history)) for metric in self.metrics]
@@ -306,6 +309,21 @@ class Objective:
                              result.epochs_run, end_attrs["seconds"], end_attrs["ended"])
         # Told, its checkpoints (and those of the dead trial it resumed) are no longer needed.
         return Ended.of(shown, clear=self.checkpoints_of(begun.directory, begun.retried_from))
+
+    def report_restored(self, trial: optuna.Trial, result: trainers.TrainResult) -> None:
+        """A retry resumed from the dead trial's checkpoint: the epochs that checkpoint holds
+        but the trial's reports lack are reported now. The trainer saves an epoch's checkpoint
+        before it reports the epoch, so a worker lost between the two (a node gone, kill -9)
+        leaves a checkpoint one report ahead; the retry trains on from it and would leave a
+        gap in the trial's curve."""
+        if len(self.metrics) != 1:
+            return  # several objectives are not reported
+        frozen = with_retry(lambda: trial.storage.get_trial(trial_id_of(trial)),
+                            what="reading the trial")
+        for m in result.history[:result.resumed_from_epoch]:
+            value = getattr(m, self.metrics[0])
+            if m.epoch not in frozen.intermediate_values and math.isfinite(value):
+                report_or_taken_over(trial, float(value), m.epoch)
 
     def begin(self, trial: optuna.Trial, start_attrs: dict[str, Any]) -> int | None:
         """Write what is left of a trial's start attrs; the number of the dead trial this one

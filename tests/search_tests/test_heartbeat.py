@@ -213,3 +213,29 @@ def test_attributes_are_replaced_with_their_links_and_refused_once_finished(
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         set_user_attrs(trial, {"late": True})
 
+
+
+def test_a_retry_reports_the_epochs_its_checkpoint_holds_but_the_dead_trial_never_reported(
+        tmp_path):
+    """The trainer checkpoints an epoch before it reports it: a worker lost between the two
+    leaves its retry a checkpoint one report ahead. The retry reports the gap at its end."""
+    from search.trial import Objective
+
+    spec = _spec("gap", tmp_path, epochs=3)
+    study = create_or_load(spec, open_storage(f"sqlite:///{tmp_path / 'gap.db'}"))
+    trial = study.ask()
+    trial.report(0.9, 1)  # the dead trial reported epoch 1; its checkpoint holds epochs 1-2
+
+    def epoch(n: int) -> trainers.EpochMetrics:
+        return trainers.EpochMetrics(
+            epoch=n, train_loss=1.0 / n, train_accuracy=0.5, val_loss=1.0 / n,
+            val_accuracy=0.5, lr=0.1, momentum=None, grad_norms={}, epoch_seconds=0.1,
+            train_seconds=0.1, samples_per_second=1.0)
+
+    trial.report(1.0 / 3, 3)  # the retry's own report, live, after it resumed
+    resumed = trainers.TrainResult(status="completed", reason="done",
+                                   history=(epoch(1), epoch(2), epoch(3)), seconds=0.3,
+                                   resumed_from_epoch=2)
+    Objective(spec).report_restored(trial, resumed)
+    reported = study.trials[0].intermediate_values
+    assert reported == {1: 0.9, 2: 0.5, 3: 1.0 / 3}  # epoch 1 kept as the dead trial said it
