@@ -9,7 +9,6 @@ Lightning pruning callback keeps Optuna out of training code. Its halves (`prepa
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -39,7 +38,7 @@ from search.storage import (
 from search.storage import retried_from as retry_link
 from search.trial._gpu import oom_from_sharing
 from search.trial._history import history_record
-from search.trial._outcome import End, Ended, TrialOutcome
+from search.trial._outcome import End, Ended, TrialOutcome, log_failure
 from search.trial._remote_checkpoints import RemoteCheckpoints, SyncedCheckpointStore, scratch_root
 
 if TYPE_CHECKING:
@@ -50,11 +49,6 @@ if TYPE_CHECKING:
     from search.trial._artifacts import ArtifactRecorder
 
 T = TypeVar("T")
-
-
-# Optuna's own logger family: a trial's error is shown as Optuna showed it under
-# `study.optimize`, with its traceback, and follows `optuna.logging`'s verbosity.
-LOG = logging.getLogger("optuna.hpsearch")
 
 
 # Set by the Ray launcher (`search.workers._ray`) in its workers' environment: recorded per trial.
@@ -247,8 +241,7 @@ class Objective:
                 with_retry(lambda: set_user_attrs(trial, attrs), what="marking the trial")
                 return Ended(End.GPU_FULL, reason=f"{reason}; the GPU is shared, so the trial "
                              "is queued again unchanged and this worker leaves the GPU")
-        LOG.warning("Trial %d failed because of the following error: %r", trial.number, e,
-                    exc_info=e)
+        log_failure(trial.number, e)
         shown = self.record_failure(trial, reason, begun.start_attrs, begun.params,
                                     begun.started)
         return Ended.of(shown)

@@ -8,6 +8,7 @@ it ended, and the runner (`search.trial._runner`) acts on that.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,10 @@ from optuna.trial import TrialState
 
 if TYPE_CHECKING:
     from search.storage import Counts
+
+# Optuna's own logger family: a trial's error is shown as Optuna showed it under
+# `study.optimize`, with its traceback, and follows `optuna.logging`'s verbosity.
+LOG = logging.getLogger("optuna.hpsearch")
 
 GPU_FULL = "gpu full"  # Step.stop: a shared-GPU out-of-memory, the trial queued again
 STOP_REQUESTED = "stop requested"  # Step.stop: `hpsearch stop`, the trials queued again
@@ -42,6 +47,12 @@ class End(enum.Enum):
     def queued_again(self) -> bool:
         """Whether the trial is queued again unchanged, to resume from its checkpoints."""
         return self in (End.INTERRUPTED, End.GPU_FULL)
+
+
+def log_failure(number: int, error: BaseException) -> None:
+    """Show a trial's error with its traceback (its reason is recorded on the trial)."""
+    LOG.warning("Trial %d failed because of the following error: %r", number, error,
+                exc_info=error)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ size is settled. A pack that runs out of memory halves and grows no more.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from search.trial._gpu import (
     SimulatedGpus,
     oom_from_sharing,
 )
-from search.trial._objective import is_out_of_memory
+from search.trial._objective import TakenOver, is_out_of_memory
 from search.trial._outcome import End, Ended, Step, TrialOutcome
 from search.trial._runner import TrialRunner
 
@@ -298,9 +297,12 @@ class PackRunner(TrialRunner):
     def _told(self, begun: TrialStart, outcome: trainers.TrainResult | BaseException | Ended
               ) -> Told:
         """Tell an ended trial: its result (COMPLETE, or PRUNED when stopped by the pruner or
-        diverged), or how the error its report raised ended it."""
-        if isinstance(outcome, BaseException):
-            outcome = self.objective.guarded(begun, functools.partial(_reraise, outcome))
+        diverged), or how the error its report raised ended it (a Ctrl-C never gets here:
+        `_train` raises it on)."""
+        if isinstance(outcome, TakenOver):
+            outcome = Ended(End.TAKEN_OVER)
+        elif isinstance(outcome, Exception):
+            outcome = self.objective.failed(begun, outcome)
         if not isinstance(outcome, Ended):
             outcome = self.objective.finish(begun, outcome)
         return self._tell(begun, outcome)
@@ -380,7 +382,3 @@ class PackRunner(TrialRunner):
         if line not in self._said:
             self._said.add(line)
             print(line, file=sys.stderr, flush=True)
-
-
-def _reraise(error: BaseException) -> None:
-    raise error

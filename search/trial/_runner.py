@@ -13,7 +13,6 @@ epoch checkpoint, at the next `run` or `worker`, on any machine.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import warnings
@@ -34,14 +33,21 @@ from search.storage import (
     trial_id_of,
     with_retry,
 )
-from search.trial._outcome import GPU_FULL, STOP_REQUESTED, End, Ended, Step, TrialOutcome
+from search.trial._outcome import (
+    GPU_FULL,
+    STOP_REQUESTED,
+    End,
+    Ended,
+    Step,
+    TrialOutcome,
+    log_failure,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
 
-LOG = logging.getLogger("optuna.hpsearch")
 
 
 class TrialKind(Protocol):
@@ -134,8 +140,7 @@ class TrialRunner:
             if not is_connection_error(e) and with_retry(
                     lambda: taken_over(self.study, trial.number), what="reading the trial"):
                 return Ended(End.TAKEN_OVER)
-            LOG.warning("Trial %d failed because of the following error: %r", trial.number,
-                        e, exc_info=e)
+            log_failure(trial.number, e)
             return Ended(End.FAILED)
 
     def tell(self, trial: optuna.Trial, ended: Ended) -> TrialOutcome | None:
