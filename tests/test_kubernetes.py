@@ -400,6 +400,30 @@ def test_workers_restart_get_gpus_and_time_to_stop():
     assert pod["terminationGracePeriodSeconds"] >= 30
 
 
+@pytest.mark.parametrize(("width", "trials"), [(2, 1), (2, 2), (4, 2)])
+def test_the_gpu_limit_for_trials_of_several_gpus_is_width_times_trials(width, trials):
+    """The worker Job's comment says: a study of `resources: {gpus: N}` sets the pod's GPU
+    limit to N x the trials it runs at once. The pod's own command, planned as its worker
+    plans it on that many GPUs, runs exactly that many trials and leaves no GPU idle."""
+    from search.spec import Resources
+    from search.workers import plan_slots, widen
+
+    text = (KDIR / "worker.yaml").read_text()
+    assert "(`resources: {gpus: N}`)" in text and "needs N x the trials a pod runs" in text
+    job = _get("Job", "hpsearch-worker")
+    (worker,) = job["spec"]["template"]["spec"]["containers"]
+    args = _parse(hpsearch_argvs(worker)[0])
+    limit = width * trials
+    slots = plan_slots(args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
+                       cores=8, gpu_ids=[str(i) for i in range(limit)])
+    said: list[str] = []
+    wide = widen(slots, Resources(gpus=width), trials_per_gpu=args.trials_per_gpu,
+                 pack=args.pack, cores=8, say=said.append)
+    assert [s.ranks for s in wide] == [width] * trials and not said  # no GPU idle
+    assert sorted(",".join(s.cuda_visible_devices for s in wide).split(",")) == \
+        [str(i) for i in range(limit)]
+
+
 def test_checkpoints_and_artifacts_are_on_the_shared_volume():
     from search.spec import load_spec
 

@@ -11,6 +11,10 @@ retries it, resuming from its last checkpoint (`run.checkpoint_dir` on a shared 
 `s3://`). Ray restarts an actor whose node died on another node (`max_restarts`) and runs its
 worker again there.
 
+A trial of N processes (`resources`) stays on one node: with ``gpus: N`` each actor asks Ray for
+N GPUs and its worker runs the trial's N ranks on the `CUDA_VISIBLE_DEVICES` Ray gave it; with
+``processes: N`` a CPU actor asks for at least N CPUs, split between the ranks.
+
 Light to import: bad input is refused before Ray, Optuna or torch load.
 """
 
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 
     import optuna
 
-    from search.spec import StudySpec
+    from search.spec import Resources, StudySpec
     from search.storage import Counts
     from search.workers._supervisor import Display
 
@@ -69,6 +73,7 @@ class RaySlot:
     device: str  # "cuda" or "cpu"
     num_cpus: float
     num_gpus: float
+    ranks: int = 1  # processes a trial (`resources`): a GPU each, or the CPUs split between them
 
 
 def ray_request(address: str, *, gpus: str, trials_per_gpu: int, workers: int | None,
@@ -85,8 +90,28 @@ def ray_request(address: str, *, gpus: str, trials_per_gpu: int, workers: int | 
     return RayRequest(address, gpus, trials_per_gpu, workers)
 
 
+def check_width(request: RayRequest, resources: Resources, *,
+                pack: int | str | None = None) -> None:
+    """SpecError (exit 2) for what a trial of several processes (`resources`) cannot share on
+    Ray: its GPUs split between trials (`--trials-per-gpu` above 1), `--pack`, or GPUs a trial
+    with `--gpus none`."""
+    if resources.width == 1:
+        return
+    if request.trials_per_gpu > 1:
+        raise SpecError(f"--trials-per-gpu {request.trials_per_gpu}: a trial of "
+                        f"{resources.label} (resources) takes its devices whole; leave "
+                        "--trials-per-gpu out")
+    if pack not in (None, 1):
+        raise SpecError(f"--pack {pack}: a trial of {resources.label} (resources) runs alone; "
+                        "leave --pack out")
+    if resources.gpus is not None and request.gpus == "none":
+        raise SpecError(f"--gpus none: the study's trials take {resources.label} each "
+                        "(resources.gpus); leave --gpus out")
+
+
 def plan_ray_slots(node_cpus: list[float], *, free_cpus: float, free_gpus: float,
-                   request: RayRequest) -> list[RaySlot]:
+                   request: RayRequest, node_gpus: list[float] | None = None,
+                   resources: Resources | None = None) -> list[RaySlot]:
     """The worker actors for the cluster's free resources.
 
     GPUs (unless `--gpus none`): one actor per free GPU slot, `num_gpus = 1/trials_per_gpu`
@@ -94,26 +119,70 @@ def plan_ray_slots(node_cpus: list[float], *, free_cpus: float, free_gpus: float
     asks for `t` CPUs, the largest `t` that fits `--workers K` of them on the nodes; without K,
     `t` is the smallest node's CPU count (one worker per node on a cluster of equal nodes).
     `--workers K` caps the number either way.
+
+    Trials of N processes (`resources`, checked first by `check_width`): with ``gpus: N`` an
+    actor per N GPUs of one node (`node_gpus`), `num_gpus = N`; with ``processes: N`` the
+    slots above, N ranks each, a CPU worker at least N CPUs of one node. A trial's processes
+    are never split across nodes.
     """
+    width = resources.width if resources is not None else 1
+    if width > 1 and resources is not None and resources.gpus is not None:
+        return _wide_gpu_slots(node_gpus or [], {"CPU": free_cpus, "GPU": free_gpus},
+                               width, cap=request.workers)
     cap = request.workers
     if request.gpus == "auto" and free_gpus >= 1:
         n = int(free_gpus) * request.trials_per_gpu
         n = min(n, cap) if cap else n
-        return [RaySlot(i, "cuda", 0, 1 / request.trials_per_gpu) for i in range(n)]
-    cpus = [int(c) for c in node_cpus if c >= 1]
+        return [RaySlot(i, "cuda", 0, 1 / request.trials_per_gpu, ranks=width)
+                for i in range(n)]
+    return _cpu_slots(node_cpus, {"CPU": free_cpus, "GPU": free_gpus}, width, cap=cap)
+
+
+def _cpu_slots(node_cpus: list[float], free: dict[str, float], width: int, *,
+               cap: int | None) -> list[RaySlot]:
+    """CPU workers of at least `width` CPUs each (a trial's ranks share one node's cores)."""
+    cpus = [int(c) for c in node_cpus if c >= width]
+    if not cpus and width > 1 and node_cpus:
+        raise SpecError(f"resources.processes: {width} processes a trial, and the largest node "
+                        f"of the Ray cluster has {max(node_cpus):g} CPUs (a trial runs on one "
+                        "node)")
+    free_cpus = free["CPU"]
     if not cpus or free_cpus < 1:
         raise SearchError(f"the Ray cluster has no free CPU for a worker (free: "
-                          f"{_free_text({'CPU': free_cpus, 'GPU': free_gpus})})")
+                          f"{_free_text(free)})")
     if cap is None:
         per_worker = min(cpus)
     else:
-        per_worker = max([t for t in range(1, max(cpus) + 1)
-                          if sum(c // t for c in cpus) >= cap] or [1])
+        per_worker = max([t for t in range(width, max(cpus) + 1)
+                          if sum(c // t for c in cpus) >= cap] or [width])
     n = min(sum(c // per_worker for c in cpus), int(free_cpus // per_worker))
     n = min(n, cap) if cap else n
     if n < 1:
-        per_worker, n = int(free_cpus), 1  # what is free fits one worker
-    return [RaySlot(i, "cpu", per_worker, 0) for i in range(n)]
+        per_worker, n = max(width, int(free_cpus)), 1  # what is free fits one worker
+    return [RaySlot(i, "cpu", per_worker, 0, ranks=width) for i in range(n)]
+
+
+def _wide_gpu_slots(node_gpus: list[float], free: dict[str, float], width: int, *,
+                    cap: int | None) -> list[RaySlot]:
+    """An actor per `width` GPUs of one node, as many as the nodes hold and are free."""
+    per_node = [int(g) // width for g in node_gpus]
+    if not any(per_node):
+        counts = ", ".join(f"{g:g}" for g in node_gpus) or "none"
+        raise SpecError(f"resources.gpus: {width} GPUs a trial, and no node of the Ray cluster "
+                        f"has {width} (GPUs per node: {counts}; a trial runs on one node)")
+    n = min(sum(per_node), int(free["GPU"]) // width)
+    n = min(n, cap) if cap else n
+    if n < 1:
+        raise SearchError(f"the Ray cluster has no {width} free GPUs for a trial (free: "
+                          f"{_free_text(free)})")
+    return [RaySlot(i, "cuda", 0, width, ranks=width) for i in range(n)]
+
+
+def idle_gpus(node_gpus: list[float], resources: Resources) -> int:
+    """The GPUs no trial of ``gpus: N`` can use: each node's count beyond a multiple of N."""
+    if resources.gpus is None or resources.width == 1:
+        return 0
+    return sum(int(g) % resources.gpus for g in node_gpus)
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -183,30 +252,34 @@ class RayWorker:
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
 
-    def placement(self, device: str, trials_per_gpu: int) -> dict[str, Any]:
-        """Where Ray put this actor: node, GPU (its CUDA_VISIBLE_DEVICES) and CPU threads."""
+    def placement(self, slot: RaySlot, trials_per_gpu: int) -> dict[str, Any]:
+        """Where Ray put this actor: node, GPUs (its CUDA_VISIBLE_DEVICES) and the CPU threads
+        of each of a trial's processes."""
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device == "cuda" else ""
-        if device == "cuda":  # the node's cores split between its GPU slots, as locally
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if slot.device == "cuda" else ""
+        if slot.device == "cuda":  # the node's cores split between its GPU slots, as locally
             mine = next(n for n in ray.nodes() if n["NodeID"] == node)["Resources"]
-            slots = max(1, int(mine.get("GPU", 1)) * trials_per_gpu)
-            threads = max(1, int(mine.get("CPU", 1)) // slots)
-        else:
+            per_trial = max(1, int(slot.num_gpus))  # 1 for a GPU shared between trials
+            slots = max(1, int(mine.get("GPU", 1)) * trials_per_gpu // per_trial)
+            threads = max(1, int(mine.get("CPU", 1)) // (slots * slot.ranks))
+        else:  # the actor's CPUs split between its trial's ranks
             assigned = ray.get_runtime_context().get_assigned_resources()
-            threads = max(1, int(assigned.get("CPU", 1)))
+            threads = max(1, int(assigned.get("CPU", 1)) // slot.ranks)
         return {"node": node, "ip": ray.util.get_node_ip_address(), "gpu": gpu,
                 "threads": threads, "host": socket.gethostname()}
 
-    def run(self, index: int, name: str, url: str, *, device: str, trials_per_gpu: int,
+    def run(self, slot: RaySlot, name: str, url: str, *, trials_per_gpu: int,
             timeout_s: float | None, cwd: str, pack: int | str | None = None) -> int:
-        """Run the worker until the study's budget is met; its exit code."""
-        where = self.placement(device, trials_per_gpu)
+        """Run the worker until the study's budget is met; its exit code. A trial of several
+        processes is the worker's to start: it reads the width from the stored spec and
+        runs its ranks on the GPUs Ray gave this actor."""
+        where = self.placement(slot, trials_per_gpu)
         threads = str(where["threads"])
         argv = [sys.executable, "-m", "search.cli", "worker", name, "--storage", url,
-                "--device", device, "--threads", threads, "--quiet",
-                "--worker-index", str(index)]
+                "--device", slot.device, "--threads", threads, "--quiet",
+                "--worker-index", str(slot.index)]
         if timeout_s:
             argv += ["--timeout", str(timeout_s)]
         if pack is not None:  # `--pack` on the driver's command line
@@ -245,7 +318,13 @@ def supervise_ray(study: optuna.Study, spec: StudySpec, url: str, request: RayRe
 
     from search.workers._supervisor import exit_code
 
-    actors = _RayActors.start(ray, spec, url, request, display, timeout_s=timeout_s, pack=pack)
+    try:
+        check_width(request, spec.resources, pack=pack)
+        actors = _RayActors.start(ray, spec, url, request, display, timeout_s=timeout_s,
+                                  pack=pack)
+    except BaseException:  # refused, or no room: a Ray started here stops with the run
+        ray.shutdown()
+        raise
     old = {s: signal.signal(s, actors.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         actors.watch(study, spec)
@@ -288,9 +367,10 @@ class _RayActors:
         """One actor per slot Ray has room for, each running a worker of the study."""
         nodes = [n for n in ray.nodes() if n["Alive"]]
         free = ray.available_resources()
+        node_gpus = [n["Resources"].get("GPU", 0) for n in nodes]
         slots = plan_ray_slots([n["Resources"].get("CPU", 0) for n in nodes],
                                free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
-                               request=request)
+                               request=request, node_gpus=node_gpus, resources=spec.resources)
         actor_class = ray.remote(RayWorker)
         env = forwarded_env()
         actors = [actor_class.options(
@@ -298,16 +378,17 @@ class _RayActors:
             max_task_retries=-1, max_concurrency=2,  # `interrupt` while `run` waits
             runtime_env={"env_vars": env} if env else None,
         ).remote() for s in slots]
-        runs = {actor.run.remote(s.index, spec.name, url, device=s.device,
-                                 trials_per_gpu=request.trials_per_gpu, timeout_s=timeout_s,
-                                 cwd=os.getcwd(), pack=pack): s
+        runs = {actor.run.remote(s, spec.name, url, trials_per_gpu=request.trials_per_gpu,
+                                 timeout_s=timeout_s, cwd=os.getcwd(), pack=pack): s
                 for s, actor in zip(slots, actors, strict=True)}
-        placed = {actor.placement.remote(s.device, request.trials_per_gpu): s
+        placed = {actor.placement.remote(s, request.trials_per_gpu): s
                   for s, actor in zip(slots, actors, strict=True)}
-        kind = (f"{len(slots)} GPU slot(s) of {slots[0].num_gpus:g} GPU"
-                if slots[0].device == "cuda"
-                else f"{len(slots)} CPU worker(s) of {slots[0].num_cpus:g} CPU")
-        display.console.print(f"starting {kind} as Ray actors on {len(nodes)} node(s)")
+        display.console.print(f"starting {_slots_text(slots)} as Ray actors on {len(nodes)} "
+                              "node(s)")
+        idle = idle_gpus(node_gpus, spec.resources)
+        if idle:
+            display.console.print(f"{idle} GPU(s) stay idle: a trial takes "
+                                  f"{spec.resources.label} of one node (resources.gpus)")
         return cls(ray, display, actors, runs, placed)
 
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -346,7 +427,8 @@ class _RayActors:
             if where is not None:
                 console.print(f"Ray worker #{s.index} on node {where['node'][:8]} ({where['ip']})"
                               + (f" GPU {where['gpu']}" if where["gpu"] else "")
-                              + f", {where['threads']} thread{'s' * (where['threads'] > 1)}")
+                              + (f", {s.ranks} ranks of" if s.ranks > 1 else ",")
+                              + f" {where['threads']} thread{'s' * (where['threads'] > 1)}")
         if placed and not self.warned and time.monotonic() - self.submitted > PLACEMENT_WARNING_S:
             self.warned = True  # Ray queues an actor it cannot place yet: say so, once
             console.print("waiting for Ray to place worker(s) "
@@ -362,6 +444,14 @@ def show(study: optuna.Study, display: Display) -> Counts:
     counts = with_retry(lambda: count_trials(study), what="showing progress")
     with_retry(lambda: display.poll(study, counts), what="showing progress")
     return counts
+
+
+def _slots_text(slots: list[RaySlot]) -> str:
+    """`2 GPU slot(s) of 2 GPUs, 2 ranks each`: what `start` asks Ray for."""
+    s = slots[0]
+    text = (f"{len(slots)} GPU slot(s) of {s.num_gpus:g} GPU{'s' * (s.num_gpus > 1)}"
+            if s.device == "cuda" else f"{len(slots)} CPU worker(s) of {s.num_cpus:g} CPU")
+    return text + (f", {s.ranks} ranks each" if s.ranks > 1 else "")
 
 
 def _free_text(free: dict[str, float]) -> str:

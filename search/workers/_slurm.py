@@ -5,6 +5,10 @@ the `CUDA_VISIBLE_DEVICES` Slurm gives it (or `--gpus none --workers K` on CPU n
 per node, not per GPU, so `--nodes N` is what Slurm is asked for and the worker's own supervisor
 (pinning, trials per GPU, Ctrl-C) runs unchanged on each node. The tasks meet in the storage.
 
+The stored spec is read before anything is printed or submitted: a study whose trials take N
+GPUs (`resources.gpus`) needs a `--gpus-per-node` that N divides (each task's worker runs G/N
+trials of N GPUs), and one of N CPU processes (`resources.processes`) gets N cores per worker.
+
 Preemption and time limits: submitit's sbatch script asks for `--signal=USR2@90`; on that
 signal submitit calls `ArrayTask.checkpoint`, which stops the worker as Ctrl-C does (its trial
 ends "interrupted" and is queued again), and then requeues the task; the trial is taken first,
@@ -30,13 +34,18 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
 from search._urls import redact
 from search.workers._engines import import_engine, shared_storage
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.spec import Resources, StudySpec
 
 LAUNCHER = "hpsearch slurm"
 STOP_GRACE_S = 45.0  # SIGINT to SIGKILL; inside the 90 s between USR2 and Slurm's kill
@@ -73,6 +82,7 @@ class SlurmArray:
     account: str | None = None
     time_min: int = 240
     folder: Path = Path("slurm")
+    resources: Resources | None = None  # the study's trial width, from its stored spec
 
     def __post_init__(self) -> None:
         shared_storage(self.url, LAUNCHER)  # SQLite cannot be shared by other nodes
@@ -90,6 +100,35 @@ class SlurmArray:
                             "GPU; --workers K is for CPU nodes (--gpus-per-node 0)")
         if not self.gpus_per_node and self.trials_per_gpu not in ("auto", 1):
             raise SpecError("--trials-per-gpu: CPU nodes (--gpus-per-node 0) take --workers K")
+        self._check_width()
+
+    @property
+    def width(self) -> int:
+        """The processes (ranks) of one trial of the study."""
+        return self.resources.width if self.resources is not None else 1
+
+    def _check_width(self) -> None:
+        """What a task could not run for the study's trial width: refused before submitting,
+        where each task's worker would refuse it on its node."""
+        r = self.resources
+        if r is None or r.width == 1:
+            return
+        if isinstance(self.trials_per_gpu, int) and self.trials_per_gpu > 1:
+            raise SpecError(f"--trials-per-gpu {self.trials_per_gpu}: the study's trials take "
+                            f"{r.label} each (resources) and their devices whole; leave "
+                            "--trials-per-gpu out")
+        g, n = self.gpus_per_node, r.gpus
+        if n is not None and (g == 0 or g % n):
+            fits = ", ".join(f"--gpus-per-node {k}" for k in sorted({max(n, g - g % n),
+                                                                      g - g % n + n}))
+            why = f", and {n} does not divide {g}" if g else ""
+            raise SpecError(f"--gpus-per-node {g}: the study's trials take {n} GPUs of one node "
+                            f"each (resources.gpus){why}; give a multiple of {n} ({fits})")
+        if r.processes is not None and self.cpus_per_task is not None \
+                and self.cpus_per_task < r.processes:
+            raise SpecError(f"--cpus-per-task {self.cpus_per_task}: the study's trials take "
+                            f"{r.processes} processes each (resources.processes); give at "
+                            f"least {r.processes}")
 
     @classmethod
     def build(cls, name: str, storage: str | None, *, time: str | None = None,
@@ -115,7 +154,7 @@ class SlurmArray:
 
     def sbatch_parameters(self) -> dict[str, Any]:
         """submitit's SlurmExecutor parameters: one task on one node per array task."""
-        cpus = self.cpus_per_task or (None if self.gpus_per_node else self.workers or 1)
+        cpus = self.cpus_per_task or self._default_cpus()
         params: dict[str, Any] = {
             "job_name": f"hpsearch-{self.name}", "time": self.time_min, "nodes": 1,
             "ntasks_per_node": 1, "gpus_per_node": self.gpus_per_node or None,
@@ -124,6 +163,16 @@ class SlurmArray:
             "additional_parameters": {"requeue": True},  # preempted tasks come back
         }
         return {k: v for k, v in params.items() if v is not None}
+
+    def _default_cpus(self) -> int | None:
+        """Cores per task when `--cpus-per-task` is not given: a core per process where the
+        trials run on CPU cores (K workers of N ranks each on CPU nodes; on GPU nodes, a
+        worker per GPU whose trials are N CPU processes), else Slurm's default."""
+        if not self.gpus_per_node:
+            return (self.workers or 1) * self.width
+        if self.resources is not None and self.resources.processes and self.width > 1:
+            return self.gpus_per_node * self.width
+        return None
 
     def script(self) -> str:
         """The sbatch script submitit writes for this array (what `--dry-run` prints)."""
@@ -160,37 +209,61 @@ class SlurmArray:
 
 
 def submit_slurm(name: str, storage: str | None, *, dry_run: bool = False, **options: Any) -> int:
-    """`hpsearch slurm`: print the batch script (`dry_run`), or check the study and submit."""
+    """`hpsearch slurm`: print the batch script (`dry_run`), or check the study and submit.
+    Either reads the study's stored spec first, so the script is the one submitted."""
     array = SlurmArray.build(name, storage, **options)
+    import_engine("submitit", LAUNCHER)  # said before the storage is reached
+    if not dry_run:
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise SpecError(f"{LAUNCHER}: {' and '.join(missing)} not found on PATH: run it on a "
+                            f"Slurm login node, or add --dry-run to print the batch script")
+    study, spec = _stored(array)  # no array for a typo, nor for a width it cannot hold
+    array = replace(array, resources=spec.resources)
     if dry_run:
         print(array.script(), end="")
         print(f"# each of the {array.nodes} task(s) runs (pickled into {array.folder} when "
               f"submitted):\n# {array.worker_line()}")
         return 0
-    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-    if missing:
-        raise SpecError(f"{LAUNCHER}: {' and '.join(missing)} not found on PATH: run it on a "
-                        f"Slurm login node, or add --dry-run to print the batch script")
-    from search.storage import clear_stop, open_storage, open_study
+    from search.storage import clear_stop
 
-    study, _ = open_study(name, open_storage(array.url, must_exist=True))  # no array for a typo
     jobs = array.submit()
     if clear_stop(study):  # as `run` and `worker` do: the new tasks resume a stopped study
         print(f"resuming study {name!r} after `hpsearch stop`")
     job_id = str(jobs[0].job_id).split("_")[0]
     logs = array.folder / (f"{job_id}_<task>_0_log.out" if array.nodes > 1
                            else f"{job_id}_0_log.out")
-    per_gpu = ("trials by memory (auto)" if array.trials_per_gpu == "auto"
-               else f"{array.trials_per_gpu} trial(s)")
-    share = (f"{array.gpus_per_node} GPU(s) x {per_gpu}"
-             if array.gpus_per_node else f"{array.workers or 1} CPU worker(s)")
-    print(f"submitted Slurm job {job_id}: {array.nodes} array task(s) of {share}, each "
+    print(f"submitted Slurm job {job_id}: {array.nodes} array task(s) of {_share(array)}, each "
           f"running `{array.worker_line()}`")
     print(f"follow: squeue -j {job_id}; hpsearch status {shlex.quote(name)} --storage "
           f"{shlex.quote(redact(array.url))}; logs: {logs}")
     print(f"cancel: scancel {job_id} (running trials are queued again and resume from their "
           f"checkpoints); or pause the study on every machine: hpsearch stop {shlex.quote(name)}")
     return 0
+
+
+def _stored(array: SlurmArray) -> tuple[optuna.Study, StudySpec]:
+    """The study the array joins, and its stored spec (a study not in the storage: exit 2)."""
+    from search.spec import spec_from_json
+    from search.storage import open_storage, open_study
+
+    study, stored = open_study(array.name, open_storage(array.url, must_exist=True))
+    return study, spec_from_json(stored)
+
+
+def _share(array: SlurmArray) -> str:
+    """One task's share, as `submit_slurm` says it: `4 GPU(s) as 2 trial slot(s) of 2 GPUs`."""
+    r, gpus = array.resources, array.gpus_per_node
+    wide = f" of {r.label}" if r is not None and r.width > 1 else ""
+    if not gpus:
+        return f"{array.workers or 1} CPU worker(s)" + (f"{wide} a trial" if wide else "")
+    if r is not None and r.gpus is not None and wide:
+        return f"{gpus} GPU(s) as {gpus // r.gpus} trial slot(s){wide}"
+    if wide:  # a wide trial takes its GPU whole: no more workers are added to it
+        return f"{gpus} GPU(s) x 1 trial{wide}"
+    per_gpu = ("trials by memory (auto)" if array.trials_per_gpu == "auto"
+               else f"{array.trials_per_gpu} trial(s)")
+    return f"{gpus} GPU(s) x {per_gpu}"
 
 
 class ArrayTask:

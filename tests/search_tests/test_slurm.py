@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from search._errors import SpecError
 from search.cli import build_parser, main
 from search.run import create_or_load
-from search.spec import parse_spec
+from search.spec import Resources, parse_spec
 from search.storage import count_trials, open_storage, request_stop, stop_requested
 from search.workers import SlurmArray
+from search.workers._slurm import _share
 from tests.search_tests.studies import LR, study_data
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
@@ -59,9 +61,11 @@ def create(url: str, data: dict):
 
 # ---- the batch script ----
 
-def test_dry_run_prints_the_batch_script_and_a_worker_command_hpsearch_parses(tmp_path):
-    url = "postgresql+psycopg2://bob:s3cret@db-host/hp"
-    out = hpsearch("slurm", "fashion-mlp", "--storage", url, "--nodes", "3",
+def test_dry_run_prints_the_batch_script_and_a_worker_command_hpsearch_parses(
+        tmp_path, study_name, postgres_url):
+    url = with_password(postgres_url)
+    create(url, study_data(study_name))
+    out = hpsearch("slurm", study_name, "--storage", url, "--nodes", "3",
                    "--gpus-per-node", "4", "--trials-per-gpu", "2", "--partition", "gpu",
                    "--time", "02:30:00", "--account", "ml", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -70,22 +74,23 @@ def test_dry_run_prints_the_batch_script_and_a_worker_command_hpsearch_parses(tm
     directives = {line for line in text.splitlines() if line.startswith("#SBATCH ")}
     for expected in ("--partition=gpu", "--gpus-per-node=4", "--array=0-2%3", "--time=150",
                      "--account=ml", "--nodes=1", "--ntasks-per-node=1", "--requeue",
-                     "--signal=USR2@90", "--job-name=hpsearch-fashion-mlp",
-                     f"--output={tmp_path}/slurm-fashion-mlp/%A_%a_0_log.out"):
+                     "--signal=USR2@90", f"--job-name=hpsearch-{study_name}",
+                     f"--output={tmp_path}/slurm-{study_name}/%A_%a_0_log.out"):
         assert f"#SBATCH {expected}" in directives, (expected, text)
     assert "-m submitit.core._submit" in text
-    assert "s3cret" not in text + out.stderr
+    assert SECRET not in text + out.stderr
     argv = worker_line(text)
     assert argv[0] == "hpsearch"
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.name, args.gpus, args.trials_per_gpu) == (
-        "worker", "fashion-mlp", "auto", 2)
-    assert args.storage == "postgresql+psycopg2://bob:***@db-host/hp"
-    assert not (tmp_path / "slurm-fashion-mlp").exists()  # a dry run writes nothing
+        "worker", study_name, "auto", 2)
+    assert args.storage == url.replace(f":{SECRET}@", ":***@")
+    assert not (tmp_path / f"slurm-{study_name}").exists()  # a dry run writes nothing
 
 
-def test_cpu_nodes_get_cpu_workers_and_one_job(capsys):
-    code = main(["slurm", "s", "--storage", "postgresql://u@h/db", "--gpus-per-node", "0",
+def test_cpu_nodes_get_cpu_workers_and_one_job(capsys, study_name, postgres_url):
+    create(postgres_url, study_data(study_name))
+    code = main(["slurm", study_name, "--storage", postgres_url, "--gpus-per-node", "0",
                  "--workers", "3", "--time", "1-00:00:01", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
@@ -94,6 +99,14 @@ def test_cpu_nodes_get_cpu_workers_and_one_job(capsys):
     assert "--gpus-per-node" not in out and "--array" not in out  # one node: a plain job
     args = build_parser().parse_args(worker_line(out)[1:])
     assert (args.gpus, args.workers) == ("none", 3)
+
+
+def test_a_dry_run_of_a_study_not_in_the_storage_is_refused(capsys, study_name, postgres_url):
+    """The script depends on the stored spec (the trials' width): it is read for a dry run too."""
+    code = main(["slurm", study_name, "--storage", postgres_url, "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"no study named {study_name!r}" in err
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
@@ -170,6 +183,65 @@ def test_submit_hands_sbatch_the_dry_run_script(tmp_path, study_name, postgres_u
         delayed = DelayedSubmission.load(folder / f"4242_{task}_submitted.pkl")
         args = build_parser().parse_args(delayed.function.args)
         assert args.storage == url and delayed.args == (task,)
+
+
+# ---- trials of several processes (resources) ----
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"gpus_per_node": 3}, "--gpus-per-node 3: the study's trials take 2 GPUs of one node each "
+                           "(resources.gpus), and 2 does not divide 3; give a multiple of 2 "
+                           "(--gpus-per-node 2, --gpus-per-node 4)"),
+    ({"gpus_per_node": 0}, "--gpus-per-node 0: the study's trials take 2 GPUs"),
+    ({"gpus_per_node": 4, "trials_per_gpu": 2}, "--trials-per-gpu 2: the study's trials take "
+                                                "2 GPUs each"),
+])
+def test_a_width_the_nodes_cannot_hold_is_refused(options, fragment):
+    with pytest.raises(SpecError) as refused:
+        SlurmArray("s", "postgresql://u@h/db", resources=Resources(gpus=2), **options)
+    assert fragment in str(refused.value)
+
+
+def test_wide_trials_take_whole_gpus_and_cpu_processes_get_a_core_each():
+    def array(**options) -> SlurmArray:
+        return SlurmArray("s", "postgresql://u@h/db", **options)
+
+    gpus = array(gpus_per_node=8, resources=Resources(gpus=2))
+    assert gpus.sbatch_parameters()["gpus_per_node"] == 8
+    assert "cpus_per_task" not in gpus.sbatch_parameters()  # Slurm's, as for one-GPU trials
+    assert _share(gpus) == "8 GPU(s) as 4 trial slot(s) of 2 GPUs"
+    cpus = array(gpus_per_node=0, workers=3, resources=Resources(processes=4))
+    assert cpus.sbatch_parameters()["cpus_per_task"] == 12  # 3 trials at once of 4 processes
+    assert _share(cpus) == "3 CPU worker(s) of 4 processes a trial"
+    assert array(gpus_per_node=2, resources=Resources(processes=4)).sbatch_parameters()[
+        "cpus_per_task"] == 8  # a worker per GPU, its trials 4 CPU processes
+    assert array(gpus_per_node=0, cpus_per_task=5,
+                 resources=Resources(processes=4)).sbatch_parameters()["cpus_per_task"] == 5
+    with pytest.raises(SpecError, match=r"--cpus-per-task 2: .* 4 processes each"):
+        array(gpus_per_node=0, cpus_per_task=2, resources=Resources(processes=4))
+    assert _share(array(gpus_per_node=2)) == "2 GPU(s) x trials by memory (auto)"
+
+
+def test_the_stored_width_is_checked_before_anything_is_printed(capsys, study_name,
+                                                               postgres_url, tmp_path):
+    create(postgres_url, study_data(study_name, resources={"gpus": 2}))
+    base = ["slurm", study_name, "--storage", postgres_url, "--folder", str(tmp_path / "f"),
+            "--dry-run"]
+    assert main([*base, "--gpus-per-node", "3"]) == 2
+    out = capsys.readouterr()
+    assert not out.out and out.err.count("\n") == 1
+    assert "--gpus-per-node 3: the study's trials take 2 GPUs of one node each" in out.err
+    assert main([*base, "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=4" in out
+    args = build_parser().parse_args(worker_line(out)[1:])
+    assert (args.gpus, args.trials_per_gpu) == ("auto", "auto")  # the worker plans 2 slots
+    assert not (tmp_path / "f").exists()
+
+    cpu = f"{study_name}-cpu"
+    create(postgres_url, study_data(cpu, resources={"processes": 2}))
+    assert main(["slurm", cpu, "--storage", postgres_url, "--gpus-per-node", "0",
+                 "--workers", "3", "--dry-run"]) == 0
+    assert "#SBATCH --cpus-per-task=6" in capsys.readouterr().out
 
 
 # ---- real array tasks (submitit's local executor, PostgreSQL) ----
