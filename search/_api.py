@@ -82,7 +82,8 @@ def tune(spec: dict[str, Any] | str | Path, *, storage: str | None = None,
         console = make_console() if show_progress else Console(quiet=True)
         return RunDisplay(s, budget, console=console)
 
-    launch = Launch(storage=storage, trials=trials, timeout_s=timeout_s, device=device)
+    launch = Launch(storage=storage, trials=trials, timeout_s=timeout_s, device=device,
+                    trials_per_gpu=trials_per_gpu)
     code = run_study(launch, slots, spec=study, display=display)
     if code != 0:
         raise SearchError(f"study {study.name!r} stopped with exit code {code} (see the "

@@ -180,7 +180,8 @@ def _launch(args: argparse.Namespace, **extra: Any) -> tuple[Any, list[Any]]:
     fill = args.trials_per_gpu == "auto" and any(s.device == "cuda" for s in slots)
     launch = run.Launch(storage=args.storage, timeout_s=args.timeout, device=args.device,
                         threads=args.threads, worker_index=args.worker_index, fill_gpus=fill,
-                        unless_stopped=args.unless_stopped, pack=args.pack, **extra)
+                        unless_stopped=args.unless_stopped, pack=args.pack,
+                        trials_per_gpu=args.trials_per_gpu, **extra)
     return launch, slots
 
 
@@ -422,6 +423,7 @@ class Slurm(Command):
     """Submit a study's workers as a Slurm job array (through submitit), one task per node."""
 
     name = "slurm"
+    stored_spec_only = True  # the stored spec's width, read on a login node without torch
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _study_arg(parser)

@@ -64,6 +64,7 @@ TRAINERS_ALL = [
     "Pack",
     "Schedule",
     "ScheduleConfig",
+    "Shard",
     "StopTraining",
     "TrainConfig",
     "TrainResult",

@@ -41,6 +41,7 @@ _EXPORTS = {
     "OptimizerConfig": ("_config", "OptimizerConfig"),
     "Pack": ("_packed", "Pack"),
     "Schedule": ("_schedules", "Schedule"),
+    "Shard": ("_distributed", "Shard"),
     "ScheduleConfig": ("_config", "ScheduleConfig"),
     "StopTraining": ("_results", "StopTraining"),
     "TrainConfig": ("_config", "TrainConfig"),
@@ -117,6 +118,7 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
         plugin_sections,
     )
     from trainers._data import DATASETS, Data, load_data
+    from trainers._distributed import Shard
     from trainers._errors import ConfigError, DataNotFoundError, TrainerError
     from trainers._finetune import prepare_model
     from trainers._inits import INITS

@@ -4,7 +4,7 @@ Data that fits sits on the device as whole tensors and batches are slices of a s
 (airbench's habit): no DataLoader, no per-sample Python. Data that does not is streamed in the
 same order through a DataLoader (`trainers._streaming`). The loop knows nothing of studies:
 progress leaves through `on_epoch`, which may raise `StopTraining` to end the run after that
-epoch.
+epoch. Given a `Shard`, the run is one rank of a data-parallel run (`trainers._distributed`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from trainers._checkpoint import CheckpointStore
 from trainers._config import TrainConfig, config_from_dict
 from trainers._data import Data, Split, augment_batch, load_data
+from trainers._distributed import Shard, trained_ids
 from trainers._optimizers import OPTIMIZERS, current_momentum, group_lrs, set_momentum
 from trainers._results import EpochMetrics, StopTraining, TrainResult
 from trainers._setup import RunSetup, checkpoint_state, prepare_run, resolve_device
@@ -42,6 +43,9 @@ class _Compute:
     forward: Callable[[torch.Tensor], torch.Tensor]
     autocast: Autocast
     scaler: torch.amp.GradScaler | None
+    evaluate: Callable[[torch.Tensor], torch.Tensor]  # validation's: never DDP's wrapper
+    shard: Shard | None = None
+    trained: frozenset[int] = frozenset()  # the parameters DDP was wrapped around
 
 
 @dataclass(frozen=True)
@@ -66,21 +70,29 @@ def train(
     *,
     evaluate_test: bool = False,
     merge_val: bool = False,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Train one configuration and report every epoch.
 
     `checkpoint`, when given, is written after every epoch and, if it already holds a state,
     the run resumes from it: a resumed run gives the same metrics as one never interrupted.
     `evaluate_test` touches the test set once, at the end (for `hpsearch retrain` only);
-    `merge_val` trains on train+validation (the final fit after the search).
+    `merge_val` trains on train+validation (the final fit after the search). With `shard`,
+    this process is one rank of a data-parallel run (`trainers._distributed`): every rank
+    loads the checkpoint, rank 0 alone writes it, and `on_epoch` is called on every rank
+    with the same metrics (raising `StopTraining` on one rank alone would leave the others
+    waiting: the caller decides for all).
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
     run = prepare_run(config, checkpoint, include_test=evaluate_test, merge_val=merge_val)
-    compute = _compute(run)
+    if shard is not None and not shard.is_main:
+        checkpoint = None  # loaded above; rank 0 writes it
+    compute = _compute(run, shard)
     status, reason = "completed", f"trained {config.epochs} epochs"
     for epoch in range(run.start_epoch, config.epochs):
         t0 = time.perf_counter()
+        compute = _start_epoch(run, compute, epoch)
         done = _train_pass(run, compute, epoch)
         if done.diverged:
             status, reason = "diverged", done.diverged
@@ -100,21 +112,34 @@ def train(
     return _result(run, compute, status, reason, evaluate_test=evaluate_test)
 
 
-def _compute(run: RunSetup) -> _Compute:
+def _compute(run: RunSetup, shard: Shard | None = None) -> _Compute:
     """On CUDA, `compile` and `amp` as configured (bfloat16 where supported: no loss scaler);
-    on the CPU, the plain model."""
-    forward: Callable[[torch.Tensor], torch.Tensor] = run.model
+    on the CPU, the plain model. A shard's model is wrapped in DDP for training."""
+    module = run.model if shard is None else shard.wrap(run.model, run.device)
+    forward: Callable[[torch.Tensor], torch.Tensor] = module
     autocast: Autocast = contextlib.nullcontext
     scaler = None
     if run.device.type == "cuda":
         if run.config.compile:
-            forward = torch.compile(run.model)
+            forward = torch.compile(module)
         if run.config.amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
             if dtype == torch.float16:
                 scaler = torch.amp.GradScaler("cuda")
-    return _Compute(forward, autocast, scaler)
+    evaluate = forward if shard is None else run.model
+    trained = trained_ids(run.model) if shard is not None else frozenset()
+    return _Compute(forward, autocast, scaler, evaluate, shard, trained)
+
+
+def _start_epoch(run: RunSetup, compute: _Compute, epoch: int) -> _Compute:
+    """The model in training mode with the epoch's layers trained; a shard's DDP wrapped
+    again when unfreezing changed what it trains."""
+    run.model.train()
+    run.freezer.start_epoch(epoch)
+    if compute.shard is not None and trained_ids(run.model) != compute.trained:
+        return _compute(run, compute.shard)
+    return compute
 
 
 def _train_pass(run: RunSetup, compute: _Compute, epoch: int) -> _Pass:
@@ -126,8 +151,7 @@ def _train_pass(run: RunSetup, compute: _Compute, epoch: int) -> _Pass:
     forward, autocast, scaler = compute.forward, compute.autocast, compute.scaler
     info = OPTIMIZERS.get(config.optimizer.name)
     channels_last, first_loss = run.channels_last, run.first_loss
-    model.train()
-    run.freezer.start_epoch(epoch)
+    shard = compute.shard
     layers = _weight_layers(model)  # the trained ones: unfreezing adds some
     perm = torch.randperm(len(run.data.train), generator=order)
     losses: list[torch.Tensor] = []
@@ -147,13 +171,20 @@ def _train_pass(run: RunSetup, compute: _Compute, epoch: int) -> _Pass:
         momentum = schedule.momentum(t)
         if momentum is not None:
             set_momentum(optimizer, info, momentum)
-        if config.data.augment:
+        if config.data.augment:  # the whole batch, as one process: one augmentation stream
             xb = augment_batch(xb, config.data.augment, order)
+        n = len(yb)
+        if shard is not None:
+            part = shard.part(n)
+            xb, yb = xb[part], yb[part]
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast():
             out = forward(xb)
-            loss = F.cross_entropy(out, yb)
+            if shard is None:
+                loss = F.cross_entropy(out, yb)
+            else:  # DDP averages over ranks: each sums its share over the global batch
+                loss = F.cross_entropy(out, yb, reduction="sum") * (shard.world_size / n)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -172,11 +203,14 @@ def _train_pass(run: RunSetup, compute: _Compute, epoch: int) -> _Pass:
             scaler.update()
         else:
             optimizer.step()
-        losses.append(loss.detach())
+        # The batch's mean loss; a shard's share of it (summed over the ranks at the epoch's end).
+        losses.append(loss.detach() if shard is None else loss.detach() / shard.world_size)
         predicted.append(out.detach().argmax(1))
         labels.append(yb)
         if i % DIVERGENCE_CHECK_EVERY == 0 or i == steps_per_epoch - 1:
-            value = loss.item()
+            # Every rank decides on the global batch's loss: they stop together.
+            value = (loss.item() if shard is None
+                     else shard.total(losses[-1].reshape(1).clone()).item())
             first_loss = value if first_loss is None else first_loss
             diverged = _divergence(value, first_loss, config.divergence_factor)
             if diverged:
@@ -194,16 +228,26 @@ def _end_epoch(run: RunSetup, compute: _Compute, epoch: int, done: _Pass,
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     train_seconds = time.perf_counter() - t0
-    val_loss, val_acc = evaluate(compute.forward, run.data.val, config.eval_batch_size,
-                                 compute.autocast)
+    shard = compute.shard
+    val_loss = val_acc = math.nan
+    if shard is None or shard.is_main:
+        val_loss, val_acc = evaluate(compute.evaluate, run.data.val, config.eval_batch_size,
+                                     compute.autocast)
+    if shard is not None:  # rank 0's, everywhere: a plateau schedule sees the same value
+        val_loss, val_acc = shard.from_main([val_loss, val_acc], run.device)
     run.plan.schedule.end_epoch(val_loss, run.plan.base_lr)
     seconds = time.perf_counter() - t0
     norms = (done.norm_sum / max(1, done.norm_samples)).tolist()
     # Every batch has batch_size examples but the last, which holds the remainder.
     sizes = torch.full((len(done.losses),), float(config.batch_size), device=run.device)
     sizes[-1] = n_train - config.batch_size * (len(done.losses) - 1)
-    train_loss = float((torch.stack(done.losses).float() * sizes).sum()) / n_train
-    train_correct = int((torch.cat(done.predicted) == torch.cat(done.labels)).sum())
+    batch_losses = torch.stack(done.losses).float()
+    correct = (torch.cat(done.predicted) == torch.cat(done.labels)).sum()
+    if shard is not None:  # each rank holds its share of every batch: summed over ranks
+        summed = shard.total(torch.cat([batch_losses.double(), correct.double().reshape(1)]))
+        batch_losses, correct = summed[:-1].float(), summed[-1]
+    train_loss = float((batch_losses * sizes).sum()) / n_train
+    train_correct = int(correct.item())
     return EpochMetrics(
         epoch=epoch + 1,
         train_loss=train_loss,
@@ -227,7 +271,7 @@ def _result(run: RunSetup, compute: _Compute, status: str, reason: str, *,
     that diverged)."""
     test_loss = test_acc = None
     if evaluate_test and run.data.test is not None and status != "diverged":
-        test_loss, test_acc = evaluate(compute.forward, run.data.test,
+        test_loss, test_acc = evaluate(compute.evaluate, run.data.test,
                                        run.config.eval_batch_size, compute.autocast)
     history = run.history
     return TrainResult(

@@ -7,10 +7,11 @@ What is shown comes from the `Display` the caller passes in (`search.views.RunDi
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
@@ -45,10 +46,12 @@ from search.workers import (
     Slot,
     WorkerError,
     WorkerSummary,
+    check_width,
     connect_ray,
     run_worker,
     supervise,
     supervise_ray,
+    widen,
 )
 
 
@@ -70,6 +73,7 @@ class Launch:
     unless_stopped: bool = False  # a study paused by `hpsearch stop` is left paused (Slurm)
     ray: RayRequest | None = None  # --ray: the workers are Ray actors on a Ray cluster
     pack: int | str | None = None  # --pack K|auto: trials trained at once per worker
+    trials_per_gpu: int | str = "auto"  # --trials-per-gpu: refused above 1 for wide trials
 
 def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = None,
               name: str | None = None,
@@ -79,7 +83,11 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     if launch.ray is not None:  # before the storage: an unreachable cluster writes nothing
         connect_ray(launch.ray)
     url = resolve_url(launch.storage)
+    if spec is not None:  # `run`: a width this machine cannot hold is refused before storage
+        launch, slots = _widened(launch, slots, spec)
     study, spec = _open(launch, url, spec=spec, name=name)
+    if name is not None:
+        launch, slots = _widened(launch, slots, spec)
     done = _before_workers(launch, study, spec, url)
     if done is not None:
         return done
@@ -90,6 +98,21 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
     if launch.worker_index is not None or display is None:
         return _child_worker(study, spec, launch, timeout, url)
     return _shown(launch, slots, study, spec, url, display, timeout)
+
+
+def _widened(launch: Launch, slots: list[Slot], spec: StudySpec) -> tuple[Launch, list[Slot]]:
+    """The slots for the study's trial width (`resources`); a wide trial takes its GPUs whole,
+    so no more workers are added to a GPU as they fit."""
+    if spec.resources.width == 1 or launch.worker_index is not None:
+        return launch, slots  # (a supervised worker's slot is planned already)
+    if launch.ray is not None:  # Ray places the trials: refused here, before storage
+        check_width(launch.ray, spec.resources, pack=_pack(launch, spec))
+        return launch, slots
+    slots = widen(slots, spec.resources, trials_per_gpu=launch.trials_per_gpu,
+                  pack=_pack(launch, spec))
+    if len(slots) == 1 and slots[0].device == "cuda":  # one worker, in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots[0].cuda_visible_devices
+    return replace(launch, fill_gpus=False), slots
 
 
 def _open(launch: Launch, url: str, *, spec: StudySpec | None, name: str | None

@@ -12,7 +12,7 @@ from search.spec._algorithms import PRUNERS, SAMPLERS
 from search.spec._entries import AutoEntry, ChoicesEntry, Entry, GridEntry, Pow2Entry, RangeEntry
 from search.spec._knobs import canonical, constant_values, constants_of
 from search.spec._model import same, show
-from search.spec._schema import METRICS, PACK_MAX, StudySpec
+from search.spec._schema import METRICS, PACK_MAX, Resources, StudySpec
 from search.spec._space import (
     auto_lr_key,
     distributions,
@@ -51,6 +51,7 @@ __all__ = [
     "GridEntry",
     "Pow2Entry",
     "RangeEntry",
+    "Resources",
     "StudySpec",
     "auto_lr_key",
     "base_train_config",

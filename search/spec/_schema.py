@@ -57,7 +57,8 @@ def _study_name(value: Any) -> str:
 _METRIC_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 # What a command's arguments may name besides the trial's parameters.
-COMMAND_FIELDS = ("trial_number", "study_name", "checkpoint_dir", "epochs", "device")
+COMMAND_FIELDS = ("trial_number", "study_name", "checkpoint_dir", "epochs", "device", "nproc",
+                  "gpus", "master_port")
 
 
 def _metric_name(value: Any) -> str:
@@ -228,6 +229,45 @@ class RunSpec(SpecModel):
                              key="grace_period")
         return self
 
+def _count(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise spec_error(f"expected a whole number 1 or more, got {show(value)}")
+
+
+Count = Annotated[int, PlainValidator(_count)]
+
+
+class Resources(SpecModel):
+    """How wide one trial is: ``{gpus: N}`` (N GPUs of one machine, a process each) or
+    ``{processes: N}`` (N CPU processes); a trial of width above 1 runs as N ranks of one
+    process group (`search.trial._ranks`)."""
+
+    gpus: Count | None = None
+    processes: Count | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Resources:
+        if self.gpus is not None and self.processes is not None:
+            raise spec_error("expected gpus (N GPUs a trial) or processes (N CPU processes a "
+                             f"trial), not both; got gpus: {self.gpus}, processes: "
+                             f"{self.processes}")
+        return self
+
+    @property
+    def width(self) -> int:
+        """The processes (ranks) of one trial."""
+        return self.gpus or self.processes or 1
+
+    @property
+    def label(self) -> str:
+        """`2 GPUs`, `2 processes`: how messages name a trial's width."""
+        if self.gpus is not None:
+            return f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+        n = self.width
+        return f"{n} process{'es' if n > 1 else ''}"
+
+
 def _command_part(value: Any) -> str:
     # YAML's true would reach the program as "1.0" and null as "None": only strings and
     # numbers are arguments as written.
@@ -317,6 +357,7 @@ class StudySpec(SpecModel):
     fixed: dict[str, Any] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     run: RunSpec = Field(default_factory=RunSpec)
+    resources: Resources = Field(default_factory=Resources)  # how wide one trial is
 
     @model_validator(mode="before")
     @classmethod
@@ -397,6 +438,14 @@ class StudySpec(SpecModel):
                                  key=f"pruner.within[{i}]")
             if key in within[:i]:
                 raise spec_error(f"{show(key)} is listed twice", key=f"pruner.within[{i}]")
+        return self
+
+    @model_validator(mode="after")
+    def _width_alone(self) -> StudySpec:
+        if self.resources.width > 1 and self.run.pack not in (None, 1):
+            raise spec_error(f"packs trials into one process, and resources gives each trial "
+                             f"{self.resources.label}: use one or the other",
+                             key="run.pack")
         return self
 
     @model_validator(mode="after")

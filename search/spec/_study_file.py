@@ -57,6 +57,7 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
             constants = check_constants(spec)
             check_space(spec, base_train_config(spec), constants)
             _check_validation_split(spec, base_train_config(spec))
+            _check_global_batch(spec, base_train_config(spec))
         else:
             check_user_space(spec)
         for i, entry in enumerate(spec.enqueue):
@@ -75,6 +76,33 @@ def _check_validation_split(spec: StudySpec, base: TrainConfig) -> None:
                      "data.val_fraction")
         raise fail(where, f"the objective {needs[0]} needs a validation split: expected more "
                           "than 0, got 0")
+
+
+def _check_global_batch(spec: StudySpec, base: TrainConfig) -> None:
+    """A trial of N ranks splits each batch N ways (the study's batch size is the global
+    batch): N must divide every batch size the space can draw, and each one enqueued."""
+    width = spec.resources.width
+    if width == 1:
+        return
+    key = next((k for k in spec.space if canonical(k) == "batch_size"), None)
+    if key is not None and spec.space[key].discrete():
+        entry = spec.space[key]
+        sources = [(f"space.{key}", [entry.to_real(v) for v in entry.grid()])]
+    elif key is not None:
+        raise fail(f"space.{key}", f"a trial of {spec.resources.label} splits each batch "
+                   f"{width} ways: expected pow2, choices or a grid of batch sizes it divides, "
+                   "got a range")
+    else:
+        sources = [(next((p for p, w, _ in _constant_paths(spec) if w == "batch_size"),
+                         "batch_size (the default)"), [base.batch_size])]
+    sources += [(f"enqueue[{i}].batch_size", [entry["batch_size"]])
+                for i, entry in enumerate(spec.enqueue) if "batch_size" in entry]
+    for where, drawn in sources:
+        bad = [b for b in drawn if isinstance(b, int) and b % width]
+        if bad:
+            raise fail(where, f"a trial of {spec.resources.label} splits each batch {width} "
+                       f"ways (the study's batch size is the global batch): expected batch "
+                       f"sizes {width} divides, got {', '.join(map(str, bad))}")
 
 
 def _constant_paths(spec: StudySpec) -> list[tuple[str, str, Any]]:

@@ -62,7 +62,7 @@ from search.storage._studies import (
     WARM_START_ATTR,
     open_study,
 )
-from search.storage._tables import close_waiting, retried_from, set_user_attrs
+from search.storage._tables import close_waiting, retried_from, retries_of, set_user_attrs
 from search.storage._trial_start import (
     beat_written,
     set_budget,
@@ -120,6 +120,7 @@ __all__ = [
     "redact",
     "resolve_url",
     "retried_from",
+    "retries_of",
     "serve_proxy",
     "set_budget",
     "set_user_attrs",

@@ -28,7 +28,8 @@ STOP_ATTR = "hpsearch_stop"  # set by `hpsearch stop`: when it was asked for
 INTERRUPTED = "interrupted"
 # Why a trial was interrupted by a lack of memory: of that trial, not of its retry (which
 # Optuna's retry would otherwise copy with the other user attrs).
-OOM_ATTRS = ("oom_pack", "oom_shared")
+# Why a run was interrupted: said on the run that was, not inherited by its retry.
+OOM_ATTRS = ("oom_pack", "oom_shared", "rank_lost")
 
 
 def request_stop(study: optuna.Study) -> None:

@@ -148,13 +148,20 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 def retried_from(trial: optuna.Trial) -> int | None:
     """The number of the dead trial this one retries (the latest, for a retry of a retry)."""
+    history = RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial))
+    return history[-1] if history else None
+
+
+def retries_of(trial: optuna.Trial) -> int:
+    """How many times the trial's first run has been retried before this run (0: a new one)."""
+    return len(RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial)))
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     # The frozen trial fetched when the trial started carries the retry link (a system attr),
     # so no further storage read is needed.
     frozen = _compat.cached_frozen(trial)
-    if frozen is None:
-        frozen = trial.storage.get_trial(trial_id_of(trial))
-    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-    return history[-1] if history else None
+    return frozen if frozen is not None else trial.storage.get_trial(trial_id_of(trial))
 
 
 def close_waiting(study: optuna.Study, reason: str) -> int:

@@ -140,7 +140,9 @@ class Trial:
     Attributes: `number`, `study_name`, `params` (a copy), `device` ("cuda:0", "cpu"),
     `threads` (CPU threads this worker may use, or None), `epochs` (budget.epochs, the most
     a trial trains), `final` (True under `hpsearch retrain`: train on everything you tune on
-    and return the test metrics), `seed` (the retrain seed, else None), `checkpoint_dir`.
+    and return the test metrics), `seed` (the retrain seed, else None), `checkpoint_dir`,
+    and for a trial of several processes (``resources: {gpus: N}``) `rank`, `world_size` and
+    `is_main` (rank 0: the one whose reports are stored and whose checkpoints are written).
     """
 
     def __init__(self, *, number: int, study_name: str, params: dict[str, Any],
@@ -149,6 +151,7 @@ class Trial:
                  seed: int | None = None,
                  on_report: Callable[[int, dict[str, float]], str | None] | None = None,
                  stop: Callable[[], bool] | None = None,
+                 rank: int = 0, world_size: int = 1, writes_history: bool = True,
                  ) -> None:
         self.number = number
         self.study_name = study_name
@@ -159,6 +162,10 @@ class Trial:
         self.final = final
         self.seed = seed
         self.checkpoint_dir = checkpoint_dir
+        self.rank = rank
+        self.world_size = world_size
+        # A rank's Trial leaves the history file to its worker, which stores rank 0's reports.
+        self._writes_history = writes_history
         self._on_report = on_report
         self._stop = stop or (lambda: False)
         self._checkpointed = False  # save_checkpoint was called in this run
@@ -176,6 +183,11 @@ class Trial:
                 self._resumed = bool(self._history)
             except (OSError, ValueError):
                 self._history = []
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (and every one-process trial): log, save and evaluate here."""
+        return self.rank == 0
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -202,7 +214,11 @@ class Trial:
         self._history.append({"epoch": epoch, **values})
         self._save_history()
         if self._on_report is not None:
-            verdict = self._on_report(epoch, values)
+            try:
+                verdict = self._on_report(epoch, values)
+            except StopRequested:  # a trial of several ranks: decided once, for every rank
+                self.stop_requested = True
+                raise
             if verdict:
                 self.stopped = verdict
                 raise Pruned(verdict)
@@ -213,8 +229,9 @@ class Trial:
     def save_checkpoint(self, state: Any) -> None:
         """Save `state` (anything `torch.save` takes) as this trial's checkpoint: a retry of
         this trial after its worker died gets it back from `load_checkpoint`. A full disk is a
-        warning, not a failure: the trial goes on without a checkpoint."""
-        if self.checkpoint_dir is None:
+        warning, not a failure: the trial goes on without a checkpoint. In a trial of several
+        ranks only rank 0 writes (call it on every rank, or on `is_main` alone)."""
+        if self.checkpoint_dir is None or not self.is_main:
             return
         import torch
 
@@ -223,7 +240,8 @@ class Trial:
             tmp = self.checkpoint_dir / f".{STATE_FILE}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.checkpoint_dir / STATE_FILE)
-            self._save_history(force=True)
+            if self._writes_history:
+                self._save_history(force=True)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
             self._warn(f"checkpoint not saved ({getattr(e, 'strerror', None) or e}): the trial "
                        "goes on without it")
@@ -247,7 +265,7 @@ class Trial:
 
     def _save_history(self, *, force: bool = False) -> None:
         directory = self.checkpoint_dir
-        if directory is None or not (force or directory.exists()):
+        if directory is None or not self._writes_history or not (force or directory.exists()):
             return
         try:
             tmp = directory / f".{HISTORY_FILE}.tmp"

@@ -4,7 +4,8 @@ ended (`Ended`), for the runner to tell.
 Optuna stays on this side: the trainer reports through `on_epoch`, and this module turns the
 pruner's verdict (and `hpsearch stop`) into `StopTraining` inside the trainer, the way the
 Lightning pruning callback keeps Optuna out of training code. Its halves (`prepare`, `start`,
-`finish`) are shared with the packed trials (`search.trial._packing`).
+`finish`) are shared with the packed trials (`search.trial._packing`). A trial of several
+processes (``resources``) trains in its ranks (`search.trial._ranks`), its reports served here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +31,7 @@ from search.spec import base_train_config, suggest, train_config_for
 from search.storage import (
     INTERRUPTED,
     is_remote,
+    retries_of,
     set_user_attrs,
     trial_id_of,
     with_result,
@@ -39,6 +42,15 @@ from search.storage import retried_from as retry_link
 from search.trial._gpu import oom_from_sharing
 from search.trial._history import history_record
 from search.trial._outcome import End, Ended, TrialOutcome, log_failure
+from search.trial._ranks import (
+    Placement,
+    RankFailed,
+    RankLost,
+    TrainJob,
+    Verdict,
+    run_ranks,
+    train_rank,
+)
 from search.trial._remote_checkpoints import RemoteCheckpoints, SyncedCheckpointStore, scratch_root
 
 if TYPE_CHECKING:
@@ -49,6 +61,7 @@ if TYPE_CHECKING:
     from search.trial._artifacts import ArtifactRecorder
 
 T = TypeVar("T")
+MAX_RANK_RETRIES = 3  # a trial that loses a rank this many retries in a row fails
 
 
 # Set by the Ray launcher (`search.workers._ray`) in its workers' environment: recorded per trial.
@@ -140,13 +153,20 @@ class Objective:
         self.host = socket.gethostname()
         # A worker placed by Ray: its node and the GPU Ray gave it (hosts may share a name).
         self.placed = placement_attrs()
+        # A trial over GPUs of its own: cuda:0..N-1 of the worker's, named without touching
+        # CUDA here (its ranks use them).
+        wide = spec.resources
+        self.rank_gpus = (",".join(Placement.of(wide.width, "cuda", None, own_gpus=True).devices)
+                          if wide.gpus is not None and wide.width > 1 else None)
 
     def creation_attrs(self) -> dict[str, Any]:
         """The start attrs every trial of this worker shares (host, pid, and the device where
         the space does not choose it): written with the trial as it is created."""
 
         attrs: dict[str, Any] = {"host": self.host, "pid": os.getpid(), **self.placed}
-        if "device" not in self.spec.space:
+        if self.rank_gpus is not None:
+            attrs["device"] = self.rank_gpus
+        elif "device" not in self.spec.space:
             try:
                 device = self.device or base_train_config(self.spec).device
                 attrs["device"] = str(trainers.resolve_device(device))
@@ -162,8 +182,7 @@ class Objective:
     def run(self, trial: optuna.Trial) -> Ended:
         """Train `trial` (asked by the runner) and say how it ended."""
         begun = self.prepare(trial)
-        result = self.guarded(begun, lambda: self.start(begun) or trainers.train(
-            begun.config, begun.report, begun.store))
+        result = self.guarded(begun, lambda: self.start(begun) or self._train(begun))
         if isinstance(result, Ended):
             return result
         return self.finish(begun, result)
@@ -176,6 +195,8 @@ class Objective:
             return run()
         except TakenOver:
             return Ended(End.TAKEN_OVER)
+        except RankLost as e:
+            return self.lost(begun, str(e))
         except Exception as e:  # noqa: BLE001 - the trial's own error, recorded as its reason
             return self.failed(begun, e)
         except KeyboardInterrupt:
@@ -221,7 +242,7 @@ class Objective:
         begun.config = config = config.replace(**overrides) if overrides else config
         begun.start_attrs.update(host=self.host, pid=os.getpid(), device=config.device,
                                  **self.placed)
-        begun.device = str(trainers.resolve_device(config.device))
+        begun.device = self.rank_gpus or str(trainers.resolve_device(config.device))
         begun.start_attrs["device"] = begun.device
         begun.retried_from = self.begin(begun.trial, begun.start_attrs)
         begun.store = self._checkpoint_store(begun.trial.number, begun.retried_from)
@@ -231,6 +252,9 @@ class Objective:
         queued again unchanged) for an out-of-memory on a GPU shared with other workers."""
         trial, config, device = begun.trial, begun.config, begun.device
         reason = f"error: {type(e).__name__}: {e}"
+        extra = None
+        if isinstance(e, RankFailed):  # the rank's error, its traceback from its process
+            reason, extra = f"error: {e}", {"traceback": e.traceback}
         if is_out_of_memory(e):  # the worker empties the cache and goes on
             batch = f" at batch_size {config.batch_size}" if config is not None else ""
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -243,8 +267,53 @@ class Objective:
                              "is queued again unchanged and this worker leaves the GPU")
         log_failure(trial.number, e)
         shown = self.record_failure(trial, reason, begun.start_attrs, begun.params,
-                                    begun.started)
+                                    begun.started, extra)
         return Ended.of(shown)
+
+    def lost(self, begun: TrialStart, reason: str, extra: dict[str, Any] | None = None
+             ) -> Ended:
+        """A rank of trial `begun` died (`RankLost`): marked interrupted, to be queued again
+        and resume from its checkpoint as a dead worker's trial does; after MAX_RANK_RETRIES
+        retries that each lost a rank, it fails."""
+        retries = with_retry(lambda: retries_of(begun.trial), what="reading the trial")
+        if retries >= MAX_RANK_RETRIES:
+            reason = f"{reason}; not retried again: {retries} retries lost a rank"
+            return Ended.of(self.record_failure(begun.trial, reason, begun.start_attrs,
+                                                begun.params, begun.started, extra))
+        attrs = {**(extra or {}), "ended": INTERRUPTED, "rank_lost": reason,
+                 "seconds": round(time.perf_counter() - begun.started, 3)}
+        with_retry(lambda: set_user_attrs(begun.trial, attrs), what="marking the trial")
+        return Ended(End.RANK_LOST, reason=f"{reason}: queued again to resume from its "
+                     "last checkpoint")
+
+    def placement(self, device: str) -> Placement:
+        """Where a wide trial's ranks run: a GPU each (``gpus: N``) or all on `device`."""
+        wide = self.spec.resources
+        return Placement.of(wide.width, device, self.threads, own_gpus=wide.gpus is not None)
+
+    def _train(self, begun: TrialStart) -> trainers.TrainResult:
+        """The trial trained here, or in its ranks (rank 0's result)."""
+        assert begun.config is not None and begun.report is not None
+        if self.spec.resources.width == 1:
+            return trainers.train(begun.config, begun.report, begun.store)
+        job = TrainJob(begun.config.to_dict(),
+                       str(begun.directory) if begun.directory is not None else None)
+        return run_ranks(train_rank, job, self.placement(begun.device),
+                         on_report=partial(self._verdict, begun),
+                         label=f"trial #{begun.trial.number}")
+
+    @staticmethod
+    def _verdict(begun: TrialStart, metrics: trainers.EpochMetrics) -> Verdict:
+        """Rank 0's report of an epoch, given to the trial's report: the verdict every rank
+        acts on. Its checkpoint (written before the report) is copied to the bucket first."""
+        if isinstance(begun.store, SyncedCheckpointStore):
+            begun.store.push()
+        assert begun.report is not None
+        try:
+            begun.report(metrics)
+        except trainers.StopTraining as stop:
+            return ("stop" if begun.stop_requested else "pruned", str(stop))
+        return None
 
     @staticmethod
     def interrupted(begun: TrialStart) -> None:

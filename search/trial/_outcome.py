@@ -35,6 +35,7 @@ class End(enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM, `hpsearch stop`, a pack out of memory
     TAKEN_OVER = "taken over"  # failed as stale while its worker was paused, retried elsewhere
     GPU_FULL = "gpu full"  # out of memory on a GPU shared with other workers
+    RANK_LOST = "rank lost"  # a rank of a wide trial died: retried from its checkpoint
 
     @property
     def state(self) -> TrialState:
@@ -46,7 +47,7 @@ class End(enum.Enum):
     @property
     def queued_again(self) -> bool:
         """Whether the trial is queued again unchanged, to resume from its checkpoints."""
-        return self in (End.INTERRUPTED, End.GPU_FULL)
+        return self in (End.INTERRUPTED, End.GPU_FULL, End.RANK_LOST)
 
 
 def log_failure(number: int, error: BaseException) -> None:
@@ -76,7 +77,7 @@ class Ended:
     how: End
     values: list[float] | None = None  # COMPLETE: the objective values
     shown: TrialOutcome | None = None  # for the display and the worker's counts
-    reason: str = ""  # GPU_FULL: the line the worker says as it leaves the GPU
+    reason: str = ""  # GPU_FULL, RANK_LOST: the line the worker says of it
     clear: tuple[Path | None, ...] = ()  # checkpoint folders to delete once it is told
 
     @classmethod

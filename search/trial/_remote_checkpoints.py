@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,17 @@ class SyncedCheckpointStore(trainers.CheckpointStore):
             self.remote.push(self.study, self.number, self.path)
         except Exception as e:  # botocore's errors are no OSError: make it one
             raise OSError(f"not copied to {self.remote.location}: {e}") from e
+
+    def push(self) -> None:
+        """Copy the checkpoint another process wrote into the folder (a wide trial's rank 0)
+        to the remote store; a copy that fails is a warning, as a failed save is."""
+        if not self.path.exists():
+            return
+        try:
+            self.remote.push(self.study, self.number, self.path)
+        except Exception as e:  # noqa: BLE001 - a lost copy costs a retry epochs, not the trial
+            print(f"warning: trial #{self.number}: checkpoint not copied to "
+                  f"{self.remote.location} ({e})", file=sys.stderr, flush=True)
 
     def __repr__(self) -> str:
         return f"SyncedCheckpointStore({str(self.directory)!r} -> {self.remote.location!r})"

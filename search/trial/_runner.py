@@ -157,7 +157,7 @@ class TrialRunner:
                        what="telling a trial")
         finally:
             self.heartbeat.end(trial_id_of(trial))
-        if ended.how is End.GPU_FULL:
+        if ended.how in (End.GPU_FULL, End.RANK_LOST):
             print(f"trial #{trial.number}: {ended.reason}", file=sys.stderr, flush=True)
         if ended.how.queued_again:
             self._to_queue.add(trial.number)

@@ -23,7 +23,7 @@ import trainers
 from search.spec import check_trainer, suggest
 from search.storage import INTERRUPTED, with_retry
 from search.trial import _api
-from search.trial._api import Pruned, Reported, Trial
+from search.trial._api import Pruned, Reported, StopRequested, Trial
 from search.trial._command import TrialFailed, run_command
 from search.trial._objective import (
     Objective,
@@ -33,6 +33,7 @@ from search.trial._objective import (
     report_or_taken_over,
 )
 from search.trial._outcome import End, Ended, TrialOutcome
+from search.trial._ranks import FitJob, RankFailed, RankLost, Verdict, fit_rank, run_ranks
 
 if TYPE_CHECKING:
     from search.spec import StudySpec
@@ -64,7 +65,7 @@ class UserObjective(Objective):
         return attrs
 
     def _device(self) -> str:
-        return str(trainers.resolve_device(self.device or "auto"))
+        return self.rank_gpus or str(trainers.resolve_device(self.device or "auto"))
 
     def run(self, trial: optuna.Trial) -> Ended:
         """Run the user's function or command for `trial` (asked by the runner) and say how it
@@ -85,6 +86,11 @@ class UserObjective(Objective):
             return Ended(End.TAKEN_OVER)  # not this worker's trial any more: nothing to record
         except TrialFailed as e:
             return Ended.of(self._record_end(begun, str(e), user, e.attrs))
+        except RankLost as e:  # queued again: its retry resumes from the user's checkpoint
+            return self.lost(begun, str(e), {"history": user.history if user else []})
+        except RankFailed as e:
+            return Ended.of(self._record_end(begun, f"error: {e}", user,
+                                             {"traceback": e.traceback}))
         except Exception as e:  # noqa: BLE001 - the user's error, recorded as the trial's
             lines = traceback.format_exception(e)
             # The traceback's last line, as Python prints it: the type and the message's
@@ -114,11 +120,23 @@ class UserObjective(Objective):
     def _call(self, user: Trial, output: dict[str, str]) -> Any:
         """What the user's function returned (None for a command, or when it was pruned)."""
         try:
+            if self.function is not None and self.spec.resources.width > 1:
+                return self._fit_ranks(user)
             if self.function is not None:
                 return self.function(dict(user.params), user)
             return run_command(self.spec, user, output)
         except Pruned:
             return None
+
+    def _fit_ranks(self, user: Trial) -> Any:
+        """The user's function in each of the trial's ranks; what rank 0's returned. `user`
+        is the worker's record of the trial: rank 0's reports, the pruner's verdicts."""
+        assert self.trainer.function is not None
+        job = FitJob(self.trainer.function, user.number, user.study_name, user.params,
+                     user.epochs, str(user.checkpoint_dir) if user.checkpoint_dir else None,
+                     user.final, user.seed)
+        return run_ranks(fit_rank, job, self.placement(user.device),
+                         on_report=functools.partial(_verdict, user), label=f"trial #{user.number}")
 
     def _on_report(self, trial: optuna.Trial, epoch: int, values: dict[str, float]
                    ) -> str | None:
@@ -195,6 +213,18 @@ class UserObjective(Objective):
                 return None, f"diverged: {metric} is {number}"
             values.append(number)
         return values, None
+
+
+def _verdict(user: Trial, report: tuple[int, dict[str, float]]) -> Verdict:
+    """Rank 0's report, recorded on the worker's `user` trial: the verdict every rank acts on."""
+    epoch, values = report
+    try:
+        user.report(epoch, **values)
+    except StopRequested as stop:
+        return ("stop", str(stop))
+    except Pruned as pruned:
+        return ("pruned", str(pruned))
+    return None
 
 
 def _reported(history: list[dict[str, float]]) -> list[str]:

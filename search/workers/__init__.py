@@ -21,6 +21,7 @@ __all__, __getattr__, __dir__ = lazy_face(__name__, {
     "SlurmArray": "_slurm",
     "WorkerError": "_worker",
     "WorkerSummary": "_worker",
+    "check_width": "_ray",
     "connect_ray": "_ray",
     "plan": "_slots",
     "plan_slots": "_slots",
@@ -30,13 +31,26 @@ __all__, __getattr__, __dir__ = lazy_face(__name__, {
     "supervise": "_supervisor",
     "supervise_ray": "_ray",
     "visible_gpu_ids": "_slots",
+    "widen": "_slots",
     "worker_command": "_supervisor",
 })
 
 if TYPE_CHECKING:  # the names above, for type checkers and readers
     from search.workers._gpu_fill import EXIT_GPU_FULL, GpuFill  # noqa: F401
-    from search.workers._ray import RayRequest, connect_ray, ray_request, supervise_ray  # noqa: F401
-    from search.workers._slots import Slot, plan, plan_slots, visible_gpu_ids  # noqa: F401
+    from search.workers._ray import (  # noqa: F401
+        RayRequest,
+        check_width,
+        connect_ray,
+        ray_request,
+        supervise_ray,
+    )
+    from search.workers._slots import (  # noqa: F401
+        Slot,
+        plan,
+        plan_slots,
+        visible_gpu_ids,
+        widen,
+    )
     from search.workers._slurm import SlurmArray, submit_slurm  # noqa: F401
     from search.workers._supervisor import Display, supervise, worker_command  # noqa: F401
     from search.workers._worker import GPU_FULL, WorkerError, WorkerSummary, run_worker  # noqa: F401

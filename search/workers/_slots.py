@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from search._errors import SpecError
+
+if TYPE_CHECKING:
+    from search.spec import Resources
 
 FAKE_GPUS_ENV = "HPSEARCH_FAKE_GPU_COUNT"  # tests of the dispatch logic on GPU-less machines
 
@@ -23,8 +27,9 @@ class Slot:
 
     index: int
     device: str  # "cpu" or "cuda" (cuda:0 inside its CUDA_VISIBLE_DEVICES)
-    cuda_visible_devices: str  # the GPU id; "" for CPU workers (they see no GPU)
-    threads: int
+    cuda_visible_devices: str  # the GPU ids ("2,3" for a trial of two); "" for CPU workers
+    threads: int  # CPU threads of each of its processes
+    ranks: int = 1  # processes a trial (`resources`): they share its GPUs, a GPU each
 
 
 def visible_gpu_ids(env: Mapping[str, str] | None = None) -> list[str]:
@@ -97,6 +102,43 @@ def plan_slots(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None 
     # slower than one (266 s vs 8 s here), from oversubscription.
     threads = max(1, cores // k)
     return [Slot(i, "cpu", "", threads) for i in range(k)]
+
+
+def widen(slots: list[Slot], resources: Resources, *, trials_per_gpu: int | str = "auto",
+          pack: int | str | None = None, cores: int | None = None,
+          say: Callable[[str], None] = print) -> list[Slot]:
+    """The slots for trials of `resources.width` processes each: with ``gpus: N``, N GPUs a
+    slot (those left over stay idle, said in one line); with ``processes: N``, the same slots
+    with N ranks each sharing its device, max(1, cores ÷ (slots·N)) threads a rank. A width
+    the machine cannot hold, `--trials-per-gpu` above 1 or `--pack` is a SpecError."""
+    width = resources.width
+    if width == 1:
+        return slots
+    if isinstance(trials_per_gpu, int) and trials_per_gpu > 1:
+        raise SpecError(f"--trials-per-gpu {trials_per_gpu}: a trial of {resources.label} "
+                        "takes its devices whole (resources); leave --trials-per-gpu out")
+    if pack not in (None, 1):
+        raise SpecError(f"--pack {pack}: a trial of {resources.label} (resources) runs "
+                        "alone; leave --pack out")
+    cores = cores or usable_cores()
+    if resources.gpus is None:
+        if width > cores:
+            raise SpecError(f"resources.processes: {width} processes a trial, and this machine "
+                            f"has {cores} cores")
+        threads = max(1, cores // (len(slots) * width))
+        return [replace(s, threads=threads, ranks=width) for s in slots]
+    ids = list(dict.fromkeys(s.cuda_visible_devices for s in slots if s.device == "cuda"))
+    if len(ids) < width:
+        raise SpecError(f"resources.gpus: {width} GPUs a trial, and this machine has "
+                        f"{len(ids)} visible ({', '.join(ids) or 'none'})")
+    groups = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    idle = ids[len(groups) * width:]
+    if idle:
+        say(f"GPU {', '.join(idle)} stay idle: {len(ids)} GPUs make {len(groups)} trial "
+            f"slot(s) of {width} (resources.gpus)")
+    threads = max(1, cores // (len(groups) * width))
+    return [Slot(i, "cuda", ",".join(group), threads, ranks=width)
+            for i, group in enumerate(groups)]
 
 
 def plan(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None = None,

@@ -126,6 +126,7 @@ def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot],
             f"started {len(procs)} worker processes ("
             + ", ".join(f"#{s.index} {s.device}"
                         + (f" GPU {s.cuda_visible_devices}" if s.device == "cuda" else "")
+                        + (f" {s.ranks} ranks" if s.ranks > 1 else "")
                         + f" {s.threads} thread{'s' * (s.threads > 1)}" for s in slots)
             + ")"
         )

@@ -257,6 +257,16 @@ BAD: list[Bad] = [
         r"got 0$"),
     Bad("RunSpec.pack", {"run": {"pack": "max"}},
         r"run\.pack: expected auto or an integer from 1 to 256 .*, got 'max'$"),
+    Bad("StudySpec.resources", {"resources": [2]},
+        r"resources: expected a mapping"),
+    Bad("Resources.gpus", {"resources": {"gpus": 0}},
+        r"resources\.gpus: expected a whole number 1 or more, got 0$"),
+    Bad("Resources.gpus", {"resources": {"gpus": True}},
+        r"resources\.gpus: expected a whole number 1 or more, got true$"),
+    Bad("Resources.processes", {"resources": {"processes": 1.5}},
+        r"resources\.processes: expected a whole number 1 or more, got 1\.5$"),
+    Bad("Resources.<unknown>", {"resources": {"nodes": 2}},
+        r"resources\.nodes: unknown key"),
     Bad("RunSpec.<unknown>", {"run": {"heartbeat": 5}},
         r"run\.heartbeat: unknown key, did you mean 'heartbeat_interval'\?"),
     # ------------------------------------------------------------------ space: the mapping
@@ -484,7 +494,8 @@ BAD: list[Bad] = [
         rf"trainer\.command\[1\]: {ARGUMENT}\{{lr: '\{{lr\}}'\}}$"),
     Bad("TrainerSpec.command", own({"command": ["python", "train.py", "--seed={sed}"]}),
         r"trainer\.command\[2\]: \{sed\} names no parameter \(expected a key of space or "
-        r"fixed, or one of: trial_number, study_name, checkpoint_dir, epochs, device\)$"),
+        r"fixed, or one of: trial_number, study_name, checkpoint_dir, epochs, device, nproc, "
+        r"gpus, master_port\)$"),
     Bad("TrainerSpec.trial_timeout_s", own({**COMMAND, "trial_timeout_s": 0}),
         rf"trainer\.trial_timeout_s: {POSITIVE_S}0$"),
     Bad("TrainerSpec.trial_timeout_s", own({**COMMAND, "trial_timeout_s": "1h"}),
