@@ -250,3 +250,44 @@ def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path,
     assert len(study.get_trials()) == 8
     reading = CudaMeter("cuda").read(1)
     assert 0 <= reading.own_mb < reading.total_mb and reading.others_mb < reading.total_mb
+
+
+def _train_ranks(devices: tuple[str, ...]) -> list[float]:
+    """A data-parallel run of the synthetic MLP over ranks on `devices`; rank 0's val losses."""
+    from search.trial._ranks import Placement, TrainJob, run_ranks, train_rank
+
+    config = {"dataset": "synthetic", "hidden": [64], "dropout": 0.0, "epochs": 2,
+              "batch_size": 64, "seed": 1}
+    import trainers
+
+    job = TrainJob(trainers.config_from_dict(config).to_dict(), None)
+    result = run_ranks(train_rank, job, Placement(devices, threads=1), on_report=lambda m: None)
+    one = trainers.train({**config, "device": "cuda"})
+    for ours, alone in zip(result.history, one.history, strict=True):
+        assert ours.val_loss == pytest.approx(alone.val_loss, rel=1e-3)
+    return [m.val_loss for m in result.history]
+
+
+def test_a_trial_of_one_gpu_trains_as_a_rank_on_nccl():
+    from search.trial._ranks import Placement
+
+    assert Placement(("cuda:0",)).backend == "nccl"
+    assert len(_train_ranks(("cuda:0",))) == 2
+
+
+def test_two_gloo_ranks_share_the_one_gpu():
+    from search.trial._ranks import Placement
+
+    assert Placement(("cuda:0", "cuda:0")).backend == "gloo"
+    assert len(_train_ranks(("cuda:0", "cuda:0"))) == 2
+
+
+def test_a_study_of_gpus_one_runs_through_run(tmp_path):
+    study = yaml.safe_load((Path(__file__).parents[1] / "studies" / "smoke.yaml").read_text())
+    study.update(name="gpus-one", resources={"gpus": 1}, budget={"trials": 2, "epochs": 2})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    done = subprocess.run([HPSEARCH, "run", "s.yaml", "--storage",
+                           f"sqlite:///{tmp_path / 's.db'}", "--trials-per-gpu", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2/2 trials finished" in done.stdout

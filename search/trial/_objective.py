@@ -154,10 +154,12 @@ class Objective:
         # A worker placed by Ray: its node and the GPU Ray gave it (hosts may share a name).
         self.placed = placement_attrs()
         # A trial over GPUs of its own: cuda:0..N-1 of the worker's, named without touching
-        # CUDA here (its ranks use them).
+        # CUDA here (its ranks use them). A worker told to use the CPU (simulated GPUs in
+        # tests) runs its ranks there.
         wide = spec.resources
+        self.own_gpus = wide.gpus is not None and wide.width > 1 and device != "cpu"
         self.rank_gpus = (",".join(Placement.of(wide.width, "cuda", None, own_gpus=True).devices)
-                          if wide.gpus is not None and wide.width > 1 else None)
+                          if self.own_gpus else None)
 
     def creation_attrs(self) -> dict[str, Any]:
         """The start attrs every trial of this worker shares (host, pid, and the device where
@@ -288,8 +290,8 @@ class Objective:
 
     def placement(self, device: str) -> Placement:
         """Where a wide trial's ranks run: a GPU each (``gpus: N``) or all on `device`."""
-        wide = self.spec.resources
-        return Placement.of(wide.width, device, self.threads, own_gpus=wide.gpus is not None)
+        return Placement.of(self.spec.resources.width, device, self.threads,
+                            own_gpus=self.own_gpus)
 
     def _train(self, begun: TrialStart) -> trainers.TrainResult:
         """The trial trained here, or in its ranks (rank 0's result)."""

@@ -400,3 +400,41 @@ def test_the_built_in_trainer_runs_two_trials_of_two_ranks_at_once(tmp_path):
     assert len(spans) == 8  # 4 trials of 2 ranks
     records = [{"start": a, "end": b} for a, b in spans.values()]
     assert _at_once(records) == 4
+
+
+PLACED = '''
+import json, os
+import torch, torch.distributed as dist
+
+
+def fit(params, trial):
+    with open(os.path.join(os.environ["MARKS"], "placed.jsonl"), "a") as f:
+        f.write(json.dumps([trial.number, trial.rank, os.environ["CUDA_VISIBLE_DEVICES"],
+                            os.environ["LOCAL_RANK"], dist.get_backend()]) + "\\n")
+    trial.report(1, score=params["lr"])
+'''
+
+
+@pytest.mark.serial
+def test_gpus_two_on_five_simulated_gpus_runs_two_trials_on_their_own_pairs(tmp_path):
+    """The dispatch of `gpus: 2` on a machine of 5 (simulated: their workers train on the
+    CPU): two workers, each pinned to its pair, the fifth GPU idle, said once."""
+    (tmp_path / "placed.py").write_text(PLACED)
+    study = {"name": "pairs", "trainer": "placed:fit", "objective": {"metric": "score"},
+             "budget": {"trials": 4, "epochs": 1}, "pruner": {"type": "none"},
+             "resources": {"gpus": 2}, "space": {"lr": {"low": 0.01, "high": 0.1}}}
+    (tmp_path / "pairs.yaml").write_text(yaml.safe_dump(study))
+    done = hp("run", "pairs.yaml", "--storage", f"sqlite:///{tmp_path / 'hpsearch.db'}",
+              cwd=tmp_path, env={
+                  "PYTHONPATH": str(tmp_path), "MARKS": str(tmp_path),
+                  "HPSEARCH_FAKE_GPU_COUNT": "5",
+                  "HPSEARCH_FAKE_GPU_MEMORY": json.dumps({"total_mb": 1000, "per_worker_mb": 100,
+                                                          "util_per_worker": 10})})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert out.count("GPU 4 stay idle: 5 GPUs make 2 trial slot(s) of 2") == 1, out
+    assert "#0 cuda GPU 0,1 2 ranks" in out and "#1 cuda GPU 2,3 2 ranks" in out, out
+    placed = [json.loads(line) for line in (tmp_path / "placed.jsonl").read_text().splitlines()]
+    assert {visible for _, _, visible, _, _ in placed} == {"0,1", "2,3"}
+    assert all(str(rank) == local and backend == "gloo" for _, rank, _, local, backend in placed)
+    assert sorted(t.state.name for t in trials_of(tmp_path, "pairs")) == ["COMPLETE"] * 4
