@@ -286,6 +286,7 @@ def _result(run: RunSetup, compute: _Compute, status: str, reason: str, *,
         test_loss=test_loss,
         test_accuracy=test_acc,
         notes=run.prepared.notes,
+        train_examples=len(run.data.train),
         model=run.model,
     )
 

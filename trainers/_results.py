@@ -53,6 +53,7 @@ class TrainResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     notes: tuple[str, ...] = ()  # what loading `model.weights` did (re-initialized heads, …)
+    train_examples: int = 0  # the training split's size (its steps per epoch follow from it)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property

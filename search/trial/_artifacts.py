@@ -187,7 +187,8 @@ class ArtifactRecorder:
               config: trainers.TrainConfig, history: list[dict[str, Any]]) -> dict[str, str]:
 
         epochs = config.epochs
-        n_train = len(data_for(config).train)  # cached: the run just used it
+        # The run's own count: a wide trial's data lives in its ranks, not in this worker.
+        n_train = result.train_examples or len(data_for(config).train)
         x, lrs, momentum = lr_per_step(config, list(result.history), n_train)
         return {
             "curves.svg": curves_svg(history, epochs, f"trial #{number}: {ended}"),
