@@ -13,12 +13,20 @@ standard output: a line
     @hpsearch {"epoch": 3, "val_loss": 0.2512, "val_accuracy": 0.91}
 
 reports the metrics of an epoch. `report` prints one; any language can print the same line.
+In a trial of several processes (torchrun merges its ranks' output) a line may say whose it is,
+
+    @hpsearch {"epoch": 3, "rank": 1, "val_loss": 0.2533}
+
+and only rank 0's count (a line without a rank is rank 0's): `report` adds the rank where
+torchrun's ``RANK`` is set, and writes each line whole, so a report merged after another
+rank's unfinished line, or after torchrun's ``[default0]:`` (``--tee``), is still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,8 @@ HISTORY_FILE = "hpsearch-history.json"  # beside the user's checkpoint: what was
 STATE_FILE = "state.pt"
 PREFIX = "@hpsearch "
 PARAMS_ENV = "HPSEARCH_PARAMS"
+RANK_KEY = "rank"  # a report line's rank, beside its "epoch"; not a metric's name
+RANK_ENV = "RANK"  # set by torchrun for each of its processes
 # The rest of what the worker tells a script, by environment variable.
 ENV = {
     "trial_number": "HPSEARCH_TRIAL_NUMBER",
@@ -37,14 +47,29 @@ ENV = {
     "epochs": "HPSEARCH_EPOCHS",
     "final": "HPSEARCH_FINAL",
     "seed": "HPSEARCH_SEED",
+    "nproc": "HPSEARCH_NPROC",
+    "gpus": "HPSEARCH_GPUS",
+    "master_port": "HPSEARCH_MASTER_PORT",
 }
 
 
 def report(epoch: int, **metrics: float) -> None:
-    """Report an epoch's metrics to the worker running this script (a line on stdout)."""
-    values = {k: float(v) for k, v in metrics.items()}
-    line = json.dumps({"epoch": int(epoch), **values}, allow_nan=True)
-    print(PREFIX + line, flush=True)
+    """Report an epoch's metrics to the worker running this script (a line on stdout).
+
+    Under torchrun every rank may call it: the line says its rank (``RANK``), and the worker
+    keeps rank 0's."""
+    if RANK_KEY in metrics:
+        raise ValueError(f"report: {RANK_KEY!r} is the line's rank under torchrun, not a "
+                         "metric: name the metric otherwise")
+    record: dict[str, Any] = {"epoch": int(epoch)}
+    rank = os.environ.get(RANK_ENV, "").strip()
+    if rank:
+        record[RANK_KEY] = int(rank)
+    record.update({k: float(v) for k, v in metrics.items()})
+    # One write, newline included (print writes the end apart): where ranks share a pipe, no
+    # other rank's output lands inside the line.
+    sys.stdout.write(PREFIX + json.dumps(record, allow_nan=True) + "\n")
+    sys.stdout.flush()
 
 
 def params() -> dict[str, Any]:
@@ -68,11 +93,14 @@ def is_final() -> bool:
 
 
 def parse_line(line: str) -> tuple[int, dict[str, float]] | None:
-    """(epoch, metrics) of a report line; None for any other line; ValueError for a report
-    line that is malformed (the trial fails with that message)."""
-    if not line.startswith(PREFIX):
+    """(epoch, metrics) of a report line of rank 0; None for any other line, another rank's
+    report among them; ValueError for a report line that is malformed, whoever's (the trial
+    fails with that message). A report after other text (torchrun's ``[default0]:``, another
+    rank's unfinished line) is read from its ``@hpsearch {``."""
+    start = 0 if line.startswith(PREFIX) else line.find(PREFIX + "{")
+    if start < 0:
         return None
-    text = line[len(PREFIX):].strip()
+    text = line[start + len(PREFIX):].strip()
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -80,7 +108,11 @@ def parse_line(line: str) -> tuple[int, dict[str, float]] | None:
     if not isinstance(record, dict) or "epoch" not in record:
         raise ValueError(f"report line without an epoch: {text[:200]}")
     epoch = record.pop("epoch")
-    return epoch, record
+    rank = record.pop(RANK_KEY, 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"report line with rank {rank!r}, expected a whole number 0 or more: "
+                         f"{text[:200]}")
+    return (epoch, record) if rank == 0 else None
 
 
 def check_report(epoch: Any, metrics: dict[str, Any], last_epoch: int | None) -> dict[str, float]:
