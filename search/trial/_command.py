@@ -42,7 +42,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from search.trial import _api
 from search.trial._api import Trial
+from search.trial._ranks import free_port
 
 if TYPE_CHECKING:
     from search.spec import StudySpec
@@ -85,14 +85,6 @@ class TrialFailed(Exception):
     def __init__(self, reason: str, attrs: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.attrs = attrs or {}
-
-
-def free_port() -> int:
-    """A loopback port free now (taken by another process before the command binds it, it is
-    a port clash: the command starts again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def trial_gpus(device: str) -> str:

@@ -79,8 +79,8 @@ class Placement:
 
 
 def free_port() -> int:
-    """A loopback port free now (another process may take it before rank 0 binds it: a
-    clash is retried)."""
+    """A loopback port free now (another process may take it before rank 0, or a command's
+    torchrun, binds it: a clash is retried)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
