@@ -209,6 +209,7 @@ class Trial:
         self.stopped: str | None = None  # why report raised Pruned, once it has
         self.stop_requested = False  # `hpsearch stop` ended it (StopRequested was raised)
         self._warned = False
+        self._repeat_warned = False
         if checkpoint_dir is not None and (checkpoint_dir / HISTORY_FILE).is_file():
             try:
                 self._history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
@@ -233,7 +234,17 @@ class Trial:
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Report an epoch's metrics (numbers). Raises `Pruned` when the trial should stop;
-        ValueError when the epoch does not follow the last one or a value is not a number."""
+        ValueError when the epoch goes back or a value is not a number. An epoch reported
+        again (Hugging Face's `trainer.evaluate()` after `train()` reports the last one twice)
+        is ignored with one warning, as Optuna ignores a step reported twice: the first stays."""
+        if (type(epoch) is int and not self._resumed
+                and any(r["epoch"] == epoch for r in self._history)):
+            if not self._repeat_warned:
+                self._repeat_warned = True
+                print(f"warning: trial #{self.number}: epoch {epoch} was reported already; "
+                      "this and any later repeat are ignored (the first report stays)",
+                      file=sys.stderr, flush=True)
+            return
         last = self.last_epoch
         if self._resumed:
             # The first report after a resume may repeat epochs the dead trial reported (its

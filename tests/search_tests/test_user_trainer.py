@@ -80,6 +80,13 @@ def not_a_number(params, trial):
     trial.report(1, score="low")
 
 
+def twice(params, trial):
+    """Hugging Face's habit: train() reports the last evaluation, evaluate() reports it again."""
+    for epoch in (1, 2, 2):
+        trial.report(epoch, score=params["lr"] + 1.0 / epoch)
+    return params["lr"] + 0.5
+
+
 def swallows(params, trial):
     for epoch in range(1, 4):
         try:
@@ -150,8 +157,6 @@ def test_report_checks_epochs_and_values_and_asks_the_verdict(tmp_path):
                   on_report=lambda e, m: said.append((e, m)) or ("pruned" if e == 3 else None))
     trial.report(1, loss=np.float32(0.5), acc=torch.tensor(0.25))
     trial.report(2, loss=0.4)
-    with pytest.raises(ValueError, match="epoch 2 after epoch 2: epochs must increase"):
-        trial.report(2, loss=0.3)
     with pytest.raises(ValueError, match="metric 'loss' at epoch 4 is 'x', expected a number"):
         trial.report(4, loss="x")
     with pytest.raises(ValueError, match="whole number"):
@@ -160,6 +165,23 @@ def test_report_checks_epochs_and_values_and_asks_the_verdict(tmp_path):
         trial.report(3, loss=0.3)
     assert trial.stopped == "pruned" and said[0] == (1, {"loss": 0.5, "acc": 0.25})
     assert [r["epoch"] for r in trial.history] == [1, 2, 3]
+
+
+def test_an_epoch_reported_again_is_ignored_with_one_warning(capsys):
+    said = []
+    trial = Trial(number=3, study_name="s", params={},
+                  on_report=lambda e, m: said.append(e) or None)
+    trial.report(1, loss=0.5)
+    trial.report(2, loss=0.4)
+    trial.report(2, loss=0.3)  # HF's `trainer.evaluate()` after `train()` does this
+    trial.report(1, loss=0.9)
+    warned = capsys.readouterr().err
+    assert warned.count("warning: trial #3: epoch 2 was reported already") == 1, warned
+    assert "epoch 1" not in warned and said == [1, 2]  # the pruner saw each epoch once
+    assert trial.history == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}]
+    trial.report(4, loss=0.35)
+    with pytest.raises(ValueError, match="epoch 3 after epoch 4: epochs must increase"):
+        trial.report(3, loss=0.3)  # back to an epoch never reported: still an error
 
 
 def test_a_retry_gets_the_checkpoint_and_the_history_back(tmp_path):
@@ -349,6 +371,17 @@ def test_what_user_code_does_wrong_is_the_trials_reason(tmp_path, function, stat
     if function == "raises":
         assert "Traceback" in trials[0].user_attrs["traceback"]
         assert trials[0].user_attrs["history"] == [{"epoch": 1, "score": 1.0}]
+
+
+def test_a_function_that_reports_an_epoch_twice_completes_warned_once(tmp_path):
+    study_file(tmp_path, trainer="usercode:twice", budget={"trials": 2, "epochs": 2})
+    run = hp("run", "mine.yaml", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    trials = trials_of(tmp_path)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all([r["epoch"] for r in t.user_attrs["history"]] == [1, 2] for t in trials)
+    for t in trials:
+        assert run.stderr.count(f"trial #{t.number}: epoch 2 was reported already") == 1
 
 
 def test_a_pruned_report_stops_the_trial_even_when_the_code_catches_it(tmp_path):
