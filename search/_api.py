@@ -30,8 +30,13 @@ class Results:
     counts: dict[str, int] = field(default_factory=dict)
 
     def dataframe(self) -> Any:
-        """The trials as a pandas DataFrame (pandas must be installed)."""
-        import pandas as pd
+        """The trials as a pandas DataFrame, a row each (``pip install 'hpsearch[pandas]'``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise SearchError("Results.dataframe() needs pandas: pip install "
+                              "'hpsearch[pandas]' (or use Results.trials, a list of dicts)"
+                              ) from None
 
         return pd.DataFrame(self.trials)
 

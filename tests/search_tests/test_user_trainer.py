@@ -500,6 +500,16 @@ def test_tune_runs_a_study_from_python_with_a_function_object(tmp_path, monkeypa
     assert results.best_value == min(r["score"] for r in results.trials)
     stored = search.load_results("api", storage=url)
     assert stored.best_params == results.best_params
+    frame = stored.dataframe()
+    assert len(frame) == 3 and frame["score"].min() == results.best_value
+    assert {"trial", "state", "lr", "epochs_run"} <= set(frame.columns)
+
+
+def test_dataframe_without_pandas_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
+    results = search.Results("s", ["loss"], ["minimize"], None, None, None)
+    with pytest.raises(search.SearchError, match=r"pip install 'hpsearch\[pandas\]'"):
+        results.dataframe()
 
 
 def test_the_documented_report_line_is_what_the_helper_prints(capsys):
