@@ -182,32 +182,15 @@ dist.destroy_process_group()
 '''
 
 
-def _two_ranks(rank: int, port: int, out: str) -> None:  # a rank of the shard run below
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    result = trainers.train(CONFIG, shard=trainers.Shard(rank, 2))
-    if rank == 0:
-        Path(out).write_text(json.dumps([m.to_dict() for m in result.history]))
-    dist.destroy_process_group()
-
-
 @pytest.mark.serial
 def test_two_ranks_train_as_one_process_and_as_a_torchrun_script(tmp_path):
     one = [m.to_dict() for m in trainers.train(CONFIG).history]
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    port = _ranks.free_port()
-    procs = [context.Process(target=_two_ranks, args=(r, port, str(tmp_path / "ddp.json")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    reported: list[trainers.EpochMetrics] = []  # rank 0's reports, as the worker gets them
+    job = _ranks.TrainJob(trainers.config_from_dict(CONFIG).to_dict(), None)
+    result = _ranks.run_ranks(_ranks.train_rank, job, _ranks.Placement(("cpu", "cpu"), 1),
+                              on_report=lambda m: reported.append(m) or None)
+    ddp = [m.to_dict() for m in result.history]
+    assert [m.to_dict() for m in reported] == ddp
     (tmp_path / "by_hand.py").write_text(BY_HAND)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                            "2", "--master-port", str(_ranks.free_port()), "by_hand.py",
