@@ -67,6 +67,11 @@ def is_connection_error(error: BaseException) -> bool:
         return True
     if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
         return True
+    if isinstance(e, sqlalchemy.exc.PendingRollbackError):
+        # The same session used again after its connection was lost (Optuna's fallback query
+        # in `get_all_trials` does): the session is rolled back as the call fails, so a retry
+        # gets a new connection. Other pending rollbacks (a failed flush) are not waited for.
+        return "can't reconnect until invalid transaction is rolled back" in str(e).lower()
     if not isinstance(e, sqlalchemy.exc.OperationalError):
         return False
     orig = e.orig

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import sqlalchemy
+import sqlalchemy.orm
 from optuna.trial import TrialState
 
 from search import StorageError
@@ -103,6 +104,23 @@ def test_postgres_lock_timeout_is_one_line_at_once_and_a_killed_connection_is_wa
 
     assert with_retry(flaky, what="reading", log=logged.append) == "back"
     assert "storage unreachable while reading" in logged[0]
+
+    # Optuna's fallback query reuses the session whose connection was lost: SQLAlchemy refuses
+    # it until the session is rolled back (Optuna's session is, as the call fails): a retry
+    # works. It failed `run --workers 2`'s progress across a server restart once.
+    session = sqlalchemy.orm.Session(victim)
+    pid = session.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"SELECT pg_terminate_backend({pid})"))
+        time.sleep(0.2)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        session.execute(sqlalchemy.text("SELECT 1"))
+    with pytest.raises(sqlalchemy.exc.PendingRollbackError) as pending:
+        session.execute(sqlalchemy.text("SELECT 1"))
+    assert is_connection_error(pending.value)
+    session.rollback()
+    assert session.execute(sqlalchemy.text("SELECT 'back'")).scalar() == "back"
+    session.close()
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f"DROP TABLE {table}"))
 
