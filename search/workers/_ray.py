@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
 from search.workers._engines import import_engine, shared_storage
+from search.workers._slots import check_sharing
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -97,13 +98,7 @@ def check_width(request: RayRequest, resources: Resources, *,
     with `--gpus none`."""
     if resources.width == 1:
         return
-    if request.trials_per_gpu > 1:
-        raise SpecError(f"--trials-per-gpu {request.trials_per_gpu}: a trial of "
-                        f"{resources.label} (resources) takes its devices whole; leave "
-                        "--trials-per-gpu out")
-    if pack not in (None, 1):
-        raise SpecError(f"--pack {pack}: a trial of {resources.label} (resources) runs alone; "
-                        "leave --pack out")
+    check_sharing(resources, trials_per_gpu=request.trials_per_gpu, pack=pack)
     if resources.gpus is not None and request.gpus == "none":
         raise SpecError(f"--gpus none: the study's trials take {resources.label} each "
                         "(resources.gpus); leave --gpus out")

@@ -114,12 +114,7 @@ def widen(slots: list[Slot], resources: Resources, *, trials_per_gpu: int | str 
     width = resources.width
     if width == 1:
         return slots
-    if isinstance(trials_per_gpu, int) and trials_per_gpu > 1:
-        raise SpecError(f"--trials-per-gpu {trials_per_gpu}: a trial of {resources.label} "
-                        "takes its devices whole (resources); leave --trials-per-gpu out")
-    if pack not in (None, 1):
-        raise SpecError(f"--pack {pack}: a trial of {resources.label} (resources) runs "
-                        "alone; leave --pack out")
+    check_sharing(resources, trials_per_gpu=trials_per_gpu, pack=pack)
     cores = cores or usable_cores()
     if resources.gpus is None:
         if width > cores:
@@ -139,6 +134,18 @@ def widen(slots: list[Slot], resources: Resources, *, trials_per_gpu: int | str 
     threads = max(1, cores // (len(groups) * width))
     return [Slot(i, "cuda", ",".join(group), threads, ranks=width)
             for i, group in enumerate(groups)]
+
+
+def check_sharing(resources: Resources, *, trials_per_gpu: int | str,
+                  pack: int | str | None) -> None:
+    """SpecError (exit 2) for what a wide trial cannot share: its GPUs with other trials
+    (`--trials-per-gpu` above 1) or its process with a pack (`--pack`)."""
+    if isinstance(trials_per_gpu, int) and trials_per_gpu > 1:
+        raise SpecError(f"--trials-per-gpu {trials_per_gpu}: a trial of {resources.label} "
+                        "(resources) takes its devices whole; leave --trials-per-gpu out")
+    if pack not in (None, 1):
+        raise SpecError(f"--pack {pack}: a trial of {resources.label} (resources) runs "
+                        "alone; leave --pack out")
 
 
 def plan(gpus: str, *, trials_per_gpu: int | str = 1, workers: int | None = None,

@@ -81,7 +81,8 @@ def test_processes_n_gives_each_rank_its_share_of_the_cores():
                             "(0, 1)"),
     (Resources(processes=8), {}, "resources.processes: 8 processes a trial, and this machine "
                                  "has 2 cores"),
-    (Resources(gpus=2), {"trials_per_gpu": 2}, "--trials-per-gpu 2: a trial of 2 GPUs takes"),
+    (Resources(gpus=2), {"trials_per_gpu": 2},
+     "--trials-per-gpu 2: a trial of 2 GPUs (resources) takes its devices whole"),
     (Resources(processes=2), {"pack": 8}, "--pack 8: a trial of 2 processes (resources) runs "
                                           "alone"),
 ])
