@@ -50,9 +50,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from search._process import die_with_parent, free_port
 from search.trial import _api
 from search.trial._api import Trial
-from search.trial._ranks import free_port
 
 if TYPE_CHECKING:
     from search.spec import StudySpec
@@ -219,10 +219,7 @@ def _setpriv() -> str | None:
 def _die_with_worker() -> None:
     """Runs in the command's process before exec: SIGKILL it when its worker dies (Linux), so
     a killed worker leaves no script training on, holding the GPU its retry needs."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGKILL)
 
 
 class _Command:

@@ -21,18 +21,18 @@ the one verdict it got for an epoch (`Rank.decide`), so every rank stops at the 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+from search._process import die_with_parent, free_port
 
 # A verdict on an epoch: None (go on), or ("pruned" | "stop", why).
 Verdict = tuple[str, str] | None
@@ -81,30 +81,22 @@ class Placement:
         return cls((device,) * width, threads)
 
 
-def free_port() -> int:
-    """A loopback port free now (another process may take it before rank 0, or a command's
-    torchrun, binds it: a clash is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(target: Callable[[Rank, Any], Any], payload: Any, placement: Placement, *,
               on_report: Callable[[Any], Verdict], label: str = "trial") -> Any:
     """Run ``target(rank, payload)`` in each of `placement.width` new processes; what rank 0
     returned. Rank 0's reports (`Rank.decide`) are answered with ``on_report(report)``.
     RankFailed, RankLost as the module says; a KeyboardInterrupt here ends every rank."""
+    port = 0
     for attempt in range(1, PORT_TRIES + 1):
         port = free_port()
         try:
             return _Group(target, payload, placement, port, on_report).serve()
         except _PortClash:
-            if attempt == PORT_TRIES:
-                raise RankFailed(f"{label}: rank 0 could not bind a port for its process "
-                                 f"group in {PORT_TRIES} tries (the last {port})") from None
-            print(f"{label}: port {port} was taken as the ranks started; trying another",
-                  flush=True)
-    raise AssertionError("unreachable")
+            if attempt < PORT_TRIES:
+                print(f"{label}: port {port} was taken as the ranks started; trying another",
+                      flush=True)
+    raise RankFailed(f"{label}: rank 0 could not bind a port for its process group in "
+                     f"{PORT_TRIES} tries (the last {port})")
 
 
 class _PortClash(Exception):
@@ -255,21 +247,13 @@ class Rank:
         dist.broadcast_object_list(verdict, src=0, group=self._control)
         return verdict[0]
 
-    def send_result(self, value: Any) -> None:
-        self._conn.send(("result", value))
-
-
-def _die_with_worker() -> None:
-    """SIGKILL this rank when its worker dies (Linux), so no rank trains on alone."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _rank_main(rank: int, port: int, placement: Placement, conn: Connection,
                target: Callable[[Rank, Any], Any], payload: Any) -> None:
     """A rank process: its environment and process groups, then `target`; its exit code
     says how it ended (0 done, 1 raised, EXIT_PORT_CLASH, 130 interrupted)."""
-    _die_with_worker()
+    die_with_parent(signal.SIGKILL)  # no rank trains on alone when its worker dies
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(placement.width),
                       LOCAL_WORLD_SIZE=str(placement.width), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

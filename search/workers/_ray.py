@@ -20,7 +20,6 @@ Light to import: bad input is refused before Ray, Optuna or torch load.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
+from search._process import die_with_parent
 from search.workers._engines import import_engine, shared_storage
 from search.workers._slots import check_sharing
 
@@ -235,10 +235,7 @@ def _die_with_actor() -> None:
     # install no KeyboardInterrupt handler, and the worker would never see our Ctrl-C.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGKILL)
 
 
 class RayWorker:

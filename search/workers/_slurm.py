@@ -23,7 +23,6 @@ to its owner), never in what is printed. Light to import: submitit loads only to
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
+from search._process import die_with_parent
 from search._urls import redact
 from search.workers._engines import import_engine, shared_storage
 
@@ -341,7 +341,4 @@ def _worker_signals() -> None:
     preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"),
                       signal.SIGUSR2)
     signal.signal(preempt, signal.SIG_IGN)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGINT)

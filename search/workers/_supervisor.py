@@ -9,7 +9,6 @@ worker still alive 8 s after an interrupt is killed and its trial marked interru
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 import trainers
+from search._process import die_with_parent
 from search.spec import StudySpec
 from search.storage import (
     Counts,
@@ -89,12 +89,7 @@ def worker_command(slot: Slot, name: str, url: str, *, timeout_s: float | None,
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the supervisor dies (Linux)."""
-    try:
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGTERM)
 
 def supervise(study: optuna.Study, spec: StudySpec, url: str, slots: list[Slot], *,
               display: Display, timeout_s: float | None,
