@@ -122,6 +122,8 @@ def rank_script(lr: str, momentum: str, epochs: str) -> None:
 
     train(float(lr), float(momentum), int(epochs), report)
     dist.destroy_process_group()
+    sys.stdout.flush()  # DDP's gloo threads can abort the interpreter's exit (pytorch#190489)
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ the hand loop

@@ -64,6 +64,9 @@ OUTPUT_TAIL_LINES = 200  # of a command's stdout and of its stderr, kept as the 
 PORT_TRIES = 3  # starts of a command whose port was taken, each on a new free port
 # What torchrun (c10d's TCPStore) and most servers print when their port is taken.
 PORT_CLASH = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+# torch's gloo threads torn down with the interpreter (DDP keeps the group alive past
+# destroy_process_group): the script trained, then aborted as it exited.
+EXIT_ABORT = re.compile(r"terminate called without an active exception")
 # Launch variables of a process group the worker may sit in: a command starts its own.
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
               "MASTER_PORT")
@@ -207,6 +210,10 @@ def _run(spec: StudySpec, user: Trial, output: dict[str, str], port: int, *,
         raise _PortClash
     last = next((line for line in reversed(command.tails["stderr"]) if line.strip()), "")
     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if reported and command.says(EXIT_ABORT):
+        last = ("a rank aborted as Python exited (torch's gloo threads, pytorch#190489): end "
+                "the script with os._exit(0) after destroy_process_group(); see "
+                "docs/own-training.md")
     raise TrialFailed(f"command failed ({how}){': ' + last if last else ''}"[:500],
                       {"output_tail": command.tail()})
 

@@ -213,6 +213,12 @@ def test_every_process_a_wide_command_started_ends_with_it(tmp_path, monkeypatch
     ("import sys; sys.exit(3)", "command failed (exit code 3)"),
     ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "command failed (killed by "
                                                                  "signal 9)"),
+    # Trained, then aborted in the interpreter's teardown as torch's gloo threads can: named.
+    ("import os, sys, search; search.report(1, score=1.0); "
+     "print('terminate called without an active exception', file=sys.stderr, flush=True); "
+     "os.abort()", "command failed (killed by signal 6): a rank aborted as Python exited "
+                   "(torch's gloo threads, pytorch#190489): end the script with os._exit(0) "
+                   "after destroy_process_group(); see docs/own-training.md"),
 ])
 def test_a_wide_commands_end_is_its_own_under_the_supervisor(tmp_path, code, reason):
     spec = ranks_spec(python_command(tmp_path, code))

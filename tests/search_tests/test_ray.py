@@ -175,7 +175,9 @@ def test_each_gpu_worker_sees_the_gpu_ray_gave_it(cluster, tmp_path, postgres_ur
 def test_ctrl_c_stops_the_ray_workers_and_queues_their_trials_again(cluster, tmp_path,
                                                                     postgres_url, study_name):
     """As with local workers: exit 130, every running trial interrupted and queued to resume."""
-    data = study_data(study_name, trials=4, epochs=30, size=20000, hidden=256, heartbeat=True,
+    # Far more epochs than the test waits for: a trial seen running is still running at the
+    # Ctrl-C (30 epochs, 3 s, once let trial #0 complete in between and #2 start).
+    data = study_data(study_name, trials=4, epochs=3000, size=20000, hidden=256, heartbeat=True,
                       checkpoints=tmp_path / "ckpt")
     proc = subprocess.Popen([HPSEARCH, "run", str(write(tmp_path, data)), "--ray",
                              cluster.address, "--gpus", "none", "--workers", "2",

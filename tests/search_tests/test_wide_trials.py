@@ -180,6 +180,10 @@ for epoch in range(config.epochs):
 if rank == 0:
     print(json.dumps(losses))
 dist.destroy_process_group()
+# DDP keeps gloo's group alive past destroy: exiting through the interpreter's teardown can
+# abort (SIGABRT, pytorch#190489), as hpsearch's own ranks would without their os._exit.
+sys.stdout.flush()
+os._exit(0)
 '''
 
 
