@@ -283,14 +283,22 @@ class Trial:
             tmp = self.checkpoint_dir / f".{STATE_FILE}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.checkpoint_dir / STATE_FILE)
-            if self._writes_history:
-                self._save_history(force=True)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
             self._warn(f"checkpoint not saved ({getattr(e, 'strerror', None) or e}): the trial "
                        "goes on without it")
             return
+        self.checkpointed()
+
+    def checkpointed(self) -> None:
+        """Say that a checkpoint of this trial was just written into `checkpoint_dir` by
+        other means than `save_checkpoint` (Hugging Face's `Trainer`, Lightning's
+        `ModelCheckpoint`: `search.integrations` calls it for them). The reports so far are
+        saved beside it, for a retry to resume with, and after `hpsearch stop` it raises
+        `StopRequested`, as `save_checkpoint` does: right after a checkpoint, nothing is lost."""
+        if self.checkpoint_dir is not None and self.is_main:
+            self._save_history(force=True)
         self._checkpointed = True
-        if self._stop():  # `hpsearch stop`: right after a checkpoint, so nothing is lost
+        if self._stop():
             self.stop_requested = True
             raise StopRequested("stopped on request after a checkpoint")
 
