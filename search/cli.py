@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from search._errors import SearchError, SpecError
+from search._log import for_cli
 from search._urls import DEFAULT_URL, ENV_VAR, redact, resolve_url
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -492,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     debug = args.debug or bool(os.environ.get("HPSEARCH_DEBUG"))
+    with for_cli():  # hpsearch's warnings and notices printed, as `warning: …` lines
+        return _run(args, debug)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         with _names_trusted() if args.handler.stored_spec_only else nullcontext():
             if args.handler.reads_only:

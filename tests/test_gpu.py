@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def test_a_packed_epoch_on_cuda_waits_for_the_gpu_only_at_its_loss_checks():
 
 
 def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path, monkeypatch,
-                                                                       capfd):
+                                                                       caplog):
     """`--pack auto` on a real GPU: CUDA's own counters are read after each full pack, and a
     pack of tiny MLPs on a large GPU doubles (2 → 4) unless NVML says it is busy."""
     import search.trial._packing as packing
@@ -243,8 +244,9 @@ def test_an_auto_pack_on_cuda_reads_its_memory_and_grows_where_it_fits(tmp_path,
     monkeypatch.delenv("HPSEARCH_FAKE_GPU_MEMORY", raising=False)
     study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
         "cuda-pack-grows", trials=8, epochs=2, size=1024, space=LR))
-    run_worker(study, spec, device="cuda", artifacts=False, pack="auto")
-    err = capfd.readouterr().err
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        run_worker(study, spec, device="cuda", artifacts=False, pack="auto")
+    err = caplog.text
     assert "--pack auto: a pack of 2 peaked at" in err, err
     assert "packs of 4 now" in err or "(GPU busy)" in err, err
     assert len(study.get_trials()) == 8

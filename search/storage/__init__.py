@@ -33,6 +33,7 @@ from search.storage._budget import (
 from search.storage._compat import (
     backend_of,
     fast_paths,
+    quiet_experimental,
     quiet_optuna_warnings,
     storage_of,
     tell_trial,
@@ -116,6 +117,7 @@ __all__ = [
     "open_artifact_store",
     "open_for_watching",
     "open_storage",
+    "quiet_experimental",
     "quiet_optuna_warnings",
     "redact",
     "resolve_url",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,9 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
+from search._log import logger
+
+LOG = logger("storage")
 TESTED = (5, 0)  # the Optuna minor release the fast paths are written and tested against
 FAST_PATHS_ENV = "HPSEARCH_FAST_PATHS"
 # Set once the warning is printed: worker processes started after it do not repeat it.
@@ -105,8 +107,8 @@ def fast_paths() -> bool:
         reason = missing()
         _STATE.append(reason)
         if reason is not None and not os.environ.get(WARNED_ENV):
-            print(f"warning: hpsearch uses Optuna's public storage API ({reason}): correct, "
-                  "but slower per trial", file=sys.stderr, flush=True)
+            LOG.warning(f"hpsearch uses Optuna's public storage API ({reason}): correct, "
+                        "but slower per trial")
             os.environ[WARNED_ENV] = "1"
     return _STATE[0] is None
 
@@ -173,7 +175,19 @@ def heartbeat_enabled(storage: Any) -> bool:
     return getattr(backend_of(storage), "heartbeat_interval", None) is not None
 
 
+@contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna's experimental features that hpsearch uses (heartbeats, retries, metric names),
+    used without their ExperimentalWarning: ours to know, not the user's. The warning filters
+    are as they were after the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def quiet_optuna_warnings() -> None:
-    """Experimental-feature warnings (heartbeats, retries) are ours to know, not the user's."""
+    """Optuna's INFO lines and experimental-feature warnings hidden, for the whole process:
+    the command line's (and the tests'), never the library's: a program's Optuna logging is
+    its own (`search.tune` leaves it as it finds it)."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("optuna").setLevel(logging.WARNING)

@@ -11,18 +11,19 @@ failed at most once an interval and whenever the worker is about to wait for oth
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-import warnings
 from typing import Any
 
 import optuna
 
-from search.storage._compat import heartbeat_enabled, storage_of
+from search._log import logger
+from search.storage._compat import heartbeat_enabled, quiet_experimental, storage_of
 from search.storage._control import stop_requested
 from search.storage._retry import is_connection_error
 from search.storage._tables import first_heartbeat
+
+LOG = logger("storage")
 
 
 class WorkerHeartbeat:
@@ -82,8 +83,7 @@ class WorkerHeartbeat:
         if lock is not None:
             lock.acquire()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with quiet_experimental():
                 optuna.storages.fail_stale_trials(self.study)
         finally:
             if lock is not None:
@@ -104,5 +104,5 @@ class WorkerHeartbeat:
                 # longer than the grace period makes the trial stale, as a dead worker's would.
                 if not is_connection_error(e) and not self._warned:
                     self._warned = True
-                    print(f"warning: heartbeat of trial id {trial_id} not recorded "
-                          f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+                    LOG.warning(f"heartbeat of trial id {trial_id} not recorded "
+                                f"({type(e).__name__}: {e})")

@@ -9,7 +9,6 @@ StorageError: one line with the storage's own message.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,9 +16,11 @@ from typing import TypeVar
 import sqlalchemy.exc
 
 from search._errors import StorageError
+from search._log import logger
 from search._urls import redact
 
 T = TypeVar("T")
+LOG = logger("storage")
 
 RETRY_DEADLINE_S = 300.0  # how long a worker waits for its storage before giving up
 FIRST_DELAY_S = 0.5
@@ -109,7 +110,7 @@ def _root_cause(error: BaseException) -> str:
 def with_retry(fn: Callable[[], T], *, what: str, deadline_s: float = RETRY_DEADLINE_S,
                log: Callable[[str], None] | None = None) -> T:
     """Call `fn`; on a connection error wait and call again, up to `deadline_s` in all."""
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log = log or LOG.info
     started = time.monotonic()
     delay = FIRST_DELAY_S
     while True:

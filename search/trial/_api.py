@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search._log import logger
+
+LOG = logger("trial")
 HISTORY_FILE = "hpsearch-history.json"  # beside the user's checkpoint: what was reported
 STATE_FILE = "state.pt"
 PREFIX = "@hpsearch "
@@ -241,9 +244,8 @@ class Trial:
                 and any(r["epoch"] == epoch for r in self._history)):
             if not self._repeat_warned:
                 self._repeat_warned = True
-                print(f"warning: trial #{self.number}: epoch {epoch} was reported already; "
-                      "this and any later repeat are ignored (the first report stays)",
-                      file=sys.stderr, flush=True)
+                LOG.warning(f"trial #{self.number}: epoch {epoch} was reported already; "
+                            "this and any later repeat are ignored (the first report stays)")
             return
         last = self.last_epoch
         if self._resumed:
@@ -328,4 +330,4 @@ class Trial:
     def _warn(self, message: str) -> None:
         if not self._warned:
             self._warned = True
-            print(f"warning: trial #{self.number}: {message}", flush=True)
+            LOG.warning(f"trial #{self.number}: {message}")

@@ -16,13 +16,13 @@ or store them prints one warning line and never fails the trial.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from search._log import logger
 from search._urls import redact
 from search.storage import (
     artifact_location,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import trainers
     from search.spec import StudySpec
 
+LOG = logger("trial")
 MAX_LR_POINTS = 800  # per-step lr drawn at most this many points: ~2 per pixel of width
 
 def lr_per_step(config: trainers.TrainConfig, history: list[trainers.EpochMetrics],
@@ -78,7 +79,7 @@ def lr_per_step(config: trainers.TrainConfig, history: list[trainers.EpochMetric
     return [(t + 1) / per_epoch for t in steps], lr, momentum
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    LOG.warning(message)
 
 @dataclass(frozen=True)
 class Written:

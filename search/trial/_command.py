@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from search._log import logger
 from search._process import die_with_parent, free_port
 from search.trial import _api
 from search.trial._api import Trial
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 # A command's program named so runs as the worker's own Python (its virtualenv), whatever
 # `python` is first on PATH.
+LOG = logger("trial")
 PYTHON_NAMES = ("python", "python3")
 OUTPUT_TAIL_LINES = 200  # of a command's stdout and of its stderr, kept as the trial's artifact
 PORT_TRIES = 3  # starts of a command whose port was taken, each on a new free port
@@ -163,8 +165,8 @@ def run_command(spec: StudySpec, user: Trial, output: dict[str, str]) -> None:
             _run(spec, user, output, port, retry_on_clash=attempt < PORT_TRIES)
             return
         except _PortClash:
-            print(f"trial #{user.number}: port {port} was in use as its command started; "
-                  "starting it again on another port", flush=True)
+            LOG.info(f"trial #{user.number}: port {port} was in use as its command started; "
+                     "starting it again on another port")
 
 
 class _PortClash(Exception):

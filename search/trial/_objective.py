@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 
 import trainers
 from search._errors import SpecError
+from search._log import logger
 from search.spec import base_train_config, suggest, train_config_for
 from search.storage import (
     INTERRUPTED,
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from search.trial._artifacts import ArtifactRecorder
 
 T = TypeVar("T")
+LOG = logger("trial")
 MAX_RANK_RETRIES = 3  # a trial that loses a rank this many retries in a row fails
 
 
@@ -451,9 +452,8 @@ class Objective:
             try:
                 self.remote.fetch(self.spec.name, retried_from, directory)
             except Exception as e:  # noqa: BLE001 - a lost checkpoint costs epochs, not the trial
-                print(f"warning: trial #{number}: the checkpoint of trial #{retried_from} not "
-                      f"fetched from {self.remote.location} ({e}); it starts from epoch 0",
-                      file=sys.stderr, flush=True)
+                LOG.warning(f"trial #{number}: the checkpoint of trial #{retried_from} not "
+                            f"fetched from {self.remote.location} ({e}); it starts from epoch 0")
         return directory
 
     def _checkpoint_store(self, number: int, retried_from: int | None

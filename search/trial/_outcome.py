@@ -8,19 +8,20 @@ it ended, and the runner (`search.trial._runner`) acts on that.
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import TrialState
 
+from search._log import logger
+
 if TYPE_CHECKING:
     from search.storage import Counts
 
-# Optuna's own logger family: a trial's error is shown as Optuna showed it under
-# `study.optimize`, with its traceback, and follows `optuna.logging`'s verbosity.
-LOG = logging.getLogger("optuna.hpsearch")
+# A trial's error with its traceback, in Optuna's words under `study.optimize`: hpsearch's
+# record (hpsearch.trial), shown by whoever shows hpsearch's warnings.
+LOG = logger("trial")
 
 GPU_FULL = "gpu full"  # Step.stop: a shared-GPU out-of-memory, the trial queued again
 STOP_REQUESTED = "stop requested"  # Step.stop: `hpsearch stop`, the trials queued again

@@ -22,7 +22,6 @@ size is settled. A pack that runs out of memory halves and grows no more.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +30,7 @@ import optuna
 import torch
 
 import trainers
+from search._log import logger
 from search.storage import INTERRUPTED, Counts, set_user_attrs, with_retry
 from search.trial._gpu import (
     BUSY_UTILIZATION,
@@ -50,6 +50,7 @@ Told = tuple[Ended, "TrialOutcome | None"]  # a member told, and what the displa
 
 # `--pack auto`: 32 small trials at once on a CPU (what packing gains there: the packing
 # section of benchmarks/README.md); a model this large fills the machine alone.
+LOG = logger("trial")
 AUTO_PACK = 32
 AUTO_MAX_PARAMETERS = 1_000_000
 PACK_MAX = 256
@@ -343,8 +344,8 @@ class PackRunner(TrialRunner):
         self.capacity, self.grows = max(1, n // 2), False
         self._empty(self.capacity, device)
         self.queue_again()
-        print(f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
-              f"with packs of {self.capacity}", file=sys.stderr, flush=True)
+        LOG.info(f"--pack: {reason}; its {n} trials are queued again and this worker goes on "
+                 f"with packs of {self.capacity}")
         return Step()
 
     def _interrupt_all(self, told: list[Told] | None = None) -> Step:
@@ -381,4 +382,4 @@ class PackRunner(TrialRunner):
     def _say(self, line: str) -> None:
         if line not in self._said:
             self._said.add(line)
-            print(line, file=sys.stderr, flush=True)
+            LOG.info(line)

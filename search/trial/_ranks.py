@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from search._log import logger, print_records, printer_level
 from search._process import die_with_parent, free_port
 
 # A verdict on an epoch: None (go on), or ("pruned" | "stop", why).
@@ -39,6 +40,7 @@ Verdict = tuple[str, str] | None
 PORT_TRIES = 3  # a port clash is retried this many times, each on a new free port
 EXIT_PORT_CLASH = 3  # a rank's exit code when its process group could not bind the port
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL for the ranks left when a trial ends
+LOG = logger("trial")
 
 
 class RankFailed(Exception):
@@ -93,8 +95,7 @@ def run_ranks(target: Callable[[Rank, Any], Any], payload: Any, placement: Place
             return _Group(target, payload, placement, port, on_report).serve()
         except _PortClash:
             if attempt < PORT_TRIES:
-                print(f"{label}: port {port} was taken as the ranks started; trying another",
-                      flush=True)
+                LOG.info(f"{label}: port {port} was taken as the ranks started; trying another")
     raise RankFailed(f"{label}: rank 0 could not bind a port for its process group in "
                      f"{PORT_TRIES} tries (the last {port})")
 
@@ -115,7 +116,8 @@ class _Group:
         for rank in range(placement.width):
             mine, theirs = context.Pipe()
             proc = context.Process(target=_rank_main, name=f"hpsearch-rank-{rank}",
-                                   args=(rank, port, placement, theirs, target, payload))
+                                   args=(rank, port, placement, theirs, target, payload,
+                                         printer_level()))
             self.conns.append(mine)
             self.procs.append(proc)
         self.result: tuple[Any] | None = None  # (rank 0's return value,) once it came
@@ -250,10 +252,13 @@ class Rank:
 
 
 def _rank_main(rank: int, port: int, placement: Placement, conn: Connection,
-               target: Callable[[Rank, Any], Any], payload: Any) -> None:
+               target: Callable[[Rank, Any], Any], payload: Any, printing: int | None) -> None:
     """A rank process: its environment and process groups, then `target`; its exit code
-    says how it ended (0 done, 1 raised, EXIT_PORT_CLASH, 130 interrupted)."""
+    says how it ended (0 done, 1 raised, EXIT_PORT_CLASH, 130 interrupted). hpsearch's
+    warnings (`Trial.report`'s) are printed from the level the worker prints them from."""
     die_with_parent(signal.SIGKILL)  # no rank trains on alone when its worker dies
+    if printing is not None:  # a fresh process: the worker's handlers are not here
+        print_records(printing)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(placement.width),
                       LOCAL_WORLD_SIZE=str(placement.width), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

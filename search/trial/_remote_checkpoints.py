@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,10 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 import trainers
 from search._errors import SpecError
+from search._log import logger
 from search.storage import open_artifact_store
+
+LOG = logger("trial")
 
 
 class RemoteCheckpoints:
@@ -115,8 +117,8 @@ class SyncedCheckpointStore(trainers.CheckpointStore):
         try:
             self.remote.push(self.study, self.number, self.path)
         except Exception as e:  # noqa: BLE001 - a lost copy costs a retry epochs, not the trial
-            print(f"warning: trial #{self.number}: checkpoint not copied to "
-                  f"{self.remote.location} ({e})", file=sys.stderr, flush=True)
+            LOG.warning(f"trial #{self.number}: checkpoint not copied to "
+                        f"{self.remote.location} ({e})")
 
     def __repr__(self) -> str:
         return f"SyncedCheckpointStore({str(self.directory)!r} -> {self.remote.location!r})"

@@ -14,12 +14,12 @@ epoch checkpoint, at the next `run` or `worker`, on any machine.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import TYPE_CHECKING, Protocol
 
 import optuna
 
+from search._log import logger
 from search.storage import (
     BudgetReached,
     Counts,
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
 
 
+LOG = logger("trial")
+
 
 class TrialKind(Protocol):
     """What runs a trial the runner asked for (`Objective`, `UserObjective`)."""
@@ -60,8 +62,8 @@ class TrialKind(Protocol):
 
 def say_dropped(number: int) -> None:
     """The line a worker prints as it drops a trial that was taken over."""
-    print(f"trial #{number}: failed as stale while this worker was paused, and retried by "
-          "another; its late result is dropped", file=sys.stderr, flush=True)
+    LOG.info(f"trial #{number}: failed as stale while this worker was paused, and retried by "
+             "another; its late result is dropped")
 
 
 class TrialRunner:
@@ -158,7 +160,7 @@ class TrialRunner:
         finally:
             self.heartbeat.end(trial_id_of(trial))
         if ended.how in (End.GPU_FULL, End.RANK_LOST):
-            print(f"trial #{trial.number}: {ended.reason}", file=sys.stderr, flush=True)
+            LOG.info(f"trial #{trial.number}: {ended.reason}")
         if ended.how.queued_again:
             self._to_queue.add(trial.number)
             return None  # not an end: it runs again

@@ -6,12 +6,12 @@ disturbs the workers, and never initialises a database it was pointed at by mist
 
 from __future__ import annotations
 
-import sys
-
 from search._errors import SearchError
+from search._log import logger
 from search._urls import redact
 from search.storage import artifact_location, open_artifact_store, open_for_watching
 
+LOG = logger("views")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def serve(url: str, *, host: str, port: int) -> None:
@@ -25,9 +25,8 @@ def serve(url: str, *, host: str, port: int) -> None:
     location = artifact_location(url)
     store = open_artifact_store(location) if location else None
     if host not in LOCAL_HOSTS:
-        print(f"warning: the dashboard has no authentication; binding {host} lets "
-              "anyone who can reach this machine read and edit the studies",
-              file=sys.stderr)
+        LOG.warning(f"the dashboard has no authentication; binding {host} lets "
+                    "anyone who can reach this machine read and edit the studies")
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     if ":" in shown:
         shown = f"[{shown}]"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search._errors import SearchError, SpecError
+from search._log import logger
 from search._process import die_with_parent
 from search._urls import redact
 from search.workers._engines import import_engine, shared_storage
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
     from search.spec import Resources, StudySpec
 
+LOG = logger("workers")
 LAUNCHER = "hpsearch slurm"
 STOP_GRACE_S = 45.0  # SIGINT to SIGKILL; inside the 90 s between USR2 and Slurm's kill
 SIGNAL_DELAY_S = 90  # submitit's default: USR2 this long before the time limit
@@ -193,8 +195,8 @@ class SlurmArray:
         if not self.folder.exists():  # the pickles hold the storage URL, password included
             self.folder.mkdir(parents=True, mode=0o700)
         elif self.folder.stat().st_mode & 0o077 and redact(self.url) != self.url:
-            print(f"warning: {self.folder} is open to other users, and the task pickles there "
-                  f"hold the storage password", file=sys.stderr)
+            LOG.warning(f"{self.folder} is open to other users, and the task pickles there "
+                        "hold the storage password")
         if executor is None:
             executor = submitit.SlurmExecutor(folder=self.folder)
             executor.update_parameters(**self.sbatch_parameters())

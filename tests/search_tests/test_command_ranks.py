@@ -10,6 +10,7 @@ out, or loses its worker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -156,28 +157,33 @@ class Ports:
 
 
 def test_a_port_clash_before_the_first_report_starts_the_command_again(tmp_path, monkeypatch,
-                                                                       capsys):
+                                                                       caplog):
+    def said() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "hpsearch.trial"]
+        caplog.clear()
+        return lines
+
+    caplog.set_level(logging.INFO, logger="hpsearch")
     ports = Ports(clashes=1)
     monkeypatch.setattr(_command, "free_port", ports)
     spec = ranks_spec(python_command(tmp_path, CLAIMS_PORT))
     trial = Trial(number=0, study_name="ranks", params={"lr": 0.01})
     run_command(spec, trial, {})
     assert trial.history == [{"epoch": 1, "score": 0.5}] and len(set(ports.given)) == 2
-    said = capsys.readouterr().out.splitlines()
-    assert said == [f"trial #0: port {ports.given[0]} was in use as its command started; "
-                    "starting it again on another port"]
+    assert said() == [f"trial #0: port {ports.given[0]} was in use as its command started; "
+                      "starting it again on another port"]
 
     monkeypatch.setattr(_command, "free_port", Ports(clashes=_command.PORT_TRIES))
     with pytest.raises(TrialFailed, match=r"exit code 1\): \[Errno 98\] Address already in use"):
         run_command(spec, Trial(number=1, study_name="ranks", params={"lr": 0.01}), {})
-    assert len(capsys.readouterr().out.splitlines()) == _command.PORT_TRIES - 1
+    assert len(said()) == _command.PORT_TRIES - 1
     # After a report, the same words are the trial's failure, not a clash.
     monkeypatch.setattr(_command, "free_port", Ports(clashes=1))
     late = "import search, sys; search.report(1, score=1.0); sys.exit('address already in use')"
     with pytest.raises(TrialFailed, match="exit code 1"):
         run_command(ranks_spec(python_command(tmp_path, late)),
                     Trial(number=2, study_name="ranks", params={"lr": 0.01}), {})
-    assert "port" not in capsys.readouterr().out
+    assert not said()
 
 
 LEAVES_ONE = '''

@@ -10,6 +10,7 @@ the fast paths off a study runs on Optuna's public path alone, with one warning 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -189,7 +190,7 @@ def test_every_private_method_search_storage_relies_on_exists(owner, name):
     assert callable(getattr(owner, name, None))
 
 
-def test_another_optuna_release_takes_the_public_path_with_one_warning(monkeypatch, capsys,
+def test_another_optuna_release_takes_the_public_path_with_one_warning(monkeypatch, caplog,
                                                                        sqlite_url, study_name):
     monkeypatch.setattr(optuna, "__version__", "5.1.0")
     _compat.reset()
@@ -201,7 +202,8 @@ def test_another_optuna_release_takes_the_public_path_with_one_warning(monkeypat
         assert reader_for() is None
         assert _compat.rdb_backend(storage) is None
         _compat.fast_paths()
-        warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name.startswith("hpsearch.") and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "public storage API" in warnings[0]
     finally:
         _compat.reset()

@@ -7,6 +7,7 @@ is tested in tests/trainers_tests/test_packed.py.
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import subprocess
@@ -259,7 +260,7 @@ def test_near_the_timeout_a_pack_drains_instead_of_refilling(monkeypatch):
 
 
 def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path, study_name,
-                                                                      monkeypatch, capfd):
+                                                                      monkeypatch, caplog):
     """Injected where no GPU is present: a pack of more than two members runs out of memory.
     Its members are queued again unchanged and resume in packs of half the size; no trial is
     lost and the study meets its budget."""
@@ -281,7 +282,8 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
         return real(self)
 
     monkeypatch.setattr(trainers.Pack, "run_until_free", oom_when_big)
-    run_worker(study, spec, device="cpu", artifacts=False, pack=4)
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        run_worker(study, spec, device="cpu", artifacts=False, pack=4)
     assert sizes[0] == 4 and max(sizes[1:]) <= 2  # halved once, never grown back
     trials = study.get_trials()
     oom = [t for t in trials if t.state == TrialState.FAIL]
@@ -294,12 +296,12 @@ def test_a_pack_out_of_memory_queues_its_trials_again_in_a_smaller_pack(tmp_path
     for t in oom:  # each queued again unchanged, and run
         assert retried[t.number].params == t.params
         assert "oom_pack" not in retried[t.number].user_attrs  # the retry's record is its own
-    assert "its 4 trials are queued again and this worker goes on with packs of 2" in (
-        capfd.readouterr().err)
+    assert ("its 4 trials are queued again and this worker goes on with packs of 2"
+            in caplog.text)
 
 
 def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monkeypatch,
-                                                     capfd):
+                                                     caplog):
     """`--pack auto` on a simulated GPU (1000 MiB, 100 MiB a member): the pack doubles after
     each full pack while twice it fits under 85% (2 → 4 → 8), then settles at 8 and says why."""
     import search.trial._packing as packing
@@ -310,8 +312,9 @@ def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monk
                        '{"total_mb": 1000, "per_worker_mb": 100, "util_per_worker": 1}')
     study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
         study_name, trials=14, epochs=2, size=256, space=SPACE))
-    run_worker(study, spec, device="cpu", artifacts=False, pack="auto")
-    err = capfd.readouterr().err
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        run_worker(study, spec, device="cpu", artifacts=False, pack="auto")
+    err = caplog.text
     assert ("a pack of 2 peaked at 200 MiB, others hold 0 of 1,000 MiB, GPU 2% busy: packs of "
             "4 now") in err, err
     assert "a pack of 4 peaked at 400 MiB" in err and "packs of 8 now" in err, err

@@ -91,33 +91,37 @@ def test_a_finished_trial_is_told_and_shown_and_its_checkpoints_cleared(make):
 @pytest.mark.parametrize(("end", "stop"), [(End.INTERRUPTED, STOP_REQUESTED),
                                           (End.GPU_FULL, GPU_FULL)])
 def test_an_interrupted_trial_is_queued_again_and_the_worker_told_to_stop(make, end, stop,
-                                                                          capsys):
+                                                                          caplog):
     study, runner = make
     kind = Scripted(end)
-    step = runner(kind).step()
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        step = runner(kind).step()
     assert step.stop == stop and not step.outcomes
     first, retry = study.get_trials(deepcopy=False)
     assert first.state == TrialState.FAIL and first.user_attrs["ended"] == INTERRUPTED
     assert retry.state == TrialState.WAITING and retry.params == first.params
     assert not kind.cleared  # its retry resumes from its checkpoints
-    said = capsys.readouterr().err
-    assert ("the GPU is shared" in said) == (end is End.GPU_FULL)
+    said = [r.getMessage() for r in caplog.records if r.name == "hpsearch.trial"]
+    assert ("trial #0: the GPU is shared" in said) == (end is End.GPU_FULL)
 
 
-def test_a_trial_taken_over_is_dropped_untold(make, capsys):
+def test_a_trial_taken_over_is_dropped_untold(make, caplog):
     study, runner = make
-    step = runner(Scripted(End.TAKEN_OVER)).step()
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        step = runner(Scripted(End.TAKEN_OVER)).step()
     assert step.outcomes == [] and not step.stop
     assert states(study) == [TrialState.RUNNING]  # others finish it, not this worker
-    assert "its late result is dropped" in capsys.readouterr().err
+    assert "its late result is dropped" in caplog.text
 
 
 def test_an_error_escaping_the_trial_fails_it_and_is_logged(make, caplog):
     study, runner = make
     run = runner(Scripted(RuntimeError("the storage hiccuped"), End.COMPLETE))
-    with caplog.at_level(logging.WARNING, logger="optuna.hpsearch"):
+    with caplog.at_level(logging.WARNING, logger="hpsearch"):
         run.step()
-    assert "the storage hiccuped" in caplog.text
+    failed = [r for r in caplog.records if r.name == "hpsearch.trial"]
+    assert len(failed) == 1 and "the storage hiccuped" in failed[0].getMessage()
+    assert failed[0].exc_info is not None  # shown with its traceback
     assert states(study) == [TrialState.FAIL]
     run.step()  # the worker goes on
     assert states(study) == [TrialState.FAIL, TrialState.COMPLETE]

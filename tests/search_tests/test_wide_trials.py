@@ -8,6 +8,7 @@ a port clash, and no process left behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -214,7 +215,7 @@ def test_two_ranks_train_as_one_process_and_as_a_torchrun_script(tmp_path):
 
 
 @pytest.mark.serial
-def test_a_port_clash_is_retried_on_another_port(monkeypatch, capsys):
+def test_a_port_clash_is_retried_on_another_port(monkeypatch, caplog):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -223,11 +224,12 @@ def test_a_port_clash_is_retried_on_another_port(monkeypatch, capsys):
     monkeypatch.setattr(_ranks, "free_port", lambda: next(ports, None) or real())
     placement = _ranks.Placement(("cpu", "cpu"), threads=1)
     try:
-        world = _ranks.run_ranks(_world_size, None, placement, on_report=lambda r: None)
+        with caplog.at_level(logging.INFO, logger="hpsearch"):
+            world = _ranks.run_ranks(_world_size, None, placement, on_report=lambda r: None)
     finally:
         taken.close()
     assert world == 2
-    assert "was taken as the ranks started; trying another" in capsys.readouterr().out
+    assert "was taken as the ranks started; trying another" in caplog.text
 
 
 def _world_size(rank: _ranks.Rank, payload: object) -> int:
