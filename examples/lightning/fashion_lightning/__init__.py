@@ -1,0 +1,1 @@
+"""A user's own Lightning project, tuned by hpsearch: a `LightningModule` (`classifier.fit`)."""
