@@ -21,10 +21,10 @@ as the `LightningModule` logs it (`self.log("val_accuracy", …)`).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from search._log import logger
 from search.trial import Pruned, StopRequested, Trial
 
 try:
@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - the extra is in every test enviro
     raise ImportError("search.integrations.lightning needs Lightning: "
                       "pip install 'hpsearch[lightning]'") from e
 
+LOG = logger("trial")
 FOLDER = "lightning"  # in the trial's folder
 LAST = "last.ckpt"  # the one checkpoint kept there: the last epoch reported
 
@@ -122,8 +123,8 @@ class HpsearchCallback(Checkpoint):
             if trainer.is_global_zero:
                 os.replace(partial, path)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-            print(f"warning: trial #{self.trial.number}: Lightning checkpoint not saved ({e}): "
-                  "the trial goes on without it", file=sys.stderr, flush=True)
+            LOG.warning(f"trial #{self.trial.number}: Lightning checkpoint not saved ({e}): the "
+                        "trial goes on without it")
             return
         try:
             self.trial.checkpointed()

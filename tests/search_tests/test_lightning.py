@@ -141,6 +141,16 @@ def test_without_a_trial_folder_it_reports_and_writes_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_warning(tmp_path, caplog):
+    folder = tmp_path / "not-a-folder"
+    folder.write_text("")
+    trial = Trial(number=0, study_name="s", params={}, epochs=2, checkpoint_dir=folder)
+    model, hp, _ = fit(trial, epochs=2)
+    assert model.epochs == [0, 1] and epochs_of(trial) == [1, 2]  # trained and reported on
+    assert hp.resume_from is None
+    assert "Lightning checkpoint not saved" in caplog.text
+
+
 # --------------------------------------------------------------------------- the example
 
 TRIALS, EPOCHS = 4, 4
