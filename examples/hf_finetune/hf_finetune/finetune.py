@@ -69,7 +69,8 @@ def fit(params: dict[str, Any], trial: search.Trial) -> dict[str, float]:
         per_device_train_batch_size=params["batch_size"] // trial.world_size,
         per_device_eval_batch_size=256, ddp_find_unused_parameters=False,
         warmup_steps=params["warmup_ratio"], weight_decay=params["weight_decay"],
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
+        eval_strategy="epoch", save_total_limit=1,
+        save_strategy="epoch" if hp.output_dir else "no",  # no trial folder under retrain
         logging_strategy="epoch", report_to="none", disable_tqdm=True, seed=0,
         use_cpu=trial.device == "cpu", dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
