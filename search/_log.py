@@ -75,16 +75,11 @@ def printer_level() -> int | None:
 def for_cli() -> Iterator[None]:
     """hpsearch's records printed from INFO up for the length of a command (taken off after,
     for the tests that call the command line in their own process)."""
-    root = logging.getLogger(ROOT)
     if _printer() is not None:  # a command run by a command: printed already
         yield
-        return
-    level = root.level
-    print_records(logging.INFO)
-    try:
-        yield
-    finally:
-        _take_off(level)
+    else:
+        with _printing(logging.INFO):
+            yield
 
 
 @contextmanager
@@ -95,18 +90,20 @@ def printed() -> Iterator[None]:
     root = logging.getLogger(ROOT)
     if root.hasHandlers():
         yield
-        return
-    level = root.level
-    print_records(level or logging.INFO)  # the program's level for hpsearch, where it set one
+    else:  # the program's level for hpsearch, where it set one
+        with _printing(root.level or logging.INFO):
+            yield
+
+
+@contextmanager
+def _printing(level: int) -> Iterator[None]:
+    root = logging.getLogger(ROOT)
+    before = root.level
+    print_records(level)
     try:
         yield
     finally:
-        _take_off(level)
-
-
-def _take_off(level: int) -> None:
-    root = logging.getLogger(ROOT)
-    printer = _printer()
-    if printer is not None:
-        root.removeHandler(printer)
-    root.setLevel(level)
+        printer = _printer()
+        if printer is not None:
+            root.removeHandler(printer)
+        root.setLevel(before)
