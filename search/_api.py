@@ -4,6 +4,11 @@
 runs it as `hpsearch run` does, with the same storage, workers, budget and retries;
 `load_results(name, ...)` reads a study back: the best trial and every trial as a row of real
 values (``batch_size: 128``, never ``log2_batch_size``).
+
+Neither touches the program's logging: hpsearch's warnings and notices are records of the
+``hpsearch.*`` loggers, printed as the command line prints them only where the program
+configured no logging (`search._log.printed`); Optuna's own lines follow
+`optuna.logging.set_verbosity`, as the program set it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from search._errors import SearchError
+from search._log import printed
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ def _spec_of(spec: dict[str, Any] | str | Path) -> Any:
                       f"{type(spec).__name__}")
 
 
+@printed()  # hpsearch's warnings shown where the program shows no log records
 def tune(spec: dict[str, Any] | str | Path, *, storage: str | None = None,
          workers: int | None = None, gpus: str = "auto", trials_per_gpu: int = 1,
          trials: int | None = None, timeout_s: float | None = None, device: str | None = None,
@@ -69,6 +76,13 @@ def tune(spec: dict[str, Any] | str | Path, *, storage: str | None = None,
     `workers` CPU processes (one, in this process, by default). Progress prints as `hpsearch
     run` shows it unless `show_progress` is False. Raises SpecError for a bad study and
     SearchError when the run stops for failures.
+
+    hpsearch's warnings (``warning: trial #3: epoch 2 was reported already; …``) and notices
+    are log records of the ``hpsearch.*`` loggers: printed to stderr as `hpsearch run` prints
+    them while the program has configured no logging, else handled by its handlers (INFO
+    notices need ``logging.getLogger("hpsearch").setLevel(logging.INFO)`` then). Optuna's
+    logging is left as the program set it: ``optuna.logging.set_verbosity(
+    optuna.logging.WARNING)`` quiets its INFO lines ("A new study created in RDB …").
     """
     from rich.console import Console
 
@@ -96,15 +110,15 @@ def tune(spec: dict[str, Any] | str | Path, *, storage: str | None = None,
     return load_results(study.name, storage=storage)
 
 
+@printed()
 def load_results(name: str, *, storage: str | None = None) -> Results:
     """A study's results: best params and value, and every trial as a row of real values."""
     from optuna.trial import TrialState
 
     from search.run import load
     from search.spec import params_from_optuna
-    from search.storage import count_trials, open_storage, quiet_optuna_warnings
+    from search.storage import count_trials, open_storage
 
-    quiet_optuna_warnings()
     study, spec = load(name, open_storage(storage, must_exist=True))
     metrics = spec.objective.metric_names
     rows = []

@@ -27,8 +27,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _package(name: str) -> ModuleType:
     """A package of search/, imported when a command first needs it (torch and Optuna load
-    with it)."""
-    return import_module(f"search.{name}")
+    with it). Optuna's INFO lines and experimental warnings are hidden once it loads: the
+    command's own output says it better (a program's: `search.tune` leaves Optuna alone)."""
+    package = import_module(f"search.{name}")
+    import_module("search.storage").quiet_optuna_warnings()
+    return package
 
 
 def _storage_arg(parser: argparse.ArgumentParser) -> None:

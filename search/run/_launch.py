@@ -31,7 +31,6 @@ from search.storage import (
     clear_stop,
     count_trials,
     open_storage,
-    quiet_optuna_warnings,
     requeue_left,
     stop_requested,
     storage_of,
@@ -79,7 +78,6 @@ def run_study(launch: Launch, slots: list[Slot], *, spec: StudySpec | None = Non
               name: str | None = None,
               display: Callable[[StudySpec, int], Display] | None = None) -> int:
     """Create (`spec`) or join (`name`) the study and run its trials; the exit code."""
-    quiet_optuna_warnings()
     if launch.ray is not None:  # before the storage: an unreachable cluster writes nothing
         connect_ray(launch.ray)
     url = resolve_url(launch.storage)

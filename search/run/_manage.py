@@ -23,14 +23,12 @@ from search.storage import (
     delete_study,
     is_remote,
     open_storage,
-    quiet_optuna_warnings,
     request_stop,
 )
 
 
 def stop_study(name: str, storage: str | None, *, wait_s: float | None = None) -> int:
     """Ask every worker of study `name` to stop; with `wait_s`, wait until none runs."""
-    quiet_optuna_warnings()
     study, spec = load(name, open_storage(storage, must_exist=True))
     request_stop(study)
     running = count_trials(study).running
@@ -55,7 +53,6 @@ def stop_study(name: str, storage: str | None, *, wait_s: float | None = None) -
 
 def delete_study_files(name: str, storage: str | None, *, yes: bool = False) -> int:
     """Delete study `name` with its artifacts, checkpoints and lock file (asks unless `yes`)."""
-    quiet_optuna_warnings()
     url = resolve_url(storage)
     opened = open_storage(url, must_exist=True)
     study, spec = load(name, opened)

@@ -23,7 +23,7 @@ import trainers
 from search._errors import SearchError, SpecError
 from search.run._studies import load
 from search.spec import params_from_optuna, train_config_for
-from search.storage import RETRAIN_ATTR, open_storage, quiet_optuna_warnings
+from search.storage import RETRAIN_ATTR, open_storage
 
 if TYPE_CHECKING:
     import optuna
@@ -164,7 +164,6 @@ def retrain_and_report(name: str, storage: str | None, *, out: Path | None = Non
                        epochs: int | None = None, seeds: int = 1, trial: int | None = None,
                        device: str | None = None) -> None:
     """`hpsearch retrain`: retrain a study's best (or chosen) trial and print the test result."""
-    quiet_optuna_warnings()
     study, spec = load(name, open_storage(storage, must_exist=True))
     out = out or Path(f"retrain-{name}")
     chosen = chosen_trial(study, trial)

@@ -20,7 +20,7 @@ from search.spec import (
     spec_from_json,
     spec_to_json,
 )
-from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR
+from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR, quiet_experimental
 
 
 def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -76,7 +76,8 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
         study.set_user_attr(LR_FIND_ATTR, lr_find)
     study.set_user_attr(SPEC_ATTR, spec_to_json(spec))
     study.set_user_attr(BUDGET_ATTR, budget)
-    study.set_metric_names(spec.objective.metric_names)
+    with quiet_experimental():
+        study.set_metric_names(spec.objective.metric_names)
     for entry in spec.enqueue:
         # Warm start: run first, once (only when the study is created).
         study.enqueue_trial(enqueue_params(spec, entry), user_attrs={"enqueued": True})

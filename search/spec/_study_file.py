@@ -281,12 +281,9 @@ def drawn_configs(spec: StudySpec, n: int, *, seed: int = 0) -> list[TrainConfig
     auto = auto_lr_key(spec)
     drawn = spec.model_copy(update={"space": {k: v for k, v in spec.space.items()
                                               if k != auto}})
-    quiet = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "a new study created in memory"
-    try:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    finally:
-        optuna.logging.set_verbosity(quiet)
+    # Optuna says "a new study created in memory" at INFO: its logging is the program's to
+    # set (the command line quiets it), never this function's.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configs = []
     for _ in range(n):
         trial = study.ask()

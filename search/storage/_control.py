@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from search.storage import _compat
 from search.storage._artifact_store import artifact_location, open_artifact_store, storage_url_of
-from search.storage._compat import storage_of, study_id_of, trial_id_of
+from search.storage._compat import quiet_experimental, storage_of, study_id_of, trial_id_of
 from search.storage._locks import budget_lock
 
 STOP_ATTR = "hpsearch_stop"  # set by `hpsearch stop`: when it was asked for
@@ -55,8 +55,9 @@ def clear_stop(study: optuna.Study) -> bool:
 def _retried_numbers(study: optuna.Study) -> set[int]:
     """Numbers of the trials a queued or run retry already stands for."""
     out: set[int] = set()
-    for t in study.get_trials(deepcopy=False):
-        out.update(RetryHeartbeatStaleTrialCallback.retry_history(t))
+    with quiet_experimental():
+        for t in study.get_trials(deepcopy=False):
+            out.update(RetryHeartbeatStaleTrialCallback.retry_history(t))
     return out
 
 
@@ -77,7 +78,8 @@ def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
         return []
     storage = storage_of(study)
     done = _retried_numbers(study)
-    retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    with quiet_experimental():
+        retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     queued = []
     for t in study.get_trials(deepcopy=False):
         if t.number not in numbers or t.number in done:

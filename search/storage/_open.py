@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import warnings
 from typing import Any
 
 import optuna
@@ -21,6 +20,7 @@ from sqlalchemy import event, exc
 
 from search._errors import SpecError, StorageError
 from search._urls import redact, resolve_url, sqlite_path
+from search.storage._compat import quiet_experimental
 
 SQLITE_BUSY_TIMEOUT_S = 60
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -85,7 +85,8 @@ def open_storage(
         try:
             from optuna.storages import GrpcStorageProxy
 
-            proxy = GrpcStorageProxy(host=host or "localhost", port=int(port or 13000))
+            with quiet_experimental():
+                proxy = GrpcStorageProxy(host=host or "localhost", port=int(port or 13000))
             proxy.wait_server_ready(timeout=30)
             return proxy
         except Exception as e:  # grpc raises its own error types
@@ -96,18 +97,17 @@ def open_storage(
     if path is not None:
         prepare_sqlite(url)
     kwargs: dict[str, Any] = {}
-    if heartbeat_interval:
-        kwargs = {
-            "heartbeat_interval": heartbeat_interval,
-            "grace_period": grace_period,
-            "heartbeat_stale_trial_callback": (
-                RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-                if retry_stale else None
-            ),
-        }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
+            if heartbeat_interval:
+                kwargs = {
+                    "heartbeat_interval": heartbeat_interval,
+                    "grace_period": grace_period,
+                    "heartbeat_stale_trial_callback": (
+                        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+                        if retry_stale else None
+                    ),
+                }
             storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
         if not url.startswith("sqlite:"):
             install_idle_ping(storage.engine)
@@ -145,8 +145,7 @@ def open_for_watching(url: str) -> optuna.storages.BaseStorage:
         if not optuna_tables:
             raise SpecError(f"--storage: {redact(url)} holds no Optuna studies (no 'studies' "
                             "table); point it at the database your workers use")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with quiet_experimental():
             storage = RDBStorage(url, engine_kwargs=engine_kwargs(url),
                                  skip_table_creation=True, skip_compatibility_check=True)
     except SpecError:
@@ -179,6 +178,5 @@ def serve_proxy(url: str | None, *, host: str, port: int) -> None:
     storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
     print(f"storage proxy for {redact(url)} on grpc://{host}:{port}; workers use "
           f"--storage grpc://{host}:{port} (Ctrl-C stops it)", flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         run_grpc_proxy_server(storage, host=host, port=port)

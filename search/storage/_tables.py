@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from sqlalchemy import delete, func, insert, select
 
 from search.storage import _compat
-from search.storage._compat import rdb_backend, session, trial_id_of
+from search.storage._compat import quiet_experimental, rdb_backend, session, trial_id_of
 
 
 @contextmanager
@@ -148,13 +148,15 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 def retried_from(trial: optuna.Trial) -> int | None:
     """The number of the dead trial this one retries (the latest, for a retry of a retry)."""
-    history = RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial))
+    with quiet_experimental():
+        history = RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial))
     return history[-1] if history else None
 
 
 def retries_of(trial: optuna.Trial) -> int:
     """How many times the trial's first run has been retried before this run (0: a new one)."""
-    return len(RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial)))
+    with quiet_experimental():
+        return len(RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial)))
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from search._errors import StorageError
 from search._text import fmt
 from search.run import load
-from search.storage import open_storage, quiet_optuna_warnings, redact, resolve_url
+from search.storage import open_storage, redact, resolve_url
 from search.views import _figures as figs
 from search.views._figures import Unavailable
 from search.views._progress import flat_params
@@ -177,7 +177,6 @@ def build_report(study: optuna.Study, spec: StudySpec, *, storage: str,
 
 def write_report(name: str, storage: str | None, *, out: Path, top: int = TOP_TRIALS) -> int:
     """`hpsearch report`: the study's HTML report written to `out`; the exit code."""
-    quiet_optuna_warnings()
     url = resolve_url(storage)
     study, spec = load(name, open_storage(url, must_exist=True))
     try:

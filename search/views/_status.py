@@ -20,7 +20,6 @@ from search.storage import (
     budget_of,
     count_trials,
     open_storage,
-    quiet_optuna_warnings,
 )
 from search.views._progress import flat_params, make_console
 
@@ -183,7 +182,6 @@ def studies_overview(storage: optuna.storages.BaseStorage) -> list[dict[str, Any
 
 def show_status(name: str | None, storage: str | None, *, as_json: bool = False) -> int:
     """`hpsearch status`: the studies in a storage, or one study; the exit code."""
-    quiet_optuna_warnings()
     opened = open_storage(storage, must_exist=True)
     if name is None:
         rows = studies_overview(opened)
@@ -206,7 +204,6 @@ def show_status(name: str | None, storage: str | None, *, as_json: bool = False)
 
 def show_best(name: str, storage: str | None, *, as_format: str = "yaml") -> int:
     """`hpsearch best`: the best configuration, a file `python -m trainers` trains; exit code."""
-    quiet_optuna_warnings()
     study, spec = load(name, open_storage(storage, must_exist=True))
     records = best_record(study, spec)
     if not records:

@@ -100,8 +100,6 @@ def run_worker(
     recorder = artifacts if isinstance(artifacts, ArtifactRecorder) else None
     worker = Worker(study, spec, device=device, threads=threads, on_epoch=on_epoch,
                     lock=lock or NullLock(), artifacts=recorder, pack=pack)
-    # Optuna logs every trial at INFO; the progress display says it better.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     deadline = time.monotonic() + timeout_s if timeout_s else math.inf
     try:
         return worker.loop(deadline, on_trial=on_trial, on_wait=on_wait)
