@@ -84,15 +84,19 @@ class Placement:
 
 
 def run_ranks(target: Callable[[Rank, Any], Any], payload: Any, placement: Placement, *,
-              on_report: Callable[[Any], Verdict], label: str = "trial") -> Any:
+              on_report: Callable[[Any], Verdict], label: str = "trial",
+              preload: tuple[str, ...] = ()) -> Any:
     """Run ``target(rank, payload)`` in each of `placement.width` new processes; what rank 0
     returned. Rank 0's reports (`Rank.decide`) are answered with ``on_report(report)``.
-    RankFailed, RankLost as the module says; a KeyboardInterrupt here ends every rank."""
+    `preload`: modules the ranks import (the user's trainer), imported once by the fork
+    server as it starts. RankFailed, RankLost as the module says; a KeyboardInterrupt here
+    ends every rank."""
     port = 0
+    context = _rank_context(preload)
     for attempt in range(1, PORT_TRIES + 1):
         port = free_port()
         try:
-            return _Group(target, payload, placement, port, on_report).serve()
+            return _Group(context, target, payload, placement, port, on_report).serve()
         except _PortClash:
             if attempt < PORT_TRIES:
                 LOG.info(f"{label}: port {port} was taken as the ranks started; trying another")
@@ -107,10 +111,9 @@ class _PortClash(Exception):
 class _Group:
     """One start of a trial's ranks, served until they end (`serve`)."""
 
-    def __init__(self, target: Callable[[Rank, Any], Any], payload: Any, placement: Placement,
-                 port: int, on_report: Callable[[Any], Verdict]) -> None:
+    def __init__(self, context: Any, target: Callable[[Rank, Any], Any], payload: Any,
+                 placement: Placement, port: int, on_report: Callable[[Any], Verdict]) -> None:
         self.on_report = on_report
-        context = _rank_context()
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         for rank in range(placement.width):
@@ -211,14 +214,17 @@ PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo",
 
 
 @functools.cache
-def _rank_context() -> Any:
+def _rank_context(preload: tuple[str, ...] = ()) -> Any:
     """Where ranks start: a fork server of this worker's (Linux, macOS) that never touches
-    CUDA, so each rank starts as a fresh process would, with torch already imported; spawn
-    elsewhere. The server ends with the worker, and its ranks with it (PR_SET_PDEATHSIG)."""
+    CUDA, so each rank starts as a fresh process would, with torch (and `preload`: the user's
+    trainer module, Transformers or Lightning with it) already imported; spawn elsewhere. The
+    server starts with the first trial's ranks, so its preload is the first call's; one that
+    fails to import is left to the ranks to import (and to report). The server ends with the
+    worker, and its ranks with it (PR_SET_PDEATHSIG)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload([*PRELOAD, *preload])
     return context
 
 

@@ -136,7 +136,8 @@ class UserObjective(Objective):
                      user.epochs, str(user.checkpoint_dir) if user.checkpoint_dir else None,
                      user.final, user.seed)
         return run_ranks(fit_rank, job, self.placement(user.device),
-                         on_report=functools.partial(_verdict, user), label=f"trial #{user.number}")
+                         on_report=functools.partial(_verdict, user), label=f"trial #{user.number}",
+                         preload=_module_of(self.trainer.function))
 
     def _on_report(self, trial: optuna.Trial, epoch: int, values: dict[str, float]
                    ) -> str | None:
@@ -225,6 +226,13 @@ def _verdict(user: Trial, report: tuple[int, dict[str, float]]) -> Verdict:
     except Pruned as pruned:
         return ("pruned", str(pruned))
     return None
+
+
+def _module_of(function: str) -> tuple[str, ...]:
+    """The module a `module:function` trainer's ranks import, for their fork server to import
+    once; none for `__main__` (the server would run the worker's main script again)."""
+    module = function.partition(":")[0]
+    return () if module == "__main__" else (module,)
 
 
 def _reported(history: list[dict[str, float]]) -> list[str]:
