@@ -10,7 +10,6 @@ import inspect
 import re
 from typing import Annotated, Any
 
-import optuna
 from pydantic import (
     Field,
     PlainValidator,
@@ -24,7 +23,7 @@ from pydantic import (
 from search._errors import SpecError
 from search.spec._algorithms import PRUNERS as _PRUNER_INFO
 from search.spec._algorithms import SAMPLERS as _SAMPLER_INFO
-from search.spec._algorithms import Settings, build
+from search.spec._algorithms import Settings, algorithm_class, build, build_pruner_of, is_path
 from search.spec._entries import SpaceEntry
 from search.spec._model import Number, SpecModel, did_you_mean, is_number, show, spec_error
 
@@ -71,8 +70,26 @@ def _metric_name(value: Any) -> str:
 
 Metric = Annotated[str, PlainValidator(_metric_name)]
 Direction = _one_of(DIRECTIONS, "one of")
-SamplerType = _one_of(list(SAMPLERS), "a sampler, one of")
-PrunerType = _one_of(list(PRUNERS), "a pruner, one of")
+
+def _algorithm_type(kind: str, names: list[str]) -> Any:
+    """A built-in's name, or `pkg.module:Class` (imported by the section's own check)."""
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value in names:
+            return value
+        if isinstance(value, str) and is_path(value):
+            module, _, attr = value.partition(":")
+            if module and attr:
+                return value
+            raise spec_error(f"expected an import path pkg.module:Class, got {show(value)}")
+        guess = did_you_mean(value, names) if isinstance(value, str) else ""
+        raise spec_error(f"expected a {kind}, one of: {', '.join(names)}, or a class by import "
+                         f"path (pkg.module:Class); got {show(value)}{guess}")
+
+    return Annotated[str, PlainValidator(check)]
+
+
+SamplerType = _algorithm_type("sampler", list(SAMPLERS))
+PrunerType = _algorithm_type("pruner", list(PRUNERS))
 
 class ObjectiveSpec(SpecModel):
     """``{metric, direction}`` for one objective, ``{metrics, directions}`` for several."""
@@ -151,6 +168,12 @@ def _check_options(options: dict[str, Any], cls: type, reserved: dict[str, str])
                              f"(expected one of: {', '.join(known) or 'none'})",
                              key=f"options.{key}")
 
+def _class_of(kind: str, name: str) -> type:
+    try:
+        return algorithm_class(kind, name)
+    except SpecError as e:
+        raise spec_error(str(e), key="type") from e
+
 _MAX_SEED = 2**32 - 1  # numpy's RandomState, behind every Optuna sampler, takes no more
 
 
@@ -169,10 +192,10 @@ class SamplerSpec(SpecModel):
 
     @model_validator(mode="after")
     def _options(self) -> SamplerSpec:
-        _check_options(self.options, getattr(optuna.samplers, SAMPLERS[self.type]), {
-            "seed": "set sampler.seed instead",
-            "search_space": "the grid sampler takes its grid from the space",
-        })
+        reserved = {"seed": "set sampler.seed instead"}
+        if self.type == "grid":
+            reserved["search_space"] = "the grid sampler takes its grid from the space"
+        _check_options(self.options, _class_of("sampler", self.type), reserved)
         return self
 
 class PrunerSpec(SpecModel):
@@ -180,15 +203,31 @@ class PrunerSpec(SpecModel):
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the pruner
     # Space keys whose values make a group: a trial is judged against its group alone.
     within: list[StrictStr] = Field(default_factory=list)
+    wrapped: PrunerSpec | None = None  # the pruner a `patient` pruner asks once patience runs out
 
     @property
     def label(self) -> str:
-        """`hyperband`, or `hyperband within scheduler`: how the views name the pruner."""
-        return self.type + (f" within {', '.join(self.within)}" if self.within else "")
+        """`hyperband`, `hyperband within scheduler`, `patient(median)`: how the views name the
+        pruner."""
+        name = self.type if self.wrapped is None else f"{self.type}({self.wrapped.label})"
+        return name + (f" within {', '.join(self.within)}" if self.within else "")
 
     @model_validator(mode="after")
     def _options(self) -> PrunerSpec:
-        _check_options(self.options, getattr(optuna.pruners, PRUNERS[self.type]), {})
+        reserved = {"wrapped_pruner": "set pruner.wrapped instead"} if self.type == "patient" \
+            else {}
+        _check_options(self.options, _class_of("pruner", self.type), reserved)
+        if self.type == "patient" and self.wrapped is None:
+            raise spec_error("required key is missing: the pruner patience defers to, e.g. "
+                             "wrapped: {type: median} ({type: none}: patience alone)",
+                             key="wrapped")
+        if self.type != "patient" and self.wrapped is not None:
+            raise spec_error(f"goes with type: patient, and the type is {show(self.type)}",
+                             key="wrapped")
+        if self.wrapped is not None and self.wrapped.within:
+            # Groups are the whole pruner's: the study judges a trial within its group.
+            raise spec_error("groups trials for the whole pruner: set pruner.within",
+                             key="wrapped.within")
         return self
 
 PACK_MAX = 256  # trials in one pack at most (`--pack`): past it the batched matmuls stop paying
@@ -451,13 +490,20 @@ class StudySpec(SpecModel):
     @model_validator(mode="after")
     def _options_accepted(self) -> StudySpec:
         # Option values are Optuna's to judge: build the sampler and pruner now, so a value
-        # they refuse fails `validate`, not `run`. (The grid sampler takes no options.)
+        # they refuse fails `validate`, not `run`. (The grid sampler takes no options.) A
+        # class by import path, or a patient pruner, is built in any case: its required
+        # arguments may be missing.
         settings = Settings(seed=self.sampler.seed, epochs=self.budget.epochs)
         for kind, section in (("sampler", self.sampler), ("pruner", self.pruner)):
-            if section.options:
+            if section.options or is_path(section.type) or getattr(section, "wrapped", None):
                 try:
-                    build(kind, section.type, dict(section.options), settings)
+                    if kind == "pruner":
+                        build_pruner_of(section, settings)
+                    else:
+                        build(kind, section.type, dict(section.options), settings)
                 except SpecError as e:
-                    detail = " ".join(str(e).removeprefix(f"{kind}.options: ").split())
-                    raise spec_error(detail, key=f"{kind}.options") from e
+                    key = f"{kind}.type" if str(e).startswith(f"{kind}.type: ") \
+                        else f"{kind}.options"
+                    detail = " ".join(str(e).removeprefix(f"{key}: ").split())
+                    raise spec_error(detail, key=key) from e
         return self

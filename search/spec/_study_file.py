@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 import trainers
 from search._errors import SpecError
-from search.spec._algorithms import Settings, build
+from search.spec._algorithms import Settings, build, build_pruner_of
 from search.spec._knobs import (
     canonical,
     check_constants,
@@ -272,8 +272,7 @@ def build_sampler(spec: StudySpec, *, salt: int = 0) -> optuna.samplers.BaseSamp
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The study's pruner; options the pruner rejects are a SpecError naming them."""
-    return build("pruner", spec.pruner.type, dict(spec.pruner.options),
-                 Settings(seed=spec.sampler.seed, epochs=spec.budget.epochs))
+    return build_pruner_of(spec.pruner, Settings(seed=spec.sampler.seed, epochs=spec.budget.epochs))
 
 def drawn_configs(spec: StudySpec, n: int, *, seed: int = 0) -> list[TrainConfig]:
     """`n` trainer configs of the space, drawn by a seeded RandomSampler in memory (no storage).

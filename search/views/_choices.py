@@ -32,5 +32,8 @@ def choices_text(names: list[str]) -> str:
             shown = ", ".join(f"{name} ({ep.value})" for name, ep in sorted(plugins.items()))
             lines.append(f"  installed ({group}): {shown or 'none'}")
             lines.append("  your own: an import path, e.g. " + key + ": mypkg.module:callable")
+        elif kind in ("samplers", "pruners"):
+            lines.append(f"  any other: an import path, e.g. {key}: mypkg.module:Class (a "
+                         f"subclass of optuna.{kind}.Base{kind[:-1].title()})")
         out.append("\n".join(lines))
     return "\n\n".join(out)

@@ -196,8 +196,13 @@ BAD: list[Bad] = [
     # ------------------------------------------------------------------ pruner
     Bad("StudySpec.pruner", {"pruner": "none"}, r"pruner: expected a mapping, got 'none'$"),
     Bad("PrunerSpec.type", {"pruner": {"type": 3}},
-        r"pruner\.type: expected a pruner, one of: hyperband, asha, median, percentile, none; "
-        r"got 3$"),
+        r"pruner\.type: expected a pruner, one of: hyperband, asha, median, percentile, none, "
+        r"threshold, wilcoxon, patient, or a class by import path \(pkg\.module:Class\); got 3$"),
+    Bad("PrunerSpec.type", {"pruner": {"type": "optuna.samplers:TPESampler"}},
+        r"pruner\.type: optuna\.samplers:TPESampler: expected a subclass of "
+        r"optuna\.pruners\.BasePruner, got a sampler class$"),
+    Bad("PrunerSpec.type", {"pruner": {"type": "optuna.pruners:"}},
+        r"pruner\.type: expected an import path pkg\.module:Class, got 'optuna\.pruners:'$"),
     Bad("PrunerSpec.type", {"pruner": {"type": None}},
         r"pruner\.type: expected a pruner, one of: .*; got null$"),
     Bad("PrunerSpec.options", {"pruner": {"options": []}},
@@ -217,7 +222,22 @@ BAD: list[Bad] = [
         r"pruner\.options: median does not accept these options \("),
     Bad("PrunerSpec.<unknown>", {"pruner": {"typ": "none"}},
         r"pruner\.typ: unknown key, did you mean 'type'\? \(expected one of: type, options, "
-        r"within\)$"),
+        r"within, wrapped\)$"),
+    Bad("PrunerSpec.wrapped", {"pruner": {"type": "patient", "options": {"patience": 2}}},
+        r"pruner\.wrapped: required key is missing: the pruner patience defers to, e\.g\. "
+        r"wrapped: \{type: median\} \(\{type: none\}: patience alone\)$"),
+    Bad("PrunerSpec.wrapped", {"pruner": {"type": "median", "wrapped": {"type": "median"}}},
+        r"pruner\.wrapped: goes with type: patient, and the type is 'median'$"),
+    Bad("PrunerSpec.wrapped", {"pruner": {"type": "patient", "options": {"patience": 2},
+                                          "wrapped": {"type": "median", "within": ["lr"]}}},
+        r"pruner\.wrapped\.within: groups trials for the whole pruner: set pruner\.within$"),
+    Bad("PrunerSpec.wrapped", {"pruner": {"type": "patient", "options": {"patience": 2},
+                                          "wrapped": {"type": "medain"}}},
+        r"pruner\.wrapped\.type: expected a pruner, one of: .*; got 'medain', did you mean "
+        r"'median'\?$"),
+    Bad("PrunerSpec.options", {"pruner": {"type": "patient", "options": {"patience": 2,
+                                          "wrapped_pruner": 1}, "wrapped": {"type": "median"}}},
+        r"pruner\.options\.wrapped_pruner: set pruner\.wrapped instead$"),
     Bad("PrunerSpec.within", {"pruner": {"within": "optimizer"}},
         r"pruner\.within: expected a list, got 'optimizer'$"),
     Bad("PrunerSpec.within", {"pruner": {"within": [3]}},

@@ -81,7 +81,8 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("budget-timeout-negative", {"budget": {"timeout_s": -5}},
      "budget.timeout_s", "got -5"),
     ("unknown-sampler", {"sampler": {"type": "tpee"}},
-     "sampler.type", "tpe, random, cmaes, gp, qmc, grid, nsga2; got 'tpee', did you mean 'tpe'?"),
+     "sampler.type", "tpe, random, cmaes, gp, qmc, grid, nsga2, or a class by import path "
+     "(pkg.module:Class); got 'tpee', did you mean 'tpe'?"),
     ("unknown-sampler-option", {"sampler": {"type": "tpe", "options": {"n_startup_trial": 5}}},
      "sampler.options.n_startup_trial", "did you mean 'n_startup_trials'?"),
     ("unknown-pruner", {"pruner": {"type": "asah"}},
@@ -244,7 +245,7 @@ def test_defaults_are_filled() -> None:
     assert dump["objective"]["direction"] == "minimize"
     assert dump["budget"] == {"trials": 60, "epochs": 10, "timeout_s": None}
     assert dump["sampler"] == {"type": "tpe", "seed": 0, "options": {}}
-    assert dump["pruner"] == {"type": "hyperband", "options": {}, "within": []}
+    assert dump["pruner"] == {"type": "hyperband", "options": {}, "within": [], "wrapped": None}
     assert dump["fixed"] == {} and dump["enqueue"] == []
     assert dump["run"] == {"checkpoint_dir": None, "keep_checkpoints": False,
                            "heartbeat_interval": 10, "grace_period": 30,
