@@ -155,8 +155,13 @@ def _run_on_simulated_gpu(tmp_path: Path, name: str, monkeypatch, *, oom: bool):
            # 300 MB a worker on a 1000 MB GPU: two fit under the 85% margin, three do not.
            "HPSEARCH_FAKE_GPU_MEMORY": json.dumps({"total_mb": 1000, "per_worker_mb": 300,
                                                    "util_per_worker": 20, "settle_s": 1})}
-    result = subprocess.run([HPSEARCH, "run", str(path), "--storage", url], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=240)
+    try:  # 20 s alone; a CI run with four test files at once on two cores once took 240+
+        result = subprocess.run([HPSEARCH, "run", str(path), "--storage", url], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=480)
+    except subprocess.TimeoutExpired as e:  # what it had printed: where it stood
+        said = [x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                for x in (e.stdout, e.stderr)]
+        pytest.fail(f"hpsearch run still running after {e.timeout} s:\n" + "\n".join(said))
     study, _ = load(name, open_storage(url))
     return result, study
 
