@@ -6,6 +6,14 @@ study does differently.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +84,52 @@ def views_and_retrain(hpsearch: str, name: str, cwd: Path) -> tuple[dict[str, in
     assert (cwd / "r.html").stat().st_size > 100_000
     run("retrain", name)
     return counts, json.loads((cwd / f"retrain-{name}" / "results.json").read_text())
+
+
+def running_trials(db: Path) -> list[tuple[int, int, int | None]]:
+    """(number, worker pid, last epoch reported) of each RUNNING trial, read straight from the
+    SQLite file: a short read that never holds the workers up."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT t.number, a.value_json, (SELECT MAX(v.step) FROM "
+                "trial_intermediate_values v WHERE v.trial_id = t.trial_id) FROM trials t "
+                "JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND a.key = 'pid'"
+            ).fetchall()
+        except sqlite3.OperationalError:  # the tables are not there yet, or a writer holds it
+            return []
+    return [(number, json.loads(pid), last) for number, pid, last in rows]
+
+
+def run_killing_a_worker(project: Path, ready: Callable[[int, int | None], bool], *,
+                         env: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """`hpsearch run study.yaml --workers 2 --gpus none` in `project` (an example copied with
+    its SQLite storage), SIGKILLing the worker of the first RUNNING trial for which
+    ``ready(number, last epoch reported)`` holds (it has a checkpoint and epochs still to
+    train); (that trial's number, the run's exit code, what it printed)."""
+    import pytest
+
+    hpsearch = str(Path(sys.executable).with_name("hpsearch"))
+    process = subprocess.Popen([hpsearch, "run", "study.yaml", "--workers", "2", "--gpus",
+                                "none"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, killed = time.monotonic() + 120, None
+        while killed is None and process.poll() is None and time.monotonic() < deadline:
+            for number, pid, last in running_trials(project / "hpsearch.db"):
+                if ready(number, last):
+                    os.kill(pid, signal.SIGKILL)
+                    killed = number
+                    break
+            time.sleep(0.05)
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if killed is None:
+        pytest.fail(f"no trial was seen running with a checkpoint:\n{out}")
+    return killed, process.returncode, out

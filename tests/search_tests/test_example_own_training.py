@@ -9,14 +9,9 @@ checkpoint. Status, report and retrain read the study.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -24,7 +19,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.search_tests.studies import views_and_retrain
+from tests.search_tests.studies import run_killing_a_worker, views_and_retrain
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "own_training"
@@ -56,50 +51,13 @@ def project(tmp_path) -> Path:
     return folder
 
 
-def running_trials(db: Path) -> list[tuple[int, int, int | None]]:
-    """(number, worker pid, last epoch reported) of each RUNNING trial, read straight from the
-    SQLite file: a short read that never holds the workers up."""
-    if not db.exists():
-        return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        try:
-            rows = conn.execute(
-                "SELECT t.number, a.value_json, (SELECT MAX(v.step) FROM "
-                "trial_intermediate_values v WHERE v.trial_id = t.trial_id) FROM trials t "
-                "JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
-                "WHERE t.state = 'RUNNING' AND a.key = 'pid'"
-            ).fetchall()
-        except sqlite3.OperationalError:  # the tables are not there yet, or a writer holds it
-            return []
-    return [(number, json.loads(pid), last) for number, pid, last in rows]
-
-
-def kill_a_worker_mid_trial(project: Path, process: subprocess.Popen[str]) -> int:
-    """SIGKILL the worker of a RUNNING trial that has checkpointed an epoch (its state.pt is
-    written after each epoch's report) and has an epoch still to train; the trial's number."""
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        for number, pid, last in running_trials(project / "hpsearch.db"):
-            checkpoint = project / "checkpoints" / NAME / f"trial-{number}" / "state.pt"
-            if last is not None and last < EPOCHS and checkpoint.is_file():
-                os.kill(pid, signal.SIGKILL)
-                return number
-        time.sleep(0.05)
-    pytest.fail("no trial was seen running with a checkpoint")
-
-
 def test_a_killed_trial_resumes_from_its_checkpoint_and_every_view_reads_the_study(project):
-    command = [HPSEARCH, "run", "study.yaml", "--workers", "2", "--gpus", "none"]
-    process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        killed = kill_a_worker_mid_trial(project, process)
-        out, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, out  # the budget was met by the worker left
+    def ready(number: int, last: int | None) -> bool:  # state.pt: after each epoch's report
+        checkpoint = project / "checkpoints" / NAME / f"trial-{number}" / "state.pt"
+        return last is not None and last < EPOCHS and checkpoint.is_file()
+
+    killed, code, out = run_killing_a_worker(project, ready)
+    assert code == 0, out  # the budget was met by the worker left
 
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{project / 'hpsearch.db'}")
     trials = study.get_trials()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -24,7 +22,7 @@ from transformers import TrainerState, TrainingArguments
 
 from search import Trial
 from search.integrations import huggingface
-from tests.search_tests.test_example_own_training import running_trials
+from tests.search_tests.studies import run_killing_a_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "hf_finetune"
@@ -145,17 +143,12 @@ def test_the_example_resumes_a_killed_trial_from_trainers_checkpoint(project):
     study = yaml.safe_load((project / "study.yaml").read_text())
     trials, epochs = study["budget"]["trials"], study["budget"]["epochs"]
     edit_study(project, run={"heartbeat_interval": 1, "grace_period": 3})
-    process = subprocess.Popen([HPSEARCH, "run", "study.yaml", "--workers", "2", "--gpus",
-                                "none"], cwd=project, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        killed = _kill_a_worker_with_a_checkpoint(project, process, epochs)
-        out, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, out
+    def ready(number: int, last: int | None) -> bool:  # a whole checkpoint, an epoch to go
+        folder = project / "checkpoints" / NAME / f"trial-{number}"
+        return last is not None and last < epochs - 1 and bool(checkpoints(folder))
+
+    killed, code, out = run_killing_a_worker(project, ready, env=ENV)
+    assert code == 0, out
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{project / 'hpsearch.db'}")
     done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(done) == trials, out
@@ -167,21 +160,6 @@ def test_the_example_resumes_a_killed_trial_from_trainers_checkpoint(project):
     # The search's best beats chance (50%) by 20 points on the held-out sentences.
     assert study.best_value >= 0.70, out
     assert not list((project / "checkpoints" / NAME).glob("trial-*/trainer"))  # cleared
-
-
-def _kill_a_worker_with_a_checkpoint(project: Path, process: subprocess.Popen[str],
-                                     epochs: int) -> int:
-    """SIGKILL the worker of a RUNNING trial once Trainer has checkpointed an epoch of it and
-    an epoch is still to train; the trial's number."""
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        for number, pid, last in running_trials(project / "hpsearch.db"):
-            folder = project / "checkpoints" / NAME / f"trial-{number}"
-            if last is not None and last < epochs - 1 and checkpoints(folder):
-                os.kill(pid, signal.SIGKILL)
-                return number
-        time.sleep(0.05)
-    pytest.fail("no trial was seen running with a checkpoint")
 
 
 @pytest.mark.serial

@@ -6,12 +6,7 @@ end through `hpsearch run`, a worker killed in the middle of a trial.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -26,11 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from search import Trial
 from search.integrations.lightning import HpsearchCallback
 from search.trial._api import HISTORY_FILE
-from tests.search_tests.test_example_own_training import running_trials
+from tests.search_tests.studies import run_killing_a_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "lightning"
-HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 NAME = "lightning-example"
 
 
@@ -173,35 +167,18 @@ def project(tmp_path) -> Path:
     return folder
 
 
-def kill_a_worker_mid_trial(project: Path, process: subprocess.Popen[str]) -> int:
-    """SIGKILL the worker of a RUNNING trial that has a Lightning checkpoint and two epochs
-    still to train (hyperband prunes at epochs 1 and 3 only: it is not ending); its number."""
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        for number, pid, last in running_trials(project / "hpsearch.db"):
-            folder = project / "checkpoints" / NAME / f"trial-{number}"
-            if last is not None and last <= EPOCHS - 2 and (folder / "lightning" /
-                                                            "last.ckpt").is_file():
-                os.kill(pid, signal.SIGKILL)
-                return number
-        time.sleep(0.05)
-    pytest.fail("no trial was seen running with a checkpoint")
-
-
 @pytest.mark.slow
 @pytest.mark.serial
 def test_the_example_resumes_a_killed_trial_and_beats_chance(project):
-    command = [HPSEARCH, "run", "study.yaml", "--workers", "2", "--gpus", "none"]
-    process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        killed = kill_a_worker_mid_trial(project, process)
-        out, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, out  # the budget was met by the worker left
+    def ready(number: int, last: int | None) -> bool:
+        """A Lightning checkpoint and two epochs still to train (hyperband prunes at epochs
+        1 and 3 only: the trial is not ending)."""
+        folder = project / "checkpoints" / NAME / f"trial-{number}"
+        return last is not None and last <= EPOCHS - 2 and (
+            folder / "lightning" / "last.ckpt").is_file()
+
+    killed, code, out = run_killing_a_worker(project, ready)
+    assert code == 0, out  # the budget was met by the worker left
 
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{project / 'hpsearch.db'}")
     trials = study.get_trials()
