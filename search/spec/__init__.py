@@ -3,12 +3,24 @@ onto Optuna's distributions, and the samplers and pruners it names.
 
 `load_spec` reads and checks a file (every problem one SpecError naming the key); a `StudySpec`
 then gives each trial its parameters (`suggest`), its trainer config (`train_config_for`) and
-the study its sampler and pruner. Nothing here touches a storage.
+the study its sampler and pruner; `constraints:` bound reported metrics, and a trial meets
+them or not (`is_feasible`, `best_trials`). Nothing here touches a storage.
 """
 
 from __future__ import annotations
 
 from search.spec._algorithms import PRUNERS, SAMPLERS
+from search.spec._constraints import (
+    BUILT_IN_METRICS,
+    RETURNED_ATTR,
+    Constraint,
+    best_trials,
+    constraint_values,
+    is_feasible,
+    labels,
+    measured,
+    metric_value,
+)
 from search.spec._entries import AutoEntry, ChoicesEntry, Entry, GridEntry, Pow2Entry, RangeEntry
 from search.spec._knobs import canonical, constant_values, constants_of
 from search.spec._model import same, show
@@ -40,13 +52,16 @@ from search.spec._study_file import (
 )
 
 __all__ = [
+    "BUILT_IN_METRICS",
     "METRICS",
     "PACK_MAX",
     "PRUNERS",
+    "RETURNED_ATTR",
     "SAMPLERS",
     "SPEC_VERSION",
     "AutoEntry",
     "ChoicesEntry",
+    "Constraint",
     "Entry",
     "GridEntry",
     "Pow2Entry",
@@ -55,20 +70,26 @@ __all__ = [
     "StudySpec",
     "auto_lr_key",
     "base_train_config",
+    "best_trials",
     "build_pruner",
     "build_sampler",
     "canonical",
     "check_trainer",
     "constant_values",
+    "constraint_values",
     "constants_of",
     "describe",
     "distributions",
     "drawn_configs",
     "enqueue_params",
     "grid_search_space",
+    "is_feasible",
+    "labels",
     "load_spec",
     "pack_outlook",
     "lr_key",
+    "measured",
+    "metric_value",
     "params_from_optuna",
     "parse_spec",
     "real_value_attrs",

@@ -8,6 +8,7 @@ turns pydantic's first error into ``<key path>: <what was expected>, got <value>
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
@@ -73,6 +74,20 @@ def _number(value: Any) -> int | float:
 
 # A real number as YAML gives it: int stays int (bounds of integer ranges), bool is rejected.
 Number = Annotated[int | float, PlainValidator(_number)]
+
+
+_METRIC_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+def _metric_name(value: Any) -> str:
+    # Any name here: a user's trainer reports its own metrics; the built-in trainer's are
+    # checked by the study (`StudySpec._trainer`, `_constraints.check_constraints`).
+    if isinstance(value, str) and _METRIC_NAME.match(value):
+        return value
+    raise spec_error(f"expected a metric name (letters, digits, '_' and '.'), got {show(value)}")
+
+
+Metric = Annotated[str, PlainValidator(_metric_name)]
 
 
 class SpecModel(BaseModel):

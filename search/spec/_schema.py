@@ -24,8 +24,18 @@ from search._errors import SpecError
 from search.spec._algorithms import PRUNERS as _PRUNER_INFO
 from search.spec._algorithms import SAMPLERS as _SAMPLER_INFO
 from search.spec._algorithms import Settings, algorithm_class, build, build_pruner_of, is_path
+from search.spec._constraints import Constraint, check_constraints
 from search.spec._entries import SpaceEntry
-from search.spec._model import Number, SpecModel, did_you_mean, is_number, show, spec_error
+from search.spec._model import (
+    Metric,
+    Number,
+    SpecModel,
+    did_you_mean,
+    is_number,
+    show,
+    spec_error,
+)
+from search.spec._tracking import TrackingSpec
 
 METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epoch_seconds")
 DIRECTIONS = ("minimize", "maximize")
@@ -53,22 +63,12 @@ def _study_name(value: Any) -> str:
                          f"got {show(value)}")
     return value
 
-_METRIC_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 # What a command's arguments may name besides the trial's parameters.
 COMMAND_FIELDS = ("trial_number", "study_name", "checkpoint_dir", "epochs", "device", "nproc",
                   "gpus", "master_port")
 
 
-def _metric_name(value: Any) -> str:
-    # Any name here: a user's trainer reports its own metrics; the built-in trainer's are
-    # checked by the study (`StudySpec._trainer`).
-    if isinstance(value, str) and _METRIC_NAME.match(value):
-        return value
-    raise spec_error(f"expected a metric name (letters, digits, '_' and '.'), got {show(value)}")
-
-
-Metric = Annotated[str, PlainValidator(_metric_name)]
 Direction = _one_of(DIRECTIONS, "one of")
 
 def _algorithm_type(kind: str, names: list[str]) -> Any:
@@ -397,6 +397,9 @@ class StudySpec(SpecModel):
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     run: RunSpec = Field(default_factory=RunSpec)
     resources: Resources = Field(default_factory=Resources)  # how wide one trial is
+    tracking: TrackingSpec | None = None  # MLflow, TensorBoard, W&B (search.tracking)
+    # Bounds on reported metrics, for the samplers that use them (search.spec._constraints).
+    constraints: list[Constraint] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -458,6 +461,11 @@ class StudySpec(SpecModel):
         if self.objective.is_multi and self.sampler.type == "cmaes":
             raise spec_error("CMA-ES optimizes a single objective; for several use tpe, nsga2, "
                              "gp or random, got 'cmaes'", key="sampler.type")
+        return self
+
+    @model_validator(mode="after")
+    def _constraints(self) -> StudySpec:
+        check_constraints(self.constraints, self.sampler.type, built_in=self.trainer is None)
         return self
 
     @model_validator(mode="after")

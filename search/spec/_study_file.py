@@ -22,6 +22,7 @@ from pydantic import ValidationError
 import trainers
 from search._errors import SpecError
 from search.spec._algorithms import Settings, build, build_pruner_of
+from search.spec._constraints import labels
 from search.spec._knobs import (
     canonical,
     check_constants,
@@ -321,4 +322,6 @@ def describe(spec: StudySpec) -> str:
         distributions(spec)  # every entry maps onto an Optuna distribution
     return (f"valid study {spec.name!r}: {len(dists)} searched parameters ({', '.join(dists)}), "
             f"{spec.budget.trials} trials x {spec.budget.epochs} epochs, "
-            f"sampler {spec.sampler.type}, pruner {spec.pruner.label}")
+            f"sampler {spec.sampler.type}, pruner {spec.pruner.label}"
+            + (f", constraints {', '.join(labels(spec.constraints))}" if spec.constraints
+               else ""))

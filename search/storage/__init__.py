@@ -32,6 +32,7 @@ from search.storage._budget import (
 )
 from search.storage._compat import (
     backend_of,
+    constraint_attrs,
     fast_paths,
     quiet_experimental,
     quiet_optuna_warnings,
@@ -77,6 +78,7 @@ __all__ = [
     "INTERRUPTED",
     "STOP_ATTR",
     "clear_stop",
+    "constraint_attrs",
     "delete_study",
     "remove_finished_checkpoints",
     "request_stop",

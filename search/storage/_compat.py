@@ -47,6 +47,10 @@ try:
     from optuna.study._tell import _tell_with_warning
 except ImportError:  # pragma: no cover
     _tell_with_warning = None
+try:
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+except ImportError:  # pragma: no cover - the prefix `Trial.set_constraint` writes in Optuna 5
+    _CONSTRAINTS_KEY = "constraints"
 
 # The columns the fast paths read and write, table by table.
 COLUMNS = {
@@ -167,6 +171,13 @@ def tell_trial(study: optuna.Study, trial: optuna.Trial, values: list[float] | N
                            skip_if_finished=True)
     else:
         study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def constraint_attrs(values: dict[str, float]) -> dict[str, float]:
+    """Constraint values as the system attrs `Trial.set_constraint` writes (``constraints:<key>``,
+    read back as `FrozenTrial.constraints`): written with a trial's result, in its transaction,
+    where `set_constraint` would take one a constraint."""
+    return {f"{_CONSTRAINTS_KEY}:{key}": float(value) for key, value in values.items()}
 
 
 def heartbeat_enabled(storage: Any) -> bool:

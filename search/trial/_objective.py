@@ -27,9 +27,10 @@ import torch
 import trainers
 from search._errors import SpecError
 from search._log import logger
-from search.spec import base_train_config, suggest, train_config_for
+from search.spec import base_train_config, constraint_values, suggest, train_config_for
 from search.storage import (
     INTERRUPTED,
+    constraint_attrs,
     is_remote,
     retries_of,
     set_user_attrs,
@@ -415,13 +416,18 @@ class Objective:
         epochs = len(attrs.get("history") or [])
         return TrialOutcome(trial.number, "FAIL", None, None, params, epochs, seconds, ended)
 
-    @staticmethod
-    def record_result(trial: optuna.Trial, end_attrs: dict[str, Any],
+    def record_result(self, trial: optuna.Trial, end_attrs: dict[str, Any],
                       links: dict[str, str]) -> None:
         """Written with the trial's state as Optuna tells it (one transaction) where the
-        storage allows it, else now."""
-        if not with_result(trial, end_attrs, links):
-            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=links),
+        storage allows it, else now; with its constraint values where the study has
+        `constraints:` (the samplers read them from the trial, as Optuna's set_constraint
+        writes them)."""
+        system_attrs: dict[str, Any] = dict(links)
+        if self.spec.constraints:
+            system_attrs.update(constraint_attrs(
+                constraint_values(self.spec.constraints, end_attrs)))
+        if not with_result(trial, end_attrs, system_attrs):
+            with_retry(lambda: set_user_attrs(trial, end_attrs, system_attrs=system_attrs),
                        what="recording a result")
 
     def checkpoints_of(self, directory: Path | None, retried_from: int | None

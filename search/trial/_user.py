@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 import trainers
-from search.spec import check_trainer, suggest
+from search.spec import RETURNED_ATTR, check_trainer, suggest
 from search.storage import INTERRUPTED, with_retry
 from search.trial import _api
 from search.trial._api import Pruned, Reported, StopRequested, Trial
@@ -102,7 +102,8 @@ class UserObjective(Objective):
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: queued again to resume
             self._record_end(begun, INTERRUPTED, user)
             raise
-        return self._finish(begun, user, values, stopped, output)
+        return self._finish(begun, user, values, stopped, output,
+                            returned=self._returned(returned))
 
     def _start(self, begun: TrialStart) -> Trial:
         """The trial's start attrs and the `Trial` the user's code gets (a retry's checkpoint
@@ -164,7 +165,8 @@ class UserObjective(Objective):
                                    begun.started, extra)
 
     def _finish(self, begun: TrialStart, user: Trial, values: list[float] | None,
-                stopped: str | None, output: dict[str, str]) -> Ended:
+                stopped: str | None, output: dict[str, str], *,
+                returned: dict[str, float]) -> Ended:
         """The trial's end attrs and artifacts, written with its result as it is told."""
         trial, metric = begun.trial, self.metrics[0]
         seconds = round(time.perf_counter() - begun.started, 3)
@@ -172,6 +174,8 @@ class UserObjective(Objective):
         ended = stopped or "completed"
         end_attrs: dict[str, Any] = {"history": history, "epochs_run": len(history),
                                      "seconds": seconds, "ended": ended}
+        if returned:  # what constraints: may bound besides the reports
+            end_attrs[RETURNED_ATTR] = returned
         if begun.retried_from is not None:
             end_attrs["resumed_from_epoch"] = user.resumed_from_epoch
         links: dict[str, str] = {}
@@ -187,6 +191,22 @@ class UserObjective(Objective):
                              begun.params, len(history), seconds, ended)
         return Ended.of(shown, clear=self.checkpoints_of(user.checkpoint_dir,
                                                          begun.retried_from))
+
+    def _returned(self, returned: Any) -> dict[str, float]:
+        """The finite numbers a function returned, by metric (a bare number is the
+        objective's)."""
+        given = returned if isinstance(returned, dict) else {self.metrics[0]: returned}
+        out = {}
+        for key, value in given.items():
+            if isinstance(value, (bool, str)):
+                continue
+            try:
+                number = float(value)  # a numpy or 0-d torch scalar too
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            if math.isfinite(number):
+                out[str(key)] = number
+        return out
 
     def _values(self, user: Trial, returned: Any) -> tuple[list[float] | None, str | None]:
         """The objective values (None when stopped) and why the trial stopped."""

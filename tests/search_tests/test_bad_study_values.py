@@ -289,6 +289,22 @@ BAD: list[Bad] = [
         r"resources\.nodes: unknown key"),
     Bad("RunSpec.<unknown>", {"run": {"heartbeat": 5}},
         r"run\.heartbeat: unknown key, did you mean 'heartbeat_interval'\?"),
+    # ------------------------------------------------------------------ constraints
+    Bad("StudySpec.constraints", {"constraints": {"metric": "val_loss", "max": 1}},
+        r"constraints: expected a list"),
+    Bad("StudySpec.constraints", {"constraints": [{"metric": "val_loss", "max": 1}],
+                                  "sampler": {"type": "random"}},
+        r"constraints: sampler 'random' ignores constraints; the samplers that use them are "
+        r"tpe, nsga2, gp"),
+    Bad("Constraint.metric", {"constraints": [{"metric": "val_los", "max": 1}]},
+        r"constraints\[0\]\.metric: expected a metric of the built-in trainer, .*got "
+        r"'val_los', did you mean 'val_loss'\?"),
+    Bad("Constraint.max", {"constraints": [{"metric": "val_loss", "max": "1"}]},
+        r"constraints\[0\]\.max: expected a number, got '1'$"),
+    Bad("Constraint.min", {"constraints": [{"metric": "val_loss", "min": 2, "max": 1}]},
+        r"constraints\[0\]\.min: expected min <= max, got min: 2, max: 1$"),
+    Bad("Constraint.<unknown>", {"constraints": [{"metric": "val_loss", "below": 1}]},
+        r"constraints\[0\]\.below: unknown key"),
     # ------------------------------------------------------------------ space: the mapping
     Bad("StudySpec.space", {"space": ["lr"]}, r"space: expected a mapping, got \['lr'\]$"),
     Bad("StudySpec.space", {"space": DROP}, r"space: required key is missing$"),
