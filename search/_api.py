@@ -29,7 +29,9 @@ class Results:
     study_name: str
     metrics: list[str]  # the objective's metric names
     directions: list[str]
-    best_params: dict[str, Any] | None  # None until a trial completed (or several objectives)
+    # None until a trial completed (or several objectives); with constraints, the best trial
+    # that meets them (None while none does), and each row says whether it does ("feasible").
+    best_params: dict[str, Any] | None
     best_value: float | None
     best_trial: int | None
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -116,7 +118,7 @@ def load_results(name: str, *, storage: str | None = None) -> Results:
     from optuna.trial import TrialState
 
     from search.run import load
-    from search.spec import params_from_optuna
+    from search.spec import best_trials, is_feasible, params_from_optuna
     from search.storage import count_trials, open_storage
 
     study, spec = load(name, open_storage(storage, must_exist=True))
@@ -127,6 +129,9 @@ def load_results(name: str, *, storage: str | None = None) -> Results:
         values = t.values if t.state == TrialState.COMPLETE and t.values else None
         for i, metric in enumerate(metrics):
             row[metric] = values[i] if values else None
+        if spec.constraints:  # whether it meets them; None until it finished
+            row["feasible"] = is_feasible(t) if t.state in (
+                TrialState.COMPLETE, TrialState.PRUNED) else None
         row.update(params_from_optuna(spec, t.params))
         row["epochs_run"] = t.user_attrs.get("epochs_run")
         row["seconds"] = t.user_attrs.get("seconds")
@@ -135,9 +140,9 @@ def load_results(name: str, *, storage: str | None = None) -> Results:
             t.datetime_start, dt.datetime) else None
         rows.append(row)
     best_params = best_value = best_trial = None
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete and len(metrics) == 1:
-        best = study.best_trial
+    best_of = best_trials(study)  # the best feasible trial, where there are constraints:
+    if best_of and len(metrics) == 1:
+        best = best_of[0]
         best_params = {**dict(spec.fixed if spec.trainer is not None else {}),
                        **params_from_optuna(spec, best.params)}
         best_value, best_trial = best.value, best.number

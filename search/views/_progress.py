@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from search._text import fmt
-from search.spec import base_train_config, params_from_optuna
+from search.spec import base_train_config, best_trials, labels, measured, params_from_optuna
 
 if TYPE_CHECKING:
     import optuna
@@ -180,7 +180,10 @@ def print_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         console.print("no trial completed yet: nothing to call best")
         return
-    trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    trials = best_trials(study)  # the feasible ones, where the study has constraints:
+    if not trials:
+        bounds = ", ".join(labels(spec.constraints))
+        console.print(f"no complete trial meets the constraints ({bounds}): nothing to call best")
     for trial in trials:
         table = Table(title=f"best trial #{trial.number}", show_header=False, title_justify="left")
         table.add_column("key", style="bold")
@@ -191,6 +194,8 @@ def print_best(study: optuna.Study, spec: StudySpec, console: Console) -> None:
         if history and "val_accuracy" in history[-1] and \
                 "val_accuracy" not in spec.objective.metric_names:
             table.add_row("val_accuracy", fmt(history[-1].get("val_accuracy")))
+        for label, value in measured(spec.constraints, trial.user_attrs).items():
+            table.add_row(label, f"{fmt(value)} (feasible)")
         for key, value in flat_params(spec, trial).items():
             table.add_row(key, fmt(value))
         table.add_row("epochs", str(trial.user_attrs.get("epochs_run", "")))

@@ -3,8 +3,9 @@
 plotly.js is inlined once in the page, so the file opens offline and can be mailed or archived
 as it is. Sections: the study at a glance, optimization history (or the Pareto front), parameter
 importances, parallel coordinates, slices, the validation-loss curves of all trials, lr x
-batch_size and lr x weight_decay, the best trial's curves and gradient norms, the top trials,
-and the retrain result when there is one.
+batch_size and lr x weight_decay, the best trial's curves and gradient norms, the top trials (with
+`constraints:`, the best feasible one and each trial's feasibility), and the retrain result
+when there is one.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from search._errors import StorageError
 from search._text import fmt
 from search.run import load
+from search.spec import best_trials, is_feasible, labels, measured
 from search.storage import open_storage, redact, resolve_url
 from search.views import _figures as figs
 from search.views._figures import Unavailable
 from search.views._progress import flat_params
-from search.views._status import retrain_text, status_data
+from search.views._status import constraints_text, no_best_text, retrain_text, status_data
 
 if TYPE_CHECKING:
     import optuna
@@ -101,11 +103,15 @@ def _summary(data: dict[str, Any], storage: str) -> str:
     if p["epochs_full_budget"]:
         lines.append(f"Pruning saved {p['epochs_saved']} of {p['epochs_full_budget']} epochs "
                      f"({p['saved_fraction']:.0%}).")
+    if constraints_text(data):
+        lines.append(f"{_esc(constraints_text(data)).capitalize()}.")
     for best in data["best"]:
         values = ", ".join(f"{k} {fmt(v)}" for k, v in best["values"].items())
         params = " ".join(f"{k}={fmt(v)}" for k, v in best["params"].items())
         lines.append(f"Best: trial #{best['trial']}: {_esc(values)} &mdash; "
                      f"<code>{_esc(params)}</code>")
+    if data.get("constraints") and not data["best"]:
+        lines.append(f"Best: {_esc(no_best_text(data))}.")
     if data.get("retrain"):
         lines.append(f"Retrain: {_esc(retrain_text(data['retrain']))}.")
     if data["failures"]:
@@ -115,27 +121,39 @@ def _summary(data: dict[str, Any], storage: str) -> str:
     lines.append(f'<span class="meta">Storage {_esc(storage)}; generated {stamp}.</span>')
     return "".join(f"<p>{line}</p>" for line in lines)
 
+def _measured(value: float | None) -> str:
+    return "missing" if value is None else fmt(value)
+
+
 def _top_table(study: optuna.Study, spec: StudySpec, top: int) -> str:
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(spec.objective.metric_names) > 1:
-        front = {t.number for t in study.best_trials}
+        front = {t.number for t in best_trials(study)}  # feasible, where there are constraints
         trials = [t for t in trials if t.number in front]
     else:
+        # The feasible trials first (all are, without constraints), each part by its value.
         sign = 1 if spec.objective.direction_names[0] == "minimize" else -1
-        trials = sorted(trials, key=lambda t: sign * t.values[0])[:top]
+        trials = sorted(trials, key=lambda t: (not is_feasible(t), sign * t.values[0]))[:top]
     if not trials:
-        return '<p class="note">No completed trial yet.</p>'
+        return '<p class="note">No completed trial yet.</p>' if not spec.constraints else \
+            '<p class="note">No completed trial meets the constraints.</p>'
     metrics = list(spec.objective.metric_names)
     extra = [] if "val_accuracy" in metrics else ["val_accuracy"]
-    head = ["#", "trial", *metrics, *extra, "epochs", "seconds", "params"]
+    bounds = labels(spec.constraints)
+    head = ["#", "trial", *metrics, *extra, *(["feasible", *bounds] if bounds else []),
+            "epochs", "seconds", "params"]
     rows = []
     for rank, t in enumerate(trials, 1):
         history = t.user_attrs.get("history") or []
         last = history[-1] if history else {}
         params = " ".join(f"{k}={fmt(v)}" for k, v in flat_params(spec, t).items())
+        shown = measured(spec.constraints, t.user_attrs) if bounds else {}
         cells = [rank, f"#{t.number}", *(fmt(v) for v in t.values),
-                 *(fmt(last.get(k)) for k in extra), t.user_attrs.get("epochs_run", ""),
+                 *(fmt(last.get(k)) for k in extra),
+                 *((["yes" if is_feasible(t) else "no"] + [_measured(v) for v in shown.values()])
+                   if bounds else []),
+                 t.user_attrs.get("epochs_run", ""),
                  fmt(t.user_attrs.get("seconds", "")), f"<code>{_esc(params)}</code>"]
         rows.append("<tr>" + "".join(
             f"<td>{c if str(c).startswith('<code>') else _esc(c)}</td>" for c in cells)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from search._text import finite, fmt
 from search.run import load
-from search.spec import train_config_for
+from search.spec import best_trials, is_feasible, labels, measured, train_config_for
 from search.storage import (
     RETRAIN_ATTR,
     budget_of,
@@ -31,16 +31,15 @@ if TYPE_CHECKING:
 def best_record(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
     """The best trial (or the Pareto front) with real params and the config to train it."""
 
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return []
-    trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
     out = []
-    for trial in trials:
+    for trial in best_trials(study):  # the feasible ones, where the study has constraints:
         params = flat_params(spec, trial)
         history = trial.user_attrs.get("history") or []
         out.append({
             "trial": trial.number,
             "values": dict(zip(spec.objective.metric_names, trial.values, strict=True)),
+            **({"constraints": measured(spec.constraints, trial.user_attrs)}
+               if spec.constraints else {}),
             "val_accuracy": (history[-1].get("val_accuracy") if history else None),
             "params": params,
             **({"config": train_config_for(spec, params).to_dict()} if spec.trainer is None
@@ -48,6 +47,31 @@ def best_record(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
                      "fixed": dict(spec.fixed)}),
         })
     return out
+
+def feasibility(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """The study's bounds and how many of its complete trials meet them all."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return {"bounds": labels(spec.constraints),
+            "complete": len(complete), "feasible": sum(is_feasible(t) for t in complete)}
+
+
+def no_best_text(data: dict[str, Any]) -> str:
+    """Why `data` (`status_data`) has no best trial: none completed, or none feasible."""
+    k = data.get("constraints")
+    if not k or not k["complete"]:
+        return "no trial completed yet"
+    return (f"none of the {k['complete']} complete trials meets the constraints "
+            f"({', '.join(k['bounds'])})")
+
+
+def constraints_text(data: dict[str, Any]) -> str | None:
+    """E.g. `constraints size <= 0.5: 7 of 10 complete trials feasible` (None without)."""
+    k = data.get("constraints")
+    if not k:
+        return None
+    return (f"constraints {', '.join(k['bounds'])}: {k['feasible']} of {k['complete']} "
+            "complete trials feasible")
+
 
 def status_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     """Everything `status` shows, as plain data (the `--json` form)."""
@@ -97,6 +121,7 @@ def status_data(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         },
         "epochs_run_all_trials": epochs_run,
         "retrain": retrain_record(study),
+        **({"constraints": feasibility(study, spec)} if spec.constraints else {}),
     }
 
 def retrain_record(study: optuna.Study) -> dict[str, Any] | None:
@@ -139,12 +164,17 @@ def render_status(data: dict[str, Any], console: Any) -> None:
     if p["epochs_full_budget"]:
         console.print(f"pruning saved {p['epochs_saved']} of {p['epochs_full_budget']} epochs "
                       f"({p['saved_fraction']:.0%})")
+    if constraints_text(data):
+        console.print(constraints_text(data))
     for best in data["best"]:
         values = ", ".join(f"{k} {fmt(v)}" for k, v in best["values"].items())
         console.print(f"best: trial #{best['trial']}: {values}")
         console.print("      " + " ".join(f"{k}={fmt(v)}" for k, v in best["params"].items()))
+        if best.get("constraints"):
+            console.print("      feasible: " + ", ".join(
+                f"{label} ({fmt(v)})" for label, v in best["constraints"].items()))
     if not data["best"]:
-        console.print("best: no trial completed yet")
+        console.print(f"best: {no_best_text(data)}")
     if data.get("retrain"):
         console.print(f"retrain: {retrain_text(data['retrain'])}")
     if data["running"]:
@@ -207,7 +237,11 @@ def show_best(name: str, storage: str | None, *, as_format: str = "yaml") -> int
     study, spec = load(name, open_storage(storage, must_exist=True))
     records = best_record(study, spec)
     if not records:
-        print(f"error: study {name!r} has no completed trial yet", file=sys.stderr)
+        k = feasibility(study, spec) if spec.constraints else None
+        if k and k["complete"]:
+            print(f"error: study {name!r}: {no_best_text({'constraints': k})}", file=sys.stderr)
+        else:
+            print(f"error: study {name!r} has no completed trial yet", file=sys.stderr)
         return 1
     out: Any = records[0] if len(records) == 1 else {"pareto_front": records}
     if isinstance(out, dict) and "config" in out:
