@@ -200,6 +200,10 @@ def studies_overview(storage: optuna.storages.BaseStorage) -> list[dict[str, Any
     out = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=True):
         best = summary.best_trial
+        if best is not None and not is_feasible(best):  # Optuna's pick ignores constraints
+            feasible = best_trials(optuna.load_study(study_name=summary.study_name,
+                                                     storage=storage))
+            best = feasible[0] if feasible else None
         out.append({
             "study": summary.study_name,
             "trials": summary.n_trials,

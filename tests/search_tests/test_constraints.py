@@ -189,6 +189,9 @@ def test_constraints_steer_a_small_study_away_from_infeasible_configs(project):
     page = (project / "r.html").read_text()
     assert f"Constraints size &lt;= 0.5: {feasible} of 30 complete trials feasible." in page
     assert "<th>feasible</th><th>size &lt;= 0.5</th>" in page
+    overview = hp("status", "--storage", url, cwd=project).stdout.splitlines()
+    assert any(line.split()[0] == "bound" and line.endswith(f"best {bound.best_value:.4g}")
+               for line in overview), overview
     # A study without constraints shows none of it.
     free_status = hp("status", "free", "--storage", url, cwd=project).stdout
     assert "constraints" not in free_status and "feasible" not in free_status
