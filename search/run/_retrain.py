@@ -24,6 +24,7 @@ from search._errors import SearchError, SpecError
 from search.run._studies import load
 from search.spec import params_from_optuna, train_config_for
 from search.storage import RETRAIN_ATTR, open_storage
+from search.tracking import log_retrain
 
 if TYPE_CHECKING:
     import optuna
@@ -112,6 +113,7 @@ def retrain(
     summary.update(trial=chosen.number, out=str(out), params=params)
     (out / "results.json").write_text(json.dumps({"study": spec.name, **summary}, indent=2))
     study.set_user_attr(RETRAIN_ATTR, summary)
+    log_retrain(study, spec, summary)
     return summary
 
 def retrain_user(study: optuna.Study, spec: StudySpec, *, out: Path, epochs: int | None = None,
@@ -157,6 +159,7 @@ def retrain_user(study: optuna.Study, spec: StudySpec, *, out: Path, epochs: int
                    trial=chosen.number, out=str(out), params=params)
     (out / "results.json").write_text(json.dumps({"study": spec.name, **summary}, indent=2))
     study.set_user_attr(RETRAIN_ATTR, summary)
+    log_retrain(study, spec, summary)
     return summary
 
 

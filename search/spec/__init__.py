@@ -50,6 +50,7 @@ from search.spec._study_file import (
     spec_to_json,
     train_config_for,
 )
+from search.spec._tracking import MlflowSpec, TrackingSpec, WandbSpec
 
 __all__ = [
     "BUILT_IN_METRICS",
@@ -68,6 +69,9 @@ __all__ = [
     "RangeEntry",
     "Resources",
     "StudySpec",
+    "MlflowSpec",
+    "TrackingSpec",
+    "WandbSpec",
     "auto_lr_key",
     "base_train_config",
     "best_trials",

@@ -61,10 +61,17 @@ from search.storage._studies import (
     LR_FIND_ATTR,
     RETRAIN_ATTR,
     SPEC_ATTR,
+    TRACKING_ATTR,
     WARM_START_ATTR,
     open_study,
 )
-from search.storage._tables import close_waiting, retried_from, retries_of, set_user_attrs
+from search.storage._tables import (
+    close_waiting,
+    retried_from,
+    retries_of,
+    set_user_attrs,
+    stored_trial,
+)
 from search.storage._trial_start import (
     beat_written,
     set_budget,
@@ -92,6 +99,7 @@ __all__ = [
     "LR_FIND_ATTR",
     "RETRAIN_ATTR",
     "SPEC_ATTR",
+    "TRACKING_ATTR",
     "WARM_START_ATTR",
     "BudgetReached",
     "Counts",
@@ -132,6 +140,7 @@ __all__ = [
     "storage_of",
     "storage_url_of",
     "store_files",
+    "stored_trial",
     "tell_trial",
     "trial_id_of",
     "with_result",

@@ -17,6 +17,7 @@ SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
 LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
 WARM_START_ATTR = "hpsearch_warm_start"  # source trials enqueued by `run --warm-start`
 RETRAIN_ATTR = "hpsearch_retrain"  # the final test of `hpsearch retrain`
+TRACKING_ATTR = "hpsearch_tracking"  # the study's run in a tracker (its MLflow parent run)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, str]:

@@ -159,6 +159,11 @@ def retries_of(trial: optuna.Trial) -> int:
         return len(RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial)))
 
 
+def stored_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """`trial` as stored now (after it was told: its state, values and attrs)."""
+    return trial.storage.get_trial(trial_id_of(trial))
+
+
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     # The frozen trial fetched when the trial started carries the retry link (a system attr),
     # so no further storage read is needed.

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from search.storage import DatabaseLock, FileLock, NullLock, WorkerHeartbeat
+    from search.tracking import Tracker
 
 
 LOG = logger("trial")
@@ -82,6 +83,7 @@ class TrialRunner:
         self.lock = lock
         self.budget = budget
         self.live: dict[int, optuna.Trial] = {}  # asked and not yet told, by number
+        self.tracker: Tracker | None = None  # where each trial told is logged (MLflow, ...)
         self._to_queue: set[int] = set()
 
     @property
@@ -164,6 +166,8 @@ class TrialRunner:
         if ended.how.queued_again:
             self._to_queue.add(trial.number)
             return None  # not an end: it runs again
+        if self.tracker is not None:  # logged from the tracker's thread: this returns now
+            self.tracker.trial_ended(trial)
         if ended.clear:  # told: its checkpoints (and the dead trial's it resumed) may go
             self.kind.clear_checkpoints(ended.clear)
         return ended.shown

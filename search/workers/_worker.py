@@ -39,6 +39,7 @@ from search.storage import (
     with_retry,
     worker_study,
 )
+from search.tracking import Tracker
 from search.trial import (
     GPU_FULL,
     ArtifactRecorder,
@@ -105,6 +106,8 @@ def run_worker(
         return worker.loop(deadline, on_trial=on_trial, on_wait=on_wait)
     finally:
         worker.heartbeat.close()
+        if worker.runner.tracker is not None:  # the trials still being logged, then a line
+            worker.runner.tracker.close()
 
 
 class Worker:
@@ -134,6 +137,9 @@ class Worker:
                                   pack)  # type: ignore[arg-type]
                        if packing else
                        TrialRunner(objective, study, view, self.heartbeat, lock, self.budget))
+        self.runner.tracker = Tracker.for_study(study, spec)
+        if self.runner.tracker is not None:
+            self.runner.tracker.start()  # the study's MLflow run, found or created meanwhile
         self.summary = WorkerSummary()
 
     def read_budget(self) -> int:
