@@ -1,12 +1,13 @@
 """`run --warm-start OTHER[:k]`: the best configurations of another study, tried first.
 
-The top k COMPLETE trials of the source study (best first, by its own objective) are translated
-into this study's space and enqueued; a trial whose params do not fit (a key this study holds
-constant at another value, a value outside a range, a condition that does not hold) is skipped
-and counted. Settings are matched by trainer path, so ``lr`` and ``optimizer.lr`` are one
-setting, and an lr sampled per N examples (linear scaling) is converted between the studies'
-units. Each source is used once: the study keeps what it enqueued from where in its user
-attribute ``hpsearch_warm_start``, and a second `run` with the same source enqueues nothing.
+The top k COMPLETE trials of the source study (best first, by its own objective; those that
+meet its `constraints:` before those that do not) are translated into this study's space and
+enqueued; a trial whose params do not fit (a key this study holds constant at another value, a
+value outside a range, a condition that does not hold) is skipped and counted. Settings are
+matched by trainer path, so ``lr`` and ``optimizer.lr`` are one setting, and an lr sampled per
+N examples (linear scaling) is converted between the studies' units. Each source is used once:
+the study keeps what it enqueued from where in its user attribute ``hpsearch_warm_start``, and
+a second `run` with the same source enqueues nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from search.spec import (
     constant_values,
     constants_of,
     enqueue_params,
+    is_feasible,
     params_from_optuna,
     same,
     spec_from_json,
@@ -102,14 +104,16 @@ def _batch_size(spec: StudySpec, flat: dict[str, Any], source: StudySpec | None)
     return base_train_config(source or spec).batch_size
 
 def _ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """COMPLETE trials best first: by the objective, or the Pareto front by number."""
+    """COMPLETE trials best first: by the objective, or the Pareto front by number; the
+    trials that meet the source's constraints before those that do not (all do without)."""
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(study.directions) > 1:
-        front = {t.number for t in study.best_trials}
-        return sorted(complete, key=lambda t: (t.number not in front, t.number))
+        front = {t.number for t in study.best_trials}  # feasible, where there are constraints
+        return sorted(complete, key=lambda t: (not is_feasible(t), t.number not in front,
+                                               t.number))
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
-    return sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+    return sorted(complete, key=lambda t: (not is_feasible(t), sign * t.values[0], t.number))
 
 def load_source(name: str, storage: Any, *, target: str,
                 storage_label: str | None = None) -> optuna.Study:

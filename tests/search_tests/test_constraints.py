@@ -22,6 +22,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import search
+from search.run._warm_start import _ranked
 from search.spec import (
     BUILT_IN_METRICS,
     METRICS,
@@ -142,6 +143,8 @@ def test_best_is_the_best_feasible_trial_and_optuna_reads_the_values():
     none = optuna.create_study()
     _add(none, [0.1], {"c": 2.0})
     assert best_trials(none) == []  # where Study.best_trial raises
+    # --warm-start from it tries its feasible trials first.
+    assert [t.number for t in _ranked(single)] == [1, 0]
 
 
 # ------------------------------------------------------------------------- the study itself
