@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 import trainers
 from search._errors import SearchError, SpecError
 from search.run._studies import load
-from search.spec import params_from_optuna, train_config_for
+from search.spec import best_trials, params_from_optuna, train_config_for
 from search.storage import RETRAIN_ATTR, open_storage
 from search.tracking import log_retrain
 
@@ -81,13 +81,19 @@ def chosen_trial(study: optuna.Study, number: int | None) -> optuna.trial.Frozen
             raise SpecError(f"--trial: expected a finished trial of study {study.study_name!r}, "
                             f"got {number}")
         return trials[0]
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
         raise SearchError(f"study {study.study_name!r} has no completed trial yet")
+    best = best_trials(study)  # the feasible ones, under constraints
+    if not best:
+        raise SearchError(f"study {study.study_name!r}: none of its {len(complete)} complete "
+                          "trials meets the constraints (`hpsearch status` shows each bound's "
+                          "value); retrain one anyway with --trial N")
     if len(study.directions) > 1:
-        numbers = ", ".join(f"#{t.number}" for t in study.best_trials)
+        numbers = ", ".join(f"#{t.number}" for t in best)
         raise SpecError(f"study {study.study_name!r} has several objectives: choose one of its "
                         f"best trials ({numbers}) with --trial")
-    return study.best_trial
+    return best[0]
 
 def retrain(
     study: optuna.Study,

@@ -10,6 +10,7 @@ Any of three trackers, together or alone (`search.tracking` logs to them):
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any
 
 from pydantic import Field, PlainValidator, StrictInt, StrictStr, field_validator, model_validator
@@ -66,6 +67,16 @@ class TrackingSpec(SpecModel):
         if self.mlflow is None and self.tensorboard is None and self.wandb is None:
             raise spec_error("expected at least one of: mlflow, tensorboard, wandb "
                              "(leave tracking: out to log nowhere but the study storage)")
+        return self
+
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingSpec:
+        # Checked where the file is validated and where each worker loads the study: a
+        # worker that could not log would otherwise warn on every trial.
+        for name in self.names:
+            if importlib.util.find_spec(name) is None:
+                raise spec_error(f"needs the {name} package, not installed here: pip install "
+                                 f"'hpsearch[{name}]'", key=name)
         return self
 
     @property

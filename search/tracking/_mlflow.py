@@ -46,10 +46,11 @@ class MlflowBackend:
     name = "mlflow"
 
     def __init__(self, spec: MlflowSpec, study: str, parent: dict[str, Any] | None,
-                 on_parent: Callable[[dict[str, Any]], None]) -> None:
+                 on_parent: Callable[[dict[str, Any]], None],
+                 settings: dict[str, str] | None = None) -> None:
         """`parent`: the study's parent run as kept on the study, if it is; `on_parent` keeps
-        a parent run this backend created."""
-        self.spec, self.study = spec, study
+        a parent run this backend created, with `settings` (the study's) as its params."""
+        self.spec, self.study, self.settings = spec, study, settings or {}
         self.where = redact(spec.uri)
         self.experiment = spec.experiment or study
         self._parent = parent if parent and parent.get("uri") == spec.uri else None
@@ -88,6 +89,8 @@ class MlflowBackend:
             run_id = self._oldest_parent(experiment_id) or created
             if run_id != created:
                 client.delete_run(created)
+            else:
+                self._log(run_id, params=self.settings)
         self._parent = {"uri": self.spec.uri, "experiment_id": experiment_id, "run_id": run_id}
         self._on_parent(self._parent)
         return run_id
@@ -103,8 +106,31 @@ class MlflowBackend:
         """The study's parent run, found or created as the worker starts."""
         self.parent_run()
 
+    def _log(self, run_id: str, *, params: dict[str, Any], metrics: list[Any] = ()) -> None:
+        """Params and metrics in batches of MLflow's limits (100 params, 1000 metrics)."""
+        from mlflow.entities import Param
+
+        listed = [Param(key, str(value)[:_TEXT]) for key, value in params.items()]
+        for i in range(0, len(listed), 100):
+            self.client.log_batch(run_id, params=listed[i:i + 100])
+        for i in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+
+    def study_done(self, best: TrialRecord | None) -> None:
+        """The budget is met: the parent run FINISHED, with the best (feasible) trial's values
+        as ``best.<metric>`` and its number as ``hpsearch.best_trial``."""
+        from mlflow.entities import Metric
+
+        parent = self.parent_run()
+        if best is not None:
+            end = best.millis(best.end) or 0
+            self._log(parent, params={}, metrics=[
+                Metric(f"best.{key}", value, end, 0) for key, value in best.values.items()])
+            self.client.set_tag(parent, "hpsearch.best_trial", str(best.number))
+        self.client.set_terminated(parent, status="FINISHED")
+
     def log_trial(self, record: TrialRecord) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric
 
         client = self.client
         parent = self.parent_run()
@@ -126,11 +152,7 @@ class MlflowBackend:
                    for epoch, values in record.epochs for key, value in values.items()]
         metrics += [Metric(f"objective.{key}", value, end, record.epochs[-1][0]
                            if record.epochs else 0) for key, value in record.values.items()]
-        params = [Param(key, str(value)[:_TEXT]) for key, value in record.params.items()]
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
+        self._log(run_id, params=record.params, metrics=metrics)
         # A pruned trial ended as the pruner meant it to: FINISHED, with hpsearch.state PRUNED.
         client.set_terminated(run_id, status="FAILED" if record.state == "FAIL" else "FINISHED",
                               end_time=record.millis(record.end))

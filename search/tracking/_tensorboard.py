@@ -57,5 +57,8 @@ class TensorboardBackend:
             for key, value in final.items():
                 writer.add_scalar(key, value, last_epoch, walltime=end)
 
+    def study_done(self, best: TrialRecord | None) -> None:
+        """Nothing spans the study here: each trial's run is whole."""
+
     def close(self) -> None:
         """Each trial's writer is closed (flushed) as it is logged."""

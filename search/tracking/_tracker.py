@@ -10,6 +10,7 @@ still queued and says how many were not logged, and where.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from search._log import logger
+from search.spec import best_trials
 from search.storage import (
     TRACKING_ATTR,
     retried_from,
@@ -37,6 +39,11 @@ _DONE = object()  # the queue's last item
 _START = object()  # its first: each tracker's `start`
 
 
+@dataclass(frozen=True)
+class _StudyDone:
+    best: TrialRecord | None
+
+
 class Backend(Protocol):
     """One tracker: MLflow, TensorBoard or W&B (`search.tracking._mlflow`, …)."""
 
@@ -46,6 +53,8 @@ class Backend(Protocol):
     def start(self) -> None: ...  # as the worker starts (MLflow: the study's parent run)
 
     def log_trial(self, record: TrialRecord) -> None: ...
+
+    def study_done(self, best: TrialRecord | None) -> None: ...  # the budget is met
 
     def close(self) -> None: ...
 
@@ -74,7 +83,7 @@ def said(error: BaseException) -> str:
     for phrase, cause in _CAUSES:
         if phrase in lowered:
             return f"{cause} ({type(error).__name__})"
-    text = texts[0]
+    text = texts[0].rstrip(".")
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -93,7 +102,8 @@ def backends_for(study: optuna.Study, spec: StudySpec) -> list[Backend]:
             with_retry(lambda: study.set_user_attr(TRACKING_ATTR, {**kept, "mlflow": parent}),
                        what="keeping the study's MLflow run")
 
-        backends.append(MlflowBackend(tracking.mlflow, spec.name, kept.get("mlflow"), keep))
+        backends.append(MlflowBackend(tracking.mlflow, spec.name, kept.get("mlflow"), keep,
+                                      settings=study_settings(spec)))
     if tracking.tensorboard is not None:
         from search.tracking._tensorboard import TensorboardBackend
 
@@ -103,6 +113,21 @@ def backends_for(study: optuna.Study, spec: StudySpec) -> list[Backend]:
 
         backends.append(WandbBackend(tracking.wandb, spec.name))
     return backends
+
+
+def study_settings(spec: StudySpec) -> dict[str, str]:
+    """What the study's parent run shows as its params: the search as the file set it."""
+    objective = spec.objective
+    settings = {"sampler": spec.sampler.type, "pruner": spec.pruner.type,
+                "objective": ", ".join(objective.metric_names),
+                "direction": ", ".join(objective.direction_names),
+                "budget.trials": str(spec.budget.trials), "budget.epochs": str(spec.budget.epochs),
+                "trainer": spec.trainer_name}
+    dumped = spec.model_dump(mode="json")
+    settings.update({f"space.{key}": json.dumps({k: v for k, v in entry.items() if v is not None})
+                     for key, entry in dumped["space"].items()})
+    settings.update({f"fixed.{key}": json.dumps(value) for key, value in spec.fixed.items()})
+    return settings
 
 
 class Tracker:
@@ -152,9 +177,9 @@ class Tracker:
 
     def _work(self) -> None:
         while (record := self._queue.get()) is not _DONE:
-            if record is _START:
+            if record is _START or isinstance(record, _StudyDone):
                 for backend in self.backends:
-                    self._start(backend)
+                    self._start(backend) if record is _START else self._finish(backend, record)
                 continue
             for backend in self.backends:
                 self._log_to(backend, record)
@@ -169,6 +194,27 @@ class Tracker:
             tally.down_until, tally.error = time.monotonic() + RETRY_AFTER_S, said(e)
             LOG.warning(f"{backend.name} ({backend.where}): not set up ({tally.error}); it "
                         f"is asked again {RETRY_AFTER_S:.0f} s after it failed")
+
+    def study_done(self, study: optuna.Study) -> None:
+        """The budget is met: the trackers that span the study (MLflow's parent run) end it,
+        with the best feasible trial's values."""
+        try:
+            best = best_trials(study)
+            record = record_of(best[0], self.spec) if len(best) == 1 else None
+        except Exception as e:  # noqa: BLE001 - the study is done: summing it up is a nicety
+            LOG.warning(f"tracking: the study's best trial was not read ({said(e)})")
+            record = None
+        self.start()
+        self._queue.put(_StudyDone(record))
+
+    def _finish(self, backend: Backend, done: _StudyDone) -> None:
+        if time.monotonic() < self.tallies[backend.name].down_until:
+            return
+        try:
+            backend.study_done(done.best)
+        except Exception as e:  # noqa: BLE001
+            LOG.warning(f"{backend.name} ({backend.where}): the study's end was not logged "
+                        f"({said(e)})")
 
     def _log_to(self, backend: Backend, record: TrialRecord) -> None:
         tally = self.tallies[backend.name]

@@ -55,5 +55,8 @@ class WandbBackend:
         finally:
             run.finish(exit_code=1 if record.state == "FAIL" else 0)
 
+    def study_done(self, best: TrialRecord | None) -> None:
+        """Nothing spans the study here: each trial's run is whole."""
+
     def close(self) -> None:
         """Each trial's run is finished as it is logged."""

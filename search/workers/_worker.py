@@ -218,6 +218,8 @@ class Worker:
         with_retry(lambda: remove_finished_checkpoints(
             self.study, Path(self.checkpoint_root), self.spec.run.keep_checkpoints),
             what="removing the study's checkpoints")
+        if self.runner.tracker is not None:  # MLflow's parent run ends, with the best trial
+            self.runner.tracker.study_done(self.study)
 
     def count(self, step: Step,
               on_trial: Callable[[optuna.Study, TrialOutcome], None] | None) -> None:

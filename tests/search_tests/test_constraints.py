@@ -22,6 +22,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import search
+from search._errors import SearchError
+from search.run._retrain import chosen_trial
 from search.run._warm_start import _ranked
 from search.spec import (
     BUILT_IN_METRICS,
@@ -215,3 +217,7 @@ def test_when_no_trial_is_feasible_best_says_so(project, capsys):
     assert all(t.state == TrialState.COMPLETE and not is_feasible(t) for t in loaded.trials)
     data = status_data(loaded, parse_spec(spec))
     assert data["best"] == [] and data["constraints"]["feasible"] == 0
+    with pytest.raises(SearchError, match=r"study 'none': none of its 3 complete trials meets "
+                                          r"the constraints .*retrain one anyway with --trial N"):
+        chosen_trial(loaded, None)
+    assert chosen_trial(loaded, 1).number == 1  # --trial still picks any finished trial
