@@ -36,7 +36,8 @@ class TensorboardBackend:
         return self.root / f"{kind}-{record.number}"
 
     def start(self) -> None:
-        """Nothing to set up before the first trial."""
+        """Its writer imported as the worker starts, not as the first trial ends."""
+        import torch.utils.tensorboard  # noqa: F401
 
     def log_trial(self, record: TrialRecord) -> None:
         from torch.utils.tensorboard import SummaryWriter

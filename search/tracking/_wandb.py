@@ -25,7 +25,8 @@ class WandbBackend:
         self.where = f"{spec.mode} project {self.project!r}"
 
     def start(self) -> None:
-        """Nothing to set up before the first trial."""
+        """W&B imported as the worker starts, not as the first trial ends."""
+        import wandb  # noqa: F401
 
     def log_trial(self, record: TrialRecord) -> None:
         import wandb

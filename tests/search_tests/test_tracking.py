@@ -13,7 +13,6 @@ import glob
 import json
 import math
 import os
-import socket
 import statistics
 import struct
 import subprocess
@@ -28,9 +27,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from search._errors import SpecError
+from search._process import free_port
 from search.spec import parse_spec
 from search.storage import TRACKING_ATTR
 from search.tracking import Tracker, TrialRecord, record_of
+from tests import servers
 from tests.search_tests.studies import run_killing_a_worker, study_data
 
 BIN = Path(sys.executable).parent
@@ -53,38 +54,11 @@ def fit(params, trial):
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on loopback with a SQLite backend: its URL."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start:\n"
-                                + (folder / "server.log").read_text()[-3000:])
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
 
 
 def project(tmp_path: Path, name: str, tracking: dict | None, **changes) -> Path:
