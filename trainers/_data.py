@@ -16,10 +16,13 @@ Datasets (see `trainers._streaming`).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +127,8 @@ _SOURCES: dict[str, tuple[tuple[str, ...], str | None, str, str | None]] = {
 _SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
     "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),
 }
+# In the folder a download goes to: held while downloading (containers sharing a data volume).
+DOWNLOAD_LOCK = ".hpsearch-download.lock"
 
 
 def _user_roots(data_dir: str | None) -> list[Path]:
@@ -140,10 +145,54 @@ def _candidates(dataset: str, data_dir: str | None) -> list[Path]:
 
 
 def _download(dataset: str, root: Path) -> None:
-    """Fetch a dataset with torchvision into root (the last resort; needs network)."""
+    """Fetch a dataset with torchvision into root (the last resort; needs network).
+
+    torchvision writes into a hidden staging folder of root; each finished file is then renamed
+    into place, so a process that looks for the files without the lock never reads half of one.
+    """
     import torchvision  # slow to import, and needed only here and for CIFAR-10
 
-    getattr(torchvision.datasets, _SOURCES[dataset][3])(str(root), download=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as staging:
+        getattr(torchvision.datasets, _SOURCES[dataset][3])(staging, download=True)
+        for path in sorted(Path(staging).rglob("*")):
+            if path.is_file():
+                target = root / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+
+
+@contextmanager
+def _download_lock(root: Path) -> Iterator[None]:
+    """flock on a file in root, so processes sharing root (containers on one data volume)
+    download one at a time; the OS drops it if its holder dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / DOWNLOAD_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_once(dataset: str, data_dir: str | None,
+                   search: Callable[[], Path | None]) -> tuple[Path | None, str]:
+    """Download into the first writable of data_dir, $HPSEARCH_DATA and ./data, holding its lock:
+    a process that waited finds the files the holder fetched and downloads nothing. Returns the
+    folder found (or None) and, when that failed, a sentence for the not-found message."""
+    for root in _user_roots(data_dir):
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not os.access(existing, os.W_OK):  # torchvision makes the folders it needs
+            continue
+        try:
+            with _download_lock(root):
+                found = search()
+                if found is None:
+                    _download(dataset, root)
+                    found = search()
+        except Exception as e:  # no network is the usual case: say so in the one message
+            return None, f" Downloading into {root} failed: {type(e).__name__}: {e}."
+        return found, "" if found else f" Downloading into {root} did not produce the files."
+    return None, ""
 
 
 def find_data_dir(dataset: str, data_dir: str | None) -> Path:
@@ -152,7 +201,7 @@ def find_data_dir(dataset: str, data_dir: str | None) -> Path:
     Order: data_dir, $HPSEARCH_DATA, ./data, then system directories; in each, torchvision's
     layout (e.g. FashionMNIST/raw) before the directory itself. If the files are nowhere and the
     dataset has a torchvision downloader, one download into the first writable of data_dir,
-    $HPSEARCH_DATA and ./data is tried.
+    $HPSEARCH_DATA and ./data is tried, one process at a time per folder.
     """
     if dataset not in _SOURCES:
         raise ConfigError(unknown_choice_message("dataset with files", dataset, list(_SOURCES)))
@@ -166,17 +215,7 @@ def find_data_dir(dataset: str, data_dir: str | None) -> Path:
 
     found, tried = search(), ""
     if found is None and downloadable:
-        for root in _user_roots(data_dir):
-            existing = next(p for p in (root, *root.parents) if p.exists())
-            if not os.access(existing, os.W_OK):  # torchvision makes the folders it needs
-                continue
-            try:
-                _download(dataset, root)
-                found = search()
-                tried = f" Downloading into {root} did not produce the files."
-            except Exception as e:  # no network is the usual case: say so in the one message
-                tried = f" Downloading into {root} failed: {type(e).__name__}: {e}."
-            break
+        found, tried = _download_once(dataset, data_dir, search)
     if found is not None:
         return found
     looked = ", ".join(str(p) for p in _candidates(dataset, data_dir))

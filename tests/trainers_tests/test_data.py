@@ -1,9 +1,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import hashlib
+import multiprocessing
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,6 +146,66 @@ def test_download_is_the_last_resort(tmp_path: Path, monkeypatch: pytest.MonkeyP
     data = load_data(DataConfig(dataset="fashion_mnist"))
     assert data.train.x.shape == (40, 1, 6, 5)
     assert (tmp_path / "env" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+_REAL_DOWNLOAD = _data._download  # before the fixture replaces it
+
+def _race(barrier: Any, results: Any) -> None:
+    """One process of the race below: find the data (downloading if none is there), then read
+    every file (numpy only: torch's thread pools are not for forked children)."""
+    downloads = []
+
+    def counted(dataset: str, root: Path) -> None:
+        downloads.append(str(root))
+        _REAL_DOWNLOAD(dataset, root)
+
+    _data._download = counted
+    barrier.wait()
+    try:
+        folder = find_data_dir("fashion_mnist", None)
+        arrays = [_data._read_idx(folder / name) for name in _data._IDX_FILES]
+        results.put({"folder": str(folder), "downloads": downloads,
+                     "sums": [int(a.sum(dtype=np.int64)) for a in arrays]})
+    except Exception as e:
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+@pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="apt install dataset-fashion-mnist")
+def test_processes_sharing_a_data_folder_download_once(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose's workers share /data: started together with no dataset there, one downloads
+    (under the folder's lock), the others wait and read its complete files. The download is
+    torchvision's own, from a local HTTP server as its mirror, md5s checked."""
+    import torchvision
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        SimpleHTTPRequestHandler, directory=str(SYSTEM_FASHION)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fashion = torchvision.datasets.FashionMNIST
+    monkeypatch.setattr(fashion, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+    monkeypatch.setattr(fashion, "resources", [
+        (name, hashlib.md5((SYSTEM_FASHION / name).read_bytes()).hexdigest())
+        for name, _ in fashion.resources])
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("HPSEARCH_DATA", str(shared))
+    context = multiprocessing.get_context("fork")  # inherits the mirror: no imports again
+    barrier, results = context.Barrier(3), context.Queue()
+    racers = [context.Process(target=_race, args=(barrier, results)) for _ in range(3)]
+    try:
+        for racer in racers:
+            racer.start()
+        found = [results.get(timeout=120) for _ in racers]
+    finally:
+        for racer in racers:
+            racer.join(10)
+            racer.kill()
+        server.shutdown()
+        server.server_close()
+    assert not [r for r in found if "error" in r], found
+    assert sum(len(r["downloads"]) for r in found) == 1, found
+    assert {r["folder"] for r in found} == {str(shared / "FashionMNIST" / "raw")}
+    source = [_data._read_idx(SYSTEM_FASHION / name) for name in _data._IDX_FILES]
+    assert all(r["sums"] == [int(a.sum(dtype=np.int64)) for a in source] for r in found)
+    assert (shared / _data.DOWNLOAD_LOCK).is_file()
+    assert not list(shared.glob(".download-*")), "the staging folder is removed"
 
 @pytest.mark.parametrize("dataset, hint", [("mnist", "MNIST/raw"),
                                            ("cifar10", "cifar-10-batches-py/data_batch_1")])
