@@ -448,6 +448,26 @@ def test_checkpoints_and_artifacts_are_on_the_shared_volume():
         assert artifacts in shared_mounts(obj, container), obj["metadata"]["name"]
 
 
+def test_pods_run_as_the_images_user():
+    """The image runs as a user who is not root (the Dockerfile's USER): each pod says so, so
+    the kubelet refuses to run it as root, and the pods on the shared volume get it as their
+    group."""
+    user = re.search(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert user, "the Dockerfile's USER is uid:gid, numeric"
+    uid, gid = map(int, user.groups())
+    assert uid != 0
+    pods = {o["metadata"]["name"]: _pod_spec(o) for o in OBJECTS
+            if any(c["image"] == "hpsearch" for c in _containers(o))}
+    assert set(pods) == {"hpsearch-dashboard", "hpsearch-create-study", "hpsearch-worker"}
+    for name, pod in pods.items():
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, name
+        assert (context.get("runAsUser"), context.get("runAsGroup")) == (uid, gid), name
+        if any(v.get("persistentVolumeClaim", {}).get("claimName") == "hpsearch-shared"
+               for v in pod.get("volumes", [])):
+            assert context.get("fsGroup") == gid, name
+
+
 def test_services_select_their_pods_and_ports():
     for service in (o for o in OBJECTS if o["kind"] == "Service"):
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
