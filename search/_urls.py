@@ -14,7 +14,7 @@ from search._errors import SpecError
 
 DEFAULT_URL = "sqlite:///hpsearch.db"
 ENV_VAR = "HPSEARCH_STORAGE"
-SCHEMES = ("sqlite", "postgresql", "mysql", "grpc")
+SCHEMES = ("sqlite", "postgresql", "mysql", "grpc", "grpcs")
 
 _PASSWORD = re.compile(r"(?P<head>[a-z0-9+.-]+://[^:/@\s]+:)(?P<pw>[^@\s]*)(?P<tail>@)", re.I)
 
@@ -27,9 +27,14 @@ def resolve_url(url: str | None) -> str:
         raise SpecError(
             f"--storage: expected a URL such as sqlite:///hpsearch.db, "
             f"postgresql+psycopg2://user@host/db, mysql+pymysql://user@host/db or "
-            f"grpc://host:port, got {redact(url)!r}"
+            f"grpc://host:port (grpcs:// over TLS), got {redact(url)!r}"
         )
     return url
+
+
+def is_proxy(url: str) -> bool:
+    """Whether `url` names `hpsearch storage-proxy` (grpc://, or grpcs:// over TLS)."""
+    return url.startswith(("grpc://", "grpcs://"))
 
 
 def redact(text: str) -> str:

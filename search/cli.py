@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from search._auth import CA_ENV, TOKEN_ENV
 from search._errors import SearchError, SpecError
 from search._log import for_cli
 from search._urls import DEFAULT_URL, ENV_VAR, redact, resolve_url
@@ -39,6 +40,11 @@ def _storage_arg(parser: argparse.ArgumentParser) -> None:
         "--storage", default=None,
         help=f"study storage URL (default: ${ENV_VAR}, else {DEFAULT_URL})",
     )
+    parser.add_argument(
+        "--tls-ca", default=None, metavar="CA.pem",
+        help=f"the private CA a grpcs:// storage proxy's certificate is checked against "
+             f"(default: ${CA_ENV}, else the system's); the token comes from ${TOKEN_ENV}",
+    )
 
 
 def _study_arg(parser: argparse.ArgumentParser) -> None:
@@ -48,11 +54,26 @@ def _study_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_args(parser: argparse.ArgumentParser, *, port: int, other_hosts: str) -> None:
-    """A command that serves the storage: where it listens."""
+    """A command that serves the storage: where it listens, with which TLS files and token."""
     _storage_arg(parser)
     parser.add_argument("--host", default="127.0.0.1",
-                        help=f"address to bind (default 127.0.0.1; {other_hosts})")
+                        help=f"address to bind (default 127.0.0.1; {other_hosts}: then TLS "
+                             "and a token are required)")
     parser.add_argument("--port", type=_positive_int, default=port)
+    parser.add_argument("--tls-cert", metavar="CERT.pem", help="serve TLS with this "
+                        "certificate (PEM; a chain: the server's first)")
+    parser.add_argument("--tls-key", metavar="KEY.pem", help="the certificate's private key")
+    parser.add_argument("--token-file", metavar="FILE", help=f"the token every caller must "
+                        f"present (default: ${TOKEN_ENV})")
+    parser.add_argument("--insecure", action="store_true", help="serve beyond this machine "
+                        "without TLS or a token (a warning on every start)")
+
+
+def _serving(args: argparse.Namespace, what: str) -> Any:
+    from search._auth import serving
+
+    return serving(args.host, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   token_file=args.token_file, insecure=args.insecure, what=what)
 
 
 def _positive_int(text: str) -> int:
@@ -281,7 +302,8 @@ class Dashboard(Command):
         _server_args(parser, port=8080, other_hosts="0.0.0.0 exposes it")
 
     def run(self, args: argparse.Namespace) -> int:
-        _package("views").serve_dashboard(resolve_url(args.storage), host=args.host,
+        serving = _serving(args, "the dashboard")  # refused before the storage is opened
+        _package("views").serve_dashboard(resolve_url(args.storage), serving=serving,
                                           port=args.port)
         return EXIT_OK
 
@@ -419,7 +441,8 @@ class StorageProxy(Command):
         _server_args(parser, port=13000, other_hosts="0.0.0.0 for other hosts")
 
     def run(self, args: argparse.Namespace) -> int:
-        _package("storage").serve_proxy(args.storage, host=args.host, port=args.port)
+        serving = _serving(args, "the storage proxy")
+        _package("storage").serve_proxy(args.storage, serving=serving, port=args.port)
         return EXIT_OK
 
 
@@ -496,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     debug = args.debug or bool(os.environ.get("HPSEARCH_DEBUG"))
+    if getattr(args, "tls_ca", None):  # for this process and the workers it starts
+        os.environ[CA_ENV] = str(Path(args.tls_ca).expanduser().resolve())
     with for_cli():  # hpsearch's warnings and notices printed, as `warning: …` lines
         return _run(args, debug)
 

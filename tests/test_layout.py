@@ -16,10 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "search"
 # Each unit may import only those before it (and itself): the leaves, then the packages.
-ORDER = ["search._errors", "search._log", "search._text", "search._urls", "search._lazy",
-         "search._process", "search.spec", "search.storage", "search.tracking", "search.trial",
-         "search.integrations", "search.workers", "search.run", "search.views", "search._api",
-         "search.cli"]
+ORDER = ["search._errors", "search._log", "search._text", "search._urls", "search._auth",
+         "search._lazy", "search._process", "search.spec", "search.storage", "search.tracking",
+         "search.trial", "search.integrations", "search.workers", "search.run", "search.views",
+         "search._api", "search.cli"]
 COMPAT = "search/storage/_compat.py"
 
 

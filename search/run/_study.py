@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from search._errors import SpecError
-from search.run._studies import study_pruner
+from search.run._studies import sign, study_pruner
 from search.spec import (
     StudySpec,
     build_sampler,
@@ -63,6 +63,7 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
                 f"`hpsearch worker {spec.name}`"
             )
         study.set_user_attr(BUDGET_ATTR, budget)
+        sign(study, stored)  # the file matched: (re)signed with this process's token, if any
         return study
     try:
         study = optuna.create_study(
@@ -74,7 +75,9 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
         return create_or_load(spec, storage, trials=trials, lr_find=lr_find)
     if lr_find is not None:  # before the spec: a study with a spec is complete to a reader
         study.set_user_attr(LR_FIND_ATTR, lr_find)
-    study.set_user_attr(SPEC_ATTR, spec_to_json(spec))
+    stored = spec_to_json(spec)
+    sign(study, stored)  # before the spec: a worker holding the token finds it signed
+    study.set_user_attr(SPEC_ATTR, stored)
     study.set_user_attr(BUDGET_ATTR, budget)
     with quiet_experimental():
         study.set_metric_names(spec.objective.metric_names)

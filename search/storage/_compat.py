@@ -202,3 +202,62 @@ def quiet_optuna_warnings() -> None:
     its own (`search.tune` leaves it as it finds it)."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("optuna").setLevel(logging.WARNING)
+
+
+# --- the gRPC storage proxy with TLS and a token (search.storage._proxy) ---------------------
+# Optuna's `run_grpc_proxy_server` adds an insecure port and `GrpcStorageProxy` builds an
+# insecure channel; a proxy with TLS and a token is put together from their parts, named here.
+GRPC_SERVICE = "optuna.StorageService"  # the service Optuna's api.proto defines
+GRPC_PARTS = ("optuna.storages._grpc.servicer:OptunaStorageProxyService",
+              "optuna.storages._grpc.auto_generated.api_pb2_grpc:"
+              "add_StorageServiceServicer_to_server",
+              "optuna.storages._grpc.auto_generated.api_pb2_grpc:StorageServiceStub",
+              "optuna.storages._grpc.auto_generated.api_pb2:GetStudyIdFromNameRequest",
+              "optuna.storages._grpc.client:GrpcClientCache")
+
+
+def _grpc_part(index: int) -> Any:
+    import importlib
+
+    module, _, name = GRPC_PARTS[index].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_storage_service(server: Any, storage: Any) -> None:
+    """Optuna's storage service for `storage`, added to the gRPC `server`."""
+    _grpc_part(1)(_grpc_part(0)(storage), server)
+
+
+def storage_service_methods() -> list[str]:
+    """Every method of Optuna's storage service, by name."""
+    from optuna.storages._grpc.auto_generated import api_pb2
+
+    return list(api_pb2.DESCRIPTOR.services_by_name["StorageService"].methods_by_name)
+
+
+def grpc_proxy_client(host: str, port: int, channel: Any) -> Any:
+    """Optuna's `GrpcStorageProxy` talking over `channel` (a function of no arguments that
+    makes the channel: TLS, the token), instead of its own insecure one."""
+    from optuna.storages import GrpcStorageProxy
+
+    class Proxy(GrpcStorageProxy):
+        def _setup(self) -> None:
+            self._channel = channel()
+            self._stub = _grpc_part(2)(self._channel)
+            self._cache = _grpc_part(4)(self._stub)
+
+    with quiet_experimental():
+        return Proxy(host=host, port=port)
+
+
+def ping_proxy(proxy: Any, timeout: float) -> None:
+    """One call to the proxy, answered or raised as gRPC raises it (an unknown study name is an
+    answer: the server is there and let the call in)."""
+    import grpc
+
+    try:
+        proxy._stub.GetStudyIdFromName(_grpc_part(3)(study_name="hpsearch ping: no study"),
+                                       timeout=timeout)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise

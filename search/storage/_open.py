@@ -18,9 +18,11 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy import event, exc
 
+from search._auth import Serving
 from search._errors import SpecError, StorageError
-from search._urls import redact, resolve_url, sqlite_path
+from search._urls import is_proxy, redact, resolve_url, sqlite_path
 from search.storage._compat import quiet_experimental
+from search.storage._proxy import open_proxy, proxy_server
 
 SQLITE_BUSY_TIMEOUT_S = 60
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -80,17 +82,8 @@ def open_storage(
     database (commands that only read never create files).
     """
     url = resolve_url(url)
-    if url.startswith("grpc://"):
-        host, _, port = url[len("grpc://"):].rstrip("/").partition(":")
-        try:
-            from optuna.storages import GrpcStorageProxy
-
-            with quiet_experimental():
-                proxy = GrpcStorageProxy(host=host or "localhost", port=int(port or 13000))
-            proxy.wait_server_ready(timeout=30)
-            return proxy
-        except Exception as e:  # grpc raises its own error types
-            raise StorageError(f"cannot reach the storage proxy at {url}: {e}") from e
+    if is_proxy(url):  # (its TLS, its token, one call to check both: search.storage._proxy)
+        return open_proxy(url)
     path = sqlite_path(url)
     if must_exist and path is not None and not path.exists():
         raise SpecError(f"--storage: no database at {path} (run `hpsearch run STUDY.yaml` first)")
@@ -126,7 +119,7 @@ def open_for_watching(url: str) -> optuna.storages.BaseStorage:
     writes a person makes from the UI (notes, deleting a study). Read-only (`?mode=ro`) would
     turn those edits into "readonly database" errors.
     """
-    if url.startswith("grpc://"):
+    if is_proxy(url):
         return open_storage(url)
     path = sqlite_path(url)
     if path is not None:
@@ -168,15 +161,24 @@ def _has_tables(url: str, names: tuple[str, ...]) -> bool:
     finally:
         engine.dispose()
 
-def serve_proxy(url: str | None, *, host: str, port: int) -> None:
-    """`hpsearch storage-proxy`: Optuna's gRPC proxy in front of the database, until Ctrl-C."""
-    from optuna.storages import run_grpc_proxy_server
-
+def serve_proxy(url: str | None, *, serving: Serving, port: int) -> None:
+    """`hpsearch storage-proxy`: Optuna's gRPC storage service in front of the database, with
+    TLS and the token where `serving` has them (`search._auth.serving`), until Ctrl-C."""
     url = resolve_url(url)
-    if url.startswith("grpc://"):
+    if is_proxy(url):
         raise SpecError("--storage: the proxy serves a database URL, not another proxy")
     storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
-    print(f"storage proxy for {redact(url)} on grpc://{host}:{port}; workers use "
-          f"--storage grpc://{host}:{port} (Ctrl-C stops it)", flush=True)
-    with quiet_experimental():
-        run_grpc_proxy_server(storage, host=host, port=port)
+    server = proxy_server(storage, serving, port)
+    scheme = "grpcs" if serving.tls else "grpc"
+    guarded = ("TLS and a token" if serving.tls and serving.token else
+               "TLS, no token" if serving.tls else
+               "a token, no TLS" if serving.token else "no TLS, no token")
+    print(f"storage proxy for {redact(url)} on {scheme}://{serving.host}:{port} ({guarded}); "
+          f"workers use --storage {scheme}://{serving.host}:{port}"
+          + (" with $HPSEARCH_TOKEN" if serving.token else "") + " (Ctrl-C stops it)",
+          flush=True)
+    server.start()
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=2)

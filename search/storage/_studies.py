@@ -14,6 +14,7 @@ import optuna
 from search._errors import SpecError, StudyNotFoundError
 
 SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
+SPEC_SIGNATURE_ATTR = "hpsearch_spec_hmac"  # its HMAC with the token (search._auth), if one
 LR_FIND_ATTR = "hpsearch_lr_find"  # the LR range test that chose the stored lr range
 WARM_START_ATTR = "hpsearch_warm_start"  # source trials enqueued by `run --warm-start`
 RETRAIN_ATTR = "hpsearch_retrain"  # the final test of `hpsearch retrain`

@@ -95,7 +95,7 @@ def test_dashboard_serves_trial_artifacts_and_warns_on_a_public_address(tmp_path
     url = f"sqlite:///{tmp_path / 'hp.db'}"
     spec = parse_spec(spec_data("served", tmp_path, trials=2, epochs=2))
     run_worker(create_or_load(spec, open_storage(url)), spec, device="cpu")
-    proc, port = start_dashboard(url, tmp_path, "--host", "0.0.0.0")
+    proc, port = start_dashboard(url, tmp_path, "--host", "0.0.0.0", "--insecure")
     try:
         _, _, body = get(f"http://127.0.0.1:{port}/api/studies/1?after=0")
         study = json.loads(body)
@@ -109,7 +109,8 @@ def test_dashboard_serves_trial_artifacts_and_warns_on_a_public_address(tmp_path
     finally:
         out, err = stop(proc, tmp_path)
     assert f"at http://localhost:{port}/ (artifacts from {tmp_path}/hp.db.artifacts;" in out
-    assert "warning: the dashboard has no authentication; binding 0.0.0.0" in err
+    assert ("warning: --insecure: the dashboard on 0.0.0.0 without TLS and a token: anyone who "
+            "reaches this port can read and change every study it serves") in err
 
 def test_watching_never_disturbs_a_running_worker(tmp_path):
     """optuna-dashboard#545: a dashboard polling SQLite must not make a worker's writes fail."""

@@ -190,6 +190,25 @@ def test_every_private_method_search_storage_relies_on_exists(owner, name):
     assert callable(getattr(owner, name, None))
 
 
+@pytest.mark.parametrize("index", range(len(_compat.GRPC_PARTS)))
+def test_every_part_of_optunas_grpc_proxy_the_tls_proxy_is_built_from_exists(index):
+    """The storage proxy with TLS and a token is Optuna's service, stub and client cache on
+    hpsearch's own server and channel (Optuna's add an insecure port and build an insecure
+    channel): each part, by the name `_compat` reaches it."""
+    assert _compat._grpc_part(index) is not None
+
+
+def test_optunas_grpc_service_is_the_one_the_token_check_guards():
+    from optuna.storages import GrpcStorageProxy
+    from optuna.storages._grpc.auto_generated import api_pb2
+
+    service = api_pb2.DESCRIPTOR.services_by_name["StorageService"]
+    assert service.full_name == _compat.GRPC_SERVICE
+    assert set(_compat.storage_service_methods()) == set(service.methods_by_name)
+    assert all(not m.client_streaming and not m.server_streaming for m in service.methods)
+    assert callable(getattr(GrpcStorageProxy, "_setup", None))  # overridden for the channel
+
+
 def test_another_optuna_release_takes_the_public_path_with_one_warning(monkeypatch, caplog,
                                                                        sqlite_url, study_name):
     monkeypatch.setattr(optuna, "__version__", "5.1.0")

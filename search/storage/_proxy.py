@@ -1,0 +1,130 @@
+"""`hpsearch storage-proxy` with TLS and a token, and the client that reaches it.
+
+The proxy is Optuna's storage service (its parts through `_compat`) on a gRPC server that checks
+the token on every call (`TokenCheck`: a call without it, or with another, is UNAUTHENTICATED
+and reaches no storage method) and serves TLS when given a certificate. A client reaches
+``grpcs://host:port`` over TLS (the server checked against $HPSEARCH_TLS_CA, else the system's
+CAs) or ``grpc://host:port`` in the clear, and sends $HPSEARCH_TOKEN with every call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from search._auth import TOKEN_ENV, Serving, client_ca, client_token, same_token
+from search._errors import SpecError, StorageError
+from search.storage._compat import add_storage_service, grpc_proxy_client, ping_proxy
+
+if TYPE_CHECKING:
+    import grpc
+
+AUTH_KEY = "authorization"  # the metadata a client's token travels in: "Bearer <token>"
+_OPTIONS = [("grpc.max_receive_message_length", -1)]  # as Optuna's own channel
+
+
+def _token_check_class() -> type:
+    import grpc
+
+    class TokenCheck(grpc.ServerInterceptor):
+        """Lets a call through only with the token; any other is UNAUTHENTICATED."""
+
+        def __init__(self, token: str) -> None:
+            self.token = token
+
+            def refuse(request: Any, context: grpc.ServicerContext) -> None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              f"this storage proxy needs its token (${TOKEN_ENV})")
+
+            self.refused = grpc.unary_unary_rpc_method_handler(refuse)
+
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            sent = dict(details.invocation_metadata or ()).get(AUTH_KEY, "")
+            given = sent[len("Bearer "):] if sent.startswith("Bearer ") else None
+            if same_token(given, self.token):
+                return continuation(details)
+            return self.refused
+
+    return TokenCheck
+
+
+def proxy_server(storage: Any, serving: Serving, port: int) -> grpc.Server:
+    """The proxy's gRPC server for `storage` (not started): TLS with a certificate, the token
+    checked on every call when there is one."""
+    import grpc
+
+    interceptors = [_token_check_class()(serving.token)] if serving.token else []
+    server = grpc.server(ThreadPoolExecutor(max_workers=10), interceptors=interceptors)
+    add_storage_service(server, storage)
+    address = f"{serving.host}:{port}"
+    if serving.tls:
+        credentials = grpc.ssl_server_credentials([(serving.key, serving.cert)])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise StorageError(f"storage-proxy: cannot listen on {address} (in use?)")
+    return server
+
+
+def _with_token(token: str) -> Any:
+    import grpc
+
+    class WithToken(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            metadata = [*(details.metadata or ()), (AUTH_KEY, f"Bearer {token}")]
+            return continuation(details._replace(metadata=metadata), request)
+
+    return WithToken()
+
+
+def open_proxy(url: str, *, wait_s: float = 30) -> Any:
+    """A storage client of the proxy at `url` (grpc:// or grpcs://), checked with one call:
+    StorageError naming the cause (TLS on one side only, the token refused) in one line."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # not gRPC's own line per failed handshake
+    import grpc
+
+    secure = url.startswith("grpcs://")
+    host, _, port = url.split("://", 1)[1].rstrip("/").partition(":")
+    host, port_number = host or "localhost", int(port or 13000)
+    token = client_token()
+
+    def channel() -> grpc.Channel:
+        address = f"{host}:{port_number}"
+        if secure:
+            made = grpc.secure_channel(address, grpc.ssl_channel_credentials(client_ca()),
+                                       options=_OPTIONS)
+        else:
+            made = grpc.insecure_channel(address, options=_OPTIONS)
+        return grpc.intercept_channel(made, _with_token(token)) if token else made
+
+    proxy = grpc_proxy_client(host, port_number, channel)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ping_proxy(proxy, timeout=5)
+            return proxy
+        except grpc.RpcError as e:
+            code, said = e.code(), " ".join(str(e.details() or "").split())
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                why = "with another token" if token else f"without a token (${TOKEN_ENV})"
+                raise SpecError(f"the storage proxy at {url} refused this client, which came "
+                                f"{why}") from None
+            starting = code == grpc.StatusCode.UNAVAILABLE and "refused" in said.lower()
+            if not starting or time.monotonic() > deadline:
+                raise StorageError(f"cannot reach the storage proxy at {url}: {code.name} "
+                                   f"({said or 'no detail'}){_hint(secure, said)}") from None
+            time.sleep(0.5)  # a proxy starting up: not listening yet
+
+
+def _hint(secure: bool, said: str) -> str:
+    lowered = said.lower()
+    if not secure and ("socket closed" in lowered or "connection reset" in lowered
+                       or "handshake" in lowered or "eof" in lowered):
+        return "; a proxy serving TLS is reached with grpcs://"
+    if secure and ("ssl" in lowered or "handshake" in lowered or "certificate" in lowered):
+        return ("; over grpcs:// the proxy must serve TLS with a certificate this client trusts"
+                " ($HPSEARCH_TLS_CA for a private CA)")
+    return ""
