@@ -9,7 +9,11 @@ built from (the extras as a build argument, a user who is not root).
 from __future__ import annotations
 
 import re
+import shutil
+import socket
+import ssl
 import subprocess
+import threading
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -197,6 +201,68 @@ def test_workers_reserve_gpus_and_wait_for_the_study():
     assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "replicas" not in worker.get("deploy", {})  # scaled with --scale
     assert any(v.endswith(":/app/checkpoints") for v in worker["volumes"])
+
+def test_every_hpsearch_service_takes_the_token_from_env_or_refuses_to_start():
+    """`${VAR:?message}`: compose stops with the message when .env has no token."""
+    for name in hpsearch_services():
+        token = SERVICES[name]["environment"]["HPSEARCH_TOKEN"]
+        assert re.fullmatch(r"\$\{HPSEARCH_TOKEN:\?[^}]*\.env[^}]*\}", token), (name, token)
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["HPSEARCH_TOKEN"] == "", "no token that works until someone makes one"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert ".env" in ignored and "/certs/" in ignored
+
+def test_the_dashboard_serves_tls_from_the_certs_folder():
+    dash = SERVICES["dashboard"]
+    command = dash["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # beyond loopback: TLS and token
+    for flag, name in (("--tls-cert", "cert.pem"), ("--tls-key", "key.pem")):
+        inside = PurePosixPath(command[command.index(flag) + 1])
+        assert inside.name == name
+        sources = [(s, ro) for s, t, ro in mounts(dash) if inside.is_relative_to(t)]
+        assert sources == [("./certs", True)], sources
+    for name in set(hpsearch_services()) - {"dashboard"}:  # only the dashboard holds the key
+        assert "./certs" not in [s for s, _, _ in mounts(SERVICES[name])], name
+
+def _certificate_recipe() -> str:
+    """The docs' commands that make certs/ (the ```bash block that writes certs/cert.pem)."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "certs/cert.pem" in b]
+    return block
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> None:
+    """A TLS handshake between the two contexts; raises the client's verification error."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        def serve() -> None:
+            try:
+                server.wrap_socket(ours, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                pass  # the client refused: its error is the one to see
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            client.wrap_socket(theirs, server_hostname=hostname).close()
+        finally:
+            theirs.close()
+            thread.join(10)
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the docs' recipe runs openssl")
+def test_the_docs_recipe_makes_a_certificate_a_client_trusts(tmp_path):
+    made = subprocess.run(["bash", "-euc", _certificate_recipe()], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    certs = tmp_path / "certs"
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs / "cert.pem", certs / "key.pem")  # the files compose names
+    client = ssl.create_default_context(cafile=certs / "ca.pem")
+    for hostname in ("localhost", "dashboard", "hpsearch-dashboard"):  # compose, Kubernetes
+        _handshake(server, client, hostname)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server, client, "elsewhere.example")
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client without the CA
+        _handshake(server, ssl.create_default_context(), "localhost")
 
 def test_dashboard_listens_on_all_interfaces_inside_but_publishes_on_localhost():
     dash = SERVICES["dashboard"]

@@ -32,14 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 KDIR = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATION = yaml.safe_load((KDIR / "kustomization.yaml").read_text())
 FAKE_PASSWORD = "0123456789abcdef"  # stands in for postgres.env, which git ignores
+FAKE_TOKEN = "fedcba9876543210"
+# The user's own files that the Secrets are made from (git ignores them), as the tests make them.
+USER_FILES = {
+    "postgres.env": f"password={FAKE_PASSWORD}\n",
+    "token.env": f"token={FAKE_TOKEN}\n",
+    "certs/cert.pem": "-----BEGIN CERTIFICATE-----\nc3RhbmQtaW4=\n-----END CERTIFICATE-----\n",
+    "certs/key.pem": "-----BEGIN PRIVATE KEY-----\nc3RhbmQtaW4=\n-----END PRIVATE KEY-----\n",
+}
 IMAGE_WORKDIR = "/app"  # the Dockerfile's WORKDIR: relative paths of a study resolve there
 
 
 # --- the objects -----------------------------------------------------------------------------
 
-def _generated(password: str) -> list[dict[str, Any]]:
+def _generated() -> list[dict[str, Any]]:
     """The kustomization's ConfigMap and Secret generators, as kustomize makes them (names
-    without the hash suffix)."""
+    without the hash suffix); the Secrets from USER_FILES."""
     out: list[dict[str, Any]] = []
     for gen in KUSTOMIZATION.get("configMapGenerator", []):
         data = {}
@@ -49,9 +57,13 @@ def _generated(password: str) -> list[dict[str, Any]]:
         out.append({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": gen["name"]}, "data": data})
     for gen in KUSTOMIZATION.get("secretGenerator", []):
-        assert gen["envs"] == ["postgres.env"], "the password comes from postgres.env only"
-        values = {"password": password}
-        out.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        values = {}
+        for env_file in gen.get("envs", []):
+            values.update(line.split("=", 1) for line in USER_FILES[env_file].splitlines())
+        for entry in gen.get("files", []):
+            key, _, path = entry.rpartition("=")
+            values[key or Path(path).name] = USER_FILES[path]
+        out.append({"apiVersion": "v1", "kind": "Secret", "type": gen.get("type", "Opaque"),
                     "metadata": {"name": gen["name"]},
                     "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}})
     return out
@@ -61,7 +73,7 @@ def _objects() -> list[dict[str, Any]]:
     objects = []
     for name in KUSTOMIZATION["resources"]:
         objects += [d for d in yaml.safe_load_all((KDIR / name).read_text()) if d]
-    return objects + _generated(FAKE_PASSWORD)
+    return objects + _generated()
 
 
 OBJECTS = _objects()
@@ -181,7 +193,8 @@ def test_the_kustomization_lists_every_manifest_here():
     assert {p.name for p in KDIR.glob("*.yaml")} == listed | generated | {"kustomization.yaml"}
     kinds = {(o["kind"], o["metadata"]["name"]) for o in OBJECTS}
     assert {("StatefulSet", "hpsearch-postgres"), ("Service", "hpsearch-postgres"),
-            ("Secret", "hpsearch-postgres"), ("Deployment", "hpsearch-dashboard"),
+            ("Secret", "hpsearch-postgres"), ("Secret", "hpsearch-token"),
+            ("Secret", "hpsearch-tls"), ("Deployment", "hpsearch-dashboard"),
             ("Service", "hpsearch-dashboard"), ("ConfigMap", "hpsearch-study"),
             ("Job", "hpsearch-create-study"), ("Job", "hpsearch-worker"),
             ("PersistentVolumeClaim", "hpsearch-shared")} <= kinds
@@ -195,19 +208,24 @@ def test_kustomize_builds_the_same_objects(tmp_path):
             pytest.fail("kubectl is not installed: `kubectl kustomize` builds deploy/kubernetes")
         pytest.skip("kubectl is not installed (CI fails here instead)")
     folder = tmp_path / "kubernetes"
-    shutil.copytree(KDIR, folder, ignore=shutil.ignore_patterns("postgres.env"))
-    (folder / "postgres.env").write_text(f"password={FAKE_PASSWORD}\n")
+    shutil.copytree(KDIR, folder, ignore=shutil.ignore_patterns(*USER_FILES))
+    for path, text in USER_FILES.items():
+        (folder / path).parent.mkdir(exist_ok=True)
+        (folder / path).write_text(text)
     built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True,
                            timeout=60)
     assert built.returncode == 0, built.stderr
     objects = [d for d in yaml.safe_load_all(built.stdout) if d]
-    # The ConfigMap gets a content hash in its name, and every reference to it follows.
-    (study_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-    hashed = study_map["metadata"]["name"]
-    assert hashed.startswith("hpsearch-study-")
-    text = built.stdout.replace(hashed, "hpsearch-study").replace("image: hpsearch:latest",
-                                                                   "image: hpsearch")
+    # The study's ConfigMap and the certificate's Secret get a content hash in their names, and
+    # every reference to them follows.
+    text = built.stdout.replace("image: hpsearch:latest", "image: hpsearch")
+    for kind, name in (("ConfigMap", "hpsearch-study"), ("Secret", "hpsearch-tls")):
+        (hashed,) = [o["metadata"]["name"] for o in objects if o["kind"] == kind
+                     and o["metadata"]["name"].startswith(f"{name}-")]
+        text = text.replace(hashed, name)
     objects = [d for d in yaml.safe_load_all(text) if d]
+    for secret in (o for o in objects if o["kind"] == "Secret"):  # base64 in lines of 76
+        secret["data"] = {k: v.replace("\n", "") for k, v in secret["data"].items()}
     assert sorted(objects, key=_key) == sorted(OBJECTS, key=_key)
     for obj in objects:
         assert api_errors(obj) == []
@@ -330,9 +348,46 @@ def test_secret_keys_line_up():
     secrets = {o["metadata"]["name"]: o for o in OBJECTS if o["kind"] == "Secret"}
     refs = [v["valueFrom"]["secretKeyRef"] for o in OBJECTS for c in _containers(o)
             for v in c.get("env", []) if "valueFrom" in v]
-    assert len(refs) >= 5  # postgres, dashboard, create-study, the worker and its init
+    assert len(refs) >= 9  # the password: 5 containers; the token: 4 hpsearch containers
     for ref in refs:
         assert ref["key"] in secrets[ref["name"]]["data"], ref
+    mounted = [v["secret"]["secretName"] for o in OBJECTS for v in (_pod_spec(o) or {}).get(
+        "volumes", []) if "secret" in v]
+    assert mounted and set(mounted) <= set(secrets), mounted
+    # Each Secret is made from files the user makes (docs/kubernetes.md) and git ignores.
+    ignored = (KDIR / ".gitignore").read_text().split()
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    for gen in KUSTOMIZATION["secretGenerator"]:
+        for path in gen.get("envs", []) + [e.rpartition("=")[2] for e in gen.get("files", [])]:
+            assert path in ignored or f"{Path(path).parent}/" in ignored, path
+            made = (f"> deploy/kubernetes/{path}", f"deploy/kubernetes/{Path(path).parent}/")
+            assert any(m in docs for m in made), path
+
+
+def test_every_hpsearch_container_has_the_token_and_the_dashboard_tls():
+    """The token signs the stored study (create-study) and is checked by every worker; the
+    dashboard, bound beyond loopback, serves TLS from the mounted certificate Secret and asks
+    for the token."""
+    for where, container in _hpsearch_containers():
+        refs = [v.get("valueFrom", {}).get("secretKeyRef") for v in container["env"]
+                if v["name"] == "HPSEARCH_TOKEN"]
+        assert refs == [{"name": "hpsearch-token", "key": "token"}], where
+        assert container_env(container)["HPSEARCH_TOKEN"] == FAKE_TOKEN
+    dashboard = _get("Deployment", "hpsearch-dashboard")
+    (container,) = _containers(dashboard)
+    (argv,) = hpsearch_argvs(container)
+    assert argv[argv.index("--host") + 1] not in ("127.0.0.1", "localhost", "::1")
+    volumes = {v["name"]: v for v in _pod_spec(dashboard)["volumes"]}
+    for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        path = PurePosixPath(argv[argv.index(flag) + 1])
+        (mount,) = [m for m in container["volumeMounts"]
+                    if PurePosixPath(m["mountPath"]) == path.parent]
+        assert mount.get("readOnly") is True and "subPath" not in mount, mount
+        secret = _get("Secret", volumes[mount["name"]]["secret"]["secretName"])
+        assert secret["type"] == "kubernetes.io/tls" and path.name == key
+        assert key in secret["data"]
+    (port,) = container["ports"]
+    assert port["name"] == "https"
 
 
 def test_no_password_is_written_in_the_files():
