@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,15 @@ def test_passwords_never_appear(tmp_path):
     assert result.returncode == 1
     assert "s3cret" not in result.stdout + result.stderr
     assert "bob:***@" in result.stderr
+    # Nor a token (a proxy refusing one: test_security.py).
+    env = {**os.environ, "HPSEARCH_TOKEN": "t0ken-s3cret"}
+    for args in (["storage-proxy", "--host", "0.0.0.0", "--storage", "sqlite:///x.db"],
+                 ["dashboard", "--host", "0.0.0.0", "--tls-cert", "missing.pem",
+                  "--tls-key", "missing.pem"]):
+        said = subprocess.run([HPSEARCH, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert said.returncode in (1, 2) and said.stderr.startswith("error: "), said.stderr
+        assert "t0ken-s3cret" not in said.stdout + said.stderr
 
 
 def test_bad_arguments_exit_2(tmp_path):
