@@ -6,6 +6,7 @@ search spaces in one study; only the budget may change between runs.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,10 +25,12 @@ from search.storage import BUDGET_ATTR, LR_FIND_ATTR, SPEC_ATTR, quiet_experimen
 
 
 def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What must match between runs of one study: all but the budget, and the lr as the file
-    asked for it when the LR range test chose the stored range."""
+    """What must match between runs of one study: all but the budget and where trials are
+    logged (`tracking`), and the lr as the file asked for it when the LR range test chose the
+    stored range."""
     data = spec.model_dump(mode="json")
     data.pop("budget", None)
+    data.pop("tracking", None)
     if lr_find is not None and lr_find.get("key") in data["space"]:
         data["space"][lr_find["key"]] = lr_find["requested"]
     return data
@@ -35,6 +38,17 @@ def _comparable(spec: StudySpec, lr_find: dict[str, Any] | None = None) -> dict[
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(keys) or "settings"
+
+def _with_tracking(stored: str, spec: StudySpec) -> str:
+    """The stored spec (JSON) with the file's `tracking:`: where trials are logged may change
+    between runs of a study, and workers started from then on log there."""
+    data = json.loads(stored)
+    tracking = spec.model_dump(mode="json")["tracking"]
+    if data["spec"].get("tracking") == tracking:
+        return stored
+    data["spec"]["tracking"] = tracking
+    return json.dumps(data)
+
 
 def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
                    *, trials: int | None = None, lr_find: dict[str, Any] | None = None
@@ -63,7 +77,10 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
                 f"`hpsearch worker {spec.name}`"
             )
         study.set_user_attr(BUDGET_ATTR, budget)
-        sign(study, stored)  # the file matched: (re)signed with this process's token, if any
+        updated = _with_tracking(stored, spec)
+        sign(study, updated)  # the file matched: (re)signed with this process's token, if any
+        if updated != stored:
+            study.set_user_attr(SPEC_ATTR, updated)
         return study
     try:
         study = optuna.create_study(

@@ -115,6 +115,11 @@ def test_a_changed_study_file_is_refused(sqlite_url, study_name, tmp_path):
     with pytest.raises(SpecError, match="already exists with different settings.*space"):
         start(sqlite_url, changed, tmp_path)
     start(sqlite_url, smoke(study_name, budget={"trials": 9, "epochs": 2}), tmp_path)  # ok
+    # Where trials are logged may change too: stored for the workers started from then on.
+    start(sqlite_url, smoke(study_name, budget={"trials": 9, "epochs": 2},
+                            tracking={"tensorboard": str(tmp_path / "tb")}), tmp_path)
+    assert load(study_name, open_storage(sqlite_url))[1].tracking.tensorboard == str(
+        tmp_path / "tb")
 
 def test_a_worker_finds_the_spec_by_name(storage_url, study_name, tmp_path):
     _, spec = start(storage_url, smoke(study_name), tmp_path)
