@@ -21,5 +21,5 @@ fi
 # The whole suite: most tests wait on worker processes and the database, so four files run at
 # once (a file's tests stay together, in order: some share a module fixture); the `serial`
 # ones, which restart the database or wait on a study's progress to the second, then run alone.
-.venv/bin/python -m pytest -q -n 4 --dist loadfile -m "not serial"
-exec .venv/bin/python -m pytest -q -m serial
+.venv/bin/python -m pytest -q -n 4 --dist loadfile -m "not serial" --durations=15
+exec .venv/bin/python -m pytest -q -m serial --durations=15
