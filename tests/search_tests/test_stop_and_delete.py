@@ -2,21 +2,33 @@
 
 Real processes and real signals: an interrupted trial ends FAIL "interrupted" and is queued
 again; the next `run` resumes it from its last epoch checkpoint, and the budget is met exactly.
+Ctrl-C is sent as a terminal sends it, to `run`'s whole process group (SIGINT to the supervisor
+alone: test_workers.py and benchmarks/fault_drills.py).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
+import psutil
+import pytest
 import yaml
 from optuna.trial import TrialState
 
 from search.storage import budget_lock
-from tests.search_tests.test_workers import _study_if_created, slow, wait_for, write_spec
+from tests.search_tests.faults import processes_of
+from tests.search_tests.test_workers import (
+    _study_if_created,
+    alive,
+    slow,
+    wait_for,
+    write_spec,
+)
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
@@ -53,26 +65,35 @@ def resumed_to_the_budget(tmp_path: Path, path: Path, url: str, name: str, trial
     return again.stdout
 
 
-def interrupted_run(tmp_path: Path, name: str, interrupt) -> tuple[Path, str, int, str]:
-    """`run --workers 2` of a slow study, interrupted by `interrupt(process, url)` once both
-    trials are an epoch in: (study file, url, run's exit code, its output). Each interrupted
-    trial must be queued to resume (both are mid-trial: 30 epochs take ~9 s)."""
+def interrupted_run(tmp_path: Path, data: dict, interrupt, *,
+                    running: int = 2) -> tuple[Path, str, int, str]:
+    """`run --workers 2` of the study `data` (in a session of its own, as a terminal starts
+    it), interrupted by `interrupt(process, url)` once `running` trials are an epoch in:
+    (study file, url, run's exit code, its output). Each interrupted trial must be queued to
+    resume (all are mid-trial)."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    path = write_spec(tmp_path, slow(name, tmp_path, trials=2, epochs=30))
+    path = write_spec(tmp_path, data)
     run = subprocess.Popen([HPSEARCH, "run", str(path), "--storage", url, "--workers", "2"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           text=True, start_new_session=True)
+
+    def ready() -> bool:
+        if run.poll() is not None:
+            raise AssertionError(f"run exited {run.returncode} first:\n{run.stdout.read()}")
+        return running_with_an_epoch(url, data["name"], running)
+
     try:
-        wait_for(lambda: running_with_an_epoch(url, name, 2), timeout=90,
-                 what="two trials an epoch in")
+        wait_for(ready, timeout=90, what=f"{running} trials an epoch in")
         interrupt(run, url)
         out, _ = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
-            run.kill()
-    study = optuna.load_study(study_name=name, storage=url)
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    study = optuna.load_study(study_name=data["name"], storage=url)
     interrupted = study.get_trials(states=(TrialState.FAIL,))
-    assert len(study.get_trials(states=(TrialState.WAITING,))) == len(interrupted) == 2, out
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == len(interrupted) == running, \
+        out
     return path, url, run.returncode, out
 
 
@@ -82,18 +103,80 @@ def test_stop_checkpoints_every_trial_and_run_resumes_them(tmp_path, study_name)
         assert stopped.returncode == 0, stopped.stderr
         assert "no trial is running" in stopped.stdout
 
-    path, url, code, out = interrupted_run(tmp_path, study_name, stop)
+    path, url, code, out = interrupted_run(tmp_path, slow(study_name, tmp_path, trials=2,
+                                                          epochs=30), stop)
     assert code == 0, out
     assert "stopped by `hpsearch stop`" in out and "Traceback" not in out
     again = resumed_to_the_budget(tmp_path, path, url, study_name, trials=2)
     assert f"resuming study {study_name!r} after `hpsearch stop`" in again
 
 
-def test_ctrl_c_loses_no_work_the_next_run_resumes_the_trials(tmp_path, study_name):
-    path, url, code, out = interrupted_run(
-        tmp_path, study_name, lambda run, url: run.send_signal(signal.SIGINT))
+# A command trainer that checkpoints as a user's script does: its last epoch in the trial's
+# folder, read back as it starts, so that a retry resumes after it. 0.3 s an epoch, as `slow`.
+RESUMING_SCRIPT = """
+import os, pathlib, sys, time
+import search
+
+state = pathlib.Path(os.environ["HPSEARCH_CHECKPOINT_DIR"]) / "epoch.txt"
+start = int(state.read_text()) if state.exists() else 0
+for epoch in range(start + 1, int(sys.argv[1]) + 1):
+    time.sleep(0.3)
+    search.report(epoch, val_loss=float(sys.argv[2]) + 1.0 / epoch)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(str(epoch))
+"""
+
+
+def ctrl_c_study(kind: str, name: str, tmp_path: Path, epochs: int) -> tuple[dict, int]:
+    """The study of a Ctrl-C drill and how many trials `run --workers 2` runs at once: the
+    built-in trainer one trial a worker (plain) or two (packed, `run.pack`), or a command."""
+    data = slow(name, tmp_path, trials=2, epochs=epochs)
+    if kind == "packed":
+        data["budget"]["trials"] = 4
+        data["run"]["pack"] = 2
+        return data, 4
+    if kind == "command":
+        (tmp_path / "train.py").write_text(RESUMING_SCRIPT)
+        del data["data"], data["model"]  # the script's own
+        data["trainer"] = {"command": [sys.executable, str(tmp_path / "train.py"), "{epochs}",
+                                       "{lr}"], "kill_grace_s": 2}
+    return data, 2
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+@pytest.mark.serial  # multi-process, timed on the trials' epochs
+@pytest.mark.parametrize("kind", ["plain", "packed", "command"])
+def test_ctrl_c_to_the_process_group_loses_no_work_and_leaves_no_process(tmp_path, study_name,
+                                                                         kind):
+    """What a terminal's Ctrl-C sends: SIGINT to every process of `run --workers 2`'s group at
+    once (the supervisor and its workers; a command trainer sits in a session of its own).
+    `run` exits 130, no process of it is left, and the next `run` resumes every interrupted
+    trial from its checkpoint and meets the budget exactly."""
+    data, running = ctrl_c_study(kind, study_name, tmp_path, epochs=8)
+    seen: dict[psutil.Process, str] = {}  # each process of the run, its command line
+    session: list[int] = []
+
+    def ctrl_c(run: subprocess.Popen, url: str) -> None:
+        session.append(run.pid)  # its process group's id too
+        seen.update((p, _cmdline(p)) for p in processes_of(run.pid))
+        os.killpg(run.pid, signal.SIGINT)
+
+    path, url, code, out = interrupted_run(tmp_path, data, ctrl_c, running=running)
     assert code == 130, out
-    resumed_to_the_budget(tmp_path, path, url, study_name, trials=2)
+    workers = [p for p, line in seen.items() if "search.cli worker" in line]
+    commands = [p for p, line in seen.items() if "train.py" in line]
+    assert len(workers) == 2 and len(commands) == (2 if kind == "command" else 0), seen
+    # Gone with `run`: a command killed by its parent-death signal may take a moment.
+    wait_for(lambda: not [p for p in seen if p.is_running() and alive(p.pid)]
+             and not processes_of(session[0]),
+             timeout=5, what="every process of the run to end")
+    resumed_to_the_budget(tmp_path, path, url, study_name, trials=data["budget"]["trials"])
 
 
 def test_sigterm_to_a_single_in_process_worker_queues_its_trial_like_ctrl_c(tmp_path,
