@@ -58,6 +58,9 @@ class WandbSpec(SpecModel):
 
 
 class TrackingSpec(SpecModel):
+    """`tracking:`: the trackers each trial is logged to besides the study storage (one or
+    several; `search.tracking` logs to them)."""
+
     mlflow: MlflowSpec | None = None
     tensorboard: Text | None = None  # a folder: <folder>/<study>/trial-<n> per trial
     wandb: WandbSpec | None = None
