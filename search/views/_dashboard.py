@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 LOG = logger("views")
 LOGIN = "/hpsearch-login"
 COOKIE = "hpsearch_dashboard"
+HANDSHAKE_S = 30  # a TLS client has this long to finish its handshake
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>hpsearch dashboard</title>
 <style>body{{font-family:sans-serif;margin:4em auto;max-width:24em}}input{{width:100%;
 padding:.5em;margin:.5em 0}}.error{{color:#b00}}</style></head><body>
@@ -95,6 +96,23 @@ class TokenGate:
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    context: ssl.SSLContext | None = None  # TLS: each connection's handshake in its thread
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.context is None:
+            return super().finish_request(request, client_address)
+        # Not on the listening socket: there the handshake of one silent or slow client (a
+        # browser's speculative connection) would hold every other connection up.
+        request.settimeout(HANDSHAKE_S)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except OSError:  # ssl.SSLError included: a client that does not speak TLS, or left
+            return
+        try:
+            tls.settimeout(None)
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
 
 class _Quiet(WSGIRequestHandler):
@@ -121,9 +139,10 @@ def serve(url: str, *, serving: Serving, port: int) -> None:
     httpd = make_server(serving.host, port, app, server_class=server_class,
                         handler_class=_Quiet)
     if serving.tls:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(serving.cert_path, serving.key_path)
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        httpd.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        httpd.context.load_cert_chain(serving.cert_path, serving.key_path)
+        # wsgi.url_scheme https: the redirects optuna-dashboard makes stay on TLS.
+        httpd.base_environ["HTTPS"] = "on"
     shown = "localhost" if serving.host in ("0.0.0.0", "::") else serving.host
     if ":" in shown:
         shown = f"[{shown}]"

@@ -282,6 +282,8 @@ def _login_in_chromium(tmp_path: Path, base: str) -> None:
         wait(driver, lambda d: "That is not the token" in d.page_source, "the refusal")
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "login").click()
+        # The cookie is set by the answer to the form: wait for it before the next page.
+        wait(driver, lambda d: d.get_cookie("hpsearch_dashboard"), "the login's cookie")
         driver.get(f"{base}/dashboard")
         wait(driver, lambda d: any("watched" in a.text
                                    for a in d.find_elements(By.TAG_NAME, "a")), "the study")
