@@ -15,6 +15,17 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   fi
 fi
 
+# PgBouncer for the pooled-connection tests (tests/search_tests/test_pgbouncer.py): Debian's,
+# started by the tests themselves as the postgres user (tests/servers.py).
+if [ ! -x /usr/sbin/pgbouncer ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's pgbouncer (PgBouncer tests)"
+    apt-get update -qq >/dev/null && apt-get install -y -qq pgbouncer >/dev/null
+  else
+    echo "setup: pgbouncer not found; the PgBouncer tests skip (CI fails them): apt install pgbouncer" >&2
+  fi
+fi
+
 if [ $# -gt 0 ]; then  # a chosen file or test: as asked
   exec .venv/bin/python -m pytest -q "$@"
 fi

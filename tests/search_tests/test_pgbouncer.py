@@ -1,0 +1,187 @@
+"""The budget lock through PgBouncer's transaction pooling, with a real PgBouncer (Debian's,
+tests/servers.py) in front of the real PostgreSQL: one holder at a time among many clients
+sharing a small server pool, a killed holder's lock freed within seconds, and `hpsearch worker`
+processes that meet the exact budget through it while a killed worker's trial is retried.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search.run import load
+from search.storage import DatabaseLock, budget_lock, count_trials, open_storage
+from tests.search_tests.conftest import POSTGRES_URL, server_url
+from tests.search_tests.test_workers import (
+    create,
+    running_with_epochs,
+    slow,
+    start_worker,
+    wait_for,
+)
+from tests.servers import pgbouncer, pgbouncer_admin
+
+POOL = 5  # PgBouncer's server connections: far fewer than its clients here
+CLIENTS, ROUNDS = 60, 5
+
+
+@pytest.fixture(scope="module")
+def bouncer() -> Iterator[str]:
+    server_url(POSTGRES_URL, "PostgreSQL")
+    with pgbouncer(pool_size=POOL) as url:
+        yield url
+
+
+def held(key: str) -> int:
+    """How many sessions of the PostgreSQL server hold the advisory lock on `key` (pg_locks
+    spells a bigint key as classid, its high half, and objid, its low half)."""
+    engine = sqlalchemy.create_engine(POSTGRES_URL, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                "objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = "
+                "hashtext(:k)::bigint"), {"k": key}).scalar()
+    finally:
+        engine.dispose()
+
+
+def servers_of(url: str) -> int:
+    """The server connections PgBouncer holds for the `test` database."""
+    return sum(int(p["sv_active"]) + int(p["sv_idle"]) + int(p["sv_used"]) + int(p["sv_tested"])
+               + int(p["sv_login"]) for p in pgbouncer_admin(url, "SHOW POOLS")
+               if p["database"] == "test")
+
+
+def test_many_clients_over_a_small_server_pool_hold_the_lock_one_at_a_time(bouncer):
+    # A read-modify-write of one row by 60 clients, each its own lock object and connection:
+    # a second holder at any moment, or a lock that lands on the wrong server connection,
+    # loses an update (or hangs: then not every client finishes).
+    key, table = f"hpsearch:t-{uuid.uuid4().hex[:10]}", f"counter_{uuid.uuid4().hex[:10]}"
+    direct = sqlalchemy.create_engine(POSTGRES_URL)
+    with direct.begin() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)"))
+        conn.execute(sqlalchemy.text(f"INSERT INTO {table} VALUES (1, 0)"))
+    counter = sqlalchemy.create_engine(bouncer, pool_size=CLIENTS, max_overflow=0,
+                                       isolation_level="AUTOCOMMIT")
+    holders, most, errors = [0], [0], []
+    guard, go = threading.Lock(), threading.Barrier(CLIENTS)
+
+    def client() -> None:
+        lock = DatabaseLock(bouncer, key)
+        go.wait()
+        try:
+            for _ in range(ROUNDS):
+                lock.acquire()
+                try:
+                    with guard:
+                        holders[0] += 1
+                        most[0] = max(most[0], holders[0])
+                    with counter.connect() as conn:
+                        n = conn.execute(sqlalchemy.text(f"SELECT n FROM {table}")).scalar()
+                        time.sleep(0.002)  # the window a second holder would need
+                        conn.execute(sqlalchemy.text(f"UPDATE {table} SET n = :n"), {"n": n + 1})
+                    with guard:
+                        holders[0] -= 1
+                finally:
+                    lock.release()
+        except Exception as e:  # noqa: BLE001 - reported below, with the count
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        with direct.connect() as conn:
+            count = conn.execute(sqlalchemy.text(f"SELECT n FROM {table}")).scalar()
+        stuck = sum(t.is_alive() for t in threads)
+        assert (stuck, errors[:3], most[0], count) == (0, [], 1, CLIENTS * ROUNDS), (
+            "(clients stuck after 60 s, errors, most holders at once, the count)")
+        assert held(key) == 0
+        # It went through the pool: 60 clients over at most POOL server connections.
+        assert 0 < servers_of(bouncer) <= POOL
+    finally:
+        counter.dispose()
+        with direct.begin() as conn:
+            conn.execute(sqlalchemy.text(f"DROP TABLE {table}"))
+        direct.dispose()
+
+
+HOLDER = """
+import sys, time
+from search.storage import DatabaseLock
+DatabaseLock(sys.argv[1], sys.argv[2]).acquire()
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("path", ["pgbouncer", "direct"])
+def test_a_holder_killed_while_holding_frees_the_lock_within_seconds(path, request):
+    url = request.getfixturevalue("bouncer" if path == "pgbouncer" else "postgres_url")
+    key = f"hpsearch:t-{uuid.uuid4().hex[:10]}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, key], stdout=subprocess.PIPE,
+                              text=True)
+    waiter, took = DatabaseLock(url, key), threading.Event()
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert held(key) == 1
+        threading.Thread(target=lambda: (waiter.acquire(), took.set()), daemon=True).start()
+        assert not took.wait(1.0)  # held by the other process
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        killed = time.monotonic()
+        assert took.wait(10), "the lock was not freed 10 s after its holder was killed"
+        freed_s = time.monotonic() - killed
+        assert freed_s < 3, f"freed {freed_s:.1f} s after its holder was killed"
+        assert held(key) == 1  # the waiter's, now
+        waiter.release()
+        assert held(key) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+@pytest.mark.serial  # three workers killed and timed by the second: alone
+def test_workers_through_pgbouncer_meet_the_budget_and_retry_a_killed_workers_trial(
+        bouncer, tmp_path, study_name):
+    study, _ = create(bouncer, slow(study_name, tmp_path, trials=4, epochs=4))
+    workers = [start_worker(study_name, bouncer, tmp_path) for _ in range(3)]
+    try:
+        victim = wait_for(lambda: running_with_epochs(study, 1), timeout=120,
+                          what="a trial an epoch in")
+        dead = next(w for w in workers if w.pid == victim.user_attrs["pid"])
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        outs = {w.pid: w.communicate(timeout=240)[0] for w in workers if w is not dead}
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    assert all(w.returncode == 0 for w in workers if w is not dead), outs
+    study, _ = load(study_name, open_storage(bouncer))
+    trials = study.get_trials()
+    assert count_trials(study).finished == 4  # the exact budget
+    failed = {t.number for t in trials if t.state == TrialState.FAIL}
+    retried = [t.user_attrs["retried_from"] for t in trials if "retried_from" in t.user_attrs]
+    assert victim.number in failed and sorted(retried) == sorted(failed)
+    retry = next(t for t in trials if t.user_attrs.get("retried_from") == victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    lock = budget_lock(bouncer, study_name)
+    lock.acquire()  # free: nobody left it held
+    assert held(f"hpsearch:{study_name}") == 1
+    lock.release()
+    assert 0 < servers_of(bouncer) <= POOL
