@@ -1,39 +1,43 @@
-"""Search efficiency: hpsearch's shipped study against a hand-written Optuna loop and random search.
+"""Search efficiency on equal ground: hpsearch's shipped search against a hand-written Optuna loop,
+Ray Tune and random search, the same space, epochs, objective, clock and cores, several seeds.
 
-One invocation, FashionMNIST, the seed network (784-128-56-10), the same wall-clock budget for
-each arm (`--budget-s`, default 600 s), each arm in a fresh process timed from its launch (so
-each pays its own imports and data loading):
+Every arm searches the shipped `studies/fashion_mlp.yaml` space without its `enqueue` (sampled by
+hpsearch's own `suggest`, so the distributions are the same), trains each trial with
+`trainers.train` on the config hpsearch maps the params to (784-128-56-10, 15 epochs, the same
+data split and init seed), and minimizes the last epoch's validation loss:
 
-- ours: `hpsearch run studies/fashion_mlp.yaml` as shipped, except that the trial budget is
-  lifted and `--timeout` is the budget, so it searches as long as the others;
-- hand_loop: what one writes by hand: TPE + MedianPruner on lr log [1e-4, 1], batch
-  {32..512}, momentum [0, 0.99] (SGD), weight decay {0, 1e-5, 1e-4, 1e-3}, optimizer {sgd,
-  adam}, constant lr, 8 epochs, maximizing validation accuracy, in-memory storage. The training
-  is `trainers.train` (the same data on tensors and the same loop), so only the search differs;
-- random: the hand loop's space with random sampling and no pruning. Both loops are seeded 0,
-  so they share their first 10 trials (TPE's random start-up): a paired comparison.
+1. hpsearch: `hpsearch run --pack auto` on that study, as shipped (its sampler and pruner), the
+   sampler seeded with the arm's seed, the trial budget lifted;
+2. optuna: `study.optimize` with TPESampler(seed) and MedianPruner around `trainers.train`;
+3. ray: Ray Tune, OptunaSearch (TPE, seed) as searcher and ASHA (rungs at 1, 3, 9 epochs) as
+   scheduler, one CPU per trial (Tune's default);
+4. random: RandomSampler(seed), no pruning;
+5. hpsearch_alone (not in the default arms): hpsearch with `--pack 1`, one trial at a time, for
+   what packing changes in a search of the same seed.
 
-`--timeout` and Optuna's `timeout=` mean the same: start no trial after the budget. The best
-trial of each arm (ours: lowest val loss, as the study chooses; the loops: highest val accuracy)
-is then trained on train+validation and tested once, as `hpsearch retrain` does, for its
-search's epochs. Time to 0.88 is when the first trial that reached validation accuracy 0.88 in
-any epoch finished. Ends with `name: value` lines.
+Each arm runs alone on the machine, in a fresh process group launched by this script, so it pays
+its own imports and data loading. The clock is a wall: at launch + `--budget-s` the group gets
+SIGINT (SIGKILL 15 s later), and only trials that finished by then count (a trial cut there is
+not one). The best finished trial (lowest final val loss among completed ones) is trained on
+train+val and tested once (`search.run.final_test`), the same for every arm. Time to 0.88: from
+launch until the first finished trial that reached validation accuracy 0.88 in any epoch ended.
+Only the searcher's seed varies between seeds; the arms' order rotates from seed to seed.
 
-    .venv/bin/python benchmarks/search_efficiency.py [--budget-s 600] [--arms ours,hand_loop,random]
+    .venv/bin/python benchmarks/search_efficiency.py [--arms hpsearch,optuna,ray,random]
+        [--seeds 3] [--budget-s 600] [--out DIR] [--epochs N (a dry run)]
 
-The optional arm `ours_cold` is ours without the file's enqueued config (what the search itself
-finds); `ours_cold_packed` is the same with packed trials (`hpsearch run --pack auto`, or the
-`--pack` given), so both run side by side. `--pack K|auto` runs the ours and ours_cold arms
-with packed trials too.
+Prints `run arm=… seed=… test_acc=… time_to_088_s=… trials=… epochs=…` per arm and seed, then
+`summary arm=… mean_test_acc=… sd=… mean_time_to_088_s=… reached=k/n` per arm (an arm that never
+reached 0.88 in a seed counts the whole budget there, and `reached` says how often it did).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import math
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,223 +47,311 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+STUDY = ROOT / "studies" / "fashion_mlp.yaml"
 TARGET_VAL = 0.88
-LOOP_EPOCHS = 8
-ARMS = ("ours", "hand_loop", "random", "ours_cold", "ours_cold_packed")
+ARMS = ("hpsearch", "optuna", "ray", "random", "hpsearch_alone")
+DEFAULT_ARMS = ARMS[:4]
+GRACE_S = 15.0  # after SIGINT at the wall, before SIGKILL
 
-# --------------------------------------------------------------------- the hand-written loops
 
-def hand_loop_params(trial: Any) -> dict[str, Any]:
-    """The hand loop's space, as one writes it with Optuna directly."""
-    params: dict[str, Any] = {
-        "optimizer": trial.suggest_categorical("optimizer", ["sgd", "adam"]),
-        "lr": trial.suggest_float("lr", 1e-4, 1.0, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256, 512]),
-        "weight_decay": trial.suggest_categorical("weight_decay", [0.0, 1e-5, 1e-4, 1e-3]),
-    }
-    if params["optimizer"] == "sgd":
-        params["momentum"] = trial.suggest_float("momentum", 0.0, 0.99)
-    return params
+# --------------------------------------------------------------------- the space, shared
 
-def loop_config(params: dict[str, Any]) -> Any:
-    from trainers import config_from_dict
+EPOCHS_ENV = "SEARCH_EFFICIENCY_EPOCHS"  # --epochs, passed on to the child arms
 
-    return config_from_dict({**params, "dataset": "fashion_mnist", "hidden": [128, 56],
-                             "epochs": LOOP_EPOCHS})
 
-def run_loop(kind: str, budget_s: float, result: Path) -> None:
-    """One loop arm, in this (fresh) process; trial records to `result` as JSON lines."""
+def cold_spec(seed: int) -> Any:
+    """The shipped study without its enqueued config, its sampler seeded with `seed` (and its
+    epochs those of `--epochs`, for a dry run)."""
+    import yaml
+
+    from search.spec import parse_spec
+
+    data = yaml.safe_load(STUDY.read_text())
+    data.update(name=f"{data['name']}-cold-{seed}", enqueue=[])
+    if os.environ.get(EPOCHS_ENV):
+        data["budget"] = {**data["budget"], "epochs": int(os.environ[EPOCHS_ENV])}
+    data["sampler"] = {**data.get("sampler", {}), "seed": seed}
+    return data, parse_spec(data, source=f"{STUDY} without its enqueue")
+
+
+def trial_config(trial: Any, spec: Any) -> tuple[dict[str, Any], Any]:
+    """The params of `trial` drawn from the study's space, and the trainer config of them."""
+    from search.spec import suggest, train_config_for
+
+    params = suggest(trial, spec, user_attrs={})
+    return params, train_config_for(spec, params)
+
+
+class Recorder:
+    """Trial records of a child arm, a JSON line each, flushed as the trial ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a")
+
+    def write(self, **record: Any) -> None:
+        self.file.write(json.dumps({**record, "finished_at": time.time()}) + "\n")
+        self.file.flush()
+
+
+# --------------------------------------------------------------------- the peer arms (children)
+
+def run_optuna(kind: str, seed: int, result: Path) -> None:
+    """The hand-written loop (`optuna`) or random search (`random`), until it is stopped."""
     import optuna
 
     import trainers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if kind == "hand_loop":
-        sampler, pruner = optuna.samplers.TPESampler(seed=0), optuna.pruners.MedianPruner()
+    _, spec = cold_spec(seed)
+    if kind == "optuna":
+        sampler, pruner = optuna.samplers.TPESampler(seed=seed), optuna.pruners.MedianPruner()
     else:
-        sampler, pruner = optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner()
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    out = result.open("w")
+        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
+    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
+    out = Recorder(result)
 
     def objective(trial: optuna.Trial) -> float:
-        params = hand_loop_params(trial)
-        accs: list[float] = []
+        params, config = trial_config(trial, spec)
+        accuracies: list[float] = []
 
         def on_epoch(m: trainers.EpochMetrics) -> None:
-            accs.append(m.val_accuracy)
-            trial.report(m.val_accuracy, m.epoch)
+            accuracies.append(m.val_accuracy)
+            trial.report(m.val_loss, m.epoch)
             if trial.should_prune():
                 raise trainers.StopTraining("pruned")
 
-        run = trainers.train(loop_config(params), on_epoch)
-        state = "COMPLETE" if run.status == "completed" else "PRUNED"
-        out.write(json.dumps({"number": trial.number, "params": params, "state": state,
-                              "epochs": run.epochs_run, "val_accuracy": accs,
-                              "finished_at": time.time()}) + "\n")
-        out.flush()
-        if state != "COMPLETE":
+        run = trainers.train(config, on_epoch)
+        done = run.status == "completed"
+        out.write(number=trial.number, params=params, state="COMPLETE" if done else "PRUNED",
+                  epochs=run.epochs_run, val_accuracy=accuracies,
+                  val_loss=run.history[-1].val_loss if run.history else None)
+        if not done:  # pruned, or diverged: a bad region, as hpsearch counts it
             raise optuna.TrialPruned()
-        return accs[-1]
+        return run.history[-1].val_loss
 
-    study.optimize(objective, timeout=budget_s)
+    study.optimize(objective)
 
-# --------------------------------------------------------------------- running and reading arms
 
-def launch(argv: list[str], log: Path, env: dict[str, str] | None = None) -> float:
-    """Run `argv` to the end; return the wall-clock time of its launch."""
+def run_ray(seed: int, result: Path, deadline: float) -> None:
+    """Ray Tune with OptunaSearch (TPE) and ASHA, until the deadline (Tune's time budget)."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    _, spec = cold_spec(seed)
+    epochs = spec.budget.epochs
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+
+    def define(trial: Any) -> dict[str, Any]:
+        params, _ = trial_config(trial, spec)
+        return {"params": params}
+
+    def trainable(config: dict[str, Any]) -> None:
+        import trainers
+        from search.spec import train_config_for
+
+        best = 0.0
+
+        def on_epoch(m: trainers.EpochMetrics) -> None:
+            nonlocal best
+            best = max(best, m.val_accuracy)
+            tune.report({"val_loss": m.val_loss, "val_accuracy": m.val_accuracy,
+                         "max_val_accuracy": best})
+
+        trainers.train(train_config_for(spec, config["params"]).replace(threads=1), on_epoch)
+
+    class Record(tune.Callback):
+        def __init__(self) -> None:
+            self.out = Recorder(result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
+                              ) -> None:
+            last = trial.last_result or {}
+            done = last.get("training_iteration", 0) >= epochs
+            self.out.write(number=trial.trial_id, params=trial.config.get("params"),
+                           state="COMPLETE" if done else "PRUNED",
+                           epochs=last.get("training_iteration", 0),
+                           val_accuracy=[last.get("max_val_accuracy", 0.0)],
+                           val_loss=last.get("val_loss"))
+
+    searcher = OptunaSearch(define, metric="val_loss", mode="min",
+                            sampler=optuna.samplers.TPESampler(seed=seed))
+    scheduler = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=3)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="val_loss",
+                                    mode="min", num_samples=-1,
+                                    time_budget_s=max(1.0, deadline - time.time())),
+        run_config=tune.RunConfig(storage_path=str(result.parent / "ray"), verbose=0,
+                                  callbacks=[Record()]))
+    tuner.fit()
+
+
+# --------------------------------------------------------------------- running an arm
+
+def launch(argv: list[str], log: Path, budget_s: float, env: dict[str, str] | None = None
+           ) -> tuple[float, float]:
+    """Run `argv` in its own process group until it ends or the wall (launch + `budget_s`),
+    where the group gets SIGINT, then SIGKILL; its launch time and the wall."""
     started = time.time()
+    wall = started + budget_s
     with log.open("w") as f:
-        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent,
-                              env=env).returncode
-    if code != 0:
-        raise SystemExit(f"{argv[:4]} failed with exit code {code}; see {log}")
-    return started
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent,
+                                env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=max(0.0, wall - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (Ray's workers)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return started, wall
 
-def cold_study(path: Path) -> Path:
-    """The shipped study without its enqueued config, under another name."""
+
+def hpsearch_trials(arm: str, out: Path, seed: int, budget_s: float
+                    ) -> tuple[float, float, list, Any]:
+    """hpsearch's arms: `hpsearch run` on the cold study, packed (`hpsearch`) or one trial at
+    a time (`hpsearch_alone`); its finished trials as records."""
+    import optuna
     import yaml
 
-    data = yaml.safe_load((ROOT / "studies" / "fashion_mlp.yaml").read_text())
-    data.update(name=f"{data['name']}-cold", enqueue=[])
-    path.write_text(yaml.safe_dump(data))
-    return path
+    from search.spec import params_from_optuna
 
-def run_ours(out: Path, budget_s: float, *, arm: str, pack: str | None = None
-             ) -> dict[str, Any]:
-    """hpsearch as a user runs it (`arm`: ours, ours_cold or ours_cold_packed); trial records
-    read back from its storage."""
-    import optuna
-
-    from search.run import load, retrain
-    from search.storage import open_storage
-
-    cold = arm.startswith("ours_cold")
-    if arm == "ours_cold_packed":
-        pack = pack or "auto"
-    study_file = cold_study(out / "cold.yaml") if cold else ROOT / "studies" / "fashion_mlp.yaml"
-    url = f"sqlite:///{out / (arm + '.db')}"
+    data, spec = cold_spec(seed)
+    study_file = out / f"{arm}-{seed}.yaml"
+    study_file.write_text(yaml.safe_dump(data))
+    url = f"sqlite:///{out / f'{arm}-{seed}.db'}"
     hpsearch = str(Path(sys.executable).with_name("hpsearch"))
-    started = launch([hpsearch, "run", str(study_file), "--storage", url, "--timeout",
-                      str(budget_s), "--trials", "100000",
-                      *(["--pack", pack] if pack else [])], out / f"{arm}.log")
-    searched = time.time() - started
-    name = optuna.get_all_study_names(url)[0]
-    study, spec = load(name, open_storage(url))
-    trials = []
+    pack = "auto" if arm == "hpsearch" else "1"
+    started, wall = launch([hpsearch, "run", str(study_file), "--storage", url, "--timeout",
+                            str(budget_s), "--trials", "100000", "--pack", pack],
+                           out / f"{arm}-{seed}.log", budget_s)
+    study = optuna.load_study(study_name=data["name"], storage=url)
+    records = []
     for t in study.get_trials(deepcopy=False):
         if t.state.name not in ("COMPLETE", "PRUNED") or t.datetime_complete is None:
             continue
         history = t.user_attrs.get("history") or []
-        trials.append({"number": t.number, "state": t.state.name,
-                       "epochs": int(t.user_attrs.get("epochs_run", len(history))),
-                       "val_accuracy": [h["val_accuracy"] for h in history],
-                       "finished_at": t.datetime_complete.timestamp()})
-    best = study.best_trial
-    final = retrain(study, spec, out=out / f"retrain-{name}")
-    return {"trials": trials, "started": started, "searched_s": searched,
-            "best_val_accuracy": best.user_attrs["history"][-1]["val_accuracy"],
-            "best_params": final["params"], "test": final, "epochs_per_trial": spec.budget.epochs}
+        records.append({"number": t.number, "state": t.state.name,
+                        "params": params_from_optuna(spec, t.params),
+                        "epochs": int(t.user_attrs.get("epochs_run", len(history))),
+                        "val_accuracy": [h["val_accuracy"] for h in history],
+                        "val_loss": t.value if t.state.name == "COMPLETE" else None,
+                        "finished_at": t.datetime_complete.timestamp()})
+    return started, wall, records, spec
 
-def run_hand(kind: str, out: Path, budget_s: float) -> dict[str, Any]:
+
+def run_arm(arm: str, seed: int, out: Path, budget_s: float) -> dict[str, Any]:
+    """One arm and seed: search to the wall, retrain the best, test once."""
     from search.run import final_test
+    from search.spec import train_config_for
 
-    result = out / f"{kind}.jsonl"
-    started = launch([sys.executable, __file__, "--loop", kind, "--budget-s", str(budget_s),
-                      "--result", str(result)], out / f"{kind}.log")
-    searched = time.time() - started
-    trials = [json.loads(line) for line in result.read_text().splitlines()]
-    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    if arm.startswith("hpsearch"):
+        started, wall, records, spec = hpsearch_trials(arm, out, seed, budget_s)
+    else:
+        _, spec = cold_spec(seed)
+        result = out / f"{arm}-{seed}.jsonl"
+        result.unlink(missing_ok=True)
+        deadline = time.time() + budget_s
+        started, wall = launch([sys.executable, __file__, "--child", arm, "--seeds", str(seed),
+                                "--deadline", str(deadline), "--result", str(result)],
+                               out / f"{arm}-{seed}.log", budget_s)
+        records = ([json.loads(line) for line in result.read_text().splitlines()]
+                   if result.exists() else [])
+    finished = [r for r in records if r["finished_at"] <= wall]
+    complete = [r for r in finished if r["state"] == "COMPLETE" and r["val_loss"] is not None]
     if not complete:
-        raise SystemExit(f"{kind}: no trial completed within {budget_s:g} s")
-    best = max(complete, key=lambda t: (t["val_accuracy"][-1], -t["number"]))
-    final = final_test(loop_config(best["params"]), out=out / f"retrain-{kind}")
-    return {"trials": trials, "started": started, "searched_s": searched,
-            "best_val_accuracy": best["val_accuracy"][-1], "best_params": best["params"],
-            "test": final, "epochs_per_trial": LOOP_EPOCHS}
+        raise SystemExit(f"{arm} seed {seed}: no trial completed within {budget_s:g} s; "
+                         f"see {out}")
+    best = min(complete, key=lambda r: (r["val_loss"], r["finished_at"]))
+    config = train_config_for(spec, best["params"])  # as `hpsearch retrain` maps them
+    test = final_test(config, out=out / f"retrain-{arm}-{seed}")
+    hits = [r["finished_at"] for r in finished
+            if r["val_accuracy"] and max(r["val_accuracy"]) >= TARGET_VAL]
+    return {"arm": arm, "seed": seed, "test_acc": test["test_accuracy"]["mean"],
+            "time_to_088_s": min(hits) - started if hits else None,
+            "trials": len(finished), "epochs": sum(r["epochs"] for r in finished),
+            "best_val_loss": best["val_loss"], "best_config": config.to_dict()}
 
-def time_to(arm: dict[str, Any], target: float) -> float | None:
-    """Seconds from launch until the first trial that reached `target` finished."""
-    hits = [t["finished_at"] for t in arm["trials"]
-            if t["val_accuracy"] and max(t["val_accuracy"]) >= target]
-    return min(hits) - arm["started"] if hits else None
 
 # --------------------------------------------------------------------- report
 
-def _fmt_time(seconds: float | None, unit: str = "") -> str:
-    return "never" if seconds is None else f"{seconds:.1f}{unit}"
+def _num(value: float | None, digits: int = 1) -> str:
+    return "never" if value is None else f"{value:.{digits}f}"
 
-def report(arms: dict[str, dict[str, Any]], budget_s: float) -> None:
-    print(f"\nsearch efficiency on FashionMNIST, seed MLP 784-128-56-10, {budget_s:g} s per arm "
-          f"({dt.date.today()}, {os.cpu_count()} CPU cores)")
-    print(f"{'arm':<16} {'trials':>6} {'epochs':>6} {'best val acc':>12} {'test acc':>9} "
-          f"{'to val 0.88':>11}  best config")
-    for name, arm in arms.items():
-        finished = len(arm["trials"])
-        epochs = sum(t["epochs"] for t in arm["trials"])
-        print(f"{name:<16} {finished:>6} {epochs:>6} {arm['best_val_accuracy']:>12.4f} "
-              f"{arm['test']['test_accuracy']['mean']:>9.4f} "
-              f"{_fmt_time(time_to(arm, TARGET_VAL), 's'):>11}  {arm['best_params']}")
-    print()
-    print(f"budget_s: {budget_s:g}")
-    for name, arm in arms.items():
-        print(f"search_seconds_{name}: {arm['searched_s']:.1f}")
-        print(f"trials_finished_{name}: {len(arm['trials'])}")
-        print(f"epochs_trained_{name}: {sum(t['epochs'] for t in arm['trials'])}")
-        print(f"best_val_accuracy_{name}: {arm['best_val_accuracy']:.4f}")
-        print(f"test_accuracy_{name}: {arm['test']['test_accuracy']['mean']:.4f}")
-        print(f"retrain_epochs_{name}: {arm['test']['epochs']}")
-        print(f"time_to_088_{name}: {_fmt_time(time_to(arm, TARGET_VAL))}")
-    if "ours" in arms and "hand_loop" in arms:
-        ours, hand = time_to(arms["ours"], TARGET_VAL), time_to(arms["hand_loop"], TARGET_VAL)
-        if ours is not None and hand is not None:
-            ratio = f"{ours / hand:.3f}"
-        else:
-            ratio = "0 (hand loop never)" if ours is not None else ("inf" if hand else "n/a")
-        print(f"time_to_088_ratio: {ratio}")
-        test = arms["ours"]["test"]["test_accuracy"]["mean"]
-        met = test >= 0.895 and ours is not None and (hand is None or ours <= 0.5 * hand)
-        print(f"target_met: {'yes' if met else 'no'} (test >= 0.895 and time to 0.88 <= half "
-              "the hand loop's)")
+
+def summary(runs: list[dict[str, Any]], arms: list[str], budget_s: float) -> None:
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
+        accs = [r["test_acc"] for r in mine]
+        times = [r["time_to_088_s"] if r["time_to_088_s"] is not None else budget_s
+                 for r in mine]
+        reached = sum(r["time_to_088_s"] is not None for r in mine)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"summary arm={arm} mean_test_acc={statistics.mean(accs):.4f} sd={sd:.4f} "
+              f"mean_time_to_088_s={statistics.mean(times):.1f} reached={reached}/{len(mine)} "
+              f"mean_trials={statistics.mean(r['trials'] for r in mine):.1f} "
+              f"mean_epochs={statistics.mean(r['epochs'] for r in mine):.0f}", flush=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=600.0,
-                        help="wall-clock seconds of search per arm (default 600)")
-    parser.add_argument("--arms", default="ours,hand_loop,random",
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                         help=f"comma-separated, of {', '.join(ARMS)}")
-    parser.add_argument("--out", help="folder for the storages, logs and retrained models "
+    parser.add_argument("--seeds", type=int, default=3, help="searcher seeds 0 … N-1")
+    parser.add_argument("--budget-s", type=float, default=600.0,
+                        help="wall-clock seconds of search per arm and seed (default 600)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial, for a dry run of the "
+                        "script (default: the study's 15, which every figure uses)")
+    parser.add_argument("--out", help="folder for storages, logs and retrained models "
                                       "(default: a new temporary folder)")
-    parser.add_argument("--pack", metavar="K|auto",
-                        help="the ours arms with packed trials (`hpsearch run --pack`)")
-    parser.add_argument("--loop", choices=("hand_loop", "random"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("optuna", "random", "ray"), help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.loop:  # a child process: one loop arm
-        run_loop(args.loop, args.budget_s, Path(args.result))
+    if args.child == "ray":  # a child process: one peer arm, `--seeds` is its seed
+        run_ray(args.seeds, Path(args.result), args.deadline)
+        return 0
+    if args.child:
+        run_optuna(args.child, args.seeds, Path(args.result))
         return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"--arms: expected some of {', '.join(ARMS)}, got {', '.join(unknown)}")
+    if unknown or not arms:
+        parser.error(f"--arms: expected some of {', '.join(ARMS)}, got {args.arms!r}")
+    if args.seeds < 1 or args.budget_s <= 0 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--seeds and --epochs must be at least 1 and --budget-s above 0")
+    if args.epochs:
+        os.environ[EPOCHS_ENV] = str(args.epochs)
     out = Path(args.out or tempfile.mkdtemp(prefix="search-efficiency-")).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    packed = f"; ours with --pack {args.pack}" if args.pack else ""
-    print(f"search efficiency: {', '.join(arms)}; {args.budget_s:g} s each{packed}; files in "
-          f"{out}", flush=True)
-    results: dict[str, dict[str, Any]] = {}
-    for arm in arms:
-        t0 = time.time()
-        if arm.startswith("ours"):
-            results[arm] = run_ours(out, args.budget_s, arm=arm, pack=args.pack)
-        else:
-            results[arm] = run_hand(arm, out, args.budget_s)
-        r = results[arm]
-        print(f"{arm}: {len(r['trials'])} trials in {r['searched_s']:.0f} s, best val accuracy "
-              f"{r['best_val_accuracy']:.4f}, test {r['test']['test_accuracy']['mean']:.4f} "
-              f"({time.time() - t0:.0f} s with the retrain)", flush=True)
-    report(results, args.budget_s)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    return 0 if all(math.isfinite(r["best_val_accuracy"]) for r in results.values()) else 1
+    print(f"search efficiency: {', '.join(arms)}; seeds 0-{args.seeds - 1}; "
+          f"{args.budget_s:g} s per arm and seed; {os.cpu_count()} CPU cores; files in {out}",
+          flush=True)
+    runs = []
+    for seed in range(args.seeds):
+        order = arms[seed % len(arms):] + arms[:seed % len(arms)]  # rotates between seeds
+        for arm in order:
+            r = run_arm(arm, seed, out, args.budget_s)
+            runs.append(r)
+            print(f"run arm={arm} seed={seed} test_acc={r['test_acc']:.4f} "
+                  f"time_to_088_s={_num(r['time_to_088_s'])} trials={r['trials']} "
+                  f"epochs={r['epochs']}", flush=True)
+            (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
+    summary(runs, arms, args.budget_s)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

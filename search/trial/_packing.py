@@ -11,12 +11,16 @@ networks (a space searching the hidden layers) share the pack, each network in s
 own. A trial that cannot be packed (`trainers.pack_refusal`, other data or device than the
 pack's, or under `auto` a large model) runs alone, and the worker says why once.
 
-`--pack auto` starts at `AUTO_PACK` for a small model; a trial of a model of
-`AUTO_MAX_PARAMETERS` or more runs alone. On a GPU the pack then grows: each time
-a full pack has trained, its peak memory and the GPU's utilization are read (`PackMeter`) and
-its capacity doubles while twice the pack still fits under the memory margin and the GPU is not
-busy (`grown_capacity`, the margins of `--trials-per-gpu auto`); the first time it may not, its
-size is settled. A pack that runs out of memory halves and grows no more.
+`--pack auto` packs up to `AUTO_PACK` trials of a small model; a trial of a model of
+`AUTO_MAX_PARAMETERS` or more runs alone. While the study is young the pack holds fewer: twice
+the study's finished trials, at least `RAMP_START` (`PackRunner.limit`), so the sampler learns
+from the first results before the pack fills with its picks (32 trials asked at once before any
+ended are 32 blind draws), and the first results come in a few trials' time, not a full pack's.
+On a GPU the pack then grows: each time a full pack has trained, its peak memory and the GPU's
+utilization are read (`PackMeter`) and its capacity doubles while twice the pack still fits under
+the memory margin and the GPU is not busy (`grown_capacity`, the margins of `--trials-per-gpu
+auto`); the first time it may not, its size is settled. A pack that runs out of memory halves
+and grows no more.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 
 import trainers
 from search._log import logger
-from search.storage import INTERRUPTED, Counts, set_user_attrs, with_retry
+from search.storage import INTERRUPTED, Counts, count_trials, set_user_attrs, with_retry
 from search.trial._gpu import (
     BUSY_UTILIZATION,
     MEMORY_MARGIN,
@@ -52,6 +56,7 @@ Told = tuple[Ended, "TrialOutcome | None"]  # a member told, and what the displa
 # section of benchmarks/README.md); a model this large fills the machine alone.
 LOG = logger("trial")
 AUTO_PACK = 32
+RAMP_START = 4  # `auto`: trials in the pack before any has finished
 AUTO_MAX_PARAMETERS = 1_000_000
 PACK_MAX = 256
 
@@ -160,6 +165,7 @@ class PackRunner(TrialRunner):
         self.capacity: int | None = None if capacity == "auto" else int(capacity)
         self.auto = capacity == "auto"
         self.grows = self.auto  # by the meter's readings, until an out-of-memory
+        self.ramped = not self.auto  # `auto`: the study has finished enough trials for K
         self.meter: PackMeter | None = None  # set when `auto` takes its K
         self.pack = trainers.Pack(max(self.capacity or 1, 1))
         self.members: dict[int, TrialStart] = {}  # by the pack's member id
@@ -223,8 +229,7 @@ class PackRunner(TrialRunner):
         trial that cannot be packed runs alone (and ends the filling: the worker looks at its
         outcome before the next). The counts when the budget leaves no room and the pack is
         empty."""
-        while ((self.capacity is None or len(self.members) < self.capacity)
-               and self._time_for_one_more(deadline)):
+        while len(self.members) < self.limit() and self._time_for_one_more(deadline):
             asked = self.ask()
             if isinstance(asked, Counts):
                 return [] if self.members else asked  # the last trials are in the pack
@@ -245,6 +250,19 @@ class PackRunner(TrialRunner):
                 return [self._tell(begun, member)]
             self.members[member] = begun
         return []
+
+    def limit(self) -> float:
+        """How many trials the pack may hold now: its capacity (unbounded until `auto` has
+        taken K); under `auto` while the study is young, twice its finished trials, at least
+        RAMP_START. Past K once, it stays K (no count is read again)."""
+        if self.capacity is None:
+            return math.inf
+        if self.ramped:
+            return self.capacity
+        finished = with_retry(lambda: count_trials(self.study), what="counting trials").finished
+        ramp = max(RAMP_START, 2 * finished)
+        self.ramped = ramp >= self.capacity
+        return min(ramp, self.capacity)
 
     def _time_for_one_more(self, deadline: float) -> bool:
         """Whether a trial started now would end by `deadline` at the pack's pace: its full

@@ -324,6 +324,25 @@ def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monk
     assert _most_at_once(trials) == 8  # 2, then 4, then the last 8 together
 
 
+def test_an_auto_pack_widens_as_the_study_finishes_trials(tmp_path, study_name, monkeypatch):
+    """`--pack auto` on a young study holds twice its finished trials (at least RAMP_START):
+    the first pack is RAMP_START trials, none of the next starts before one of those ended, and
+    the pack then widens to K."""
+    import search.trial._packing as packing
+    from search.workers import run_worker
+
+    monkeypatch.setattr(packing, "AUTO_PACK", 8)
+    monkeypatch.setattr(packing, "RAMP_START", 2)
+    study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
+        study_name, trials=14, epochs=2, size=256, space=SPACE))
+    run_worker(study, spec, device="cpu", artifacts=False, pack="auto")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert len(trials) == 14 and all(t.state == TrialState.COMPLETE for t in trials)
+    first, rest = trials[:2], trials[2:]
+    assert min(t.datetime_start for t in rest) >= min(t.datetime_complete for t in first)
+    assert _most_at_once(trials) == 8  # then K
+
+
 def test_how_an_auto_pack_grows():
     from search.trial._packing import PACK_MAX, PackReading, grown_capacity
 
