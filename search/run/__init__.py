@@ -28,6 +28,7 @@ __all__, __getattr__, __dir__ = lazy_face(__name__, {
     "run_study": "_launch",
     "stop_study": "_manage",
     "study_pruner": "_studies",
+    "study_sampler": "_studies",
     "warm_start": "_warm_start",
 })
 
@@ -36,6 +37,6 @@ if TYPE_CHECKING:  # the names above, for type checkers and readers
     from search.run._lr_find import for_new_study, lr_find, needs_test  # noqa: F401
     from search.run._manage import delete_study_files, stop_study  # noqa: F401
     from search.run._retrain import final_test, retrain, retrain_and_report  # noqa: F401
-    from search.run._studies import load, study_pruner  # noqa: F401
+    from search.run._studies import load, study_pruner, study_sampler  # noqa: F401
     from search.run._study import create_or_load, reseed  # noqa: F401
     from search.run._warm_start import WarmStart, load_source, parse_source, warm_start  # noqa: F401

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import optuna
 from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
 
 from search._auth import TOKEN_ENV, client_token, same_token, spec_signature
 from search._errors import SpecError
 from search.spec import StudySpec, build_pruner, build_sampler, spec_from_json
-from search.storage import SPEC_SIGNATURE_ATTR, GroupedPruner, open_study, with_retry
+from search.storage import (
+    SPEC_SIGNATURE_ATTR,
+    GroupedPruner,
+    open_study,
+    with_retry,
+    with_trimmed_history,
+)
 
 
 def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, StudySpec]:
@@ -22,9 +29,15 @@ def load(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study,
     study, stored = open_study(name, storage)
     verified(study, stored)
     spec = spec_from_json(stored)
-    study.sampler = build_sampler(spec)
+    study.sampler = study_sampler(spec)
     study.pruner = study_pruner(spec)
     return study, spec
+
+
+def study_sampler(spec: StudySpec, *, salt: int = 0) -> BaseSampler:
+    """The study's sampler (`build_sampler`, `salt` shifting its seed); TPE past a thousand
+    finished trials sees a trimmed history (`search.storage.with_trimmed_history`)."""
+    return with_trimmed_history(build_sampler(spec, salt=salt))
 
 
 def study_pruner(spec: StudySpec) -> BasePruner:

@@ -13,10 +13,9 @@ from typing import Any
 import optuna
 
 from search._errors import SpecError
-from search.run._studies import sign, study_pruner
+from search.run._studies import sign, study_pruner, study_sampler
 from search.spec import (
     StudySpec,
-    build_sampler,
     enqueue_params,
     spec_from_json,
     spec_to_json,
@@ -58,7 +57,7 @@ def create_or_load(spec: StudySpec, storage: optuna.storages.BaseStorage,
     `lr_find` is the LR range test's record when it chose `spec`'s lr range: stored on a new
     study, and the file's own lr entry is what a later run is compared by.
     """
-    sampler, pruner = build_sampler(spec), study_pruner(spec)
+    sampler, pruner = study_sampler(spec), study_pruner(spec)
     budget = trials if trials is not None else spec.budget.trials
     if spec.name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
@@ -114,4 +113,4 @@ def reseed(study: optuna.Study, spec: StudySpec, worker: int | None) -> None:
         return
     worker_term = os.getpid() if worker is None else worker
     existing = len(study.get_trials(deepcopy=False))
-    study.sampler = build_sampler(spec, salt=existing + 7919 * worker_term)
+    study.sampler = study_sampler(spec, salt=existing + 7919 * worker_term)

@@ -80,6 +80,7 @@ from search.storage._trial_start import (
     worker_study,
     written_attrs,
 )
+from search.storage._trimmed import with_trimmed_history
 
 __all__ = [
     "ARTIFACT_STORE",
@@ -147,6 +148,7 @@ __all__ = [
     "trial_id_of",
     "with_result",
     "with_retry",
+    "with_trimmed_history",
     "worker_study",
     "written_attrs",
 ]

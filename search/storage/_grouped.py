@@ -6,7 +6,8 @@ rungs it trails a constant or cosine run that will end behind it; judged against
 is cut before it shows what it does. Within its group the pruner compares like with like.
 
 Any Optuna pruner is wrapped unchanged: it is handed a view of the study whose storage passes
-every read and write through, except that its trial list holds the group's trials alone.
+every read and write through, except that its trial list holds the group's trials alone
+(`TrialsView`, which TPE's trimmed history in `_trimmed` shares).
 """
 
 from __future__ import annotations
@@ -28,22 +29,24 @@ def group_of(trial: FrozenTrial, params: Sequence[str]) -> tuple[Any, ...]:
     return tuple(trial.params.get(name) for name in params)
 
 
-class GroupStorage(BaseStorage):
-    """`inner` as one group sees it: its trial list filtered to the group, all else `inner`'s."""
+class TrialsView(BaseStorage):
+    """`inner` with its trial list passed through `select`; every other read and write
+    `inner`'s own."""
 
-    def __init__(self, inner: BaseStorage, params: Sequence[str], group: tuple[Any, ...]) -> None:
+    def __init__(self, inner: BaseStorage) -> None:
         self.inner = inner
-        self.params = tuple(params)
-        self.group = group
+
+    def select(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """The trials of `inner`'s list this view shows (all of them here)."""
+        return trials
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        trials = self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-        return [t for t in trials if group_of(t, self.params) == self.group]
+        return self.select(self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states))
 
 
 def _forward(name: str) -> Any:
-    def method(self: GroupStorage, *args: Any, **kwargs: Any) -> Any:
+    def method(self: TrialsView, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.inner, name)(*args, **kwargs)
 
     method.__name__ = name
@@ -51,8 +54,20 @@ def _forward(name: str) -> Any:
 
 
 for _name in BaseStorage.__abstractmethods__ - {"get_all_trials"}:
-    setattr(GroupStorage, _name, _forward(_name))
-update_abstractmethods(GroupStorage)
+    setattr(TrialsView, _name, _forward(_name))
+update_abstractmethods(TrialsView)
+
+
+class GroupStorage(TrialsView):
+    """`inner` as one group sees it: its trial list filtered to the group, all else `inner`'s."""
+
+    def __init__(self, inner: BaseStorage, params: Sequence[str], group: tuple[Any, ...]) -> None:
+        super().__init__(inner)
+        self.params = tuple(params)
+        self.group = group
+
+    def select(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        return [t for t in trials if group_of(t, self.params) == self.group]
 
 
 class GroupedPruner(BasePruner):
