@@ -55,7 +55,8 @@ from search.storage._control import (
 from search.storage._grouped import GroupedPruner
 from search.storage._heartbeat import WorkerHeartbeat
 from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget_lock
-from search.storage._open import open_for_watching, open_storage, serve_proxy
+from search.storage._open import open_for_watching, open_storage
+from search.storage._proxy_methods import serve_proxy
 from search.storage._retry import is_connection_error, storage_error, with_retry
 from search.storage._studies import (
     LR_FIND_ATTR,

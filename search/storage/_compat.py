@@ -40,9 +40,10 @@ try:
 except ImportError:  # pragma: no cover
     ARTIFACTS_ATTR_PREFIX = DEFAULT_MIME_TYPE = ArtifactMeta = None
 try:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 except ImportError:  # pragma: no cover
     is_heartbeat_enabled = None
+    BaseHeartbeat = object  # a proxy client then has heartbeats only by its own methods
 try:
     from optuna.study._tell import _tell_with_warning
 except ImportError:  # pragma: no cover
@@ -235,12 +236,13 @@ def storage_service_methods() -> list[str]:
     return list(api_pb2.DESCRIPTOR.services_by_name["StorageService"].methods_by_name)
 
 
-def grpc_proxy_client(host: str, port: int, channel: Any) -> Any:
+def grpc_proxy_client(host: str, port: int, channel: Any, *, mixin: type | None = None) -> Any:
     """Optuna's `GrpcStorageProxy` talking over `channel` (a function of no arguments that
-    makes the channel: TLS, the token), instead of its own insecure one."""
+    makes the channel: TLS, the token), instead of its own insecure one; with the methods of
+    `mixin` (hpsearch's worker methods: search.storage._proxy_client) before Optuna's."""
     from optuna.storages import GrpcStorageProxy
 
-    class Proxy(GrpcStorageProxy):
+    class Proxy(*((mixin,) if mixin else ()), GrpcStorageProxy):  # type: ignore[misc]
         def _setup(self) -> None:
             self._channel = channel()
             self._stub = _grpc_part(2)(self._channel)
@@ -261,3 +263,29 @@ def ping_proxy(proxy: Any, timeout: float) -> None:
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.NOT_FOUND:
             raise
+
+
+def proxy_channel(proxy: Any) -> Any:
+    """The gRPC channel a proxy client made (`grpc_proxy_client`): hpsearch's own methods use
+    it too, so a worker holds one connection to the proxy."""
+    return proxy._channel
+
+
+def stale_trial_ids(storage: Any, study_id: int) -> list[int]:
+    """The RUNNING trials of a study whose last heartbeat is older than the storage's grace
+    period (Optuna's own query)."""
+    return storage._get_stale_trial_ids(study_id)
+
+
+def cache_started_trial(storage: Any, study_id: int, trial: Any) -> None:
+    """Record `trial`, started by hpsearch beside Optuna's cache wrapper `storage` (the proxy's
+    storage), as the wrapper's own `create_new_trial` records one it created: its later
+    `set_trial_param` looks the trial up there. Nothing for a storage without that cache."""
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+
+    if not isinstance(storage, _CachedStorage):
+        return
+    with storage._lock:
+        if study_id not in storage._studies:
+            storage._studies[study_id] = _StudyInfo()
+        storage._add_trials_to_cache(study_id, [trial])

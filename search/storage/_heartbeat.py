@@ -7,6 +7,9 @@ after that leaves a trial that goes stale and is retried by the storage's
 RetryHeartbeatStaleTrialCallback. Optuna's own per-trial heartbeat thread and its stale scan
 before every ask are off for the trials a worker runs: this does both, dead workers' trials
 failed at most once an interval and whenever the worker is about to wait for others.
+Through the gRPC proxy the beats are calls of hpsearch's worker methods, and the proxy fails
+stale trials and queues their retries itself, under its own budget lock
+(`search.storage._proxy_methods`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from typing import Any
 import optuna
 
 from search._log import logger
-from search.storage._compat import heartbeat_enabled, quiet_experimental, storage_of
+from search.storage._compat import (
+    heartbeat_enabled,
+    quiet_experimental,
+    storage_of,
+    study_id_of,
+)
 from search.storage._control import stop_requested
 from search.storage._retry import is_connection_error
 from search.storage._tables import first_heartbeat
@@ -31,8 +39,8 @@ class WorkerHeartbeat:
     `fail_stale`.
 
     `study` must be on the heartbeat-enabled storage (it is the one stale trials are failed
-    through, so its RetryHeartbeatStaleTrialCallback queues their retries). Without heartbeats
-    (none configured, or the gRPC proxy) every method does nothing.
+    through, so its RetryHeartbeatStaleTrialCallback queues their retries), or a proxy client
+    opened with heartbeats. Without heartbeats every method does nothing.
     """
 
     def __init__(self, study: optuna.Study) -> None:
@@ -79,6 +87,11 @@ class WorkerHeartbeat:
         if self.interval is None:
             return
         if not now and time.monotonic() - self._last_check < self.interval:
+            return
+        on_proxy = getattr(self.storage, "fail_stale_on_proxy", None)
+        if on_proxy is not None:  # the proxy holds the lock itself: no client ever does
+            on_proxy(study_id_of(self.study))
+            self._last_check = time.monotonic()
             return
         if lock is not None:
             lock.acquire()

@@ -18,11 +18,10 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy import event, exc
 
-from search._auth import Serving
 from search._errors import SpecError, StorageError
 from search._urls import is_proxy, redact, resolve_url, sqlite_path
 from search.storage._compat import quiet_experimental
-from search.storage._proxy import open_proxy, proxy_server
+from search.storage._proxy import open_proxy
 
 SQLITE_BUSY_TIMEOUT_S = 60
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -83,7 +82,7 @@ def open_storage(
     """
     url = resolve_url(url)
     if is_proxy(url):  # (its TLS, its token, one call to check both: search.storage._proxy)
-        return open_proxy(url)
+        return open_proxy(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     path = sqlite_path(url)
     if must_exist and path is not None and not path.exists():
         raise SpecError(f"--storage: no database at {path} (run `hpsearch run STUDY.yaml` first)")
@@ -160,25 +159,3 @@ def _has_tables(url: str, names: tuple[str, ...]) -> bool:
         return all(inspector.has_table(name) for name in names)
     finally:
         engine.dispose()
-
-def serve_proxy(url: str | None, *, serving: Serving, port: int) -> None:
-    """`hpsearch storage-proxy`: Optuna's gRPC storage service in front of the database, with
-    TLS and the token where `serving` has them (`search._auth.serving`), until Ctrl-C."""
-    url = resolve_url(url)
-    if is_proxy(url):
-        raise SpecError("--storage: the proxy serves a database URL, not another proxy")
-    storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
-    server = proxy_server(storage, serving, port)
-    scheme = "grpcs" if serving.tls else "grpc"
-    guarded = ("TLS and a token" if serving.tls and serving.token else
-               "TLS, no token" if serving.tls else
-               "a token, no TLS" if serving.token else "no TLS, no token")
-    print(f"storage proxy for {redact(url)} on {scheme}://{serving.host}:{port} ({guarded}); "
-          f"workers use --storage {scheme}://{serving.host}:{port}"
-          + (" with $HPSEARCH_TOKEN" if serving.token else "") + " (Ctrl-C stops it)",
-          flush=True)
-    server.start()
-    try:
-        server.wait_for_termination()
-    finally:
-        server.stop(grace=2)

@@ -1,10 +1,13 @@
-"""`hpsearch storage-proxy` with TLS and a token, and the client that reaches it.
+"""`hpsearch storage-proxy`'s gRPC server with TLS and a token, and the client that reaches it.
 
-The proxy is Optuna's storage service (its parts through `_compat`) on a gRPC server that checks
-the token on every call (`TokenCheck`: a call without it, or with another, is UNAUTHENTICATED
-and reaches no storage method) and serves TLS when given a certificate. A client reaches
-``grpcs://host:port`` over TLS (the server checked against $HPSEARCH_TLS_CA, else the system's
-CAs) or ``grpc://host:port`` in the clear, and sends $HPSEARCH_TOKEN with every call.
+The proxy is Optuna's storage service (its parts through `_compat`), and hpsearch's worker
+methods (`_proxy_methods`), on a gRPC server that checks the token on every call of either
+(`TokenCheck`: a call without it, or with another, is UNAUTHENTICATED and reaches no storage
+method) and serves TLS when given a certificate. A client reaches ``grpcs://host:port`` over
+TLS (the server checked against $HPSEARCH_TLS_CA, else the system's CAs) or
+``grpc://host:port`` in the clear, and sends $HPSEARCH_TOKEN with every call. A client opened
+with heartbeats (a worker's) is Optuna's client with hpsearch's worker methods
+(`_proxy_client`), all over one channel.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from typing import TYPE_CHECKING, Any
 from search._auth import TOKEN_ENV, Serving, client_ca, client_token, same_token
 from search._errors import SpecError, StorageError
 from search.storage._compat import add_storage_service, grpc_proxy_client, ping_proxy
+from search.storage._proxy_client import WorkerMethods
 
 if TYPE_CHECKING:
     import grpc
 
 AUTH_KEY = "authorization"  # the metadata a client's token travels in: "Bearer <token>"
 _OPTIONS = [("grpc.max_receive_message_length", -1)]  # as Optuna's own channel
+# The server's threads. A call past them waits in gRPC's queue, none is refused. The database
+# work is bounded by the proxy's connection pool (`_open.engine_kwargs`: 6), and a study's
+# starts and scans by its budget lock (one thread at a time; others wait for it): more threads
+# than that keep heartbeats and reads flowing while starts queue for the lock.
+SERVER_THREADS = 16
 
 
 def _token_check_class() -> type:
@@ -56,7 +65,8 @@ def proxy_server(storage: Any, serving: Serving, port: int) -> grpc.Server:
     import grpc
 
     interceptors = [_token_check_class()(serving.token)] if serving.token else []
-    server = grpc.server(ThreadPoolExecutor(max_workers=10), interceptors=interceptors)
+    server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS),
+                         interceptors=interceptors)
     add_storage_service(server, storage)
     address = f"{serving.host}:{port}"
     if serving.tls:
@@ -80,9 +90,12 @@ def _with_token(token: str) -> Any:
     return WithToken()
 
 
-def open_proxy(url: str, *, wait_s: float = 30) -> Any:
+def open_proxy(url: str, *, heartbeat_interval: int | None = None,
+               grace_period: int | None = None, wait_s: float = 30) -> Any:
     """A storage client of the proxy at `url` (grpc:// or grpcs://), checked with one call:
-    StorageError naming the cause (TLS on one side only, the token refused) in one line."""
+    StorageError naming the cause (TLS on one side only, the token refused) in one line.
+    With a `heartbeat_interval` (a worker's) its trials beat, start and fail stale through
+    hpsearch's worker methods, checked to be there."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # not gRPC's own line per failed handshake
     import grpc
 
@@ -100,11 +113,14 @@ def open_proxy(url: str, *, wait_s: float = 30) -> Any:
             made = grpc.insecure_channel(address, options=_OPTIONS)
         return grpc.intercept_channel(made, _with_token(token)) if token else made
 
-    proxy = grpc_proxy_client(host, port_number, channel)
+    proxy = grpc_proxy_client(host, port_number, channel, mixin=WorkerMethods)
+    proxy.url, proxy.heartbeat_interval, proxy.grace_period = url, heartbeat_interval, grace_period
     deadline = time.monotonic() + wait_s
     while True:
         try:
             ping_proxy(proxy, timeout=5)
+            if heartbeat_interval is not None:
+                proxy.hello()
             return proxy
         except grpc.RpcError as e:
             code, said = e.code(), " ".join(str(e.details() or "").split())

@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -207,6 +208,59 @@ def test_optunas_grpc_service_is_the_one_the_token_check_guards():
     assert set(_compat.storage_service_methods()) == set(service.methods_by_name)
     assert all(not m.client_streaming and not m.server_streaming for m in service.methods)
     assert callable(getattr(GrpcStorageProxy, "_setup", None))  # overridden for the channel
+
+
+def test_a_proxy_client_with_hpsearchs_methods_is_optunas_heartbeat_and_keeps_its_channel():
+    """The worker's proxy client is Optuna's client with a BaseHeartbeat mixed in (so Optuna's
+    `is_heartbeat_enabled` sees its interval), and hpsearch's methods ride Optuna's channel."""
+    import grpc
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    from search.storage._proxy_client import WorkerMethods
+
+    assert _compat.BaseHeartbeat is BaseHeartbeat
+    made = []
+
+    def channel():
+        made.append(grpc.insecure_channel("127.0.0.1:9"))  # never called: nothing listens
+        return made[-1]
+
+    proxy = _compat.grpc_proxy_client("127.0.0.1", 9, channel, mixin=WorkerMethods)
+    assert isinstance(proxy, optuna.storages.GrpcStorageProxy) and not is_heartbeat_enabled(proxy)
+    proxy.heartbeat_interval = 2
+    assert is_heartbeat_enabled(proxy) and _compat.proxy_channel(proxy) is made[0]
+    proxy.close()
+
+
+def test_stale_trial_ids_are_optunas_own(sqlite_url, study_name):
+    storage = RDBStorage(sqlite_url, heartbeat_interval=1, grace_period=1)
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name)
+    beating, silent = storage.create_new_trial(study_id), storage.create_new_trial(study_id)
+    storage.record_heartbeat(silent)
+    storage.record_heartbeat(beating)
+    time.sleep(1.5)
+    storage.record_heartbeat(beating)
+    assert _compat.stale_trial_ids(storage, study_id) == [silent]
+
+
+def test_a_trial_started_beside_optunas_cache_is_known_to_it_once_recorded(sqlite_url,
+                                                                             study_name):
+    """The proxy starts trials on its RDB storage, beside the cache wrapper Optuna's service
+    sets params through: unrecorded, the wrapper does not know the trial (KeyError)."""
+    backend = RDBStorage(sqlite_url)
+    cached = optuna.storages.get_storage(backend)
+    study_id = cached.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name)
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for record in (False, True):
+        frozen = backend._create_new_trial(study_id)
+        if record:
+            _compat.cache_started_trial(cached, study_id, frozen)
+            cached.set_trial_param(frozen._trial_id, "x", 0.5, dist)
+            assert backend.get_trial(frozen._trial_id).params == {"x": 0.5}
+        else:
+            with pytest.raises(KeyError):
+                cached.set_trial_param(frozen._trial_id, "x", 0.5, dist)
+    _compat.cache_started_trial(backend, study_id, frozen)  # no cache: nothing to record
 
 
 def test_another_optuna_release_takes_the_public_path_with_one_warning(monkeypatch, caplog,

@@ -1,0 +1,228 @@
+"""`hpsearch storage-proxy`: Optuna's storage service and hpsearch's own worker methods on one
+gRPC server, in front of the database.
+
+The worker methods (`hpsearch.Worker`, JSON in and out; the client: `_proxy_client`) run what
+must be atomic where the database is: a trial's start (a WAITING trial taken, else a new one
+created with its budget check in the transaction that locks the study's row, and its first
+heartbeat), heartbeats, and the stale-trial scan that fails dead workers' trials and queues
+their retries. Starts and scans of a study hold the study's budget lock
+(`search.storage._locks.budget_lock`, the same one direct workers take), taken by the proxy
+itself: one thread of the proxy at a time per study, so the proxy holds one lock connection a
+study, and no client ever holds a lock. They sit behind the token check and TLS of every other
+method (`search.storage._proxy.proxy_server`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from search._auth import Serving
+from search._errors import SpecError, StorageError
+from search._log import logger
+from search._urls import is_proxy, redact, resolve_url
+from search.storage._budget import BudgetReached, counts_of
+from search.storage._compat import (
+    backend_of,
+    cache_started_trial,
+    quiet_experimental,
+    session,
+    stale_trial_ids,
+    trial_id_of,
+)
+from search.storage._locks import Lock, budget_lock
+from search.storage._open import open_storage
+from search.storage._proxy import proxy_server
+from search.storage._proxy_client import SERVICE, VERSION, decode, encode
+from search.storage._retry import is_connection_error
+from search.storage._tables import count_states, first_heartbeat
+from search.storage._trial_start import take_waiting, worker_view
+
+LOG = logger("storage")
+SCAN_EVERY_S = 1.0  # a study's stale scan at most this often: workers waiting ask each second
+
+
+@dataclass
+class _Study:
+    """A study the proxy serves workers of: its name, and its budget lock (a thread's at a
+    time: a database lock is one connection's)."""
+
+    name: str
+    lock: Lock
+    threads: threading.Lock = field(default_factory=threading.Lock)
+    scanned: float = -float("inf")
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self.threads:
+            self.lock.acquire()
+            try:
+                yield
+            finally:
+                self.lock.release()
+
+
+class WorkerService:
+    """hpsearch's worker methods over the proxy's RDB storage at `url`."""
+
+    def __init__(self, storage: Any, url: str) -> None:
+        backend = backend_of(storage)
+        if not isinstance(backend, RDBStorage):
+            raise StorageError("the storage proxy serves a database (an RDB storage)")
+        # `storage`: Optuna's cache wrapper, which Optuna's service on the same server uses.
+        self.storage, self.backend, self.url = storage, backend, url
+        self._studies: dict[int, _Study] = {}
+        self._views: dict[tuple[int, int | None], RDBStorage] = {}
+        self._guard = threading.Lock()
+
+    def methods(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"Hello": self.hello, "StartTrial": self.start_trial, "Beat": self.beat,
+                "Stale": self.stale, "FailStale": self.fail_stale}
+
+    def hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"version": VERSION}
+
+    def start_trial(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A WAITING trial taken, else a new one created, under the budget; its first beat."""
+        study_id, budget = _int(request, "study_id"), _int(request, "budget", none=True)
+        study = self._study(study_id)
+        view = worker_view(self.backend, budget, beat=True)
+
+        def counts() -> Any:
+            with session(view) as s:
+                return counts_of(count_states(s.connection(), study_id))
+
+        try:
+            with study.held():
+                trial_id = take_waiting(view, study_id, budget, counts)
+                if trial_id is None:
+                    trial = view._create_new_trial(study_id)
+                else:  # a WAITING trial taken: its first beat now
+                    first_heartbeat(view, trial_id)
+                    trial = view.get_trial(trial_id)
+        except BudgetReached as full:
+            return {"full": asdict(full.counts)}
+        # Optuna's service sets the trial's params through its cache, which must know it.
+        cache_started_trial(self.storage, study_id, trial)
+        return {"trial_id": trial_id_of(trial)}
+
+    def beat(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids = request.get("trial_ids")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError("trial_ids: expected a list of trial ids")
+        for trial_id in ids:
+            self.backend.record_heartbeat(trial_id)
+        return {}
+
+    def stale(self, request: dict[str, Any]) -> dict[str, Any]:
+        view = self._heartbeat_view(request)
+        return {"trial_ids": stale_trial_ids(view, _int(request, "study_id"))}
+
+    def fail_stale(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The study's stale trials failed and their retries queued, under its budget lock."""
+        view, study = self._heartbeat_view(request), self._study(_int(request, "study_id"))
+        if time.monotonic() - study.scanned < SCAN_EVERY_S:
+            return {}
+        with study.held():
+            loaded = optuna.load_study(study_name=study.name, storage=view,
+                                       sampler=optuna.samplers.RandomSampler())
+            with quiet_experimental():
+                optuna.storages.fail_stale_trials(loaded)
+            study.scanned = time.monotonic()
+        return {}
+
+    def _study(self, study_id: int) -> _Study:
+        with self._guard:
+            study = self._studies.get(study_id)
+        if study is not None:
+            return study
+        name = self.backend.get_study_name_from_id(study_id)  # KeyError: NOT_FOUND
+        with self._guard:
+            return self._studies.setdefault(study_id, _Study(name, budget_lock(self.url, name)))
+
+    def _heartbeat_view(self, request: dict[str, Any]) -> RDBStorage:
+        """The proxy's storage with the worker's heartbeat settings (its study's spec)."""
+        key = (_int(request, "interval"), _int(request, "grace", none=True))
+        if key[0] is None or key[0] <= 0 or (key[1] is not None and key[1] <= 0):
+            raise ValueError("interval and grace: expected positive seconds")
+        with self._guard:
+            view = self._views.get(key)
+            if view is None:
+                view = object.__new__(type(self.backend))  # the engine shared, as worker_view
+                view.__dict__.update(self.backend.__dict__)
+                view.heartbeat_interval, view.grace_period = key
+                with quiet_experimental():
+                    view.heartbeat_stale_trial_callback = RetryHeartbeatStaleTrialCallback(
+                        inherit_intermediate_values=True)
+                view.failed_trial_callback = view.heartbeat_stale_trial_callback
+                self._views[key] = view
+            return view
+
+
+def _int(request: dict[str, Any], key: str, *, none: bool = False) -> Any:
+    value = request.get(key)
+    if (value is None and none) or type(value) is int:
+        return value
+    raise ValueError(f"{key}: expected an integer{' or null' if none else ''}, got {value!r}")
+
+
+def add_worker_service(server: Any, storage: Any, url: str) -> None:
+    """hpsearch's worker methods for `storage` (at `url`), added to the proxy's gRPC `server`
+    (behind its interceptors: the token check)."""
+    import grpc
+
+    service = WorkerService(storage, url)
+
+    def handler(method: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+        def handle(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+            try:
+                return method(request)
+            except KeyError as e:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"not found: {e}")
+            except (ValueError, TypeError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:300])
+            except Exception as e:  # noqa: BLE001 - the storage's: one line to the client
+                said = redact(f"{type(e).__name__}: {e}").splitlines()[0][:300]
+                LOG.warning(f"storage proxy: {method.__name__} failed ({said})")
+                code = (grpc.StatusCode.UNAVAILABLE if is_connection_error(e)
+                        else grpc.StatusCode.INTERNAL)
+                context.abort(code, said)
+            raise AssertionError("unreachable")  # context.abort raised
+
+        return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=decode,
+                                                   response_serializer=encode)
+
+    handlers = {name: handler(method) for name, method in service.methods().items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def serve_proxy(url: str | None, *, serving: Serving, port: int) -> None:
+    """`hpsearch storage-proxy`: Optuna's gRPC storage service and hpsearch's worker methods in
+    front of the database, with TLS and the token where `serving` has them
+    (`search._auth.serving`), until Ctrl-C."""
+    url = resolve_url(url)
+    if is_proxy(url):
+        raise SpecError("--storage: the proxy serves a database URL, not another proxy")
+    storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
+    server = proxy_server(storage, serving, port)
+    add_worker_service(server, storage, url)
+    scheme = "grpcs" if serving.tls else "grpc"
+    guarded = ("TLS and a token" if serving.tls and serving.token else
+               "TLS, no token" if serving.tls else
+               "a token, no TLS" if serving.token else "no TLS, no token")
+    print(f"storage proxy for {redact(url)} on {scheme}://{serving.host}:{port} ({guarded}); "
+          f"workers use --storage {scheme}://{serving.host}:{port}"
+          + (" with $HPSEARCH_TOKEN" if serving.token else "") + " (Ctrl-C stops it)",
+          flush=True)
+    server.start()
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=2)
