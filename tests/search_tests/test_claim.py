@@ -1,5 +1,6 @@
 """Starting trials against the budget: exact under concurrent workers on every backend, and the
-MySQL named lock (exclusive, one kept connection, survives its connection being killed)."""
+server's locks, MySQL's named lock and PostgreSQL's transaction-scoped one (exclusive, one kept
+connection, survive their connection being killed; through PgBouncer: test_pgbouncer.py)."""
 
 from __future__ import annotations
 
@@ -123,4 +124,25 @@ def test_a_killed_mysql_lock_connection_is_replaced(mysql_url, study_name):
     engine.dispose()
     with_retry(lock.acquire, what="taking the budget lock", log=lambda message: None)
     assert _connection_id(lock) != connection
+    lock.release()
+
+def _backend_pid(lock: DatabaseLock) -> int:
+    return lock._conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+
+def test_postgres_lock_keeps_one_connection_and_a_killed_one_frees_it(postgres_url, study_name):
+    lock, other = budget_lock(postgres_url, study_name), budget_lock(postgres_url, study_name)
+    lock.acquire()
+    backend = _backend_pid(lock)
+    lock.release()
+    lock.acquire()
+    assert _backend_pid(lock) == backend  # the same connection, not a new one per trial
+    engine = sqlalchemy.create_engine(postgres_url)
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": backend})
+    engine.dispose()
+    other.acquire()  # the lock went with its transaction's connection
+    other.release()
+    lock.release()  # its COMMIT fails: the connection is discarded, nothing raised
+    with_retry(lock.acquire, what="taking the budget lock", log=lambda message: None)
+    assert _backend_pid(lock) != backend
     lock.release()
