@@ -12,6 +12,7 @@ import warnings
 import optuna
 
 from search._errors import SpecError, StudyNotFoundError
+from search.storage._reader import reading
 
 SPEC_ATTR = "hpsearch_spec"  # the versioned spec JSON
 SPEC_SIGNATURE_ATTR = "hpsearch_spec_hmac"  # its HMAC with the token (search._auth), if one
@@ -30,7 +31,8 @@ def open_study(name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.
         raise StudyNotFoundError(f"no study named {name!r} in this storage (studies: {listing})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.load_study(study_name=name, storage=storage)
+        # Read through the two-query reader: a view reads the whole study once.
+        study = optuna.load_study(study_name=name, storage=reading(storage))
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise SpecError(f"study {name!r} was not created by hpsearch (no stored spec)")

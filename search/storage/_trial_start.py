@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,18 +24,17 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError
 
 from search.storage import _compat
-from search.storage._budget import Counts, admit, counts_of
+from search.storage._budget import admit, counts_of
 from search.storage._compat import backend_of, session, trial_id_of
-from search.storage._proxy_client import ProxyWorkerStudy, WorkerMethods
-from search.storage._proxy_client import worker_view as proxy_worker_view
-from search.storage._reader import reader_for
+from search.storage._reader import ReadingStorage
 from search.storage._tables import count_states, state_counts, write_attrs
 
 MAX_RETRIES = 5  # as Optuna's own trial creation: deadlocks between machines are retried
 
 
-class WorkerStorage(RDBStorage):
-    """An RDB storage view that admits new trials against `budget` and writes their first beat.
+class WorkerStorage(ReadingStorage):
+    """An RDB storage view that admits new trials against `budget` and writes their first beat
+    (its trials read in two queries: `ReadingStorage`).
 
     Built by `worker_study` over a storage's engine (no new connections); `budget` None admits
     every trial, `beat` False writes no heartbeat (none configured).
@@ -108,26 +107,6 @@ class WorkerStorage(RDBStorage):
             return False
         return True
 
-    def _get_trials(self, study_id: int, states: Container[TrialState] | None,
-                    included_trial_ids: set[int], trial_id_greater_than: int
-                    ) -> list[FrozenTrial]:
-        # Two queries where Optuna's take seven (_reader): this runs ~5 times a trial.
-        reader = reader_for()
-        if reader is None:
-            return super()._get_trials(study_id, states, included_trial_ids,
-                                       trial_id_greater_than)
-        with session(self) as s:
-            return reader.read(s, study_id, states, included_trial_ids,
-                               trial_id_greater_than)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        # The pruner's read of the running trial, every epoch: two queries, not six.
-        reader = reader_for()
-        if reader is None:
-            return super().get_trial(trial_id)
-        with session(self) as s:
-            return reader.read_one(s, trial_id)
-
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                          distribution: BaseDistribution,
                          previous_distribution: BaseDistribution | None) -> None:
@@ -153,34 +132,28 @@ class WorkerStudy(optuna.Study):
     """A study that takes a WAITING trial only while the finished ones leave room for it."""
 
     def _pop_waiting_trial_id(self) -> int | None:
+        # Optuna's own, with the budget check before the first take. The WAITING trials are
+        # read once: it is a query every trial.
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                               states=(TrialState.WAITING,))
         budget = getattr(backend_of(self._storage), "budget", None)
-        return take_waiting(self._storage, self._study_id, budget,
-                            lambda: counts_of(state_counts(self)))
-
-
-def take_waiting(storage: Any, study_id: int, budget: int | None,
-                 counts: Callable[[], Counts]) -> int | None:
-    """A WAITING trial of the study set RUNNING, if the finished trials (`counts`) leave room
-    for it under `budget` (else BudgetReached); None when none waits. Optuna's own take, with
-    the budget check before the first take. The WAITING trials are read once: it is a query
-    every trial."""
-    waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
-    if waiting and budget is not None:
-        admit(budget, counts(), taking_waiting=True)
-    for trial in waiting:
-        try:
-            # False: another worker took it; finished: another worker ran it.
-            if storage.set_trial_state_values(trial_id_of(trial), state=TrialState.RUNNING):
-                return trial_id_of(trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
+        if waiting and budget is not None:
+            admit(budget, counts_of(state_counts(self)), taking_waiting=True)
+        for trial in waiting:
+            try:
+                # False: another worker took it; finished: another worker ran it.
+                if self._storage.set_trial_state_values(trial_id_of(trial),
+                                                        state=TrialState.RUNNING):
+                    return trial_id_of(trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
 
 
 def set_budget(study: optuna.Study, budget: int) -> None:
     """A new budget for the trials `study` (a `worker_study`) starts from now on."""
     backend = backend_of(_compat.storage_of(study))
-    if isinstance(backend, (WorkerStorage, WorkerMethods)):
+    if isinstance(backend, WorkerStorage):
         backend.budget = budget
 
 
@@ -215,36 +188,20 @@ def worker_study(study: optuna.Study, budget: int | None, *,
     `created_attrs` are written on each new trial as it is created, `param_attrs` with their
     parameter (see WorkerStorage): the objective then writes only what is left.
 
-    The view shares the storage's engine and sessions (one connection pool). Through the gRPC
-    proxy a trial's start is one call the proxy runs under its budget lock
-    (`search.storage._proxy_client`): the view shares the client's channel. A storage that is
-    neither, or an Optuna the fast paths are not tested on, is returned as it is: there the
-    worker counts first.
+    The view shares the storage's engine and sessions (one connection pool). A storage that is
+    not an RDBStorage (the gRPC proxy), or an Optuna the fast paths are not tested on, is returned
+    as it is: there the worker counts first.
     """
     backend = backend_of(_compat.storage_of(study))
-    if isinstance(backend, WorkerMethods) and backend.heartbeat_interval is not None:
-        return ProxyWorkerStudy(study_name=study.study_name,
-                                storage=proxy_worker_view(backend, budget),
-                                sampler=study.sampler, pruner=study.pruner)
     if not isinstance(backend, RDBStorage) or not _compat.fast_paths():
         return study
-    view = worker_view(backend, budget, beat=backend.heartbeat_interval is not None,
-                       created_attrs=created_attrs, param_attrs=param_attrs)
-    return WorkerStudy(study_name=study.study_name, storage=view, sampler=study.sampler,
-                       pruner=study.pruner)
-
-
-def worker_view(backend: RDBStorage, budget: int | None, *, beat: bool,
-                created_attrs: dict[str, Any] | None = None,
-                param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] | None = None
-                ) -> WorkerStorage:
-    """A WorkerStorage over `backend`'s engine and sessions, Optuna's heartbeat off."""
     # A shallow copy by hand: copy.copy would go through __getstate__, which builds a new engine.
     view = object.__new__(WorkerStorage)
     view.__dict__.update(backend.__dict__)
-    view.beat = beat
+    view.beat = backend.heartbeat_interval is not None
     view.heartbeat_interval = None
     view.budget = budget
     view.created_attrs = dict(created_attrs or {})
     view.param_attrs = dict(param_attrs or {})
-    return view
+    return WorkerStudy(study_name=study.study_name, storage=view, sampler=study.sampler,
+                       pruner=study.pruner)

@@ -13,7 +13,9 @@ from optuna.distributions import FloatDistribution, distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from search.storage import open_storage, with_trimmed_history, worker_study
+from search.storage import open_storage, storage_of, with_trimmed_history, worker_study
+from search.storage._compat import backend_of
+from search.storage._reader import ReadingStorage, reading
 from search.storage._trimmed import HISTORY_LIMIT, KEEP_BEST, TrimmedSampler, trimmed
 
 X = FloatDistribution(0.0, 1.0)
@@ -196,3 +198,14 @@ def test_tpe_samples_as_before_up_to_the_limit(n: int) -> None:
 def test_only_tpe_is_trimmed() -> None:
     random_sampler = optuna.samplers.RandomSampler(seed=0)
     assert with_trimmed_history(random_sampler) is random_sampler
+
+
+def test_a_view_of_a_whole_study_reads_what_optuna_reads(storage_url: str,
+                                                          study_name: str) -> None:
+    """`status`, `best` and `report` open a study through `reading` (the two-query reader)."""
+    plain = optuna.create_study(study_name=study_name, storage=RDBStorage(storage_url))
+    plain.add_trials(_trials(30, seed=1))
+    plain.ask({"x": X}).report(0.25, 3)
+    viewed = optuna.load_study(study_name=study_name, storage=reading(RDBStorage(storage_url)))
+    assert isinstance(backend_of(storage_of(viewed)), ReadingStorage)
+    assert _seen(viewed.get_trials(deepcopy=False)) == _fresh(storage_url, study_name)
