@@ -24,8 +24,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError
 
 from search.storage import _compat
-from search.storage._budget import admit, counts_of
+from search.storage._budget import Counts, admit, counts_of
 from search.storage._compat import backend_of, session, trial_id_of
+from search.storage._proxy_client import ProxyWorkerStudy, WorkerMethods
+from search.storage._proxy_client import worker_view as proxy_worker_view
 from search.storage._reader import ReadingStorage
 from search.storage._tables import count_states, state_counts, write_attrs
 
@@ -132,28 +134,34 @@ class WorkerStudy(optuna.Study):
     """A study that takes a WAITING trial only while the finished ones leave room for it."""
 
     def _pop_waiting_trial_id(self) -> int | None:
-        # Optuna's own, with the budget check before the first take. The WAITING trials are
-        # read once: it is a query every trial.
-        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
-                                               states=(TrialState.WAITING,))
         budget = getattr(backend_of(self._storage), "budget", None)
-        if waiting and budget is not None:
-            admit(budget, counts_of(state_counts(self)), taking_waiting=True)
-        for trial in waiting:
-            try:
-                # False: another worker took it; finished: another worker ran it.
-                if self._storage.set_trial_state_values(trial_id_of(trial),
-                                                        state=TrialState.RUNNING):
-                    return trial_id_of(trial)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-        return None
+        return take_waiting(self._storage, self._study_id, budget,
+                            lambda: counts_of(state_counts(self)))
+
+
+def take_waiting(storage: Any, study_id: int, budget: int | None,
+                 counts: Callable[[], Counts]) -> int | None:
+    """A WAITING trial of the study set RUNNING, if the finished trials (`counts`) leave room
+    for it under `budget` (else BudgetReached); None when none waits. Optuna's own take, with
+    the budget check before the first take. The WAITING trials are read once: it is a query
+    every trial."""
+    waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+    if waiting and budget is not None:
+        admit(budget, counts(), taking_waiting=True)
+    for trial in waiting:
+        try:
+            # False: another worker took it; finished: another worker ran it.
+            if storage.set_trial_state_values(trial_id_of(trial), state=TrialState.RUNNING):
+                return trial_id_of(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
 
 
 def set_budget(study: optuna.Study, budget: int) -> None:
     """A new budget for the trials `study` (a `worker_study`) starts from now on."""
     backend = backend_of(_compat.storage_of(study))
-    if isinstance(backend, WorkerStorage):
+    if isinstance(backend, (WorkerStorage, WorkerMethods)):
         backend.budget = budget
 
 
@@ -188,20 +196,36 @@ def worker_study(study: optuna.Study, budget: int | None, *,
     `created_attrs` are written on each new trial as it is created, `param_attrs` with their
     parameter (see WorkerStorage): the objective then writes only what is left.
 
-    The view shares the storage's engine and sessions (one connection pool). A storage that is
-    not an RDBStorage (the gRPC proxy), or an Optuna the fast paths are not tested on, is returned
-    as it is: there the worker counts first.
+    The view shares the storage's engine and sessions (one connection pool). Through the gRPC
+    proxy a trial's start is one call the proxy runs under its budget lock
+    (`search.storage._proxy_client`): the view shares the client's channel. A storage that is
+    neither, or an Optuna the fast paths are not tested on, is returned as it is: there the
+    worker counts first.
     """
     backend = backend_of(_compat.storage_of(study))
+    if isinstance(backend, WorkerMethods) and backend.heartbeat_interval is not None:
+        return ProxyWorkerStudy(study_name=study.study_name,
+                                storage=proxy_worker_view(backend, budget),
+                                sampler=study.sampler, pruner=study.pruner)
     if not isinstance(backend, RDBStorage) or not _compat.fast_paths():
         return study
+    view = worker_view(backend, budget, beat=backend.heartbeat_interval is not None,
+                       created_attrs=created_attrs, param_attrs=param_attrs)
+    return WorkerStudy(study_name=study.study_name, storage=view, sampler=study.sampler,
+                       pruner=study.pruner)
+
+
+def worker_view(backend: RDBStorage, budget: int | None, *, beat: bool,
+                created_attrs: dict[str, Any] | None = None,
+                param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] | None = None
+                ) -> WorkerStorage:
+    """A WorkerStorage over `backend`'s engine and sessions, Optuna's heartbeat off."""
     # A shallow copy by hand: copy.copy would go through __getstate__, which builds a new engine.
     view = object.__new__(WorkerStorage)
     view.__dict__.update(backend.__dict__)
-    view.beat = backend.heartbeat_interval is not None
+    view.beat = beat
     view.heartbeat_interval = None
     view.budget = budget
     view.created_attrs = dict(created_attrs or {})
     view.param_attrs = dict(param_attrs or {})
-    return WorkerStudy(study_name=study.study_name, storage=view, sampler=study.sampler,
-                       pruner=study.pruner)
+    return view
