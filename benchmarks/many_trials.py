@@ -7,8 +7,10 @@ values and the user attrs a real trial carries: history, seconds, host…). Then
 does, through `worker_study`'s view with the study's real sampler and pruner: K trials asked
 (ask + suggest, the first ask apart: it reads the whole history; wall time and this
 process's CPU time, which a loaded machine does not inflate), each reporting 3 epochs with
-the pruner's read after each, and told. Then `hpsearch status --json`, `best` and `report`, each
-a fresh process's work (a cold read of the study), timed in-process.
+the pruner's read after each, and told. Then `hpsearch status --json`, `best` and `report`,
+timed in a child process as a command runs (a cold read of the study), with the two-query
+reader (what hpsearch does) and without it (`HPSEARCH_FAST_PATHS=0`: Optuna's ORM reads the
+study, as before); the report's plots read uncopied trials in both arms.
 
 Arms, alternated over the rounds in one run: N = 1,000 and 10,000, and for the worker's asks
 TPE with its history trimmed past 1,000 finished trials (`search.run.study_sampler`, what
@@ -26,12 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import importlib
 import io
 import json
 import os
 import pstats
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -215,6 +219,15 @@ def view_times(url: str, name: str) -> dict[str, float]:
     return out
 
 
+def views_in_child(url: str, name: str, *, fast: bool) -> dict[str, float]:
+    """`view_times` in a new process, as a command runs; `fast` False: HPSEARCH_FAST_PATHS=0
+    (Optuna's own ORM reads the study, as before the two-query reader served the views)."""
+    env = {**os.environ, "HPSEARCH_FAST_PATHS": "1" if fast else "0"}
+    done = subprocess.run([sys.executable, __file__, "--views-child", url, "--study", name],
+                          env=env, capture_output=True, text=True, check=True)
+    return {f"{k}_ms": 1e3 * v for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
@@ -258,13 +271,13 @@ def run(sizes: list[int], rounds: int, asks: int, profile_at: int | None,
                         f"{k}={v:.1f}" for k, v in got.items()), flush=True)
                     for k, v in got.items():
                         results.setdefault((n, arm), {}).setdefault(k, []).append(v)
-                if "views" not in parts:
-                    continue
-                got = {f"{k}_ms": 1e3 * v for k, v in view_times(urls[n], spec.name).items()}
-                print(f"round={r} n={n} views " + " ".join(
-                    f"{k}={v:.0f}" for k, v in got.items()), flush=True)
-                for k, v in got.items():
-                    results.setdefault((n, "views"), {}).setdefault(k, []).append(v)
+                for fast in (True, False) if "views" in parts else ():
+                    arm = f"views reader={'on' if fast else 'off'}"
+                    got = views_in_child(urls[n], spec.name, fast=fast)
+                    print(f"round={r} n={n} {arm} " + " ".join(
+                        f"{k}={v:.0f}" for k, v in got.items()), flush=True)
+                    for k, v in got.items():
+                        results.setdefault((n, arm), {}).setdefault(k, []).append(v)
     table(results, sizes)
 
 
@@ -274,7 +287,7 @@ def table(results: dict[tuple[int, str], dict[str, list[float]]], sizes: list[in
     print("\n| arm | measure | " + " | ".join(f"N={n:,}" for n in sizes)
           + f" | ratio {sizes[-1] // sizes[0]}x N |")
     print("|---|---|" + "---|" * len(sizes) + "---|")
-    for arm in ("trim=on", "trim=off", "views"):
+    for arm in ("trim=on", "trim=off", "views reader=on", "views reader=off"):
         for measure in results.get((sizes[0], arm), {}):
             cells, medians = [], []
             for n in sizes:
@@ -292,7 +305,19 @@ def main() -> None:
     p.add_argument("--asks", type=int, default=25)
     p.add_argument("--profile", type=int, default=None)
     p.add_argument("--parts", default="asks,views", help="asks, views or both")
+    p.add_argument("--views-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--study", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.views_child:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # What the commands import on first use, and the database driver, before the clock:
+        # the figures time the reads and the work, not Python's imports.
+        for module in ("torch", "trainers", "rich.console", "plotly.graph_objects",
+                       "plotly.offline", "optuna.visualization", "optuna.importance"):
+            importlib.import_module(module)
+        optuna.get_all_study_names(open_storage(a.views_child))
+        print(json.dumps(view_times(a.views_child, a.study)))
+        return
     run([int(s) for s in a.sizes.split(",")], a.rounds, a.asks, a.profile,
         set(a.parts.split(",")))
 

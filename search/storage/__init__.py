@@ -58,6 +58,7 @@ from search.storage._locks import DatabaseLock, FileLock, Lock, NullLock, budget
 from search.storage._open import open_for_watching, open_storage
 from search.storage._proxy_methods import serve_proxy
 from search.storage._retry import is_connection_error, storage_error, with_retry
+from search.storage._shared import shared_study
 from search.storage._studies import (
     LR_FIND_ATTR,
     RETRAIN_ATTR,
@@ -140,6 +141,7 @@ __all__ = [
     "serve_proxy",
     "set_budget",
     "set_user_attrs",
+    "shared_study",
     "sqlite_path",
     "storage_of",
     "storage_url_of",

@@ -22,7 +22,7 @@ from search._errors import StorageError
 from search._text import fmt
 from search.run import load
 from search.spec import best_trials, is_feasible, labels, measured
-from search.storage import open_storage, redact, resolve_url
+from search.storage import open_storage, redact, resolve_url, shared_study
 from search.views import _figures as figs
 from search.views._figures import Unavailable
 from search.views._progress import flat_params
@@ -175,6 +175,9 @@ def build_report(study: optuna.Study, spec: StudySpec, *, storage: str,
     data = status_data(study, spec)
     multi = len(spec.objective.metric_names) > 1
     best = data["best"][0]["trial"] if data["best"] else None
+    # Optuna's plots copy every trial at each read of `study.trials`: they read a study that
+    # hands them the cached trials as they are (they change none).
+    study = shared_study(study)
     page = ReportPage(f"hpsearch report: {spec.name}")
     page.add("Summary", _summary(data, storage))
     if multi:
@@ -189,7 +192,8 @@ def build_report(study: optuna.Study, spec: StudySpec, *, storage: str,
     page.figure("Slices", lambda: figs.slices(study, spec))
     if best is not None:
         page.figure(f"Best trial #{best}: curves and gradient norms",
-                    lambda: figs.trial_curves(study.trials[best], spec))
+                    lambda: figs.trial_curves(next(t for t in trials if t.number == best),
+                                              spec))
     page.add("Top trials" if not multi else "Pareto-optimal trials", _top_table(study, spec, top))
     return page.render()
 

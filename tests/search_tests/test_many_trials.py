@@ -13,7 +13,13 @@ from optuna.distributions import FloatDistribution, distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from search.storage import open_storage, storage_of, with_trimmed_history, worker_study
+from search.storage import (
+    open_storage,
+    shared_study,
+    storage_of,
+    with_trimmed_history,
+    worker_study,
+)
 from search.storage._compat import backend_of
 from search.storage._reader import ReadingStorage, reading
 from search.storage._trimmed import HISTORY_LIMIT, KEEP_BEST, TrimmedSampler, trimmed
@@ -209,3 +215,13 @@ def test_a_view_of_a_whole_study_reads_what_optuna_reads(storage_url: str,
     viewed = optuna.load_study(study_name=study_name, storage=reading(RDBStorage(storage_url)))
     assert isinstance(backend_of(storage_of(viewed)), ReadingStorage)
     assert _seen(viewed.get_trials(deepcopy=False)) == _fresh(storage_url, study_name)
+
+
+def test_the_reports_plots_read_the_cached_trials_uncopied(sqlite_url: str,
+                                                            study_name: str) -> None:
+    study = optuna.create_study(study_name=study_name, storage=open_storage(sqlite_url))
+    study.add_trials(_trials(12, seed=2))
+    shared = shared_study(study)
+    assert _seen(shared.trials) == _seen(study.trials)
+    assert shared.trials[3] is study.get_trials(deepcopy=False)[3]  # no copy
+    assert study.trials[3] is not study.get_trials(deepcopy=False)[3]  # Optuna's own copies
