@@ -225,3 +225,16 @@ def test_the_reports_plots_read_the_cached_trials_uncopied(sqlite_url: str,
     assert _seen(shared.trials) == _seen(study.trials)
     assert shared.trials[3] is study.get_trials(deepcopy=False)[3]  # no copy
     assert study.trials[3] is not study.get_trials(deepcopy=False)[3]  # Optuna's own copies
+
+
+def test_past_the_limit_a_trimmed_tpe_asks_from_the_trimmed_history() -> None:
+    sampler = with_trimmed_history(optuna.samplers.TPESampler(seed=0))
+    study = optuna.create_study(sampler=sampler)
+    study.add_trials([t for t in _trials(HISTORY_LIMIT + 100) if t.state.is_finished()])
+    for _ in range(3):
+        trial = study.ask()
+        assert 0.0 <= trial.suggest_float("x", 0.0, 1.0) <= 1.0
+        seen = sampler._view[1].get_trials(deepcopy=False)  # what TPE was shown
+        assert len([t for t in seen if t.state.is_finished()]) == HISTORY_LIMIT
+        assert seen[-1].number == trial.number  # the trial being asked, running
+        study.tell(trial, 0.5)
