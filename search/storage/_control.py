@@ -77,6 +77,9 @@ def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
     if not numbers:
         return []
     storage = storage_of(study)
+    on_proxy = getattr(storage, "requeue_on_proxy", None)
+    if on_proxy is not None:  # the proxy queues them itself, under its budget lock
+        return on_proxy(study_id_of(study), sorted(numbers))
     done = _retried_numbers(study)
     with quiet_experimental():
         retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)

@@ -1,8 +1,9 @@
 """A worker's side of hpsearch's own methods on the storage proxy (the server's side:
 `search.storage._proxy_methods`).
 
-Through `hpsearch storage-proxy` a worker starts a trial, beats and fails stale trials as one
-call each, which the proxy runs as one operation on its database, under its own budget lock:
+Through `hpsearch storage-proxy` a worker starts a trial, beats, fails stale trials and queues
+interrupted ones again as one call each, which the proxy runs on its database, under its own
+budget lock:
 no lock is held by a client (one that died holding it would stop every worker). The methods
 are a service of their own (`hpsearch.Worker`) on the proxy's gRPC server, behind its token
 check and TLS, carried by the channel of Optuna's client (one connection a worker); requests
@@ -102,6 +103,10 @@ class WorkerMethods(_compat.BaseHeartbeat):
         """Fail the study's stale trials and queue their retries, on the proxy under its budget
         lock."""
         self.call("FailStale", self._heartbeat_request(study_id))
+
+    def requeue_on_proxy(self, study_id: int, numbers: list[int]) -> list[int]:
+        """`requeue_interrupted` run by the proxy under its budget lock: the numbers queued."""
+        return self.call("Requeue", {"study_id": study_id, "numbers": numbers})["queued"]
 
     def start_trial(self, study_id: int) -> int:
         """A trial started on the proxy: a WAITING one taken, else a new one, admitted against

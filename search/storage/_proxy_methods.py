@@ -4,12 +4,12 @@ gRPC server, in front of the database.
 The worker methods (`hpsearch.Worker`, JSON in and out; the client: `_proxy_client`) run what
 must be atomic where the database is: a trial's start (a WAITING trial taken, else a new one
 created with its budget check in the transaction that locks the study's row, and its first
-heartbeat), heartbeats, and the stale-trial scan that fails dead workers' trials and queues
-their retries. Starts and scans of a study hold the study's budget lock
-(`search.storage._locks.budget_lock`, the same one direct workers take), taken by the proxy
-itself: one thread of the proxy at a time per study, so the proxy holds one lock connection a
-study, and no client ever holds a lock. They sit behind the token check and TLS of every other
-method (`search.storage._proxy.proxy_server`).
+heartbeat), heartbeats, the stale-trial scan that fails dead workers' trials and queues
+their retries, and interrupted trials queued again. Starts, scans and requeues of a study hold
+the study's budget lock (`search.storage._locks.budget_lock`, the same one direct workers take),
+taken by the proxy itself: one thread of the proxy at a time per study, so the proxy holds one
+lock connection a study, and no client ever holds a lock. They sit behind the token check and
+TLS of every other method (`search.storage._proxy.proxy_server`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from search.storage._compat import (
     stale_trial_ids,
     trial_id_of,
 )
+from search.storage._control import requeue_interrupted
 from search.storage._locks import Lock, budget_lock
 from search.storage._open import open_storage
 from search.storage._proxy import proxy_server
@@ -84,7 +85,7 @@ class WorkerService:
 
     def methods(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {"Hello": self.hello, "StartTrial": self.start_trial, "Beat": self.beat,
-                "Stale": self.stale, "FailStale": self.fail_stale}
+                "Stale": self.stale, "FailStale": self.fail_stale, "Requeue": self.requeue}
 
     def hello(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"version": VERSION}
@@ -137,6 +138,18 @@ class WorkerService:
                 optuna.storages.fail_stale_trials(loaded)
             study.scanned = time.monotonic()
         return {}
+
+    def requeue(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Interrupted trials ended and queued again (`requeue_interrupted`), under the study's
+        budget lock."""
+        numbers = request.get("numbers")
+        if not isinstance(numbers, list) or not all(type(n) is int for n in numbers):
+            raise ValueError("numbers: expected a list of trial numbers")
+        study = self._study(_int(request, "study_id"))
+        with study.held():
+            loaded = optuna.load_study(study_name=study.name, storage=self.storage,
+                                       sampler=optuna.samplers.RandomSampler())
+            return {"queued": requeue_interrupted(loaded, set(numbers))}
 
     def _study(self, study_id: int) -> _Study:
         with self._guard:

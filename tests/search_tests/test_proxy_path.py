@@ -35,6 +35,7 @@ from search.storage import (
     WorkerHeartbeat,
     count_trials,
     open_storage,
+    requeue_interrupted,
     worker_study,
 )
 from search.storage._compat import (
@@ -139,6 +140,25 @@ def _beats(postgres_url: str, trial_ids: list[int]) -> dict[int, object]:
     return dict(rows)
 
 
+def _tcp_peers(pid: int) -> list[int]:
+    """The remote ports of the established TCP connections process `pid` holds (Linux)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    peers = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                peers.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return peers
+
+
 # ---- in-process: the proxy's real server, its worker methods called by real clients ----
 
 def test_concurrent_starts_through_the_proxy_never_overshoot(served, postgres_url, study_name,
@@ -197,10 +217,23 @@ def test_heartbeats_and_the_stale_scan_go_through_the_proxy(served, postgres_url
     assert study.get_trials(deepcopy=False)[1].system_attrs["failed_trial"] == 0
 
 
+def test_an_interrupted_trial_is_queued_again_by_the_proxy(served, study_name, tmp_path):
+    """`requeue_interrupted` through the proxy runs there, under its lock: the trial ends FAIL
+    "interrupted" and one retry waits; asked again, nothing more is queued."""
+    study = _create(served, spec_data(study_name, tmp_path, trials=3, epochs=1))
+    trial = worker_study(study, 3).ask()
+    assert requeue_interrupted(study, {trial.number}) == [trial.number]
+    assert requeue_interrupted(study, {trial.number}) == []
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["ended"] == "interrupted"
+    assert trials[1].system_attrs["failed_trial"] == trial.number
+
+
 def test_every_worker_method_needs_the_token(served, token):
     channel = grpc.insecure_channel(served.removeprefix("grpc://"))
     try:
-        for method in ("Hello", "StartTrial", "Beat", "Stale", "FailStale"):
+        for method in ("Hello", "StartTrial", "Beat", "Stale", "FailStale", "Requeue"):
             call = channel.unary_unary(f"/{SERVICE}/{method}")
             for metadata in ((), (("authorization", "Bearer wrong"),)):
                 with pytest.raises(grpc.RpcError) as refused:
@@ -283,6 +316,8 @@ def test_a_killed_workers_trial_is_retried_through_the_proxy(proxy_command, post
         while (victim := two_epochs_in()) is None:
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.2)
+        # A worker's one connection: to the proxy (none to the database, none for a lock).
+        assert _tcp_peers(first.pid) == [int(proxy_command.rsplit(":", 1)[1])]
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
