@@ -7,9 +7,9 @@ between them the logical trial is neither running nor waiting, and a worker coun
 would start a new trial on top of the retry (the budget overshot). So a worker holds the lock
 from just before its trial is created until it exists, and while it fails stale trials. SQLite:
 a file lock beside the database (one machine by design). MySQL: the server's named lock
-(GET_LOCK, waited for on the server) on a connection of its own. The gRPC proxy offers none:
-there the budget may overshoot by up to the number of workers, as Optuna's own
-MaxTrialsCallback does.
+(GET_LOCK, waited for on the server) on a connection of its own. Through the gRPC proxy a
+worker holds none: the proxy starts trials and fails stale ones itself, under this same lock
+taken on its database (`_proxy_methods`).
 
 PostgreSQL: a transaction-scoped advisory lock (`pg_try_advisory_xact_lock`), held by a
 transaction left open on the lock's own connection and released by its COMMIT. That is right
@@ -160,4 +160,4 @@ def budget_lock(url: str, study_name: str) -> Lock:
         return FileLock(f"{path}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock")
     if url.startswith(("mysql", "postgresql")):
         return DatabaseLock(url, key)
-    return NullLock()  # the gRPC proxy: none
+    return NullLock()  # the gRPC proxy: the proxy takes the lock itself (_proxy_methods)
