@@ -10,7 +10,8 @@ process's CPU time, which a loaded machine does not inflate), each reporting 3 e
 the pruner's read after each, and told. Then `hpsearch status --json`, `best` and `report`,
 timed in a child process as a command runs (a cold read of the study), with the two-query
 reader (what hpsearch does) and without it (`HPSEARCH_FAST_PATHS=0`: Optuna's ORM reads the
-study, as before); the report's plots read uncopied trials in both arms.
+study, as before); the report's plots read uncopied trials in both arms. Beside them,
+optuna-dashboard's study page data (its own reads: the same in both arms), cold and warm.
 
 Arms, alternated over the rounds in one run: N = 1,000 and 10,000, and for the worker's asks
 TPE with its history trimmed past 1,000 finished trials (`search.run.study_sampler`, what
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import wsgiref.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,12 +221,37 @@ def view_times(url: str, name: str) -> dict[str, float]:
     return out
 
 
+def dashboard_times(url: str, name: str) -> dict[str, float]:
+    """optuna-dashboard's study page data (GET /api/studies/<id>: every trial, serialized) on
+    the storage `hpsearch dashboard` hands it: first (cold) and again (its own trial cache)."""
+    from optuna_dashboard import wsgi
+
+    from search.storage import open_for_watching
+
+    storage = open_for_watching(url)
+    app = wsgi(storage)
+    study_id = storage.get_study_id_from_name(name)
+    out, statuses = {}, []
+    for what in ("dashboard_cold", "dashboard_warm"):
+        environ: dict[str, Any] = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        environ["PATH_INFO"] = f"/api/studies/{study_id}"
+        t0 = time.perf_counter()
+        body = b"".join(app(environ, lambda status, headers, *_: statuses.append(status)))
+        out[what] = time.perf_counter() - t0
+        assert statuses[-1].startswith("200") and json.loads(body)["trials"], statuses
+    return out
+
+
 def views_in_child(url: str, name: str, *, fast: bool) -> dict[str, float]:
     """`view_times` in a new process, as a command runs; `fast` False: HPSEARCH_FAST_PATHS=0
     (Optuna's own ORM reads the study, as before the two-query reader served the views)."""
     env = {**os.environ, "HPSEARCH_FAST_PATHS": "1" if fast else "0"}
     done = subprocess.run([sys.executable, __file__, "--views-child", url, "--study", name],
-                          env=env, capture_output=True, text=True, check=True)
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(f"views child failed ({done.returncode}): {done.stderr[-2000:]}", flush=True)
+        return {}
     return {f"{k}_ms": 1e3 * v for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
@@ -291,7 +318,7 @@ def table(results: dict[tuple[int, str], dict[str, list[float]]], sizes: list[in
         for measure in results.get((sizes[0], arm), {}):
             cells, medians = [], []
             for n in sizes:
-                v = results[(n, arm)][measure]
+                v = results.get((n, arm), {}).get(measure) or [float("nan")]
                 medians.append(statistics.median(v))
                 cells.append(f"{medians[-1]:.1f} [{min(v):.1f}, {max(v):.1f}]")
             ratio = medians[-1] / medians[0] if medians[0] else float("nan")
@@ -316,7 +343,8 @@ def main() -> None:
                        "plotly.offline", "optuna.visualization", "optuna.importance"):
             importlib.import_module(module)
         optuna.get_all_study_names(open_storage(a.views_child))
-        print(json.dumps(view_times(a.views_child, a.study)))
+        print(json.dumps({**view_times(a.views_child, a.study),
+                          **dashboard_times(a.views_child, a.study)}))
         return
     run([int(s) for s in a.sizes.split(",")], a.rounds, a.asks, a.profile,
         set(a.parts.split(",")))
