@@ -7,8 +7,8 @@ stored spec loaded and verified) on a study whose trainer is the function `scale
 epochs of a few ms each, each reported, so the median pruner judges every epoch. Workers are
 threads, many to an OS process, each with its own storage client (its own connection pool or
 gRPC channel, its own lock connection), so the server sees W clients. 1% of the workers (at
-least one) are single-worker processes instead, each SIGKILLed at a random moment inside a
-random one of its first trials: the heartbeats, the retries and the budget lock are exercised.
+least one) are single-worker processes instead, each SIGKILLed at a random moment inside its
+first trial's training: the heartbeats, the retries and the budget lock are exercised.
 
 Per W and path, one line:
 
@@ -19,9 +19,14 @@ trials_per_s: COMPLETE+PRUNED trials from the first trial's start to the last on
 workers start together, after all are set up); start/finish: a trial asked (budget lock, the
 trial created with its first beat) and told (TrialRunner.ask / .tell); server_conns: the peak
 of pg_stat_activity for the run's database during the run; errors: workers that could not start
-or ended on an exception, and processes that did not end in time; killed/retried: the killed
-workers, and how many of their trials a retry took up; locks_left: advisory locks still held in
-the run's database once the workers are gone. Each run has a fresh database and a time limit.
+or ended on an exception; killed/retried: the killed workers, and how many of their trials a
+retry took up; locks_left: advisory locks still held in the run's database once the workers are
+gone; cores_*: CPU seconds per second of the run, of the worker processes, of every PostgreSQL
+process (this machine's other users' included) and of PgBouncer or the proxy; cut: workers
+still running at the run's time limit (`--run-s`): then under_budget is what the time left
+undone, not the budget missed; load1: the machine's load average as the run ended; rollbacks:
+the database's rolled-back transactions (on PostgreSQL, each budget-lock try that found the lock
+taken is one). Each run has a fresh database.
 
     .venv/bin/python benchmarks/scale.py [--workers 10,100,300,1000]
         [--paths direct,pgbouncer,proxy] [--compare-rounds 3] [--run-s 90]
@@ -65,6 +70,8 @@ PGBOUNCER_POOL = 20  # PgBouncer's default_pool_size
 VICTIM_ENV = "HPSEARCH_SCALE_VICTIM"  # a file the worker to be killed names its trial in
 TOKEN = "scale-benchmark-token"
 _CALLS: list[int] = []  # the trials `fit` was called for in this process
+_SPEC: list[Any] = []  # the study's spec, read once a worker process
+_CHECKED: list[str] = []  # whether this process opened its storage through open_storage
 
 
 def fit(params: dict[str, Any], trial: Any) -> float:
@@ -72,7 +79,7 @@ def fit(params: dict[str, Any], trial: Any) -> float:
     lr = 0.01, reported each epoch (`trial.report` raises Pruned when the pruner says so)."""
     victim = os.environ.get(VICTIM_ENV)
     _CALLS.append(trial.number)
-    marked = bool(victim) and len(_CALLS) == int(os.environ[VICTIM_ENV + "_TRIAL"])
+    marked = bool(victim) and len(_CALLS) == 1  # (a second trial may find the budget met)
     if marked:  # named for the benchmark to kill this process while its first epoch trains
         Path(victim).write_text(str(trial.number))
     loss = math.inf
@@ -109,16 +116,39 @@ def timed(method: Any, into: list[float], kept: Any) -> Any:
 
 
 def open_ours(url: str, name: str, index: int) -> Any:
-    """What `hpsearch worker NAME --storage URL` opens before its loop: the study, its spec,
-    the budget lock."""
+    """What `hpsearch worker NAME --storage URL` opens before its loop: the study from a
+    storage with the spec's heartbeat settings, its spec, the budget lock."""
     from search.run import load, reseed
-    from search.storage import budget_lock, open_storage
+    from search.storage import budget_lock
 
-    _, spec = load(name, open_storage(url))
-    study, spec = load(name, open_storage(url, heartbeat_interval=spec.run.heartbeat_interval,
-                                          grace_period=spec.run.grace_period))
+    if not _SPEC:  # the heartbeat settings: read once a process, as a worker does
+        _SPEC.append(load(name, open_storage_once(url))[1])
+    study, spec = load(name, open_storage_once(url, _SPEC[0].run))
     reseed(study, spec, index)
     return study, spec, budget_lock(url, name)
+
+
+def open_storage_once(url: str, run: Any = None) -> Any:
+    """`search.storage.open_storage`, the heartbeat settings of `run` (a spec's) if given. On
+    a database, Optuna's schema checks (alembic's revision files read again: 0.2 s of CPU) are
+    made by a process's first storage only: a real worker makes them once, not once a thread."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    from search.storage import open_storage
+    from search.storage._open import engine_kwargs, install_idle_ping
+
+    beats = ({} if run is None else
+             {"heartbeat_interval": run.heartbeat_interval, "grace_period": run.grace_period})
+    if url.startswith("grpc") or not _CHECKED:
+        _CHECKED.append(url)
+        return open_storage(url, **beats)
+    if beats:
+        beats["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
+            inherit_intermediate_values=True)
+    storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=True,
+                         skip_compatibility_check=True, **beats)
+    install_idle_ping(storage.engine)
+    return storage
 
 
 def run_ours(opened: Any, deadline: float) -> None:
@@ -197,6 +227,8 @@ def child(args: argparse.Namespace) -> None:
             errors.append(f"start: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     Path(args.out + ".ready").touch()
     while not Path(args.go).exists():
+        if os.getppid() != args.parent:  # the benchmark is gone: nothing will say go
+            os._exit(1)
         time.sleep(0.01)
     deadline = float(Path(args.go).read_text())
     cpu_at_go = own_cpu()
@@ -215,9 +247,9 @@ def child(args: argparse.Namespace) -> None:
         t.start()
     for t in threads:
         t.join(max(0.0, deadline + 10 - time.time()))
-    errors += ["run: did not end in time"] * sum(t.is_alive() for t in threads)
     Path(args.out).write_text(json.dumps({
         "starts": starts, "ends": ends, "errors": errors, "cpu_s": own_cpu() - cpu_at_go,
+        "cut": sum(t.is_alive() for t in threads),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     os._exit(0)  # not the daemon threads' storage clients racing the interpreter's exit
 
@@ -359,6 +391,13 @@ def layout(workers: int, kill: bool) -> tuple[int, list[int]]:
     return victims, [rest // processes + (i < rest % processes) for i in range(processes)]
 
 
+def go(path: Path, deadline: float) -> None:
+    """`path` written with the run's deadline, whole when it appears: workers read it at once."""
+    ready = path.with_suffix(".next")
+    ready.write_text(str(deadline))
+    ready.rename(path)
+
+
 class Run:
     """One run's worker processes, started together, watched until they end or time runs out:
     the server connections sampled, the victims killed inside a trial."""
@@ -376,15 +415,17 @@ class Run:
         # count still comes.
         self.monitor = admin_connection()
         first = 0
-        for i, threads in enumerate([*per_process, *[1] * victims]):
+        self.sizes = [*per_process, *[1] * victims]  # workers of each process
+        for i, threads in enumerate(self.sizes):
             out = tmp / f"{name}-{i}.json"
             victim = i >= len(per_process)
-            extra = ({VICTIM_ENV: str(out) + ".victim",
-                      VICTIM_ENV + "_TRIAL": str(random.randint(1, 2))} if victim else {})
+            extra = {VICTIM_ENV: str(out) + ".victim"} if victim else {}
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--child", arm, "--url", url, "--name", name,
                  "--threads", str(threads), "--first", str(first), "--out", str(out),
-                 "--go", str(self.go)], env={**env, **extra}, stdout=subprocess.DEVNULL,
+                 "--parent", str(os.getpid()),
+                 "--go", str(self.go) + ".victims" * victim], env={**env, **extra},
+                stdout=subprocess.DEVNULL,
                 stderr=(tmp / f"{name}-{i}.log").open("w"), start_new_session=True)
             self.procs.append(proc)
             self.outs.append(out)
@@ -393,7 +434,7 @@ class Run:
             first += threads
         self.killed: dict[int, int] = {}  # pid: the number of the trial it was killed in
         self.conns_peak = 0
-        self.late = 0  # processes killed at the end: they did not end in time
+        self.late = 0  # workers of processes killed at the end: they did not end in time
 
     def start(self, setup_s: float, run_s: float) -> float:
         """Once every process has set up its workers (or `setup_s` passed): go; the deadline."""
@@ -405,9 +446,14 @@ class Run:
         deadline = time.time() + run_s
         self.cpu = {"postgres": -cpu_of(comm="postgres"), "path": -self.path_cpu()}
         self.began = time.monotonic()
-        ready = self.go.with_suffix(".next")
-        ready.write_text(str(deadline))
-        ready.rename(self.go)  # whole when it appears: the workers read it at once
+        # The workers to be killed go first, until each is in its trial (10 s at most): the
+        # others could meet a small budget before a late one got a trial.
+        go(Path(str(self.go) + ".victims"), deadline)
+        limit = time.monotonic() + 10
+        while time.monotonic() < limit and not all(
+                marker.exists() or pid in self.killed for pid, marker in self.victims.items()):
+            time.sleep(0.01)
+        go(self.go, deadline)
         return deadline
 
     def path_cpu(self) -> float:
@@ -432,9 +478,9 @@ class Run:
         self.cpu["postgres"] += cpu_of(comm="postgres")
         self.cpu["path"] += self.path_cpu()
         self.wall = time.monotonic() - self.began
-        for p in self.procs:
+        for p, size in zip(self.procs, self.sizes, strict=True):
             if p.poll() is None:
-                self.late += 1
+                self.late += size
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         self.monitor.close()
@@ -446,10 +492,13 @@ class Run:
         errors: list[str] = []
         rss: list[float] = []
         cpu = 0.0
+        cut = 0
         for out, proc in zip(self.outs, self.procs, strict=True):
             if proc.pid in self.victims:
                 continue
             if not out.exists():
+                if proc.returncode == -signal.SIGKILL:  # killed at the limit: all its workers
+                    continue
                 errors.append(f"process exited {proc.returncode} without its figures")
                 continue
             got = json.loads(out.read_text())
@@ -458,9 +507,10 @@ class Run:
             errors += got["errors"]
             rss.append(got["rss_mb"])
             cpu += got["cpu_s"]
+            cut += got["cut"]
         cores = {f"cores_{k}": v / self.wall for k, v in {**self.cpu, "workers": cpu}.items()}
         return {"starts": starts, "ends": ends, "errors": errors, "rss_mb": max(rss, default=0),
-                **cores}
+                "cut": cut, **cores}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -517,12 +567,15 @@ def one_run(path: str, workers: int, args: argparse.Namespace, tmp: Path, *,
                         os.killpg(p.pid, signal.SIGKILL)
                         p.wait()
             locks = locks_left(database)
+            rollbacks = admin("SELECT xact_rollback FROM pg_stat_database WHERE datname = "
+                              f"'{database}'")[0][0]
         figures = tally(direct_url(database), name, budget, run.killed)
     got = run.measured()
-    errors = got["errors"] + ["process did not end in time"] * run.late
+    errors = got["errors"]
     for reason in sorted(set(errors))[:5]:
         print(f"  {errors.count(reason)} x {reason}", file=sys.stderr)
     return {**figures, "locks": locks, "errors": len(errors), "killed": len(run.killed),
+            "cut": got["cut"] + run.late, "load": os.getloadavg()[0], "rollbacks": rollbacks,
             "conns": run.conns_peak, "rss_mb": got["rss_mb"], "budget": budget,
             **{k: v for k, v in got.items() if k.startswith("cores_")},
             "p50_start": percentile(got["starts"], 50), "p99_start": percentile(got["starts"], 99),
@@ -538,7 +591,8 @@ def line(path: str, workers: int, f: dict[str, Any]) -> str:
             f"budget={f['budget']} killed={f['killed']} retried={f['retried']} "
             f"failed={f['failed']} rss_mb_max={f['rss_mb']:.0f} "
             f"cores_workers={f['cores_workers']:.2f} cores_postgres={f['cores_postgres']:.2f} "
-            f"cores_path={f['cores_path']:.2f}")
+            f"cores_path={f['cores_path']:.2f} cut={f['cut']} load1={f['load']:.1f} "
+            f"rollbacks={f['rollbacks']}")
 
 
 def compare(args: argparse.Namespace, tmp: Path) -> None:
@@ -576,13 +630,19 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.arm = args.child
         child(args)
         return
+    # SIGTERM ends the benchmark through its `finally`s: workers killed, databases dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     os.environ["HPSEARCH_TOKEN"] = TOKEN  # the proxy's; a study's spec is signed with it
     sys.path.insert(0, str(HERE))  # `scale:fit`, for the spec's check when it is created
+    from search.storage import quiet_optuna_warnings
+
+    quiet_optuna_warnings()  # (Optuna's experimental retry_history, read by `tally`)
     tmp = Path(tempfile.mkdtemp(prefix="hpsearch-scale-"))
     for path in args.paths.split(","):
         for workers in (int(w) for w in args.workers.split(",")):
