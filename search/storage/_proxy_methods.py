@@ -132,6 +132,8 @@ class WorkerService:
         if time.monotonic() - study.scanned < SCAN_EVERY_S:
             return {}
         with study.held():
+            if time.monotonic() - study.scanned < SCAN_EVERY_S:
+                return {}  # scanned by the call this one waited behind
             loaded = optuna.load_study(study_name=study.name, storage=view,
                                        sampler=optuna.samplers.RandomSampler())
             with quiet_experimental():
