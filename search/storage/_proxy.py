@@ -29,8 +29,8 @@ AUTH_KEY = "authorization"  # the metadata a client's token travels in: "Bearer 
 _OPTIONS = [("grpc.max_receive_message_length", -1)]  # as Optuna's own channel
 # The server's threads. A call past them waits in gRPC's queue, none is refused. The database
 # work is bounded by the proxy's connection pool (`_open.engine_kwargs`: 6), and a study's
-# starts and scans by its budget lock (one thread at a time; others wait for it): more threads
-# than that keep heartbeats and reads flowing while starts queue for the lock.
+# starts and scans by its budget lock (one thread at a time, at most `LOCK_WAITERS` waiting:
+# `_proxy_methods`): the other threads keep heartbeats, reports and tells flowing.
 SERVER_THREADS = 16
 
 

@@ -14,6 +14,8 @@ hpsearch, without them, is one clear line (`hello`).
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,8 +58,17 @@ class WorkerMethods(_compat.BaseHeartbeat):
     _calls: dict[str, Callable[..., Any]] | None = None
 
     def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
-        """One of hpsearch's methods on the proxy; its reply. KeyError for an unknown study or
-        trial; StorageError, in one line, from a proxy that has no such method."""
+        """One of hpsearch's methods on the proxy; its reply, asked again after a short random
+        pause while the proxy says it is busy (enough of its threads wait for the study's
+        lock). KeyError for an unknown study or trial; StorageError, in one line, from a proxy
+        that has no such method."""
+        while True:
+            reply = self._call_once(method, request)
+            if not reply.get("busy"):
+                return reply
+            time.sleep(random.uniform(0.05, 0.25))
+
+    def _call_once(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         import grpc
 
         if self._calls is None:

@@ -48,6 +48,10 @@ from search.storage._trial_start import take_waiting, worker_view
 
 LOG = logger("storage")
 SCAN_EVERY_S = 1.0  # a study's stale scan at most this often: workers waiting ask each second
+# Threads that may wait for a study's lock at once; a call past them is answered "busy" at once
+# (its worker asks again shortly), so the server's other threads stay free for Optuna's calls
+# (reports, tells) and heartbeats: hundreds of workers starting trials never take them all.
+LOCK_WAITERS = 4
 
 
 @dataclass
@@ -58,16 +62,25 @@ class _Study:
     name: str
     lock: Lock
     threads: threading.Lock = field(default_factory=threading.Lock)
+    waiters: threading.Semaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(LOCK_WAITERS))
     scanned: float = -float("inf")
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        with self.threads:
-            self.lock.acquire()
-            try:
-                yield
-            finally:
-                self.lock.release()
+    def held(self) -> Iterator[bool]:
+        """The lock held (True), or False at once when LOCK_WAITERS threads wait for it."""
+        if not self.waiters.acquire(blocking=False):
+            yield False
+            return
+        try:
+            with self.threads:
+                self.lock.acquire()
+                try:
+                    yield True
+                finally:
+                    self.lock.release()
+        finally:
+            self.waiters.release()
 
 
 class WorkerService:
@@ -101,7 +114,9 @@ class WorkerService:
                 return counts_of(count_states(s.connection(), study_id))
 
         try:
-            with study.held():
+            with study.held() as held:
+                if not held:
+                    return {"busy": True}
                 trial_id = take_waiting(view, study_id, budget, counts)
                 if trial_id is None:
                     trial = view._create_new_trial(study_id)
@@ -131,9 +146,9 @@ class WorkerService:
         view, study = self._heartbeat_view(request), self._study(_int(request, "study_id"))
         if time.monotonic() - study.scanned < SCAN_EVERY_S:
             return {}
-        with study.held():
-            if time.monotonic() - study.scanned < SCAN_EVERY_S:
-                return {}  # scanned by the call this one waited behind
+        with study.held() as held:
+            if not held or time.monotonic() - study.scanned < SCAN_EVERY_S:
+                return {}  # busy, or scanned by the call this one waited behind: later
             loaded = optuna.load_study(study_name=study.name, storage=view,
                                        sampler=optuna.samplers.RandomSampler())
             with quiet_experimental():
@@ -148,7 +163,9 @@ class WorkerService:
         if not isinstance(numbers, list) or not all(type(n) is int for n in numbers):
             raise ValueError("numbers: expected a list of trial numbers")
         study = self._study(_int(request, "study_id"))
-        with study.held():
+        with study.held() as held:
+            if not held:
+                return {"busy": True}
             loaded = optuna.load_study(study_name=study.name, storage=self.storage,
                                        sampler=optuna.samplers.RandomSampler())
             return {"queued": requeue_interrupted(loaded, set(numbers))}
