@@ -83,14 +83,15 @@ def trial_config(trial: Any, spec: Any) -> tuple[dict[str, Any], Any]:
 
 
 class Recorder:
-    """Trial records of a child arm, a JSON line each, flushed as the trial ends."""
+    """Trial records of a child arm, a JSON line each, appended as the trial ends (the file
+    opened for each: Ray pickles its callbacks, and an open file does not pickle)."""
 
     def __init__(self, path: Path) -> None:
-        self.file = path.open("a")
+        self.path = path
 
     def write(self, **record: Any) -> None:
-        self.file.write(json.dumps({**record, "finished_at": time.time()}) + "\n")
-        self.file.flush()
+        with self.path.open("a") as f:
+            f.write(json.dumps({**record, "finished_at": time.time()}) + "\n")
 
 
 # --------------------------------------------------------------------- the peer arms (children)
@@ -132,6 +133,18 @@ def run_optuna(kind: str, seed: int, result: Path) -> None:
     study.optimize(objective)
 
 
+class DefineByRun:
+    """Ray's OptunaSearch space: the study's params drawn by hpsearch's `suggest` (a class of
+    the module, not a closure: Ray pickles its searcher with the standard pickle)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        params, _ = trial_config(trial, cold_spec(self.seed)[1])
+        return {"params": params}
+
+
 def run_ray(seed: int, result: Path, deadline: float) -> None:
     """Ray Tune with OptunaSearch (TPE) and ASHA, until the deadline (Tune's time budget)."""
     import optuna
@@ -144,10 +157,6 @@ def run_ray(seed: int, result: Path, deadline: float) -> None:
     epochs = spec.budget.epochs
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-
-    def define(trial: Any) -> dict[str, Any]:
-        params, _ = trial_config(trial, spec)
-        return {"params": params}
 
     def trainable(config: dict[str, Any]) -> None:
         import trainers
@@ -177,7 +186,7 @@ def run_ray(seed: int, result: Path, deadline: float) -> None:
                            val_accuracy=[last.get("max_val_accuracy", 0.0)],
                            val_loss=last.get("val_loss"))
 
-    searcher = OptunaSearch(define, metric="val_loss", mode="min",
+    searcher = OptunaSearch(DefineByRun(seed), metric="val_loss", mode="min",
                             sampler=optuna.samplers.TPESampler(seed=seed))
     scheduler = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=3)
     tuner = tune.Tuner(
