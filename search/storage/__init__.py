@@ -77,6 +77,7 @@ from search.storage._tables import (
 )
 from search.storage._trial_start import (
     beat_written,
+    on_started,
     set_budget,
     with_result,
     worker_study,
@@ -128,6 +129,7 @@ __all__ = [
     "is_connection_error",
     "is_remote",
     "storage_error",
+    "on_started",
     "open_study",
     "open_artifact_store",
     "open_for_watching",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -152,6 +152,25 @@ def trial_id_of(trial: Any) -> int:
 def cached_frozen(trial: optuna.Trial) -> Any:
     """The FrozenTrial a running Trial fetched when it started, or None."""
     return getattr(trial, "_cached_frozen_trial", None)
+
+
+def join_sessions(backends: list[RDBStorage], joined: Any) -> Callable[[], None]:
+    """This thread's sessions of `backends` (Optuna's scoped sessions: every storage call and
+    `session` takes the thread's) replaced by the SQLAlchemy session `joined`, so their calls
+    run in its transaction, until the callable returned puts the old ones back."""
+    saved = []
+    for backend in backends:
+        registry = backend.scoped_session.registry
+        saved.append((registry, registry() if registry.has() else None))
+        registry.set(joined)
+
+    def restore() -> None:
+        for registry, previous in reversed(saved):
+            if previous is None:
+                registry.clear()
+            else:
+                registry.set(previous)
+    return restore
 
 
 @contextmanager

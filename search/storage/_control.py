@@ -106,6 +106,7 @@ def requeue_interrupted(study: optuna.Study, numbers: set[int]) -> list[int]:
 def requeue_left(study: optuna.Study, lock: Any) -> list[int]:
     """Queue again every trial left FAIL "interrupted" without a retry, under the budget lock
     (another machine's worker may be queueing its own); the numbers queued."""
+    lock.bind(study)  # PostgreSQL: held in the storage's own transaction
     lock.acquire()
     try:
         left = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

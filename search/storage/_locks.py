@@ -11,23 +11,33 @@ a file lock beside the database (one machine by design). MySQL: the server's nam
 worker holds none: the proxy starts trials and fails stale ones itself, under this same lock
 taken on its database (`_proxy_methods`).
 
-PostgreSQL: a transaction-scoped advisory lock (`pg_try_advisory_xact_lock`), held by a
-transaction left open on the lock's own connection and released by its COMMIT. That is right
-both direct and through PgBouncer's transaction pooling, where a session-level lock is not
-(`pg_advisory_lock` and its unlock may land on two server connections: a lock that never frees,
-or two holders): PgBouncer gives a client one server connection from its BEGIN to its COMMIT,
-so the lock lives and dies on that one. A holder that dies frees it: its socket closes,
-PgBouncer closes the server connection it was in a transaction on, and PostgreSQL rolls back
-(a host that vanishes without closing its socket is cut by TCP keepalives, or by PgBouncer's
-`idle_transaction_timeout`). A waiter does not wait on the server: it tries, and sleeps between
-tries (1 ms doubling to 250 ms, jittered: 1,000 waiters try at most ~4,000 times a second), so
-only the holder pins a server connection; waiters blocked in `pg_advisory_xact_lock` would take
-the whole server pool and leave none for the holder's own trial creation (a deadlock until
-PgBouncer's query_wait_timeout).
+PostgreSQL: a transaction-scoped advisory lock, taken in a transaction and released by its
+COMMIT. That is right both direct and through PgBouncer's transaction pooling, where a
+session-level lock is not (`pg_advisory_lock` and its unlock may land on two server
+connections: a lock that never frees, or two holders): PgBouncer gives a client one server
+connection from its BEGIN to its COMMIT, so the lock lives and dies on that one. A holder that
+dies frees it: its socket closes, PgBouncer closes the server connection it was in a
+transaction on, and PostgreSQL rolls back (a host that vanishes without closing its socket is
+cut by TCP keepalives, or by PgBouncer's `idle_transaction_timeout`).
 
-Connections per worker for the lock: one client connection, kept between trials (pinged when it
-sat idle). Direct, that is one PostgreSQL connection per worker, beside its storage's pool;
-through PgBouncer it holds a server connection only from the lock's BEGIN to its COMMIT.
+A worker's lock is bound to its storage (`DatabaseLock.bind`): the lock's transaction is one of
+the storage's own connections, and while it is held every storage call of the holder's thread
+runs inside it (Optuna's sessions joined to it, each call a savepoint), so the holder's work
+never waits for a connection of its own. Waiters then wait on the server
+(`pg_advisory_xact_lock`, `lock_timeout` 300 s) and are granted in turn, without polling:
+through PgBouncer a waiter holds a server connection while it waits, and the holder, already
+on its own, never needs another. A worker lets go as soon as its trial exists, before `ask`
+reads it back (`search.trial._runner`): the lock is held for a few statements.
+A lock bound to no storage keeps another form: it tries
+`pg_try_advisory_xact_lock` on a connection of its own and sleeps between tries (1 ms
+doubling to 250 ms, jittered), so that only the holder pins a server connection: waiters
+blocked on the server would take PgBouncer's whole pool and leave none for the holder's work on
+its storage's connections (a deadlock until PgBouncer's query_wait_timeout).
+
+Connections per worker for the lock: bound, none beyond its storage's pool (the lock's
+transaction takes one of the pool's for a few milliseconds a trial); unbound, one client
+connection of its own, kept between trials (pinged when it sat idle), which through PgBouncer
+holds a server connection only from the lock's BEGIN to its COMMIT.
 """
 
 from __future__ import annotations
@@ -37,11 +47,15 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
+import optuna
 import sqlalchemy
+import sqlalchemy.orm
 
 from search._urls import sqlite_path
+from search.storage._compat import join_sessions, rdb_backend, storage_of
 from search.storage._open import install_idle_ping
 
 
@@ -52,6 +66,9 @@ class Lock(Protocol):
 
     def release(self) -> None: ...
 
+    def bind(self, storage: Any) -> None:
+        """Where the lock can, its holder's storage calls run in the lock's transaction."""
+
 class NullLock:
     """No lock: where the storage itself serializes trial starts (or nothing can)."""
 
@@ -59,6 +76,9 @@ class NullLock:
         pass
 
     def release(self) -> None:
+        pass
+
+    def bind(self, storage: Any) -> None:
         pass
 
 class FileLock:
@@ -81,21 +101,30 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
+    def bind(self, storage: Any) -> None:
+        pass  # SQLite: one writer at a time anyway; the file lock is beside the database
+
 # MySQL: the named lock, waited for on the server up to 300 s.
 _MYSQL_TAKE, _MYSQL_GIVE = "SELECT GET_LOCK(:k, 300)", "SELECT RELEASE_LOCK(:k)"
-# PostgreSQL: one round trip opens the lock's transaction and tries the lock in it; COMMIT (or
-# a failed try's ROLLBACK) ends it. Sent whole, as text, on a connection in autocommit.
+# PostgreSQL, unbound: one round trip opens the lock's transaction and tries the lock in it;
+# COMMIT (or a failed try's ROLLBACK) ends it. Sent whole, as text, on a connection in autocommit.
 _PG_TRY = "BEGIN; SELECT pg_try_advisory_xact_lock(hashtext(:k))"
 _PG_WAIT_S = 300.0  # as GET_LOCK's
+# Bound: waited for on the server, in the transaction the holder's storage calls then join.
+_PG_WAIT = (f"SET LOCAL lock_timeout = '{_PG_WAIT_S:.0f}s'; "
+            "SELECT pg_advisory_xact_lock(hashtext(:k))")
+_PG_LOCK_TIMEOUT = "55P03"  # lock_not_available: lock_timeout went by
 _PG_FIRST_SLEEP_S, _PG_MAX_SLEEP_S = 0.001, 0.25
 
 
 class DatabaseLock:
     """A named lock of the database server (MySQL GET_LOCK, a PostgreSQL transaction-scoped
-    advisory lock) on a connection of its own.
+    advisory lock).
 
-    The connection is kept between trials (pinged when it sat idle, so a restarted server is
-    noticed). It runs in autocommit: taking a free lock and releasing it are one round trip
+    Bound to a storage (PostgreSQL), the lock is a transaction on one of the storage's own
+    connections that the holder's storage calls join (`bind`, `_Joined`). Otherwise it is taken
+    on a connection of its own, kept between trials (pinged when it sat idle, so a restarted
+    server is noticed), in autocommit: taking a free lock and releasing it are one round trip
     each. PostgreSQL's lock is the open transaction's (see the module's docstring).
     """
 
@@ -106,9 +135,32 @@ class DatabaseLock:
         self._postgres = self._engine.dialect.name == "postgresql"
         self._key = key[:64]  # MySQL's limit on lock names
         self._conn: Any = None
+        self._bound: list[Any] = []  # RDB storages whose calls join the lock's transaction
+        self._joined: _Joined | None = None
+
+    def bind(self, storage: Any) -> None:
+        """PostgreSQL: hold the lock in a transaction of `storage`'s own engine, in which the
+        holder's thread's calls of that storage (and of any view sharing its sessions) run until
+        `release` commits it. `storage`: a study, or its storage. Elsewhere (MySQL, a storage
+        the fast paths do not know) nothing changes."""
+        if isinstance(storage, optuna.Study):
+            storage = storage_of(storage)
+        backend = rdb_backend(storage)
+        if (not self._postgres or backend is None
+                or backend.engine.dialect.name != "postgresql"
+                or any(b.scoped_session is backend.scoped_session for b in self._bound)):
+            return
+        self._bound.append(backend)
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None or self._joined is not None
 
     def acquire(self) -> None:
-        if self._conn is not None:
+        if self.held:
+            return
+        if self._bound:
+            self._joined = _Joined.take(self._bound, self._key)
             return
         conn = self._engine.connect()
         try:
@@ -138,6 +190,10 @@ class DatabaseLock:
             sleep = min(sleep * 2, _PG_MAX_SLEEP_S)
 
     def release(self) -> None:
+        joined, self._joined = self._joined, None
+        if joined is not None:
+            joined.end()
+            return
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -150,6 +206,54 @@ class DatabaseLock:
             conn.invalidate()
         finally:
             conn.close()  # back to the pool, unlocked (or discarded)
+
+
+class _Joined:
+    """A bound PostgreSQL lock, held: a transaction on a connection of the bound storages' own
+    engine that took the advisory lock, and a session on it (each use a savepoint) that the
+    holder's thread's storage calls take until `end` commits the transaction."""
+
+    def __init__(self, conn: Any, transaction: Any, session: Any,
+                 restore: Callable[[], None]) -> None:
+        self.conn, self.transaction, self.session, self.restore = (conn, transaction, session,
+                                                                   restore)
+
+    @classmethod
+    def take(cls, backends: list[Any], key: str) -> _Joined:
+        conn = backends[0].engine.connect()
+        try:
+            transaction = conn.begin()
+            conn.execute(sqlalchemy.text(_PG_WAIT), {"k": key})
+        except BaseException as e:
+            conn.invalidate()  # the server drops a lock taken with it, if any
+            conn.close()
+            if _sqlstate(e) == _PG_LOCK_TIMEOUT:
+                raise TimeoutError(f"could not take the budget lock {key!r} in "
+                                   f"{_PG_WAIT_S:.0f} s") from e
+            raise
+        session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="create_savepoint")
+        return cls(conn, transaction, session, join_sessions(backends, session))
+
+    def end(self) -> None:
+        """Commit: what the holder wrote becomes visible and the lock is free. A commit that
+        fails drops the connection (the server rolls back and frees the lock with it) and
+        raises: the holder's writes are lost, and its caller retries as for any lost call."""
+        self.restore()
+        try:
+            self.session.close()
+            self.transaction.commit()
+        except BaseException:
+            self.conn.invalidate()
+            raise
+        finally:
+            self.conn.close()
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a database error (psycopg2's pgcode, psycopg 3's sqlstate), if any."""
+    orig = getattr(error, "orig", error)
+    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+
 
 def budget_lock(url: str, study_name: str) -> Lock:
     """The lock held around trial starts of `study_name` in the storage at `url`, where the

@@ -176,8 +176,10 @@ class WorkerService:
         if study is not None:
             return study
         name = self.backend.get_study_name_from_id(study_id)  # KeyError: NOT_FOUND
+        lock = budget_lock(self.url, name)
+        lock.bind(self.backend)  # PostgreSQL: held in the transaction its holder's calls join
         with self._guard:
-            return self._studies.setdefault(study_id, _Study(name, budget_lock(self.url, name)))
+            return self._studies.setdefault(study_id, _Study(name, lock))
 
     def _heartbeat_view(self, request: dict[str, Any]) -> RDBStorage:
         """The proxy's storage with the worker's heartbeat settings (its study's spec)."""

@@ -110,18 +110,24 @@ def write_attrs(conn: Any, trial_id: int, attrs: dict[str, Any],
             for k, v in system_attrs.items()])
 
 
+def server_clock(dialect: str) -> Any:
+    """The server's clock at the statement, for a heartbeat. PostgreSQL's CURRENT_TIMESTAMP (the
+    column's default) is its transaction's start, and a budget lock's transaction may have
+    waited long for the lock before the trial it admits beats: `clock_timestamp()` there."""
+    return func.clock_timestamp() if dialect == "postgresql" else func.current_timestamp()
+
+
 def first_heartbeat(storage: Any, trial_id: int) -> None:
     """The first heartbeat of a trial that just started (its later ones: `record_heartbeat`)."""
     backend = rdb_backend(storage)
-    upsert = backend and _upsert_statement(backend.engine.dialect.name,
-                                           _compat.models.TrialHeartbeatModel, ["trial_id"],
-                                           "heartbeat")
+    dialect = backend.engine.dialect.name if backend else ""
+    upsert = backend and _upsert_statement(dialect, _compat.models.TrialHeartbeatModel,
+                                           ["trial_id"], "heartbeat")
     if upsert is None:
         storage.record_heartbeat(trial_id)
         return
-    # The column's default is the server's clock, as Optuna's record_heartbeat writes it.
     with _trial_write(backend, trial_id) as conn:
-        conn.execute(upsert, [{"trial_id": trial_id}])
+        conn.execute(upsert.values(trial_id=trial_id, heartbeat=server_clock(dialect)))
 
 
 def count_states(conn: Any, study_id: int) -> dict[TrialState, int]:

@@ -29,7 +29,7 @@ from search.storage._compat import backend_of, session, trial_id_of
 from search.storage._proxy_client import ProxyWorkerStudy, WorkerMethods
 from search.storage._proxy_client import worker_view as proxy_worker_view
 from search.storage._reader import ReadingStorage
-from search.storage._tables import count_states, state_counts, write_attrs
+from search.storage._tables import count_states, server_clock, state_counts, write_attrs
 
 MAX_RETRIES = 5  # as Optuna's own trial creation: deadlocks between machines are retried
 
@@ -50,6 +50,9 @@ class WorkerStorage(ReadingStorage):
     created_attrs: dict[str, Any] = {}
     param_attrs: dict[str, tuple[str, Callable[[Any], Any]]] = {}
     _written: tuple[int | None, dict[str, Any]] = (None, {})
+    # Called once a trial this view starts exists (created, or a WAITING one taken): the
+    # worker's budget lock lets go there, before `Study.ask` reads it back (`on_started`).
+    started: Callable[[], None] | None = None
     # The result's attrs of the trial being told: (trial id, user attrs, system attrs).
     _with_result: tuple[int, dict[str, Any], dict[str, Any]] | None = None
 
@@ -69,8 +72,10 @@ class WorkerStorage(ReadingStorage):
                     if self.budget is not None:
                         admit(self.budget, counts_of(count_states(s.connection(), study_id)))
                     trial = self._get_prepared_new_trial(study_id, None, s)
-                    if self.beat:  # the column defaults to the server's clock
-                        s.add(_compat.models.TrialHeartbeatModel(trial_id=trial.trial_id))
+                    if self.beat:  # the server's clock now, not its transaction's start
+                        s.add(_compat.models.TrialHeartbeatModel(
+                            trial_id=trial.trial_id,
+                            heartbeat=server_clock(self.engine.dialect.name)))
                     if self.created_attrs:
                         write_attrs(s.connection(), trial.trial_id, self.created_attrs)
                     frozen = FrozenTrial(
@@ -80,6 +85,8 @@ class WorkerStorage(ReadingStorage):
                         intermediate_values={}, trial_id=trial.trial_id)
                 self.beaten = frozen._trial_id if self.beat else None
                 self._written = (frozen._trial_id, dict(self.created_attrs))
+                if self.started is not None:
+                    self.started()
                 return frozen
             except optuna.exceptions.StorageInternalError:
                 if attempt == MAX_RETRIES:
@@ -152,6 +159,9 @@ def take_waiting(storage: Any, study_id: int, budget: int | None,
         try:
             # False: another worker took it; finished: another worker ran it.
             if storage.set_trial_state_values(trial_id_of(trial), state=TrialState.RUNNING):
+                started = getattr(backend_of(storage), "started", None)
+                if started is not None:
+                    started()
                 return trial_id_of(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -163,6 +173,15 @@ def set_budget(study: optuna.Study, budget: int) -> None:
     backend = backend_of(_compat.storage_of(study))
     if isinstance(backend, (WorkerStorage, WorkerMethods)):
         backend.budget = budget
+
+
+def on_started(study: optuna.Study, started: Callable[[], None]) -> None:
+    """Have `started` called as soon as each trial `study` (a `worker_study`) starts exists,
+    inside `ask`: a new trial created, or a WAITING one taken (a storage that is not a worker's
+    view never calls it)."""
+    backend = backend_of(_compat.storage_of(study))
+    if isinstance(backend, WorkerStorage):
+        backend.started = started
 
 
 def beat_written(study: optuna.Study, trial: optuna.Trial) -> bool:

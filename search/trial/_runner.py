@@ -26,6 +26,7 @@ from search.storage import (
     beat_written,
     count_trials,
     is_connection_error,
+    on_started,
     requeue_interrupted,
     set_budget,
     taken_over,
@@ -85,6 +86,10 @@ class TrialRunner:
         self.live: dict[int, optuna.Trial] = {}  # asked and not yet told, by number
         self.tracker: Tracker | None = None  # where each trial told is logged (MLflow, ...)
         self._to_queue: set[int] = set()
+        # The lock lets go as the trial exists, inside `ask`: what follows there (the trial
+        # read back, the sampler's `before_trial`) is not held under it.
+        on_started(view, lock.release)
+        lock.bind(study)  # PostgreSQL: held in the storage's own transaction
 
     @property
     def busy(self) -> bool:
@@ -112,7 +117,8 @@ class TrialRunner:
 
     def ask(self) -> optuna.Trial | Counts:
         """A new trial (or a queued one), asked under the budget lock from the check until it
-        exists, with its first beat; the counts when the budget leaves no room."""
+        exists (the worker's view lets go there, before `ask` reads it back), with its first beat;
+        the counts when the budget leaves no room."""
         with_retry(self.lock.acquire, what="taking the budget lock")
         try:
             if self.view is self.study:  # the storage does not admit trials itself: count
@@ -127,7 +133,7 @@ class TrialRunner:
         except BudgetReached as full:
             return full.counts
         finally:
-            self.lock.release()  # the new trial exists: others may count it now
+            self.lock.release()  # if still held: the budget was full, or no worker's view
         self.live[trial.number] = trial
         trial_id, written = trial_id_of(trial), beat_written(self.view, trial)
         with_retry(lambda: self.heartbeat.begin(trial_id, written=written),

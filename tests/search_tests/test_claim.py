@@ -1,6 +1,8 @@
 """Starting trials against the budget: exact under concurrent workers on every backend, and the
 server's locks, MySQL's named lock and PostgreSQL's transaction-scoped one (exclusive, one kept
-connection, survive their connection being killed; through PgBouncer: test_pgbouncer.py)."""
+connection, survive their connection being killed; bound to a worker's storage, its holder's
+writes in the lock's own transaction and the lock let go before the sampler runs; through
+PgBouncer: test_pgbouncer.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from search.storage import (
     BudgetReached,
     DatabaseLock,
     FileLock,
+    WorkerHeartbeat,
     budget_lock,
+    on_started,
     open_storage,
     quiet_optuna_warnings,
     with_retry,
@@ -32,8 +36,11 @@ def _spec(name: str):
     return parse_spec(study_data(name, trials=12, epochs=1, size=None, hidden=8))
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres-unbound", "mysql"])
 def test_concurrent_starts_never_overshoot_the_budget(backend, request, study_name):
+    # As workers take it: bound to the worker's storage (PostgreSQL: the holder's writes in the
+    # lock's transaction) and let go once the trial exists; unbound, the lock of its own.
+    backend, _, unbound = backend.partition("-")
     url = request.getfixturevalue(f"{backend}_url")
     spec = _spec(study_name)
     create_or_load(spec, open_storage(url))
@@ -50,6 +57,9 @@ def test_concurrent_starts_never_overshoot_the_budget(backend, request, study_na
         study = optuna.load_study(study_name=study_name, storage=open_storage(
             url, heartbeat_interval=5, grace_period=20))
         view, lock = worker_study(study, budget=12), budget_lock(url, study_name)
+        if not unbound:
+            lock.bind(study)
+            on_started(view, lock.release)
         go.wait()
         while True:
             lock.acquire()
@@ -146,3 +156,118 @@ def test_postgres_lock_keeps_one_connection_and_a_killed_one_frees_it(postgres_u
     with_retry(lock.acquire, what="taking the budget lock", log=lambda message: None)
     assert _backend_pid(lock) != backend
     lock.release()
+
+
+def _visible(url: str, name: str) -> int:
+    """The trials of study `name` another connection sees."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text(
+                "SELECT count(*) FROM trials JOIN studies USING (study_id) "
+                "WHERE study_name = :n"), {"n": name}).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_a_bound_lock_holds_its_holders_writes_in_its_own_transaction(postgres_url, study_name):
+    create_or_load(_spec(study_name), open_storage(postgres_url))
+    studies = [optuna.load_study(study_name=study_name, storage=open_storage(postgres_url))
+               for _ in range(2)]
+    first, second = budget_lock(postgres_url, study_name), budget_lock(postgres_url, study_name)
+    first.bind(studies[0])
+    second.bind(studies[1])
+    first.acquire()
+    view = worker_study(studies[0], budget=12)
+    view.ask()
+    view.ask()
+    assert _visible(postgres_url, study_name) == 0  # in the lock's transaction, not committed
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
+    waiter.start()
+    assert not got.wait(0.5)  # waits on the server while the first holds it
+    first.release()
+    waiter.join(timeout=10)
+    assert got.is_set() and _visible(postgres_url, study_name) == 2
+    second.release()
+    for lock in (first, second):  # no connection of its own: the storage's pool's only
+        assert lock._engine.pool.checkedin() + lock._engine.pool.checkedout() == 0
+    # Outside the lock the storage's calls are its own again, committed as they go.
+    studies[0].tell(view.ask(), 1.0)
+    assert _visible(postgres_url, study_name) == 3
+
+
+class _Watching(optuna.samplers.RandomSampler):
+    """Records, each time a trial is asked, whether the budget lock is held as the sampler
+    first sees the trial (`before_trial`, inside `Study.ask`)."""
+
+    def __init__(self, lock: DatabaseLock) -> None:
+        super().__init__(seed=0)
+        self.lock, self.held = lock, []
+
+    def before_trial(self, study, trial):
+        self.held.append(self.lock.held)
+        super().before_trial(study, trial)
+
+
+def test_the_runner_lets_go_of_the_lock_once_the_trial_exists(postgres_url, study_name):
+    from search.trial._runner import TrialRunner
+
+    create_or_load(_spec(study_name), open_storage(postgres_url))
+    lock = budget_lock(postgres_url, study_name)
+    study = optuna.load_study(study_name=study_name, sampler=_Watching(lock),
+                              storage=open_storage(postgres_url, heartbeat_interval=5))
+    heartbeat = WorkerHeartbeat(study)
+    study.enqueue_trial({"lr": 0.01})  # the first taken from the queue, the second created
+    runner = TrialRunner(None, study, worker_study(study, budget=12), heartbeat, lock, 12)
+    try:
+        trials = [runner.ask(), runner.ask()]
+        for trial in trials:
+            trial.suggest_float("lr", 1e-3, 0.1, log=True)
+        assert [t.number for t in trials] == [0, 1]
+        assert study.sampler.held == [False, False]
+        assert not lock.held and _visible(postgres_url, study_name) == 2
+    finally:
+        heartbeat.close()
+
+
+def test_a_trial_started_after_a_long_wait_for_the_lock_beats_at_its_start(postgres_url,
+                                                                           study_name):
+    # PostgreSQL's CURRENT_TIMESTAMP is a transaction's start, and a bound lock's transaction
+    # begins before its wait: a first beat stamped so would be as old as the wait, and a trial
+    # that waited past the grace period would be failed as stale the moment it began.
+    create_or_load(_spec(study_name), open_storage(postgres_url))
+    studies = [optuna.load_study(study_name=study_name, storage=open_storage(
+        postgres_url, heartbeat_interval=5, grace_period=20)) for _ in range(2)]
+    first, second = budget_lock(postgres_url, study_name), budget_lock(postgres_url, study_name)
+    first.bind(studies[0])
+    second.bind(studies[1])
+    view = worker_study(studies[1], budget=12)
+    engine = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    clock = "SELECT clock_timestamp()::timestamp"
+    try:
+        first.acquire()
+        with engine.connect() as conn:
+            waited_from = conn.execute(sqlalchemy.text(clock)).scalar()
+        started: list[int] = []
+
+        def start() -> None:
+            second.acquire()
+            try:
+                started.append(view.ask().number)
+            finally:
+                second.release()
+
+        waiter = threading.Thread(target=start)
+        waiter.start()
+        time.sleep(2.0)
+        first.release()
+        waiter.join(timeout=10)
+        assert started == [0]
+        with engine.connect() as conn:
+            beat = conn.execute(sqlalchemy.text(
+                "SELECT heartbeat FROM trial_heartbeats JOIN trials USING (trial_id) "
+                "JOIN studies USING (study_id) WHERE study_name = :n"), {"n": study_name}).scalar()
+        assert (beat - waited_from).total_seconds() > 1.5  # stamped after the wait, not before
+    finally:
+        engine.dispose()

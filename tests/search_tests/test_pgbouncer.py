@@ -1,6 +1,8 @@
 """The budget lock through PgBouncer's transaction pooling, with a real PgBouncer (Debian's,
 tests/servers.py) in front of the real PostgreSQL: one holder at a time among many clients
-sharing a small server pool, a killed holder's lock freed within seconds, and `hpsearch worker`
+sharing a small server pool, more workers opening their storages at once than that pool,
+workers' bound locks (waiting on the server) that start exactly the budget through that pool
+without a deadlock, a killed holder's lock freed within seconds, and `hpsearch worker`
 processes that meet the exact budget through it while a killed worker's trial is retried.
 """
 
@@ -14,13 +16,24 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.run import load
-from search.storage import DatabaseLock, budget_lock, count_trials, open_storage
+from search.run import create_or_load, load
+from search.spec import parse_spec
+from search.storage import (
+    BudgetReached,
+    DatabaseLock,
+    budget_lock,
+    count_trials,
+    on_started,
+    open_storage,
+    worker_study,
+)
 from tests.search_tests.conftest import POSTGRES_URL, server_url
+from tests.search_tests.studies import study_data
 from tests.search_tests.test_workers import (
     create,
     running_with_epochs,
@@ -117,6 +130,72 @@ def test_many_clients_over_a_small_server_pool_hold_the_lock_one_at_a_time(bounc
         with direct.begin() as conn:
             conn.execute(sqlalchemy.text(f"DROP TABLE {table}"))
         direct.dispose()
+
+
+def test_more_workers_opening_at_once_than_the_server_pool_all_open(bouncer):
+    # Optuna's own schema check at opening reads on a second connection while its session's
+    # transaction holds the first: 12 workers opening at once over 5 server connections waited
+    # on each other until PgBouncer's query_wait_timeout. hpsearch's check takes one.
+    opened, errors = [], []
+
+    def open_one() -> None:
+        try:
+            opened.append(optuna.get_all_study_names(open_storage(bouncer)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=open_one, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert (stuck, errors[:3], len(opened)) == (0, [], 12)
+
+
+def test_bound_locks_over_a_small_server_pool_start_exactly_the_budget(bouncer, study_name):
+    # As workers take it: bound to each worker's own storage, so waiters wait on the server,
+    # each on one of the POOL server connections, while the holder creates its trial in the
+    # lock's own transaction and never needs another. 12 workers over 5 server connections:
+    # none stuck (a holder needing a second connection would wait for a waiter: a deadlock),
+    # exactly the budget started, no lock left held.
+    workers, budget = 12, 48
+    create_or_load(parse_spec(study_data(study_name, trials=budget, epochs=1, size=None,
+                                         hidden=8)), open_storage(bouncer))
+    started, errors, go = [], [], threading.Barrier(workers)
+    studies = [optuna.load_study(study_name=study_name, storage=open_storage(bouncer))
+               for _ in range(workers)]
+
+    def worker(study: optuna.Study) -> None:
+        view, lock = worker_study(study, budget=budget), budget_lock(bouncer, study_name)
+        lock.bind(study)
+        on_started(view, lock.release)
+        go.wait()
+        try:
+            while True:
+                lock.acquire()
+                try:
+                    trial = view.ask()
+                except BudgetReached:
+                    return
+                finally:
+                    lock.release()
+                started.append(trial.number)
+                study.tell(trial, 1.0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(study,), daemon=True) for study in studies]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 90
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert (stuck, errors[:3], sorted(started)) == (0, [], list(range(budget)))
+    assert held(f"hpsearch:{study_name}") == 0
+    assert 0 < servers_of(bouncer) <= POOL
 
 
 HOLDER = """
