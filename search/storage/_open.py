@@ -100,13 +100,36 @@ def open_storage(
                         if retry_stale else None
                     ),
                 }
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+            # Optuna's own schema check reads the schema's revision on a second connection
+            # while its session's transaction holds the first: through PgBouncer, more workers
+            # opening at once than its server pool then wait on each other until its
+            # query_wait_timeout. `check_schema` makes the same check on one connection.
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs(url),
+                                 skip_compatibility_check=True, **kwargs)
+        check_schema(storage)
         if not url.startswith("sqlite:"):
             install_idle_ping(storage.engine)
         return storage
+    except StorageError:
+        raise
     except Exception as e:  # sqlalchemy/driver errors: name the URL without its password
         reason = redact(str(e)).splitlines()[0]
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e
+
+def check_schema(storage: RDBStorage) -> None:
+    """Optuna's check that the database's schema is the installed Optuna's (its revision read on
+    one connection): a StorageError saying what to run when it is not."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current == head:
+        return
+    url = redact(storage.url)
+    if current in storage.get_all_versions():
+        advice = f"upgrade it with `optuna storage upgrade --storage {url}`"
+    else:
+        advice = "it was set up by a newer Optuna: install that one (`pip install -U optuna`)"
+    raise StorageError(f"the storage {url} has Optuna's schema revision {current}, and Optuna "
+                       f"{optuna.__version__} reads {head}: {advice}")
+
 
 def open_for_watching(url: str) -> optuna.storages.BaseStorage:
     """The study storage opened for a dashboard: nothing created, refused if it is not Optuna's.

@@ -75,6 +75,16 @@ def servers_of(url: str) -> int:
                if p["database"] == "test")
 
 
+def stuck_after(threads: list[threading.Thread], seconds: float) -> int:
+    """Start `threads`; how many are still running `seconds` later (a deadlock's, or a hang's)."""
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    return sum(t.is_alive() for t in threads)
+
+
 def test_many_clients_over_a_small_server_pool_hold_the_lock_one_at_a_time(bouncer):
     # A read-modify-write of one row by 60 clients, each its own lock object and connection:
     # a second holder at any moment, or a lock that lands on the wrong server connection,
@@ -110,16 +120,11 @@ def test_many_clients_over_a_small_server_pool_hold_the_lock_one_at_a_time(bounc
         except Exception as e:  # noqa: BLE001 - reported below, with the count
             errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        stuck = stuck_after([threading.Thread(target=client, daemon=True)
+                             for _ in range(CLIENTS)], 60)
         with direct.connect() as conn:
             count = conn.execute(sqlalchemy.text(f"SELECT n FROM {table}")).scalar()
-        stuck = sum(t.is_alive() for t in threads)
         assert (stuck, errors[:3], most[0], count) == (0, [], 1, CLIENTS * ROUNDS), (
             "(clients stuck after 60 s, errors, most holders at once, the count)")
         assert held(key) == 0
@@ -144,13 +149,7 @@ def test_more_workers_opening_at_once_than_the_server_pool_all_open(bouncer):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=open_one, daemon=True) for _ in range(12)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    stuck = sum(t.is_alive() for t in threads)
+    stuck = stuck_after([threading.Thread(target=open_one, daemon=True) for _ in range(12)], 60)
     assert (stuck, errors[:3], len(opened)) == (0, [], 12)
 
 
@@ -186,13 +185,8 @@ def test_bound_locks_over_a_small_server_pool_start_exactly_the_budget(bouncer, 
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=worker, args=(study,), daemon=True) for study in studies]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 90
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    stuck = sum(t.is_alive() for t in threads)
+    stuck = stuck_after([threading.Thread(target=worker, args=(study,), daemon=True)
+                         for study in studies], 90)
     assert (stuck, errors[:3], sorted(started)) == (0, [], list(range(budget)))
     assert held(f"hpsearch:{study_name}") == 0
     assert 0 < servers_of(bouncer) <= POOL

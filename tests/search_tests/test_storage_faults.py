@@ -136,3 +136,18 @@ def test_nothing_is_left_waiting_once_the_budget_is_met(tmp_path):
     skipped = study.get_trials(states=(TrialState.FAIL,))
     assert len(skipped) == 2 and all(t.user_attrs["ended"].startswith(
         "not run: the budget was met") for t in skipped)
+
+
+@pytest.mark.parametrize("revision, says", [
+    ("v3.0.0.d", "upgrade it with `optuna storage upgrade --storage sqlite:///"),
+    ("v9.9.9.z", "set up by a newer Optuna"),
+])
+def test_a_storage_of_another_schema_revision_is_one_line_saying_what_to_run(tmp_path,
+                                                                            revision, says):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    head = open_storage(url).get_head_version()
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    with pytest.raises(StorageError) as error:
+        open_storage(url)
+    assert says in str(error.value) and revision in str(error.value) and head in str(error.value)
