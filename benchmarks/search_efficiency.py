@@ -30,8 +30,10 @@ With `--out` a folder of an earlier run, the arms and seeds recorded in its runs
 run again: the table is resumed (a 600-s table of 4 arms and 3 seeds is about 2 h 10 min).
 
 Prints `run arm=… seed=… test_acc=… time_to_088_s=… trials=… epochs=…` per arm and seed, then
-`summary arm=… mean_test_acc=… sd=… mean_time_to_088_s=… reached=k/n` per arm (an arm that never
-reached 0.88 in a seed counts the whole budget there, and `reached` says how often it did).
+`summary arm=… runs=n mean_test_acc=… sd=… mean_time_to_088_s=… reached=k/n` per arm (an arm that
+never reached 0.88 in a seed counts the whole budget there, and `reached` says how often it did).
+An arm whose process fails before the wall prints `error arm=… seed=…` and is not a figure: a
+resume with the same `--out` runs it again.
 """
 
 from __future__ import annotations
@@ -171,9 +173,16 @@ def run_ray(seed: int, result: Path, deadline: float) -> None:
             nonlocal best
             best = max(best, m.val_accuracy)
             tune.report({"val_loss": m.val_loss, "val_accuracy": m.val_accuracy,
-                         "max_val_accuracy": best})
+                         "max_val_accuracy": best, "epochs_run": m.epoch})
 
-        trainers.train(train_config_for(spec, config["params"]).replace(threads=1), on_epoch)
+        run = trainers.train(train_config_for(spec, config["params"]).replace(threads=1),
+                             on_epoch)
+        if run.status == "diverged":  # a bad region, as the other arms count it: TPE and ASHA
+            # are told so (a trial that diverged in its first epoch reported nothing at all,
+            # and Tune stops the whole run on a result without its metric)
+            tune.report({"val_loss": float("inf"), "val_accuracy": 0.0,
+                         "max_val_accuracy": best, "epochs_run": run.epochs_run,
+                         "diverged": 1})
 
     class Record(tune.Callback):
         def __init__(self) -> None:
@@ -182,10 +191,10 @@ def run_ray(seed: int, result: Path, deadline: float) -> None:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
                               ) -> None:
             last = trial.last_result or {}
-            done = last.get("training_iteration", 0) >= epochs
+            ran = last.get("epochs_run", last.get("training_iteration", 0))
+            done = ran >= epochs and not last.get("diverged")
             self.out.write(number=trial.trial_id, params=trial.config.get("params"),
-                           state="COMPLETE" if done else "PRUNED",
-                           epochs=last.get("training_iteration", 0),
+                           state="COMPLETE" if done else "PRUNED", epochs=ran,
                            val_accuracy=[last.get("max_val_accuracy", 0.0)],
                            val_loss=last.get("val_loss"))
 
@@ -204,17 +213,25 @@ def run_ray(seed: int, result: Path, deadline: float) -> None:
 
 # --------------------------------------------------------------------- running an arm
 
+class ArmFailed(Exception):
+    """An arm's process failed before the wall: its run is not a figure."""
+
+
 def launch(argv: list[str], log: Path, budget_s: float, env: dict[str, str] | None = None
            ) -> tuple[float, float]:
     """Run `argv` in its own process group until it ends or the wall (launch + `budget_s`),
-    where the group gets SIGINT, then SIGKILL; its launch time and the wall."""
+    where the group gets SIGINT, then SIGKILL; its launch time and the wall. ArmFailed when it
+    exited with an error before the wall."""
     started = time.time()
     wall = started + budget_s
     with log.open("w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent,
                                 env=env, start_new_session=True)
+        failed = None
         try:
-            proc.wait(timeout=max(0.0, wall - time.time()))
+            if proc.wait(timeout=max(0.0, wall - time.time())) != 0:
+                failed = (f"exited {proc.returncode} after {time.time() - started:.0f} s, "
+                          f"before the wall; see {log}")
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -226,6 +243,8 @@ def launch(argv: list[str], log: Path, budget_s: float, env: dict[str, str] | No
         except ProcessLookupError:
             pass
         proc.wait()
+    if failed:
+        raise ArmFailed(failed)
     return started, wall
 
 
@@ -282,8 +301,8 @@ def run_arm(arm: str, seed: int, out: Path, budget_s: float) -> dict[str, Any]:
     finished = [r for r in records if r["finished_at"] <= wall]
     complete = [r for r in finished if r["state"] == "COMPLETE" and r["val_loss"] is not None]
     if not complete:
-        raise SystemExit(f"{arm} seed {seed}: no trial completed within {budget_s:g} s; "
-                         f"see {out}")
+        raise ArmFailed(f"{arm} seed {seed}: no trial completed within {budget_s:g} s; "
+                        f"see {out}")
     best = min(complete, key=lambda r: (r["val_loss"], r["finished_at"]))
     config = train_config_for(spec, best["params"])  # as `hpsearch retrain` maps them
     test = final_test(config, out=out / f"retrain-{arm}-{seed}")
@@ -317,7 +336,8 @@ def summary(runs: list[dict[str, Any]], arms: list[str], budget_s: float) -> Non
                  for r in mine]
         reached = sum(r["time_to_088_s"] is not None for r in mine)
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"summary arm={arm} mean_test_acc={statistics.mean(accs):.4f} sd={sd:.4f} "
+        print(f"summary arm={arm} runs={len(mine)} "
+              f"mean_test_acc={statistics.mean(accs):.4f} sd={sd:.4f} "
               f"mean_time_to_088_s={statistics.mean(times):.1f} reached={reached}/{len(mine)} "
               f"mean_trials={statistics.mean(r['trials'] for r in mine):.1f} "
               f"mean_epochs={statistics.mean(r['epochs'] for r in mine):.0f}", flush=True)
@@ -368,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         for arm in order:
             if any(r["arm"] == arm and r["seed"] == seed for r in runs):
                 continue
-            r = run_arm(arm, seed, out, args.budget_s)
+            try:
+                r = run_arm(arm, seed, out, args.budget_s)
+            except ArmFailed as e:  # not a figure: said, left out, run again by a resume
+                print(f"error arm={arm} seed={seed}: {e}", flush=True)
+                continue
             runs.append(r)
             print(run_line(r), flush=True)
             record.write_text(json.dumps(runs, indent=1, default=str))
