@@ -5,10 +5,11 @@ Each simulated worker is hpsearch's real worker (`search.workers.run_worker`, as
 worker` runs it: the storage opened with the spec's heartbeat settings, the budget lock, the
 stored spec loaded and verified) on a study whose trainer is the function `scale:fit` below: 3
 epochs of a few ms each, each reported, so the median pruner judges every epoch. Workers are
-threads, many to an OS process, each with its own storage client (its own connection pool or
-gRPC channel, its own lock connection), so the server sees W clients. 1% of the workers (at
-least one) are single-worker processes instead, each SIGKILLed at a random moment inside its
-first trial's training: the heartbeats, the retries and the budget lock are exercised.
+threads, many to an OS process, each with its own storage client (its own connection pool, in
+which its budget lock is taken, or gRPC channel), so the server sees W clients. 1% of the
+workers (at least one) are single-worker processes instead, each SIGKILLed at a random moment
+inside its first trial's training: the heartbeats, the retries and the budget lock are
+exercised.
 
 Per W and path, one line:
 
@@ -25,8 +26,9 @@ gone; cores_*: CPU seconds per second of the run, of the worker processes, of ev
 process (this machine's other users' included) and of PgBouncer or the proxy; cut: workers
 still running at the run's time limit (`--run-s`): then under_budget is what the time left
 undone, not the budget missed; load1: the machine's load average as the run ended; rollbacks:
-the database's rolled-back transactions (on PostgreSQL, each budget-lock try that found the lock
-taken is one). Each run has a fresh database.
+the database's rolled-back transactions (a worker's lock waits on the server and rolls nothing
+back; a lock not bound to a storage rolls back each try that found it taken). Each run has a
+fresh database.
 
     .venv/bin/python benchmarks/scale.py [--workers 10,100,300,1000]
         [--paths direct,pgbouncer,proxy] [--compare-rounds 3] [--run-s 90]
@@ -333,36 +335,13 @@ def served_path(path: str, database: str, workers: int, tmp: Path) -> Iterator[s
                        max_client_conn=8 * workers + 100) as url:
             yield url
     elif path == "proxy":
-        with storage_proxy(direct_url(database), tmp) as url:
+        from tests.servers import storage_proxy
+
+        with storage_proxy(direct_url(database), tmp,
+                           env={**os.environ, "HPSEARCH_TOKEN": TOKEN}) as url:
             yield url
     else:
         raise SystemExit(f"--paths: unknown path {path!r}; expected direct, pgbouncer, proxy")
-
-
-@contextmanager
-def storage_proxy(url: str, tmp: Path) -> Iterator[str]:
-    from search._process import free_port
-
-    port = free_port()
-    log = tmp / f"proxy-{port}.log"
-    proxy = subprocess.Popen(
-        [str(Path(sys.executable).with_name("hpsearch")), "storage-proxy", "--storage", url,
-         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "HPSEARCH_TOKEN": TOKEN}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "Ctrl-C stops it" not in log.read_text():
-            if proxy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"storage-proxy did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield f"grpc://127.0.0.1:{port}"
-    finally:
-        proxy.send_signal(signal.SIGINT)
-        try:
-            proxy.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
 
 
 def create_study(url: str, name: str, budget: int, tmp: Path, arm: str,

@@ -1,5 +1,6 @@
-"""Servers that tests and benchmarks start themselves on loopback: an MLflow tracking server, and
-Debian's PgBouncer in transaction pooling in front of this machine's PostgreSQL."""
+"""Servers that tests and benchmarks start themselves on loopback: an MLflow tracking server,
+Debian's PgBouncer in transaction pooling in front of this machine's PostgreSQL, and
+`hpsearch storage-proxy` in front of a database."""
 
 from __future__ import annotations
 
@@ -206,3 +207,32 @@ def _stop_pgbouncer(server: subprocess.Popen, port: int, folder: Path) -> None:
         return
     raise RuntimeError(f"pgbouncer on port {port} still accepts connections after it was "
                        f"stopped (log in {folder})")
+
+
+@contextmanager
+def storage_proxy(url: str, folder: Path, *, env: dict[str, str] | None = None,
+                  port: int | None = None, start_s: float = 60) -> Iterator[str]:
+    """The real `hpsearch storage-proxy` in front of the database at `url`, on loopback `port`
+    (a free one if None), run in `folder` with its output in folder/proxy-<port>.log and `env`
+    (the token, say): its `grpc://` URL. Stopped with Ctrl-C (killed after 15 s) on leaving."""
+    port = port or free_port()
+    log = folder / f"proxy-{port}.log"
+    starts = (log.read_text().count("Ctrl-C stops it") if log.exists() else 0) + 1
+    proxy = subprocess.Popen(
+        [str(Path(sys.executable).with_name("hpsearch")), "storage-proxy", "--storage", url,
+         "--port", str(port)], cwd=folder, stdout=log.open("a"), stderr=subprocess.STDOUT,
+        env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_s
+        while log.read_text().count("Ctrl-C stops it") < starts:
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"storage-proxy did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        try:
+            proxy.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()

@@ -7,9 +7,10 @@ created with its budget check in the transaction that locks the study's row, and
 heartbeat), heartbeats, the stale-trial scan that fails dead workers' trials and queues
 their retries, and interrupted trials queued again. Starts, scans and requeues of a study hold
 the study's budget lock (`search.storage._locks.budget_lock`, the same one direct workers take),
-taken by the proxy itself: one thread of the proxy at a time per study, so the proxy holds one
-lock connection a study, and no client ever holds a lock. They sit behind the token check and
-TLS of every other method (`search.storage._proxy.proxy_server`).
+taken by the proxy itself: one thread of the proxy at a time per study (on PostgreSQL in a
+transaction of the proxy's own pool that the thread's calls join: `DatabaseLock.bind`), and no
+client ever holds a lock. They sit behind the token check and TLS of every other method
+(`search.storage._proxy.proxy_server`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Riding out a storage that goes away for a while (a database restart, a killed connection).
+"""Riding out a storage that goes away for a while (a database restart, a killed connection, the
+storage proxy restarting).
 
 A worker must not die because PostgreSQL restarted: storage calls that fail with a lost
 connection (or SQLite's write lock held past its timeout) are retried with exponential backoff
@@ -28,8 +29,10 @@ MAX_DELAY_S = 15.0
 
 
 # PostgreSQL error codes (SQLSTATE) of a lost connection or a server going down or starting
-# up: class 08 (connection exception), admin/crash shutdown, "cannot connect now".
-_PG_CONNECTION = ("57P01", "57P02", "57P03")
+# up: class 08 (connection exception), admin/crash shutdown, "cannot connect now"; and a server
+# out of connections (53300: max_connections, a role's CONNECTION LIMIT), which frees one as
+# other clients leave (refused at connecting, psycopg2 gives no code: its words, below).
+_PG_CONNECTION = ("57P01", "57P02", "57P03", "53300")
 # MySQL/MariaDB client and server codes of the same: can't connect, server gone away, lost
 # connection, server shutdown, connection killed, disconnected for inactivity.
 _MYSQL_CONNECTION = {2002, 2003, 2006, 2013, 2055, 1053, 1927, 4031}
@@ -39,7 +42,8 @@ _CONNECTION_WORDS = ("server closed the connection", "could not connect", "conne
                      "terminating connection", "connection reset", "connection timed out",
                      "lost connection", "gone away", "ssl connection has been closed",
                      "connection is closed", "connection already closed", "no connection to",
-                     "the database system is", "could not receive data", "could not send data")
+                     "the database system is", "could not receive data", "could not send data",
+                     "too many clients already", "too many connections for")
 
 
 def _driver_error(error: BaseException) -> BaseException | None:
@@ -58,9 +62,26 @@ def _driver_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def _proxy_unavailable(error: BaseException) -> bool:
+    """Whether `error`'s chain holds a gRPC call the storage proxy did not answer: UNAVAILABLE
+    (the proxy restarting, or its address not answering yet), as a lost connection is."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "code", None)
+        if type(e).__module__.startswith("grpc") and callable(code):
+            return getattr(code(), "name", None) == "UNAVAILABLE"
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def is_connection_error(error: BaseException) -> bool:
-    """A lost connection or a server restarting: worth waiting for. A full disk, a lock or
-    statement timeout, a permissions error or a constraint is not, and is raised at once."""
+    """A lost connection or a server restarting (a database, or the storage proxy): worth
+    waiting for. A full disk, a lock or statement timeout, a permissions error or a constraint
+    is not, and is raised at once."""
+    if _proxy_unavailable(error):
+        return True
     e = _driver_error(error)
     if e is None:
         return False
@@ -101,9 +122,12 @@ def storage_error(error: BaseException, what: str) -> StorageError | None:
 
 
 def _root_cause(error: BaseException) -> str:
-    """The driver's own words (Optuna wraps them in a generic "exception during commit")."""
+    """The driver's own words (Optuna wraps them in a generic "exception during commit"); a
+    gRPC call's, its status and details."""
     while error.__cause__ is not None:
         error = error.__cause__
+    if _proxy_unavailable(error):
+        return f"the storage proxy: UNAVAILABLE, {error.details()}"  # type: ignore[attr-defined]
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 

@@ -48,6 +48,7 @@ from search.storage._compat import (
 from search.storage._proxy import proxy_server
 from search.storage._proxy_client import SERVICE
 from search.storage._proxy_methods import add_worker_service
+from tests.servers import storage_proxy
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 TOKEN = "tok-proxy-path-never-printed"
@@ -102,23 +103,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def proxy_command(tmp_path, postgres_url, token):
     """The real `hpsearch storage-proxy` in front of PostgreSQL, with the token: its URL."""
-    port = free_port()
-    log = tmp_path / "proxy.out"
-    proc = subprocess.Popen([HPSEARCH, "storage-proxy", "--storage", postgres_url, "--port",
-                             str(port)], cwd=tmp_path, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=_env(tmp_path))
-    deadline = time.monotonic() + 60
-    while "Ctrl-C stops it" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-    yield f"grpc://127.0.0.1:{port}"
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    assert TOKEN not in log.read_text()
+    with storage_proxy(postgres_url, tmp_path, env=_env(tmp_path)) as url:
+        yield url
+    assert all(TOKEN not in log.read_text() for log in tmp_path.glob("proxy-*.log"))
 
 
 def _create(url: str, data: dict) -> optuna.Study:
@@ -332,3 +319,37 @@ def test_a_killed_workers_trial_is_retried_through_the_proxy(proxy_command, post
     assert retry.user_attrs["resumed_from_epoch"] >= 2
     assert sorted(retry.intermediate_values) == list(range(1, 9))  # inherited + its own
     assert TOKEN not in out
+
+
+@pytest.mark.serial
+def test_a_worker_waits_out_a_proxy_restart(postgres_url, study_name, tmp_path, token):
+    """The proxy stopped while a worker's trial runs and started again on its address a few
+    seconds later: the worker's calls meet UNAVAILABLE, which it waits out as a lost database
+    connection, and the budget finishes exactly."""
+    port, env = free_port(), _env(tmp_path)
+    with storage_proxy(postgres_url, tmp_path, env=env, port=port) as url:
+        _create(url, spec_data(study_name, tmp_path, trials=3, epochs=6))
+        direct = optuna.load_study(study_name=study_name, storage=postgres_url)
+        worker = subprocess.Popen([HPSEARCH, "worker", study_name, "--storage", url, "--gpus",
+                                   "none"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 90
+            while not any(t.intermediate_values for t in
+                          direct.get_trials(states=(TrialState.RUNNING,))):
+                assert worker.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        except BaseException:
+            worker.kill()
+            raise
+    try:
+        time.sleep(3)  # the proxy is down: the worker's next calls fail
+        with storage_proxy(postgres_url, tmp_path, env=env, port=port):
+            out, _ = worker.communicate(timeout=180)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert worker.returncode == 0, out
+    assert "storage unreachable" in out and "UNAVAILABLE" in out  # it said it waited
+    assert count_trials(direct).finished == 3  # the exact budget
+    assert not direct.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))

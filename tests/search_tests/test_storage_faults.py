@@ -4,6 +4,7 @@ one line at once; nothing is left waiting once a study's budget is met."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -151,3 +152,34 @@ def test_a_storage_of_another_schema_revision_is_one_line_saying_what_to_run(tmp
     with pytest.raises(StorageError) as error:
         open_storage(url)
     assert says in str(error.value) and revision in str(error.value) and head in str(error.value)
+
+
+def test_a_server_out_of_connections_is_waited_for_until_one_frees(postgres_url):
+    # PostgreSQL refuses a connection past a limit (max_connections; here a role's CONNECTION
+    # LIMIT 1) with SQLSTATE 53300: a worker's call waits for a connection to free, as for a
+    # lost one, and says why.
+    role = f"hp_limit_{int(time.time() * 1000)}"
+    admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1"))
+    url = sqlalchemy.make_url(postgres_url).set(username=role)
+    holder = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()
+    client = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        refused = failing(client, "SELECT 1")
+        assert "too many connections for role" in str(refused) and is_connection_error(refused)
+
+        def read() -> int:
+            with client.connect() as conn:
+                return conn.execute(sqlalchemy.text("SELECT 1")).scalar()
+
+        threading.Timer(1.0, holder.close).start()  # the one connection frees in a second
+        logged: list[str] = []
+        assert with_retry(read, what="reading", log=logged.append) == 1
+        assert "too many connections" in logged[0]
+    finally:
+        holder.close()
+        client.dispose()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP ROLE {role}"))
+        admin.dispose()

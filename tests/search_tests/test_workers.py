@@ -26,6 +26,7 @@ from search.spec import parse_spec
 from search.storage import count_trials, open_storage
 from search.workers import Slot, plan_slots, visible_gpu_ids, worker_command
 from tests.search_tests.studies import LR, study_data
+from tests.servers import storage_proxy
 
 HPSEARCH = str(Path(sys.executable).with_name("hpsearch"))
 
@@ -305,23 +306,12 @@ def test_worker_recovers_when_postgres_kills_its_connections(tmp_path, study_nam
     assert count_trials(study).finished == 3
 
 def test_workers_through_the_grpc_storage_proxy(tmp_path, study_name, postgres_url):
-    port = _free_port()
-    proxy = subprocess.Popen([HPSEARCH, "storage-proxy", "--storage", postgres_url,
-                              "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        grpc_url = f"grpc://127.0.0.1:{port}"
+    with storage_proxy(postgres_url, tmp_path) as grpc_url:
         path = write_spec(tmp_path, spec_data(study_name, tmp_path, trials=12, epochs=1))
         result = subprocess.run([HPSEARCH, "run", str(path), "--storage", grpc_url,
                                  "--workers", "4"], cwd=tmp_path, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        proxy.send_signal(signal.SIGINT)
-        try:
-            proxy.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
     study, _ = load(study_name, open_storage(postgres_url))  # the database behind the proxy
     trials = study.get_trials()
     # The proxy starts trials under the budget (tests/search_tests/test_proxy_path.py): exact;
@@ -331,7 +321,3 @@ def test_workers_through_the_grpc_storage_proxy(tmp_path, study_name, postgres_u
     assert sorted(retried) == sorted(t.number for t in trials if t.state == TrialState.FAIL)
     assert len({t.user_attrs["pid"] for t in trials}) >= 2  # trials of ms: late starters may idle
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
