@@ -86,10 +86,7 @@ class TrialRunner:
         self.live: dict[int, optuna.Trial] = {}  # asked and not yet told, by number
         self.tracker: Tracker | None = None  # where each trial told is logged (MLflow, ...)
         self._to_queue: set[int] = set()
-        # The lock lets go as the trial exists, inside `ask`: what follows there (the trial
-        # read back, the sampler's `before_trial`) is not held under it.
-        on_started(view, lock.release)
-        lock.bind(study)  # PostgreSQL: held in the storage's own transaction
+        self._hooked = False  # the lock bound and hooked to the view (at the first `ask`)
 
     @property
     def busy(self) -> bool:
@@ -119,6 +116,12 @@ class TrialRunner:
         """A new trial (or a queued one), asked under the budget lock from the check until it
         exists (the worker's view lets go there, before `ask` reads it back), with its first beat;
         the counts when the budget leaves no room."""
+        if not self._hooked:
+            self._hooked = True
+            # The lock lets go as the trial exists, inside `ask`: what follows there (the
+            # trial read back, the sampler's `before_trial`) is not held under it.
+            on_started(self.view, self.lock.release)
+            self.lock.bind(self.study)  # PostgreSQL: held in the storage's own transaction
         with_retry(self.lock.acquire, what="taking the budget lock")
         try:
             if self.view is self.study:  # the storage does not admit trials itself: count

@@ -119,6 +119,7 @@ class Worker:
                  | None, lock: NullLock | FileLock | DatabaseLock,
                  artifacts: ArtifactRecorder | None, pack: int | str | None) -> None:
         self.study, self.spec, self.lock = study, spec, lock
+        lock.bind(study)  # PostgreSQL: the lock's transaction is one of the storage's own
         self.checkpoint_root = checkpoint_location(spec.run.checkpoint_dir,
                                                    storage_url_of(storage_of(study)))
         # A user's trainer is imported (or its program found) here, before any trial is taken.
