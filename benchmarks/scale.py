@@ -325,10 +325,10 @@ def direct_url(database: str) -> str:
 def served_path(path: str, database: str, workers: int, tmp: Path) -> Iterator[str]:
     """The URL the workers use: the database itself, PgBouncer in front of it, or `hpsearch
     storage-proxy` (with a token) in front of it."""
+    sys.path.insert(0, str(ROOT))  # tests/servers.py starts PgBouncer and the proxy
     if path == "direct":
         yield direct_url(database)
     elif path == "pgbouncer":
-        sys.path.insert(0, str(ROOT))
         from tests.servers import pgbouncer
 
         with pgbouncer(database=database, pool_size=PGBOUNCER_POOL,
