@@ -185,7 +185,7 @@ def test_a_bound_lock_holds_its_holders_writes_in_its_own_transaction(postgres_u
     got = threading.Event()
     waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
     waiter.start()
-    assert not got.wait(0.5)  # waits on the server while the first holds it
+    assert not got.wait(0.5)  # waits while the first holds it
     first.release()
     waiter.join(timeout=10)
     assert got.is_set() and _visible(postgres_url, study_name) == 2
@@ -233,9 +233,9 @@ def test_the_runner_lets_go_of_the_lock_once_the_trial_exists(postgres_url, stud
 
 def test_a_trial_started_after_a_long_wait_for_the_lock_beats_at_its_start(postgres_url,
                                                                            study_name):
-    # PostgreSQL's CURRENT_TIMESTAMP is a transaction's start, and a bound lock's transaction
-    # begins before its wait: a first beat stamped so would be as old as the wait, and a trial
-    # that waited past the grace period would be failed as stale the moment it began.
+    # PostgreSQL's CURRENT_TIMESTAMP is a transaction's start: a first beat written in a
+    # transaction that began before a wait would be as old as the wait, and a trial that
+    # waited past the grace period would be failed as stale the moment it began.
     create_or_load(_spec(study_name), open_storage(postgres_url))
     studies = [optuna.load_study(study_name=study_name, storage=open_storage(
         postgres_url, heartbeat_interval=5, grace_period=20)) for _ in range(2)]

@@ -1,9 +1,9 @@
 """The budget lock through PgBouncer's transaction pooling, with a real PgBouncer (Debian's,
 tests/servers.py) in front of the real PostgreSQL: one holder at a time among many clients
 sharing a small server pool, more workers opening their storages at once than that pool,
-workers' bound locks (waiting on the server) that start exactly the budget through that pool
-without a deadlock, a killed holder's lock freed within seconds, and `hpsearch worker`
-processes that meet the exact budget through it while a killed worker's trial is retried.
+workers' bound locks that start exactly the budget through that pool without a deadlock, a
+killed holder's lock freed within seconds, and `hpsearch worker` processes that meet the exact
+budget through it while a killed worker's trial is retried.
 """
 
 from __future__ import annotations
@@ -154,11 +154,11 @@ def test_more_workers_opening_at_once_than_the_server_pool_all_open(bouncer):
 
 
 def test_bound_locks_over_a_small_server_pool_start_exactly_the_budget(bouncer, study_name):
-    # As workers take it: bound to each worker's own storage, so waiters wait on the server,
-    # each on one of the POOL server connections, while the holder creates its trial in the
-    # lock's own transaction and never needs another. 12 workers over 5 server connections:
-    # none stuck (a holder needing a second connection would wait for a waiter: a deadlock),
-    # exactly the budget started, no lock left held.
+    # As workers take it: bound to each worker's own storage, so the holder creates its trial
+    # in the lock's own transaction and never needs another server connection, while waiters'
+    # tries take the others. 12 workers over 5 server connections: none stuck (a holder needing
+    # a second connection behind waiters blocked on the server would deadlock), exactly the
+    # budget started, no lock left held.
     workers, budget = 12, 48
     create_or_load(parse_spec(study_data(study_name, trials=budget, epochs=1, size=None,
                                          hidden=8)), open_storage(bouncer))
