@@ -168,6 +168,11 @@ class TrialRunner:
         try:
             with_retry(lambda: tell_trial(self.view, trial, ended.values, ended.how.state),
                        what="telling a trial")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed as stale by another worker between this one's last look and its tell
+            # (beats held up past the grace period): its retry runs; this result is dropped.
+            say_dropped(trial.number)
+            return None
         finally:
             self.heartbeat.end(trial_id_of(trial))
         if ended.how in (End.GPU_FULL, End.RANK_LOST):

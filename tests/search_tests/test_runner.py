@@ -114,6 +114,30 @@ def test_a_trial_taken_over_is_dropped_untold(make, caplog):
     assert "its late result is dropped" in caplog.text
 
 
+class FailsItAsStale(optuna.samplers.RandomSampler):
+    """A sampler whose `after_trial` (Optuna calls it inside `tell`, between reading the trial's
+    state and writing the new one) has another worker fail the trial as stale meanwhile: the
+    race of a tell against a stale-trial scan, made certain."""
+
+    def __init__(self, storage_url: str) -> None:
+        super().__init__(seed=0)
+        self.other = open_storage(storage_url)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def test_a_trial_failed_as_stale_during_its_tell_is_dropped_and_the_worker_goes_on(make,
+                                                                                  caplog):
+    study, runner = make
+    study.sampler = FailsItAsStale(study._storage._backend.url)
+    with caplog.at_level(logging.INFO, logger="hpsearch"):
+        step = runner(Scripted(End.COMPLETE)).step()
+    assert step.outcomes == [] and not step.stop
+    assert states(study) == [TrialState.FAIL]  # as the other worker left it, for its retry
+    assert "its late result is dropped" in caplog.text
+
+
 def test_an_error_escaping_the_trial_fails_it_and_is_logged(make, caplog):
     study, runner = make
     run = runner(Scripted(RuntimeError("the storage hiccuped"), End.COMPLETE))
