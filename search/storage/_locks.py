@@ -228,9 +228,9 @@ class _Joined:
 
     @classmethod
     def take(cls, backends: list[Any], key: str) -> _Joined:
-        """Try the lock, each try in a new transaction (rolled back when the lock is taken:
-        its server connection goes back to PgBouncer's pool between tries, for other clients'
-        calls), until one gets it; that transaction stays open."""
+        """Try the lock, each try in a new transaction (rolled back while another holds the
+        lock: its server connection goes back to PgBouncer's pool between tries, for other
+        clients' calls), until one gets it; that transaction stays open."""
         conn = backends[0].engine.connect()
         try:
             for _ in _tries(key):
