@@ -13,8 +13,16 @@ member then steps with its own update rule on its own slices (`_packed_optim`).
 Within a band, batch sizes may differ: every member reads the band's micro-batches (its
 smallest batch size, which divides the others), and a member with a larger batch accumulates
 them, weighted by size, and steps less often; so each trains as it would alone, to float
-rounding. Members join between epochs only, so all stay at the same micro-step of their epochs
-and all epochs end together: validation, checkpoints and `on_epoch` happen per member there.
+rounding. Members join between epochs only, so a stack's members stay at the same micro-step of
+their epochs and their epochs end together: validation, checkpoints and `on_epoch` happen per
+member there.
+
+Stacks take turns by fair share (`_next_stack`): each epoch of a stack charges each of its
+members an equal part of its seconds, and the stack whose least-charged member has been charged
+least trains next; a member joins at the pack's least charge. So every member gets an equal share
+of the machine, as K trials run alone side by side would: a band of large batches runs several
+epochs while a band of small ones runs one, and its trials end (and free their slots for the
+sampler's next picks) at their own pace, not at the slowest band's.
 """
 
 from __future__ import annotations
@@ -139,7 +147,6 @@ class Pack:
         self._plans: dict[str, tuple[list[tuple[Any, ...]], list[int]]] = {}
         self._data: Any = None
         self._device = torch.device("cpu")
-        self.epoch_seconds = 0.0  # the last epoch's, training and validation, all members
 
     def __len__(self) -> int:
         return len(self._members)
@@ -179,6 +186,7 @@ class Pack:
             self.key = pack_key(config)
             self._data, self._device = data, run.device
         member.network = network_key(config)
+        member.charged = min((m.charged for m in self._members.values()), default=0.0)
         if member.network not in self._plans:
             self._plans[member.network] = _plan(run.model)
         self._members[member.id] = member
@@ -186,14 +194,21 @@ class Pack:
         self._dirty = True
         return member.id
 
+    @property
+    def epoch_seconds(self) -> float:
+        """The seconds of one epoch of every stack at their last epochs' pace (0 before any
+        epoch): what a member's epoch takes in wall time while every stack gets its share."""
+        return sum(m.share for m in self._members.values())
+
     def trial_seconds(self) -> float:
-        """How long a member's whole run would take at the last epoch's pace (0 before any
+        """How long a member's whole run would take at the last epochs' pace (0 before any
         epoch): the longest member's epochs times `epoch_seconds`."""
         epochs = max((m.config.epochs for m in self._members.values()), default=0)
         return epochs * self.epoch_seconds
 
     def run_until_free(self) -> list[tuple[int, Outcome]]:
-        """Train every member epoch by epoch until at least one ends; (id, outcome) of those.
+        """Train the stacks epoch by epoch, each in its turn (`_next_stack`), until at least one
+        member ends; (id, outcome) of those.
 
         An outcome is the member's `TrainResult`, or the exception its `on_epoch` raised other
         than `StopTraining` (that member ends; the others go on)."""
@@ -233,21 +248,28 @@ class Pack:
                 self._stacks.append(Stack(band, ops, weights, self._data, self._device))
         self._dirty = False
 
+    def _next_stack(self) -> Stack:
+        """The stack to train next: the one whose least-charged member has been charged least
+        (ties: the first stack, smallest batches)."""
+        return min(self._stacks, key=lambda st: min(m.charged for m in st.members))
+
     def _run_epoch(self) -> list[tuple[int, Outcome]]:
+        """One epoch of the next stack (`_next_stack`); (id, outcome) of its members that
+        ended."""
         if self._dirty:
             self._restack()
+        stack = self._next_stack()
         t0 = time.perf_counter()
-        trained = [stack.train_epoch() for stack in self._stacks]
+        loss_sum, hits, norms = stack.train_epoch()
         train_seconds = time.perf_counter() - t0
-        validated = [stack.evaluate() for stack in self._stacks]
-        seconds = self.epoch_seconds = time.perf_counter() - t0
+        val_loss, val_acc = stack.evaluate()
+        seconds = time.perf_counter() - t0
+        for m in stack.members:
+            m.share = seconds / len(stack.members)
+            m.charged += m.share
         n = len(self._data.train)
         ended: list[tuple[int, Outcome]] = []
-        members = [(m, stack, s, epoch, val) for stack, epoch, val in
-                   zip(self._stacks, trained, validated, strict=True)
-                   for s, m in enumerate(stack.members)]
-        for m, stack, s, (loss_sum, hits, norms), (val_loss, val_acc) in sorted(
-                members, key=lambda item: item[0].id):
+        for s, m in sorted(enumerate(stack.members), key=lambda item: item[1].id):
             if m.diverged:
                 ended.append((m.id, self._result(m, "diverged", m.diverged)))
                 continue

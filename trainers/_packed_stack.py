@@ -62,6 +62,10 @@ class Member:
     diverged: str = ""
     pending: list[list[torch.Tensor]] | None = None  # params, first, second, peak: unstacked
     network: str = ""  # `network_key`: members of one stack share it
+    # Fair share (`Pack._next_stack`): the seconds of its stack's epochs charged to it (each
+    # epoch's split evenly among the stack's members), and its part of the last one.
+    charged: float = 0.0
+    share: float = 0.0
     # Dropout: the member's stand-in for the global RNG `train` draws its masks from (its state
     # after the init, `rng_cpu`), and the masks of its current step, one per dropout layer.
     rng: torch.Generator | None = None

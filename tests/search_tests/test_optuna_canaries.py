@@ -238,7 +238,9 @@ def test_stale_trial_ids_are_optunas_own(sqlite_url, study_name):
     beating, silent = storage.create_new_trial(study_id), storage.create_new_trial(study_id)
     storage.record_heartbeat(silent)
     storage.record_heartbeat(beating)
-    time.sleep(1.5)
+    # SQLite's CURRENT_TIMESTAMP keeps whole seconds: only 2 s apart are two truncated clocks
+    # surely more than the 1 s grace apart (1.5 s failed in CI when it straddled one tick)
+    time.sleep(2.1)
     storage.record_heartbeat(beating)
     assert _compat.stale_trial_ids(storage, study_id) == [silent]
 

@@ -194,6 +194,23 @@ def test_a_member_added_mid_run_trains_as_alone():
         _same(out[i], train(config))
 
 
+def test_bands_take_turns_by_fair_share_so_a_cheap_band_ends_first():
+    """Two bands, one 32 times the other's batch size: the large batches' epochs are cheap, so
+    that member trains several while the small batches' trains one, and ends first (its slot
+    frees at its own pace, not the slowest band's), each still as it would alone."""
+    data = {"data.size": 2048}
+    slow, fast = _cfg(batch_size=16, epochs=4, **data), _cfg(batch_size=512, epochs=4, **data)
+    pack = Pack(2)
+    slow_epochs = []
+    ids = [pack.add(slow, on_epoch=lambda m: slow_epochs.append(m.epoch)), pack.add(fast)]
+    first = pack.run_until_free()
+    assert [i for i, _ in first] == [ids[1]]
+    assert len(slow_epochs) <= 2  # in lockstep it would have trained all 4 by now
+    out = dict(first) | _run(pack)
+    for i, config in zip(ids, (slow, fast), strict=True):
+        _same(out[i], train(config))
+
+
 def test_a_stopped_member_ends_alone_and_the_others_go_on():
     def stop_second(m):
         if m.epoch == 2:
