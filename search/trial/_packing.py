@@ -11,11 +11,12 @@ networks (a space searching the hidden layers) share the pack, each network in s
 own. A trial that cannot be packed (`trainers.pack_refusal`, other data or device than the
 pack's, or under `auto` a large model) runs alone, and the worker says why once.
 
-`--pack auto` packs up to `AUTO_PACK` trials of a small model; a trial of a model of
-`AUTO_MAX_PARAMETERS` or more runs alone. While the study is young the pack holds fewer: twice
-the study's finished trials, at least `RAMP_START` (`PackRunner.limit`), so the sampler learns
-from the first results before the pack fills with its picks (32 trials asked at once before any
-ended are 32 blind draws), and the first results come in a few trials' time, not a full pack's.
+`--pack auto` packs up to `AUTO_PACK_CPU` trials of a small model on a CPU, `AUTO_PACK` on a GPU;
+a trial of a model of `AUTO_MAX_PARAMETERS` or more runs alone. While the study is young the pack
+holds fewer: twice the study's finished trials, at least `RAMP_START` (`PackRunner.limit`), so
+the sampler learns from the first results before the pack fills with its picks (a full pack
+asked before any trial ended is blind draws), and the first results come in a few trials' time,
+not a full pack's.
 On a GPU the pack then grows: each time a full pack has trained, its peak memory and the GPU's
 utilization are read (`PackMeter`) and its capacity doubles while twice the pack still fits under
 the memory margin and the GPU is not busy (`grown_capacity`, the margins of `--trials-per-gpu
@@ -52,23 +53,29 @@ if TYPE_CHECKING:
 
 Told = tuple[Ended, "TrialOutcome | None"]  # a member told, and what the display shows of it
 
-# `--pack auto`: 32 small trials at once on a CPU (what packing gains there: the packing
-# section of benchmarks/README.md); a model this large fills the machine alone.
 LOG = logger("trial")
+# `--pack auto`: 32 small trials at once on a GPU (what packing gains: the packing section of
+# benchmarks/README.md), and 8 on a CPU, where the pack's trials share the cores, each at about
+# 1/K of its speed alone, so K sets how late the sampler hears of its picks: packs of 8 found
+# better configurations sooner than packs of 32 (its search-efficiency section); a model of
+# AUTO_MAX_PARAMETERS fills the machine alone.
 AUTO_PACK = 32
+AUTO_PACK_CPU = 8
 RAMP_START = 4  # `auto`: trials in the pack before any has finished
 AUTO_MAX_PARAMETERS = 1_000_000
 PACK_MAX = 256
 
 
-def auto_pack(config: trainers.TrainConfig) -> tuple[int, str]:
-    """K for `--pack auto` from a packable trial's model (1: its network runs alone), and why."""
+def auto_pack(config: trainers.TrainConfig, *, gpu: bool = False) -> tuple[int, str]:
+    """K for `--pack auto` from a packable trial's model (1: its network runs alone) and
+    whether it trains on a GPU (`AUTO_PACK`, else `AUTO_PACK_CPU`), and why."""
     data = trainers.data_for(config)
     model = trainers.prepare_model(config.model, config.init, data.input_shape,
                                    data.num_classes).model
     size = sum(p.numel() for p in model.parameters())
     if size < AUTO_MAX_PARAMETERS:
-        return AUTO_PACK, f"--pack auto: {size:,} parameters, {AUTO_PACK} trials at once"
+        k = AUTO_PACK if gpu else AUTO_PACK_CPU
+        return k, f"--pack auto: {size:,} parameters, {k} trials at once"
     return 1, (f"--pack auto: {size:,} parameters (at least {AUTO_MAX_PARAMETERS:,}): "
                "one trial at a time")
 
@@ -284,14 +291,15 @@ class PackRunner(TrialRunner):
         if refusal is None and self.auto:
             network = trainers.network_key(begun.config)
             if network not in self._large:
-                k, why = auto_pack(begun.config)
+                meter = meter_for(begun.device or "cpu")
+                k, why = auto_pack(begun.config, gpu=meter is not None)
                 self._large[network] = None if k > 1 else "--pack auto: a large model"
                 if k == 1 or self.capacity is None:
                     self._say(why)  # the size of the first network packed, or a large one
                 if k > 1 and self.capacity is None:
                     self.capacity = k
                     self.pack = trainers.Pack(k)
-                    self.meter = meter_for(begun.device or "cpu")
+                    self.meter = meter
             refusal = self._large[network]
         return refusal
 

@@ -163,7 +163,7 @@ def test_under_auto_a_large_network_runs_alone_and_the_small_ones_pack(tmp_path,
     del data["model"]["hidden"]
     result = _run(write_spec(tmp_path, data), url, tmp_path, "--pack", "auto")
     out = result.stdout + result.stderr
-    assert re.search(r"--pack auto: [\d,]+ parameters, 32 trials at once", out), out
+    assert re.search(r"--pack auto: [\d,]+ parameters, 8 trials at once", out), out
     assert re.search(r"--pack auto: 1,1\d\d,\d+ parameters \(at least 1,000,000\): one "
                      r"trial at a time", out), out
     assert out.count("cannot be packed") == 1, out
@@ -176,7 +176,8 @@ def test_under_auto_a_large_network_runs_alone_and_the_small_ones_pack(tmp_path,
 def test_killed_packed_worker_trials_resume_from_their_checkpoints(tmp_path, study_name):
     url = f"sqlite:///{tmp_path / 's.db'}"
     data = slow(study_name, tmp_path, trials=3, epochs=6)
-    # From the study file this time, as auto: a small model, 32 at once (all three trials).
+    # From the study file this time, as auto: a small model, 8 at once on a CPU (all three
+    # trials).
     data["run"]["pack"] = "auto"
     study, _ = create(url, data)
     first = start_worker(study_name, url, tmp_path)
@@ -189,7 +190,7 @@ def test_killed_packed_worker_trials_resume_from_their_checkpoints(tmp_path, stu
     second = start_worker(study_name, url, tmp_path)
     out, _ = second.communicate(timeout=240)
     assert second.returncode == 0, out
-    assert re.search(r"--pack auto: [\d,]+ parameters, 32 trials at once", out), out
+    assert re.search(r"--pack auto: [\d,]+ parameters, 8 trials at once", out), out
     assert count_trials(study).finished == 3  # the exact budget
     retries = [t for t in study.get_trials(states=(TrialState.COMPLETE,))
                if t.user_attrs.get("retried_from") is not None]
@@ -307,7 +308,7 @@ def test_an_auto_pack_grows_while_the_device_has_room(tmp_path, study_name, monk
     import search.trial._packing as packing
     from search.workers import run_worker
 
-    monkeypatch.setattr(packing, "AUTO_PACK", 2)  # where it starts (32 for a real small MLP)
+    monkeypatch.setattr(packing, "AUTO_PACK", 2)  # where a GPU pack starts (32 for a small MLP)
     monkeypatch.setenv("HPSEARCH_FAKE_GPU_MEMORY",
                        '{"total_mb": 1000, "per_worker_mb": 100, "util_per_worker": 1}')
     study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
@@ -331,7 +332,7 @@ def test_an_auto_pack_widens_as_the_study_finishes_trials(tmp_path, study_name, 
     import search.trial._packing as packing
     from search.workers import run_worker
 
-    monkeypatch.setattr(packing, "AUTO_PACK", 8)
+    monkeypatch.setattr(packing, "AUTO_PACK_CPU", 8)
     monkeypatch.setattr(packing, "RAMP_START", 2)
     study, spec = create(f"sqlite:///{tmp_path / 's.db'}", study_data(
         study_name, trials=14, epochs=2, size=256, space=SPACE))
