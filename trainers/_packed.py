@@ -19,10 +19,12 @@ member there.
 
 Stacks take turns by fair share (`_next_stack`): each epoch of a stack charges each of its
 members an equal part of its seconds, and the stack whose least-charged member has been charged
-least trains next; a member joins at the pack's least charge. So every member gets an equal share
-of the machine, as K trials run alone side by side would: a band of large batches runs several
-epochs while a band of small ones runs one, and its trials end (and free their slots for the
-sampler's next picks) at their own pace, not at the slowest band's.
+least trains next (on a tie, the one with the oldest member). A member joins at the pack's
+clock: the least charge of the members in it, or the charge of the last to end if that is more,
+so a trial that replaces one ended after a dear epoch does not jump the queue. So every member
+gets an equal share of the machine, as K trials run alone side by side would: a band of large
+batches runs several epochs while a band of small ones runs one, and its trials end (and free
+their slots for the sampler's next picks) at their own pace, not at the slowest band's.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class Pack:
         self._plans: dict[str, tuple[list[tuple[Any, ...]], list[int]]] = {}
         self._data: Any = None
         self._device = torch.device("cpu")
+        self._clock = 0.0  # fair share: the charge of the last member to end (`_next_stack`)
 
     def __len__(self) -> int:
         return len(self._members)
@@ -186,7 +189,8 @@ class Pack:
             self.key = pack_key(config)
             self._data, self._device = data, run.device
         member.network = network_key(config)
-        member.charged = min((m.charged for m in self._members.values()), default=0.0)
+        member.charged = max(self._clock, min((m.charged for m in self._members.values()),
+                                              default=0.0))
         if member.network not in self._plans:
             self._plans[member.network] = _plan(run.model)
         self._members[member.id] = member
@@ -220,6 +224,7 @@ class Pack:
         while not ended and self._members:
             ended = self._run_epoch()
         for member_id, _ in ended:
+            self._clock = max(self._clock, self._members[member_id].charged)
             del self._members[member_id]
             self._dirty = True
         if not self._members:
@@ -250,8 +255,9 @@ class Pack:
 
     def _next_stack(self) -> Stack:
         """The stack to train next: the one whose least-charged member has been charged least
-        (ties: the first stack, smallest batches)."""
-        return min(self._stacks, key=lambda st: min(m.charged for m in st.members))
+        (ties: the one with the oldest member)."""
+        return min(self._stacks, key=lambda st: (min(m.charged for m in st.members),
+                                                 min(m.id for m in st.members)))
 
     def _run_epoch(self) -> list[tuple[int, Outcome]]:
         """One epoch of the next stack (`_next_stack`); (id, outcome) of its members that

@@ -211,6 +211,26 @@ def test_bands_take_turns_by_fair_share_so_a_cheap_band_ends_first():
         _same(out[i], train(config))
 
 
+def test_trials_that_replace_ended_ones_do_not_starve_a_cheap_band():
+    """A slot of small batches refilled after each of its one-epoch trials ends: a new trial
+    joins at the charge of the one it replaces, so the large batches' member, charged less,
+    trains before it (joining at the least charge, with ties to small batches, it never would)."""
+    data = {"data.size": 2048}
+    fast = _cfg(batch_size=512, epochs=4, **data)
+    pack = Pack(2)
+    fast_id = pack.add(fast)
+    pack.add(_cfg(batch_size=16, epochs=1, **data))
+    refills = 0
+    while refills < 8:
+        ended = dict(pack.run_until_free())
+        if fast_id in ended:
+            break
+        refills += 1
+        pack.add(_cfg(batch_size=16, epochs=1, seed=refills, **data))
+    assert fast_id in ended and refills <= 3, refills
+    _same(ended[fast_id], train(fast))
+
+
 def test_a_stopped_member_ends_alone_and_the_others_go_on():
     def stop_second(m):
         if m.epoch == 2:
