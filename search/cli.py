@@ -173,9 +173,9 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
                         help="stop starting trials after this many seconds")
     parser.add_argument("--pack", type=_pack, metavar="K|auto",
                         help="train up to K trials at once in each worker as one batched model "
-                             "(small MLPs; others run one at a time); auto: 32 for models "
-                             "under 1M parameters, larger ones one at a time, grown on a GPU "
-                             "while it fits; "
+                             "(small MLPs; others run one at a time); auto: 8 on a CPU, 32 "
+                             "on a GPU for models under 1M parameters, larger ones one at a "
+                             "time, grown on a GPU while it fits; "
                              "overrides run.pack")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run the workers as Ray actors on a Ray cluster: auto, "
