@@ -21,7 +21,7 @@ ratio of N=10,000 to N=1,000 (10 is linear).
 
     .venv/bin/python benchmarks/many_trials.py [--sizes 1000,10000] [--rounds 3] [--asks 25]
         [--parts asks,views] [--profile N]
-    (--profile: cProfile of the later asks at N trials with trim=off, the top 25 functions)
+    (--profile: cProfile of the later asks at N trials with trim=on, the top 25 functions)
 """
 
 from __future__ import annotations
@@ -290,10 +290,11 @@ def run(sizes: list[int], rounds: int, asks: int, profile_at: int | None,
             for n in sizes:
                 for trim in (True, False) if "asks" in parts else ():
                     arm = f"trim={'on' if trim else 'off'}"
-                    prof = cProfile.Profile() if (profile_at == n and not trim and r == 0) else None
+                    prof = cProfile.Profile() if (profile_at == n and trim and r == 0) else None
                     got = summary(ask_times(urls[n], spec, asks, rng, trim=trim, profile=prof))
                     if prof is not None:
                         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+                        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
                     print(f"round={r} n={n} {arm} " + " ".join(
                         f"{k}={v:.1f}" for k, v in got.items()), flush=True)
                     for k, v in got.items():

@@ -10,10 +10,13 @@ them, so that group is the one the whole history gives) and the most recent fini
 to `HISTORY_LIMIT`, with every unfinished trial (the constant liar's). At or under the limit it
 sees the very list it would without the wrapper: a study of the shipped studies' sizes (at
 most 1,000 trials) samples exactly as before. Multi-objective studies are never trimmed.
+A worker's sampler carries the trimmed history from ask to ask (`History`): it looks only at the
+trials new since its last ask, so a later ask costs the same at 10,000 trials as at 1,000.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import heapq
 from collections.abc import Container
@@ -25,7 +28,7 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage._compat import storage_of
+from search.storage._compat import storage_of, study_id_of
 from search.storage._grouped import TrialsView
 
 HISTORY_LIMIT = 1000  # finished trials TPE sees in full: every shipped study stays under it
@@ -47,6 +50,68 @@ def trimmed(trials: list[FrozenTrial], direction: StudyDirection) -> list[Frozen
     keep.update(recent[len(recent) - (HISTORY_LIMIT - len(keep)):])
     return [t for i, (t, state) in enumerate(zip(trials, states, strict=True))
             if i in keep or not state.is_finished()]
+
+
+class History:
+    """`trimmed`, kept up to date as one study's list grows: what a worker's sampler is shown
+    at each ask, at a cost that grows with the kept trials and the new ones, not the study's.
+
+    A worker reads its study's list again at every ask, in number order (trial `i` at index
+    `i`); its finished trials never change. So the finished trials' numbers, the best
+    `KEEP_BEST` completed (a heap) and the unfinished ones are carried from one list to the
+    next, and only the trials new since the last list, or unfinished in it, are looked at.
+    The list given is equal to `trimmed`'s, trial for trial (a test compares them); a list
+    shorter than the last, or whose new trials, first or last are not at their numbers' places,
+    is trimmed whole and starts afresh."""
+
+    def __init__(self, direction: StudyDirection) -> None:
+        self.sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.looked = 0  # trials[:looked] are known
+        self.unfinished: list[int] = []  # of those, the numbers of the unfinished ones
+        self.finished: list[int] = []  # and of the finished ones, in order
+        # The best completed: the KEEP_BEST least (sign x value, number), as a max-heap.
+        self.best: list[tuple[float, int]] = []
+
+    def _add(self, trial: FrozenTrial, i: int) -> None:
+        if not trial.state.is_finished():
+            self.unfinished.append(i)
+            return
+        bisect.insort(self.finished, i)
+        if trial.state == TrialState.COMPLETE and trial.values:
+            item = (-self.sign * trial.values[0], -i)
+            if len(self.best) < KEEP_BEST:
+                heapq.heappush(self.best, item)
+            elif item > self.best[0]:
+                heapq.heapreplace(self.best, item)
+
+    def kept(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """`trimmed(trials, direction)`, from what the earlier lists left."""
+        n = len(trials)
+        waiting, self.unfinished = self.unfinished, []
+        new = [*waiting, *range(self.looked, n)]
+        if n < self.looked or any(trials[i].number != i for i in {0, self.looked - 1, n - 1, *new}
+                                  if 0 <= i < n):  # not the list it grew from: trimmed whole
+            self._reset()
+            return trimmed(trials, StudyDirection.MINIMIZE if self.sign > 0
+                           else StudyDirection.MAXIMIZE)
+        for i in new:
+            self._add(trials[i], i)
+        self.looked = n
+        if len(self.finished) <= HISTORY_LIMIT:
+            return trials
+        keep = {-i for _, i in self.best}
+        room = HISTORY_LIMIT - len(keep)
+        for i in reversed(self.finished):
+            if room == 0:
+                break
+            if i not in keep:
+                keep.add(i)
+                room -= 1
+        keep.update(self.unfinished)
+        return [trials[i] for i in sorted(keep)]
 
 
 class RecentStorage(TrialsView):
@@ -71,6 +136,15 @@ class TrimmedSampler(BaseSampler):
         self.sampler = sampler
         # The current trial's: (the study, what TPE is shown of it: the study or a view).
         self._view: tuple[optuna.Study, optuna.Study] | None = None
+        # The study's trimmed history, carried from ask to ask: (its storage, its id, History).
+        self._history: tuple[Any, int, History] | None = None
+
+    def _history_of(self, study: optuna.Study) -> History:
+        storage, study_id = storage_of(study), study_id_of(study)
+        if (self._history is None or self._history[0] is not storage
+                or self._history[1] != study_id):
+            self._history = (storage, study_id, History(study.direction))
+        return self._history[2]
 
     def _seen(self, study: optuna.Study) -> optuna.Study:
         # Decided once a trial, at its first sample: up to the limit TPE is handed the study
@@ -80,7 +154,7 @@ class TrimmedSampler(BaseSampler):
         seen = study
         if len(study.directions) == 1:
             trials = study.get_trials(deepcopy=False)
-            kept = trimmed(trials, study.direction)
+            kept = self._history_of(study).kept(trials)
             if kept is not trials:
                 seen = optuna.Study(study_name=study.study_name,
                                     storage=RecentStorage(storage_of(study), kept),

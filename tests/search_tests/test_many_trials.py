@@ -14,6 +14,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from search.storage import (
+    _trimmed,
     open_storage,
     shared_study,
     storage_of,
@@ -22,7 +23,13 @@ from search.storage import (
 )
 from search.storage._compat import backend_of
 from search.storage._reader import ReadingStorage, reading
-from search.storage._trimmed import HISTORY_LIMIT, KEEP_BEST, TrimmedSampler, trimmed
+from search.storage._trimmed import (
+    HISTORY_LIMIT,
+    KEEP_BEST,
+    History,
+    TrimmedSampler,
+    trimmed,
+)
 
 X = FloatDistribution(0.0, 1.0)
 
@@ -177,6 +184,44 @@ def test_past_the_limit_tpe_keeps_the_best_the_recent_and_the_running(direction:
     assert sorted(good, key=lambda t: t.value, reverse=direction == "maximize")[:25] == (
         best[:25])
     assert kept[-3].number == 2999  # the most recent finished trial
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_a_history_carried_from_ask_to_ask_is_the_trimmed_list(
+        direction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a worker's list grows (new trials, running ones that end, ties in value), `History`
+    gives what `trimmed` gives of each list, the very trial objects in the same order."""
+    monkeypatch.setattr(_trimmed, "HISTORY_LIMIT", 40)
+    monkeypatch.setattr(_trimmed, "KEEP_BEST", 6)
+    direction_ = optuna.study.StudyDirection[direction.upper()]
+    rng = random.Random(5)
+    history, trials, crossed = History(direction_), [], False
+
+    def ended(i: int) -> FrozenTrial:
+        if rng.random() < 0.5:
+            t = create_trial(state=TrialState.PRUNED, params={"x": 0.5}, distributions={"x": X})
+        else:  # few distinct values: ties are broken as `trimmed` breaks them
+            t = create_trial(value=rng.choice([0.1, 0.2, 0.3, 0.4]), params={"x": 0.5},
+                             distributions={"x": X})
+        t.number = i
+        return t
+
+    for _ in range(60):
+        for i, t in enumerate(trials):  # some running trials end
+            if not t.state.is_finished() and rng.random() < 0.4:
+                trials[i] = ended(i)
+        for _ in range(rng.randrange(0, 4)):  # new ones start, some ended at once
+            t = create_trial(state=TrialState.RUNNING, params={"x": 0.5},
+                             distributions={"x": X})
+            t.number = len(trials)
+            trials.append(t if rng.random() < 0.3 else ended(len(trials)))
+        listed = list(trials)
+        got, want = history.kept(listed), trimmed(listed, direction_)
+        assert [id(t) for t in got] == [id(t) for t in want]
+        crossed |= got is not listed
+    assert crossed  # the limit was passed: trimming ran
+    shuffled = list(reversed(trials))  # not a list it grew from: trimmed whole
+    assert history.kept(shuffled) == trimmed(shuffled, direction_)
 
 
 def _asked(sampler: optuna.samplers.BaseSampler, trials: list[FrozenTrial]) -> list[dict]:
