@@ -21,8 +21,11 @@ workers start together, after all are set up); start/finish: a trial asked (budg
 trial created with its first beat) and told (TrialRunner.ask / .tell); server_conns: the peak
 of pg_stat_activity for the run's database during the run; errors: workers that could not start
 or ended on an exception; killed/retried: the killed workers, and how many of their trials a
-retry took up; locks_left: advisory locks still held in the run's database once the workers are
-gone; cores_*: CPU seconds per second of the run, of the worker processes, of every PostgreSQL
+retry took up; fails: trials failed as stale (a killed worker's, or one whose heartbeats came
+later than the grace), failed: those of them no retry took up; locks_left: advisory locks
+still held in the run's database once the workers are gone (read again for up to 15 s: a start
+in flight at the cut holds its lock until it ends);
+cores_*: CPU seconds per second of the run, of the worker processes, of every PostgreSQL
 process (this machine's other users' included) and of PgBouncer or the proxy; cut: workers
 still running at the run's time limit (`--run-s`): then under_budget is what the time left
 undone, not the budget missed; load1: the machine's load average as the run ended; rollbacks:
@@ -499,10 +502,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def locks_left(database: str) -> int:
-    """Advisory locks held in `database` (the budget lock's kind) by anyone still connected."""
-    return admin("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                 f"WHERE l.locktype = 'advisory' AND d.datname = '{database}'")[0][0]
+def locks_left(database: str, settle_s: float = 15) -> int:
+    """Advisory locks held in `database` (the budget lock's kind) by anyone still connected,
+    once the workers are gone: a start the proxy was serving at the cut holds its lock until
+    it ends, so the count is read again for up to `settle_s` until it is 0."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        held = admin("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                     f"WHERE l.locktype = 'advisory' AND d.datname = '{database}'")[0][0]
+        if held == 0 or time.monotonic() > deadline:
+            return held
+        time.sleep(0.5)
 
 
 def tally(url: str, name: str, budget: int, killed: dict[int, int]) -> dict[str, Any]:
@@ -525,6 +535,7 @@ def tally(url: str, name: str, budget: int, killed: dict[int, int]) -> dict[str,
     return {"trials_per_s": len(done) / span if span else math.nan,
             "over": max(0, len(done) - budget), "under": max(0, budget - len(done)),
             "failed": failed - len(retried_numbers & {t.number for t in trials}),
+            "fails": failed,
             "retried": len(set(killed.values()) & retried_numbers)}
 
 
@@ -568,7 +579,7 @@ def line(path: str, workers: int, f: dict[str, Any]) -> str:
             f"p50_start_ms={f['p50_start']:.1f} p50_finish_ms={f['p50_finish']:.1f} "
             f"p99_finish_ms={f['p99_finish']:.1f} server_conns={f['conns']} "
             f"budget={f['budget']} killed={f['killed']} retried={f['retried']} "
-            f"failed={f['failed']} rss_mb_max={f['rss_mb']:.0f} "
+            f"failed={f['failed']} fails={f['fails']} rss_mb_max={f['rss_mb']:.0f} "
             f"cores_workers={f['cores_workers']:.2f} cores_postgres={f['cores_postgres']:.2f} "
             f"cores_path={f['cores_path']:.2f} cut={f['cut']} load1={f['load']:.1f} "
             f"rollbacks={f['rollbacks']}")

@@ -35,6 +35,7 @@ from search.storage._compat import (
     cache_started_trial,
     quiet_experimental,
     session,
+    shared_reads_cache,
     stale_trial_ids,
     trial_id_of,
 )
@@ -43,8 +44,9 @@ from search.storage._locks import Lock, budget_lock
 from search.storage._open import open_storage
 from search.storage._proxy import proxy_server
 from search.storage._proxy_client import SERVICE, VERSION, decode, encode
+from search.storage._reader import reading
 from search.storage._retry import is_connection_error
-from search.storage._tables import count_states, first_heartbeat
+from search.storage._tables import count_states, first_heartbeat, record_heartbeats
 from search.storage._trial_start import take_waiting, worker_view
 
 LOG = logger("storage")
@@ -53,6 +55,7 @@ SCAN_EVERY_S = 1.0  # a study's stale scan at most this often: workers waiting a
 # (its worker asks again shortly), so the server's other threads stay free for Optuna's calls
 # (reports, tells) and heartbeats: hundreds of workers starting trials never take them all.
 LOCK_WAITERS = 4
+KEPT_ERRORS = 64  # a failed heartbeat batch's error is kept for this many later batches' time
 
 
 @dataclass
@@ -84,6 +87,51 @@ class _Study:
             self.waiters.release()
 
 
+class _Beats:
+    """Workers' heartbeats written together: a Beat call's trial ids join the next batch, one
+    statement for every id gathered while the last batch was written (`record_heartbeats`), and
+    the call returns once its batch is committed. The first caller to find no batch in flight
+    writes one; the others wait for theirs. Hundreds of workers beating each cost the proxy a
+    statement a batch, not a transaction each. A batch that fails raises in each of its calls."""
+
+    def __init__(self, write: Callable[[list[int]], None]) -> None:
+        self.write = write
+        self.cond = threading.Condition()
+        self.pending: set[int] = set()
+        self.begun = 0  # batches begun; batch k+1 holds what came in while k was written
+        self.ended = 0  # the last batch written (or failed)
+        self.writing = False
+        self.failed: dict[int, BaseException] = {}  # batch number → its error (a few kept)
+
+    def beat(self, trial_ids: list[int]) -> None:
+        with self.cond:
+            self.pending.update(trial_ids)
+            mine = self.begun + 1  # the next batch to begin holds these ids
+            while self.ended < mine:
+                if self.writing:
+                    self.cond.wait()
+                    continue
+                batch, self.pending = sorted(self.pending), set()
+                self.begun += 1
+                number, self.writing = self.begun, True
+                self.cond.release()
+                error: BaseException | None = None
+                try:
+                    self.write(batch)
+                except BaseException as e:  # noqa: BLE001 - handed to this batch's callers
+                    error = e
+                finally:
+                    self.cond.acquire()
+                    self.writing, self.ended = False, number
+                    self.failed.pop(number - KEPT_ERRORS, None)
+                    if error is not None:
+                        self.failed[number] = error
+                    self.cond.notify_all()
+            error = self.failed.get(mine)
+        if error is not None:
+            raise error
+
+
 class WorkerService:
     """hpsearch's worker methods over the proxy's RDB storage at `url`."""
 
@@ -96,6 +144,7 @@ class WorkerService:
         self._studies: dict[int, _Study] = {}
         self._views: dict[tuple[int, int | None], RDBStorage] = {}
         self._guard = threading.Lock()
+        self._beats = _Beats(lambda ids: record_heartbeats(self.backend, ids))
 
     def methods(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {"Hello": self.hello, "StartTrial": self.start_trial, "Beat": self.beat,
@@ -134,8 +183,7 @@ class WorkerService:
         ids = request.get("trial_ids")
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ValueError("trial_ids: expected a list of trial ids")
-        for trial_id in ids:
-            self.backend.record_heartbeat(trial_id)
+        self._beats.beat(ids)
         return {}
 
     def stale(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +293,8 @@ def serve_proxy(url: str | None, *, serving: Serving, port: int) -> None:
     url = resolve_url(url)
     if is_proxy(url):
         raise SpecError("--storage: the proxy serves a database URL, not another proxy")
-    storage = optuna.storages.get_storage(open_storage(url))  # cached, as Optuna advises
+    # Cached, as Optuna advises; trials read in two queries, re-reads shared between threads.
+    storage = shared_reads_cache(reading(open_storage(url)))
     server = proxy_server(storage, serving, port)
     add_worker_service(server, storage, url)
     scheme = "grpcs" if serving.tls else "grpc"

@@ -1,8 +1,9 @@
 """Fast writes and counts on Optuna's RDB tables, each with Optuna's public call as its fallback.
 
 Owns: all of a running trial's attributes (and artifact links) in one transaction, a trial's
-first heartbeat, and the one `GROUP BY` that counts a study's trials by state. Optuna's public
-calls take a transaction per attribute and a full trial listing to count.
+first heartbeat, many trials' heartbeats in one statement, and the one `GROUP BY` that counts a
+study's trials by state. Optuna's public calls take a transaction per attribute and a full
+trial listing to count.
 
 hpsearch's own writes to a running trial commit without waiting for PostgreSQL's WAL flush
 (`synchronous_commit = off` for that transaction only): each is followed by a synchronous commit
@@ -23,6 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from search.storage import _compat
 from search.storage._compat import quiet_experimental, rdb_backend, session, trial_id_of
@@ -128,6 +130,28 @@ def first_heartbeat(storage: Any, trial_id: int) -> None:
         return
     with _trial_write(backend, trial_id) as conn:
         conn.execute(upsert.values(trial_id=trial_id, heartbeat=server_clock(dialect)))
+
+
+def record_heartbeats(storage: Any, trial_ids: list[int]) -> None:
+    """Heartbeats of many trials, now, in one statement where the storage allows it (the storage
+    proxy's workers' beats, gathered: `_proxy_methods`); else, or when one of the ids spoils
+    the statement (not a trial's), Optuna's `record_heartbeat` for each, which passes over such
+    an id as it always has."""
+    backend = rdb_backend(storage)
+    dialect = backend.engine.dialect.name if backend else ""
+    upsert = backend and _upsert_statement(dialect, _compat.models.TrialHeartbeatModel,
+                                           ["trial_id"], "heartbeat")
+    ids = sorted(set(trial_ids))  # in one order: two batches never deadlock on their rows
+    if upsert is not None and ids:
+        try:
+            with session(backend) as s:
+                s.connection().execute(upsert.values(
+                    [{"trial_id": i, "heartbeat": server_clock(dialect)} for i in ids]))
+            return
+        except (IntegrityError, optuna.exceptions.StorageInternalError):
+            pass  # an id that is not a trial's: each on its own below
+    for trial_id in ids:
+        storage.record_heartbeat(trial_id)
 
 
 def count_states(conn: Any, study_id: int) -> dict[TrialState, int]:

@@ -1,0 +1,153 @@
+"""The storage proxy under many workers: its threads share their re-reads of a study, and its
+workers' heartbeats are written together, with nothing a worker would see alone lost or late."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.distributions import FloatDistribution
+
+from search.storage import _compat, open_storage
+from search.storage._compat import backend_of, shared_reads_cache
+from search.storage._proxy_methods import _Beats
+from search.storage._reader import ReadingStorage, reading
+from search.storage._tables import record_heartbeats
+
+X = FloatDistribution(0.0, 1.0)
+
+
+def test_concurrent_reads_share_a_read_begun_after_they_came_in(
+        sqlite_url: str, study_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve threads read the study while another adds trials: every read holds each trial
+    added before it began, and the reads share the database's: fewer of them than calls."""
+    backend = reading(open_storage(sqlite_url))
+    assert isinstance(backend, ReadingStorage)
+    # The writer: another client, Optuna's own storage (its reads are not the cache's).
+    study = optuna.create_study(study_name=study_name,
+                                storage=optuna.storages.RDBStorage(sqlite_url))
+    cache = shared_reads_cache(backend)
+    study_id = cache.get_study_id_from_name(study_name)
+    reads = []
+    real = ReadingStorage._get_trials
+
+    def slow(self, *args, **kwargs):
+        reads.append(1)
+        time.sleep(0.05)  # a read long enough for calls to pile up behind it
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReadingStorage, "_get_trials", slow)
+    added: list[int] = []  # numbers of trials whose creation ended, in order
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            trial = study.ask()
+            added.append(trial.number)
+            time.sleep(0.005)
+
+    def reader() -> list[str]:
+        problems = []
+        for _ in range(15):
+            before = len(added)  # these trials exist before this call
+            seen = {t.number for t in cache.get_all_trials(study_id, deepcopy=False)}
+            missing = set(added[:before]) - seen
+            if missing:
+                problems.append(f"missing {sorted(missing)[:5]}")
+        return problems
+
+    writing = threading.Thread(target=writer)
+    writing.start()
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: reader(), range(12)))
+    finally:
+        stop.set()
+        writing.join()
+    assert [p for r in results for p in r] == []
+    assert len(added) > 10
+    assert len(reads) < 12 * 15 / 2, len(reads)  # shared: fewer than half the 180 calls
+
+
+def test_beats_are_written_in_batches_and_each_call_returns_once_its_own_is() -> None:
+    written: set[int] = set()
+    batches: list[list[int]] = []
+
+    def write(ids: list[int]) -> None:
+        time.sleep(0.01)
+        batches.append(ids)
+        written.update(ids)
+
+    beats = _Beats(write)
+
+    def beat(trial_id: int) -> bool:
+        beats.beat([trial_id])
+        return trial_id in written
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(beat, range(200)))
+    assert sorted(i for b in batches for i in b) == list(range(200))  # each once
+    assert len(batches) < 100, len(batches)
+
+
+def test_a_batch_that_fails_raises_in_each_of_its_calls() -> None:
+    def write(ids: list[int]) -> None:
+        raise ConnectionError("server went away")
+
+    beats = _Beats(write)
+    with pytest.raises(ConnectionError, match="went away"):
+        beats.beat([1])
+    beats.write = lambda ids: None
+    beats.beat([2])  # the next batch is written as usual
+
+
+def _beats(engine: sa.Engine, ids: list[int]) -> dict:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT trial_id, heartbeat FROM trial_heartbeats WHERE trial_id IN "
+            f"({', '.join(map(str, ids))})")).all())
+
+
+@pytest.mark.parametrize("url", ["sqlite_url", "postgres_url"])
+def test_heartbeats_of_many_trials_in_one_statement(url: str, study_name: str,
+                                                    request: pytest.FixtureRequest) -> None:
+    storage = open_storage(request.getfixturevalue(url), heartbeat_interval=60)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    ids = [study.ask()._trial_id for _ in range(3)]
+    engine = backend_of(storage).engine
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda *args: statements.append(args[2]))
+    record_heartbeats(storage, ids)
+    assert sum("trial_heartbeats" in s for s in statements) == 1  # one statement, 3 rows
+    beats = _beats(engine, ids)
+    assert set(beats) == set(ids)
+    record_heartbeats(storage, [*ids, 987654])  # not a trial: passed over, the others beat
+    again = _beats(engine, ids)
+    assert all(again[i] >= beats[i] for i in ids)
+
+
+def test_the_services_trials_are_optunas_own_as_trials_change(sqlite_url: str,
+                                                              study_name: str) -> None:
+    """GetTrials keeps a trial's message while the trial is unchanged; a trial that changes
+    (a report, its end) is answered anew, message for message as Optuna's own service."""
+    from optuna.storages._grpc.auto_generated import api_pb2
+
+    storage = shared_reads_cache(reading(open_storage(sqlite_url)))
+    ours, optunas = _compat._storage_service_class()(storage), _compat._grpc_part(0)(storage)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    request = api_pb2.GetTrialsRequest(study_id=study._study_id, trial_id_greater_than=-1)
+    running = [study.ask() for _ in range(3)]
+    for step in range(3):
+        for trial in running:
+            trial.suggest_float(f"x{step}", 0.0, 1.0)
+            trial.report(0.1 * step, step)
+        for _ in range(2):  # the second time from the kept messages
+            assert ours.GetTrials(request, None) == optunas.GetTrials(request, None)
+    study.tell(running[0], 0.5)
+    assert ours.GetTrials(request, None) == optunas.GetTrials(request, None)
+    assert ours.GetTrials(request, None).trials[0].state == api_pb2.COMPLETE
