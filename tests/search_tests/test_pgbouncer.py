@@ -26,6 +26,7 @@ from search.spec import parse_spec
 from search.storage import (
     BudgetReached,
     DatabaseLock,
+    _locks,
     budget_lock,
     count_trials,
     on_started,
@@ -226,6 +227,42 @@ def test_a_holder_killed_while_holding_frees_the_lock_within_seconds(path, reque
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+@pytest.mark.parametrize("path", ["pgbouncer", "direct"])
+def test_a_waiter_sees_who_holds_the_lock_and_gives_up_only_on_one_holder(
+        path, request, monkeypatch):
+    """The lock changing hands keeps a waiter waiting past the 300 s (here 1 s) a single holder
+    may keep it; the same holder all that time ends the wait with TimeoutError."""
+    url = request.getfixturevalue("bouncer" if path == "pgbouncer" else "postgres_url")
+    key = f"hpsearch:t-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setattr(_locks, "_PG_WAIT_S", 1.0)
+    monkeypatch.setattr(_locks, "_PG_HOLDER_EVERY_S", 0.2)
+    first, second = DatabaseLock(url, key), DatabaseLock(url, key)
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            holder = _locks._holder(conn, key, own_transaction=False)
+            assert holder() is None  # free
+            first.acquire()
+            one = holder()
+            assert one is not None and holder() == one
+            first.release()
+            second.acquire()
+            assert holder() not in (None, one)  # another transaction holds it now
+            second.release()
+    finally:
+        engine.dispose()
+
+    seen = iter(range(10**6))  # a new holder at every look: waited for as long as it changes
+    tries = _locks._tries(key, lambda: next(seen))
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        next(tries)
+    stuck = _locks._tries(key, lambda: (4242, "one transaction"))  # the same holder throughout
+    with pytest.raises(TimeoutError, match="one holder has kept it"):
+        while time.monotonic() - started < 10:
+            next(stuck)
 
 
 @pytest.mark.serial  # three workers killed and timed by the second: alone
