@@ -20,8 +20,8 @@ LINE = re.compile(
     r"over_budget=(?P<over>\d+) under_budget=(?P<under>\d+) locks_left=(?P<locks>\d+) "
     r"errors=(?P<errors>\d+) p50_start_ms=[\d.]+ p50_finish_ms=[\d.]+ p99_finish_ms=[\d.]+ "
     r"server_conns=(?P<conns>\d+) budget=30 killed=(?P<killed>\d+) retried=(?P<retried>\d+) "
-    r"failed=(?P<failed>\d+) rss_mb_max=\d+ cores_workers=[\d.]+ cores_postgres=[\d.]+ "
-    r"cores_path=[\d.]+ cut=(?P<cut>\d+) load1=[\d.]+ "
+    r"failed=(?P<failed>\d+) fails=(?P<fails>\d+) rss_mb_max=\d+ cores_workers=[\d.]+ "
+    r"cores_postgres=[\d.]+ cores_path=[\d.]+ cut=(?P<cut>\d+) load1=[\d.]+ "
     r"rollbacks=\d+$", re.MULTILINE)
 
 
@@ -41,4 +41,5 @@ def test_scale_benchmark_ten_workers_direct():
     assert (got["over"], got["under"], got["locks"], got["errors"], got["cut"]) == (
         0, 0, 0, 0, 0), said
     assert (got["killed"], got["retried"], got["failed"]) == (1, 1, 0), said
+    assert got["fails"] >= 1, said  # the killed worker's trial, failed as stale
     assert got["conns"] > 0, said  # sampled while the workers ran
