@@ -63,6 +63,15 @@ def fit(params, trial):
         trial.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         trial.checkpointed()  # (nothing to save but the reports, which a retry resumes after)
 '''
+# The same trial, whose epoch 2 waits (up to 120 s) for the file `proxy-down` next to it before
+# it reports: the report is made while the test holds the proxy down.
+GATED_FIT = FIT.replace("        time.sleep(0.3)\n", """        time.sleep(0.3)
+        gate, waited = __import__("pathlib").Path(__file__).with_name("proxy-down"), 0.0
+        while epoch == 2 and not gate.exists() and waited < 120:
+            time.sleep(0.1)
+            waited += 0.1
+""")
+assert GATED_FIT != FIT
 
 
 def spec_data(name: str, tmp_path: Path, *, trials: int, epochs: int) -> dict:
@@ -323,12 +332,13 @@ def test_a_killed_workers_trial_is_retried_through_the_proxy(proxy_command, post
 
 @pytest.mark.serial
 def test_a_worker_waits_out_a_proxy_restart(postgres_url, study_name, tmp_path, token):
-    """The proxy stopped while a worker's trial runs and started again on its address a few
-    seconds later: the worker's calls meet UNAVAILABLE, which it waits out as a lost database
-    connection, and the budget finishes exactly."""
+    """The proxy stopped while a worker's trial runs (its report of epoch 2 waits for that) and
+    started again on its address a few seconds later: the worker's calls meet UNAVAILABLE,
+    which it waits out as a lost database connection, and the budget finishes exactly."""
     port, env = free_port(), _env(tmp_path)
     with storage_proxy(postgres_url, tmp_path, env=env, port=port) as url:
         _create(url, spec_data(study_name, tmp_path, trials=3, epochs=6))
+        (tmp_path / "fit_proxy.py").write_text(GATED_FIT)  # epoch 2 reports into the outage
         direct = optuna.load_study(study_name=study_name, storage=postgres_url)
         worker = subprocess.Popen([HPSEARCH, "worker", study_name, "--storage", url, "--gpus",
                                    "none"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -343,6 +353,7 @@ def test_a_worker_waits_out_a_proxy_restart(postgres_url, study_name, tmp_path, 
             worker.kill()
             raise
     try:
+        (tmp_path / "proxy-down").touch()  # the first trial's epoch 2 reports now, and fails
         time.sleep(3)  # the proxy is down: the worker's next calls fail
         with storage_proxy(postgres_url, tmp_path, env=env, port=port):
             out, _ = worker.communicate(timeout=180)
