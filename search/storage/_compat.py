@@ -274,7 +274,7 @@ def _storage_service_class() -> type:
 
         def _message(self, trial: Any) -> Any:
             kept = self._messages.get(trial._trial_id)
-            if kept is not None and (kept[0] is trial or kept[0] == trial):
+            if kept is not None and (kept[0] is trial or _same_trial(kept[0], trial)):
                 return kept[1]
             message = to_proto(trial)
             self._messages[trial._trial_id] = (trial, message)
@@ -290,6 +290,22 @@ def _storage_service_class() -> type:
                                  if t._trial_id > after or t._trial_id in included])
 
     return StorageService
+
+
+def _same_trial(a: Any, b: Any) -> bool:
+    """FrozenTrial's `==`, field by field through its properties. Its own `__eq__` compares the
+    two objects' `__dict__`s, and on CPython 3.11 asking for an object's `__dict__` while other
+    threads do too can leave two dicts over one array of attribute values (the dict is made in
+    an allocation that may run the garbage collector, and so other threads, before the object
+    records it): the first dict freed frees the array under the other. The storage proxy
+    crashed so (SIGSEGV in the collector, a FrozenTrial's attributes overwritten) with 1,000
+    workers."""
+    return (a.number == b.number and a.state == b.state and a.values == b.values
+            and a.datetime_start == b.datetime_start
+            and a.datetime_complete == b.datetime_complete and a.params == b.params
+            and a.distributions == b.distributions and a.user_attrs == b.user_attrs
+            and a.system_attrs == b.system_attrs
+            and a.intermediate_values == b.intermediate_values)
 
 
 def storage_service_methods() -> list[str]:

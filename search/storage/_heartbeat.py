@@ -32,6 +32,7 @@ from search.storage._retry import is_connection_error
 from search.storage._tables import first_heartbeat
 
 LOG = logger("storage")
+LATE_ROUNDS = 10  # the stop check waits at most this many rounds of late beats
 
 
 class WorkerHeartbeat:
@@ -50,20 +51,27 @@ class WorkerHeartbeat:
                                      if heartbeat_enabled(self.storage) else None)
         self._trial_ids: set[int] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set to beat now (and by `close`, to end)
+        self._late = 0  # beats in a row that came back late, so the stop check was put off
         self._thread: threading.Thread | None = None
         self._last_check = -float("inf")
         self._warned = False
         # Set when `hpsearch stop` asks this study's workers to stop (read at each beat).
         self.stop = threading.Event()
 
-    def begin(self, trial_id: int, *, written: bool = False) -> None:
+    def begin(self, trial_id: int, *, written: bool = False, since: float | None = None
+              ) -> None:
         """The trial's first beat, written before this returns (unless the trial's creation
-        `written` it: search.storage._trial_start); later ones from the thread."""
+        `written` it: search.storage._trial_start, no earlier than `since`, a monotonic time);
+        later ones from the thread, at once if that first beat is already half an interval
+        old (a start held up by a busy storage)."""
         if self.interval is None:
             return
         if not written:
             first_heartbeat(self.storage, trial_id)
         self._trial_ids = self._trial_ids | {trial_id}  # a new set: the thread reads a snapshot
+        if written and since is not None and time.monotonic() - since > self.interval / 2:
+            self._wake.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="hpsearch-heartbeat",
                                             daemon=True)
@@ -76,6 +84,7 @@ class WorkerHeartbeat:
     def close(self) -> None:
         self._trial_ids = set()
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -104,14 +113,31 @@ class WorkerHeartbeat:
         self._last_check = time.monotonic()
 
     def _beat(self) -> None:
+        """A beat for each trial every interval, counted from one round's start to the next
+        (a round that takes longer is followed by the next at once), then the check for
+        `hpsearch stop`. When the beats came back late (more than half an interval), the
+        check waits for a round that does not, up to LATE_ROUNDS rounds: a trial's beats stay
+        no further apart than an interval plus the storage's own delay."""
         assert self.interval is not None
-        while not self._stop.wait(self.interval):
+        next_at = time.monotonic() + self.interval
+        while True:
+            self._wake.wait(max(0.0, next_at - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            began = time.monotonic()
+            next_at = began + self.interval
             trial_id = None
             try:
-                if stop_requested(self.study):
-                    self.stop.set()
                 for trial_id in sorted(self._trial_ids):
                     self.storage.record_heartbeat(trial_id)
+                trial_id = None
+                late = time.monotonic() - began > self.interval / 2
+                self._late = self._late + 1 if late else 0
+                if self._late in (0, LATE_ROUNDS):
+                    self._late = 0
+                    if stop_requested(self.study):
+                        self.stop.set()
             except Exception as e:
                 # The storage is away: the worker's own calls wait for it; a beat missed for
                 # longer than the grace period makes the trial stale, as a dead worker's would.

@@ -12,7 +12,9 @@ with heartbeats (a worker's) is Optuna's client with hpsearch's worker methods
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,32 @@ _OPTIONS = [("grpc.max_receive_message_length", -1)]  # as Optuna's own channel
 # starts and scans by its budget lock (one thread at a time, at most `LOCK_WAITERS` waiting:
 # `_proxy_methods`): the other threads keep heartbeats, reports and tells flowing.
 SERVER_THREADS = 16
+
+
+class QueuedPool(ThreadPoolExecutor):
+    """The server's threads, which know how long the oldest call still waiting for one has
+    waited (`oldest_wait`): the proxy's own delay, which it does not count against a worker's
+    heartbeats (`_proxy_methods`). Calls start in the order they came (one FIFO queue)."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers)
+        self._waiting: collections.deque[float] = collections.deque()  # submit times, in order
+        self._guard = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        with self._guard:
+            self._waiting.append(time.monotonic())
+        return super().submit(self._started, fn, *args, **kwargs)
+
+    def _started(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._guard:
+            if self._waiting:
+                self._waiting.popleft()
+        return fn(*args, **kwargs)
+
+    def oldest_wait(self) -> float:
+        with self._guard:
+            return time.monotonic() - self._waiting[0] if self._waiting else 0.0
 
 
 def _token_check_class() -> type:
@@ -59,13 +87,15 @@ def _token_check_class() -> type:
     return TokenCheck
 
 
-def proxy_server(storage: Any, serving: Serving, port: int) -> grpc.Server:
-    """The proxy's gRPC server for `storage` (not started): TLS with a certificate, the token
-    checked on every call when there is one."""
+def proxy_server(storage: Any, serving: Serving, port: int,
+                 pool: ThreadPoolExecutor | None = None) -> grpc.Server:
+    """The proxy's gRPC server for `storage` (not started) on `pool`'s threads (SERVER_THREADS
+    of its own if None): TLS with a certificate, the token checked on every call when there is
+    one."""
     import grpc
 
     interceptors = [_token_check_class()(serving.token)] if serving.token else []
-    server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS),
+    server = grpc.server(pool or ThreadPoolExecutor(max_workers=SERVER_THREADS),
                          interceptors=interceptors)
     add_storage_service(server, storage)
     address = f"{serving.host}:{port}"

@@ -30,6 +30,12 @@ from search.storage._compat import quiet_experimental
 SERVICE = "hpsearch.Worker"  # the gRPC service of hpsearch's worker methods
 VERSION = 1  # what `Hello` answers: a client needing more refuses an older proxy
 CALL_TIMEOUT_S = 300.0  # a start may wait for the proxy's budget lock
+# A call the proxy answers "busy" is asked again after a pause that doubles from the first to
+# the last (each drawn from its upper half): a thousand workers waiting to start trials would
+# otherwise ask thousands of times a second, and the heartbeats queued behind those calls would
+# come later than the grace period.
+BUSY_FIRST_PAUSE_S = 0.1
+BUSY_LAST_PAUSE_S = 2.0
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -58,15 +64,17 @@ class WorkerMethods(_compat.BaseHeartbeat):
     _calls: dict[str, Callable[..., Any]] | None = None
 
     def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
-        """One of hpsearch's methods on the proxy; its reply, asked again after a short random
+        """One of hpsearch's methods on the proxy; its reply, asked again after a growing random
         pause while the proxy says it is busy (enough of its threads wait for the study's
         lock). KeyError for an unknown study or trial; StorageError, in one line, from a proxy
         that has no such method."""
+        pause = BUSY_FIRST_PAUSE_S
         while True:
             reply = self._call_once(method, request)
             if not reply.get("busy"):
                 return reply
-            time.sleep(random.uniform(0.05, 0.25))
+            time.sleep(random.uniform(0.5, 1.0) * pause)
+            pause = min(2 * pause, BUSY_LAST_PAUSE_S)
 
     def _call_once(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         import grpc
@@ -98,7 +106,9 @@ class WorkerMethods(_compat.BaseHeartbeat):
                                f"methods version {version}; this worker needs {VERSION}")
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.call("Beat", {"trial_ids": [trial_id]})
+        # The timeout sent, and the grace: the proxy measures how long it held the beat up.
+        self.call("Beat", {"trial_ids": [trial_id], "timeout_s": CALL_TIMEOUT_S,
+                           "grace": self.grace_period})
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self.call("Stale", self._heartbeat_request(study_id))["trial_ids"]

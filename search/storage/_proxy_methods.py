@@ -11,12 +11,18 @@ taken by the proxy itself: one thread of the proxy at a time per study (on Postg
 transaction of the proxy's own pool that the thread's calls join: `DatabaseLock.bind`), and no
 client ever holds a lock. They sit behind the token check and TLS of every other method
 (`search.storage._proxy.proxy_server`).
+
+The stale scan does not blame workers for the proxy's own delay: a trial is stale only past its
+grace period plus the longest a heartbeat waited inside the proxy lately (`_Lag`, measured from
+each call's deadline) or the oldest call now waiting for a thread (`_proxy.QueuedPool`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,7 +48,7 @@ from search.storage._compat import (
 from search.storage._control import requeue_interrupted
 from search.storage._locks import Lock, budget_lock
 from search.storage._open import open_storage
-from search.storage._proxy import proxy_server
+from search.storage._proxy import SERVER_THREADS, QueuedPool, proxy_server
 from search.storage._proxy_client import SERVICE, VERSION, decode, encode
 from search.storage._reader import reading
 from search.storage._retry import is_connection_error
@@ -56,6 +62,11 @@ SCAN_EVERY_S = 1.0  # a study's stale scan at most this often: workers waiting a
 # (reports, tells) and heartbeats: hundreds of workers starting trials never take them all.
 LOCK_WAITERS = 4
 KEPT_ERRORS = 64  # a failed heartbeat batch's error is kept for this many later batches' time
+# A trial is failed as stale only once its last heartbeat is older than its grace period plus
+# the longest any heartbeat waited inside the proxy (its queue, its batch) in this window: an
+# overloaded proxy does not fail live workers' trials for beats it held up itself.
+LAG_WINDOW_S = 120.0
+LAG_WARN_EVERY_S = 60.0  # the proxy says it holds heartbeats up at most this often
 
 
 @dataclass
@@ -132,10 +143,45 @@ class _Beats:
             raise error
 
 
+class _Lag:
+    """How long workers' heartbeats waited inside the proxy lately: from the moment gRPC
+    received the call (its deadline, less the timeout the client sent) to its batch's commit.
+    `recent()` is the longest in the last LAG_WINDOW_S (a sliding maximum)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.marks: deque[tuple[float, float]] = deque()  # (when, lag), lags decreasing
+        self.warned = -math.inf
+
+    def add(self, lag: float, grace: int | None = None) -> None:
+        now = time.monotonic()
+        with self.lock:
+            while self.marks and self.marks[-1][1] <= lag:
+                self.marks.pop()
+            self.marks.append((now, lag))
+            warn = (grace is not None and lag > grace / 2
+                    and now - self.warned > LAG_WARN_EVERY_S)
+            if warn:
+                self.warned = now
+        if warn:
+            LOG.warning(f"storage proxy: a heartbeat waited {lag:.1f} s inside the proxy (its "
+                        f"queue of calls, more than half the {grace} s grace period): it serves "
+                        "more workers than it keeps up with, and trials are failed as stale "
+                        "only that much later; docs/scale.md says what to use past it")
+
+    def recent(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            while self.marks and self.marks[0][0] < now - LAG_WINDOW_S:
+                self.marks.popleft()
+            return self.marks[0][1] if self.marks else 0.0
+
+
 class WorkerService:
     """hpsearch's worker methods over the proxy's RDB storage at `url`."""
 
-    def __init__(self, storage: Any, url: str) -> None:
+    def __init__(self, storage: Any, url: str,
+                 queued: Callable[[], float] = lambda: 0.0) -> None:
         backend = backend_of(storage)
         if not isinstance(backend, RDBStorage):
             raise StorageError("the storage proxy serves a database (an RDB storage)")
@@ -145,6 +191,8 @@ class WorkerService:
         self._views: dict[tuple[int, int | None], RDBStorage] = {}
         self._guard = threading.Lock()
         self._beats = _Beats(lambda ids: record_heartbeats(self.backend, ids))
+        self.lag = _Lag()
+        self.queued = queued  # how long the oldest call waiting for a thread has waited
 
     def methods(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         return {"Hello": self.hello, "StartTrial": self.start_trial, "Beat": self.beat,
@@ -184,6 +232,10 @@ class WorkerService:
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ValueError("trial_ids: expected a list of trial ids")
         self._beats.beat(ids)
+        arrived = request.get(ARRIVED)
+        if isinstance(arrived, float):
+            grace = request.get("grace")
+            self.lag.add(time.monotonic() - arrived, grace if type(grace) is int else None)
         return {}
 
     def stale(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -231,10 +283,16 @@ class WorkerService:
             return self._studies.setdefault(study_id, _Study(name, lock))
 
     def _heartbeat_view(self, request: dict[str, Any]) -> RDBStorage:
-        """The proxy's storage with the worker's heartbeat settings (its study's spec)."""
-        key = (_int(request, "interval"), _int(request, "grace", none=True))
-        if key[0] is None or key[0] <= 0 or (key[1] is not None and key[1] <= 0):
+        """The proxy's storage with the worker's heartbeat settings (its study's spec), its
+        grace period lengthened by the longest wait of a heartbeat inside the proxy lately."""
+        interval, grace = _int(request, "interval"), _int(request, "grace", none=True)
+        if interval is None or interval <= 0 or (grace is not None and grace <= 0):
             raise ValueError("interval and grace: expected positive seconds")
+        # The beats that came in late lately, or those waiting now (which may be later still).
+        lag = max(self.lag.recent(), self.queued())
+        if lag > 0:  # (Optuna's grace when none is set: two intervals)
+            grace = (grace or 2 * interval) + math.ceil(lag)
+        key = (interval, grace)
         with self._guard:
             view = self._views.get(key)
             if view is None:
@@ -249,6 +307,9 @@ class WorkerService:
             return view
 
 
+ARRIVED = "_arrived"  # set by the server on a request: when gRPC received it (monotonic)
+
+
 def _int(request: dict[str, Any], key: str, *, none: bool = False) -> Any:
     value = request.get(key)
     if (value is None and none) or type(value) is int:
@@ -256,15 +317,22 @@ def _int(request: dict[str, Any], key: str, *, none: bool = False) -> Any:
     raise ValueError(f"{key}: expected an integer{' or null' if none else ''}, got {value!r}")
 
 
-def add_worker_service(server: Any, storage: Any, url: str) -> None:
+def add_worker_service(server: Any, storage: Any, url: str,
+                       queued: Callable[[], float] = lambda: 0.0) -> None:
     """hpsearch's worker methods for `storage` (at `url`), added to the proxy's gRPC `server`
-    (behind its interceptors: the token check)."""
+    (behind its interceptors: the token check); `queued`: how long the oldest call waiting for
+    one of the server's threads has waited (`_proxy.QueuedPool.oldest_wait`)."""
     import grpc
 
-    service = WorkerService(storage, url)
+    service = WorkerService(storage, url, queued)
 
     def handler(method: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
         def handle(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+            request.pop(ARRIVED, None)
+            sent, left = request.get("timeout_s"), context.time_remaining()
+            if isinstance(sent, (int, float)) and left is not None and 0 < left <= sent:
+                # When gRPC received the call: its deadline less the client's timeout.
+                request[ARRIVED] = time.monotonic() - (sent - left)
             try:
                 return method(request)
             except KeyError as e:
@@ -295,8 +363,9 @@ def serve_proxy(url: str | None, *, serving: Serving, port: int) -> None:
         raise SpecError("--storage: the proxy serves a database URL, not another proxy")
     # Cached, as Optuna advises; trials read in two queries, re-reads shared between threads.
     storage = shared_reads_cache(reading(open_storage(url)))
-    server = proxy_server(storage, serving, port)
-    add_worker_service(server, storage, url)
+    pool = QueuedPool(SERVER_THREADS)
+    server = proxy_server(storage, serving, port, pool)
+    add_worker_service(server, storage, url, pool.oldest_wait)
     scheme = "grpcs" if serving.tls else "grpc"
     guarded = ("TLS and a token" if serving.tls and serving.token else
                "TLS, no token" if serving.tls else

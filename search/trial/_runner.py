@@ -14,6 +14,7 @@ epoch checkpoint, at the next `run` or `worker`, on any machine.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import TYPE_CHECKING, Protocol
 
@@ -123,6 +124,7 @@ class TrialRunner:
             on_started(self.view, self.lock.release)
             self.lock.bind(self.study)  # PostgreSQL: held in the storage's own transaction
         with_retry(self.lock.acquire, what="taking the budget lock")
+        asked = time.monotonic()  # (the trial's first beat is written after this)
         try:
             if self.view is self.study:  # the storage does not admit trials itself: count
                 counts = with_retry(lambda: count_trials(self.study), what="counting trials")
@@ -139,7 +141,7 @@ class TrialRunner:
             self.lock.release()  # if still held: the budget was full, or no worker's view
         self.live[trial.number] = trial
         trial_id, written = trial_id_of(trial), beat_written(self.view, trial)
-        with_retry(lambda: self.heartbeat.begin(trial_id, written=written),
+        with_retry(lambda: self.heartbeat.begin(trial_id, written=written, since=asked),
                    what="starting a trial")
         return trial
 

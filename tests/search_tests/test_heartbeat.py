@@ -8,6 +8,7 @@ transaction and refused on a finished trial.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -239,3 +240,66 @@ def test_a_retry_reports_the_epochs_its_checkpoint_holds_but_the_dead_trial_neve
     Objective(spec).report_restored(trial, resumed)
     reported = study.trials[0].intermediate_values
     assert reported == {1: 0.9, 2: 0.5, 3: 1.0 / 3}  # epoch 1 kept as the dead trial said it
+
+
+def _timed_beats(study: optuna.Study, heartbeat: WorkerHeartbeat, monkeypatch,
+                 took: list[float]) -> tuple[list[float], list[float]]:
+    """The storage's beats made to take took[0] seconds each (a storage or proxy that answers
+    late): when each beat and each `hpsearch stop` check began."""
+    beats: list[float] = []
+    checks: list[float] = []
+    record = heartbeat.storage.record_heartbeat
+
+    def slow_beat(trial_id: int) -> None:
+        beats.append(time.monotonic())
+        time.sleep(took[0])
+        record(trial_id)
+
+    def stop_check(study: optuna.Study) -> bool:
+        checks.append(time.monotonic())
+        return False
+
+    monkeypatch.setattr(heartbeat.storage, "record_heartbeat", slow_beat)
+    monkeypatch.setattr("search.storage._heartbeat.stop_requested", stop_check)
+    return beats, checks
+
+
+def test_beats_keep_their_interval_when_the_storage_answers_late(tmp_path, study_name,
+                                                                monkeypatch):
+    """Each beat takes 0.8 of the 1 s interval: the rounds still begin a second apart (not
+    after each beat's wait), and the stop check waits for rounds that come back in time, so a
+    trial's beats are never two waits apart. When beats are quick again, the check runs."""
+    spec = _spec(study_name, tmp_path)
+    study = _open(f"sqlite:///{tmp_path / 'hb.db'}", spec)
+    trial_id = worker_study(study, 2).ask()._trial_id
+    heartbeat = WorkerHeartbeat(study)
+    took = [0.8]
+    beats, checks = _timed_beats(study, heartbeat, monkeypatch, took)
+    heartbeat.begin(trial_id, written=True)
+    time.sleep(4.6)
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert len(beats) >= 4 and max(gaps) < 1.3, beats
+    assert checks == []  # put off: every round was late
+    took[0] = 0.0
+    time.sleep(2.2)
+    heartbeat.close()
+    assert checks, "a round in time checks for `hpsearch stop` again"
+
+
+def test_a_trial_whose_start_was_held_up_beats_at_once(tmp_path, study_name, monkeypatch):
+    """A trial's first beat was written with it, but its start came back late (asked 2 s ago
+    with a 1 s interval): the thread beats for it at once, not at its next round."""
+    spec = _spec(study_name, tmp_path)
+    study = _open(f"sqlite:///{tmp_path / 'hb.db'}", spec)
+    view = worker_study(study, 2)
+    first, second = view.ask()._trial_id, view.ask()._trial_id
+    heartbeat = WorkerHeartbeat(study)
+    beats, _ = _timed_beats(study, heartbeat, monkeypatch, [0.0])
+    heartbeat.begin(first, written=True, since=time.monotonic())  # in time: the next round
+    time.sleep(0.3)
+    assert beats == []
+    begun = time.monotonic()
+    heartbeat.begin(second, written=True, since=begun - 2.0)
+    time.sleep(0.3)
+    heartbeat.close()
+    assert len(beats) == 2 and beats[0] - begun < 0.3  # one round: both trials, at once

@@ -151,3 +151,55 @@ def test_the_services_trials_are_optunas_own_as_trials_change(sqlite_url: str,
     study.tell(running[0], 0.5)
     assert ours.GetTrials(request, None) == optunas.GetTrials(request, None)
     assert ours.GetTrials(request, None).trials[0].state == api_pb2.COMPLETE
+
+
+def test_a_kept_message_is_for_a_trial_equal_in_every_field() -> None:
+    """The service's comparison of a re-read trial with the one whose message it kept agrees
+    with FrozenTrial's `==` as each of its fields changes (a field Optuna adds fails here),
+    without asking either trial for its `__dict__` (see `_compat._same_trial`)."""
+    import copy
+    import datetime
+
+    from optuna.trial import FrozenTrial, TrialState
+
+    start = datetime.datetime(2026, 12, 7, 10, 0)
+    trial = FrozenTrial(number=3, state=TrialState.COMPLETE, value=0.5, datetime_start=start,
+                        datetime_complete=start + datetime.timedelta(seconds=5),
+                        params={"x": 0.25}, distributions={"x": X}, user_attrs={"u": 1},
+                        system_attrs={"s": 2}, intermediate_values={1: 0.7}, trial_id=9)
+    changes = {"_number": 4, "state": TrialState.PRUNED, "_values": [0.6],
+               "_datetime_start": start + datetime.timedelta(seconds=1),
+               "datetime_complete": None, "_params": {"x": 0.5},
+               "_distributions": {"x": FloatDistribution(0.0, 2.0)}, "_user_attrs": {"u": 2},
+               "_system_attrs": {}, "intermediate_values": {1: 0.7, 2: 0.6}, "_trial_id": 9}
+    assert set(changes) == set(vars(copy.deepcopy(trial)))  # every field Optuna keeps
+    same = copy.deepcopy(trial)
+    assert _compat._same_trial(trial, same) and trial == same
+    for name, value in changes.items():
+        other = copy.deepcopy(trial)
+        setattr(other, name, value)
+        assert _compat._same_trial(trial, other) == (trial == other), name
+        if name != "_trial_id":  # (the id is the cache's key: never two trials under one)
+            assert not _compat._same_trial(trial, other), name
+
+
+def test_the_servers_pool_knows_how_long_its_oldest_waiting_call_has_waited() -> None:
+    """One thread, held: the calls behind it wait, the oldest's wait grows; once they ran,
+    nothing waits."""
+    from search.storage._proxy import QueuedPool
+
+    pool = QueuedPool(1)
+    release = threading.Event()
+    try:
+        held = pool.submit(release.wait)
+        time.sleep(0.1)  # the first call has its thread: it waits for nothing
+        assert pool.oldest_wait() == 0.0
+        behind = [pool.submit(lambda i=i: i) for i in range(3)]
+        time.sleep(0.3)
+        assert 0.25 < pool.oldest_wait() < 5
+        release.set()
+        assert held.result(timeout=10) and [f.result(timeout=10) for f in behind] == [0, 1, 2]
+        assert pool.oldest_wait() == 0.0
+    finally:
+        release.set()
+        pool.shutdown()

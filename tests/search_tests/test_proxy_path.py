@@ -213,6 +213,57 @@ def test_heartbeats_and_the_stale_scan_go_through_the_proxy(served, postgres_url
     assert study.get_trials(deepcopy=False)[1].system_attrs["failed_trial"] == 0
 
 
+def test_a_heartbeat_the_proxy_held_up_lengthens_the_grace(served, postgres_url, study_name,
+                                                           tmp_path, token, monkeypatch, caplog):
+    """A beat that waited 10 s inside the proxy (its deadline says it arrived 10 s before it
+    was served) and then no beat for 4 s, past the 3 s grace: the trial is not stale through
+    the proxy (grace 3 + 10 s), though it is by the database's clock alone, and the proxy
+    warns. Once that wait leaves the window, the trial is failed as usual."""
+    from search.storage import _proxy_methods
+
+    monkeypatch.setattr(_proxy_methods, "LAG_WINDOW_S", 6.0)
+    study = _create(served, spec_data(study_name, tmp_path, trials=3, epochs=1))
+    trial_id = trial_id_of(worker_study(study, 3).ask())
+    channel = grpc.insecure_channel(served.removeprefix("grpc://"))
+    try:
+        beat = channel.unary_unary(f"/{SERVICE}/Beat")
+        request = b'{"trial_ids": [%d], "timeout_s": 300, "grace": 3}' % trial_id
+        beat(request, metadata=(("authorization", f"Bearer {token}"),), timeout=290)
+    finally:
+        channel.close()
+    assert "a heartbeat waited 10." in caplog.text and "3 s grace period" in caplog.text
+    time.sleep(4)
+    direct = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
+    assert stale_trial_ids(direct, study_id_of(study)) == [trial_id]  # the database's clock
+    assert stale_trial_ids(storage_of(study), study_id_of(study)) == []  # the proxy's
+    heartbeat = WorkerHeartbeat(study)
+    heartbeat.fail_stale(now=True)
+    assert study.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
+    time.sleep(3)  # the 10 s wait is out of the window now
+    assert stale_trial_ids(storage_of(study), study_id_of(study)) == [trial_id]
+    heartbeat.fail_stale(now=True)
+    heartbeat.close()
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL,
+                                                                    TrialState.WAITING]
+
+
+def test_the_lag_is_a_sliding_maximum(monkeypatch):
+    from search.storage import _proxy_methods
+
+    now = [100.0]
+    monkeypatch.setattr(_proxy_methods.time, "monotonic", lambda: now[0])
+    lag = _proxy_methods._Lag()
+    assert lag.recent() == 0.0
+    for at, wait in ((100, 1.0), (110, 5.0), (120, 2.0), (130, 0.5)):
+        now[0] = at
+        lag.add(wait)
+    assert lag.recent() == 5.0
+    now[0] = 110 + _proxy_methods.LAG_WINDOW_S + 1  # 5.0 is out: 2.0 is the longest left
+    assert lag.recent() == 2.0
+    now[0] = 130 + _proxy_methods.LAG_WINDOW_S + 1
+    assert lag.recent() == 0.0
+
+
 def test_an_interrupted_trial_is_queued_again_by_the_proxy(served, study_name, tmp_path):
     """`requeue_interrupted` through the proxy runs there, under its lock: the trial ends FAIL
     "interrupted" and one retry waits; asked again, nothing more is queued."""
