@@ -63,14 +63,16 @@ class WorkerHeartbeat:
               ) -> None:
         """The trial's first beat, written before this returns (unless the trial's creation
         `written` it: search.storage._trial_start, no earlier than `since`, a monotonic time);
-        later ones from the thread, at once if that first beat is already half an interval
-        old (a start held up by a busy storage)."""
+        later ones from the thread, at once if that first beat is already older than the grace
+        period less an interval (a start held up by a busy storage): the thread's next round
+        could come too late."""
         if self.interval is None:
             return
         if not written:
             first_heartbeat(self.storage, trial_id)
         self._trial_ids = self._trial_ids | {trial_id}  # a new set: the thread reads a snapshot
-        if written and since is not None and time.monotonic() - since > self.interval / 2:
+        grace = getattr(self.storage, "grace_period", None) or 2 * self.interval  # (Optuna's)
+        if written and since is not None and time.monotonic() - since > grace - self.interval:
             self._wake.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="hpsearch-heartbeat",
@@ -113,20 +115,18 @@ class WorkerHeartbeat:
         self._last_check = time.monotonic()
 
     def _beat(self) -> None:
-        """A beat for each trial every interval, counted from one round's start to the next
-        (a round that takes longer is followed by the next at once), then the check for
-        `hpsearch stop`. When the beats came back late (more than half an interval), the
-        check waits for a round that does not, up to LATE_ROUNDS rounds: a trial's beats stay
-        no further apart than an interval plus the storage's own delay."""
+        """Each interval, a beat for each trial, then the check for `hpsearch stop`. When the
+        beats came back late (more than half an interval), the check waits for a round that
+        does not, up to LATE_ROUNDS rounds: a trial's beats stay no further apart than an
+        interval plus one of the storage's delays, which the proxy allows for
+        (`_proxy_methods`), not two."""
         assert self.interval is not None
-        next_at = time.monotonic() + self.interval
         while True:
-            self._wake.wait(max(0.0, next_at - time.monotonic()))
+            self._wake.wait(self.interval)
             self._wake.clear()
             if self._stop.is_set():
                 return
             began = time.monotonic()
-            next_at = began + self.interval
             trial_id = None
             try:
                 for trial_id in sorted(self._trial_ids):

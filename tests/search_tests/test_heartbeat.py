@@ -257,6 +257,7 @@ def _timed_beats(study: optuna.Study, heartbeat: WorkerHeartbeat, monkeypatch,
 
     def stop_check(study: optuna.Study) -> bool:
         checks.append(time.monotonic())
+        time.sleep(took[0])
         return False
 
     monkeypatch.setattr(heartbeat.storage, "record_heartbeat", slow_beat)
@@ -264,11 +265,11 @@ def _timed_beats(study: optuna.Study, heartbeat: WorkerHeartbeat, monkeypatch,
     return beats, checks
 
 
-def test_beats_keep_their_interval_when_the_storage_answers_late(tmp_path, study_name,
-                                                                monkeypatch):
-    """Each beat takes 0.8 of the 1 s interval: the rounds still begin a second apart (not
-    after each beat's wait), and the stop check waits for rounds that come back in time, so a
-    trial's beats are never two waits apart. When beats are quick again, the check runs."""
+def test_beats_are_one_wait_apart_when_the_storage_answers_late(tmp_path, study_name,
+                                                               monkeypatch):
+    """Each call takes 0.8 s with a 1 s interval: the stop check waits for rounds that come
+    back in time, so a trial's beats are an interval and one wait apart (1.8 s), not two waits
+    (2.6 s, the check between them). When calls are quick again, the check runs."""
     spec = _spec(study_name, tmp_path)
     study = _open(f"sqlite:///{tmp_path / 'hb.db'}", spec)
     trial_id = worker_study(study, 2).ask()._trial_id
@@ -276,9 +277,9 @@ def test_beats_keep_their_interval_when_the_storage_answers_late(tmp_path, study
     took = [0.8]
     beats, checks = _timed_beats(study, heartbeat, monkeypatch, took)
     heartbeat.begin(trial_id, written=True)
-    time.sleep(4.6)
+    time.sleep(4.9)
     gaps = [b - a for a, b in itertools.pairwise(beats)]
-    assert len(beats) >= 4 and max(gaps) < 1.3, beats
+    assert len(beats) >= 2 and max(gaps) < 2.2, beats
     assert checks == []  # put off: every round was late
     took[0] = 0.0
     time.sleep(2.2)
@@ -287,8 +288,9 @@ def test_beats_keep_their_interval_when_the_storage_answers_late(tmp_path, study
 
 
 def test_a_trial_whose_start_was_held_up_beats_at_once(tmp_path, study_name, monkeypatch):
-    """A trial's first beat was written with it, but its start came back late (asked 2 s ago
-    with a 1 s interval): the thread beats for it at once, not at its next round."""
+    """A trial's first beat was written with it, but its start came back late (asked 2.5 s
+    ago; a 1 s interval, a 3 s grace: its next round, up to 1 s away, could come too late):
+    the thread beats for it at once."""
     spec = _spec(study_name, tmp_path)
     study = _open(f"sqlite:///{tmp_path / 'hb.db'}", spec)
     view = worker_study(study, 2)
@@ -299,7 +301,7 @@ def test_a_trial_whose_start_was_held_up_beats_at_once(tmp_path, study_name, mon
     time.sleep(0.3)
     assert beats == []
     begun = time.monotonic()
-    heartbeat.begin(second, written=True, since=begun - 2.0)
+    heartbeat.begin(second, written=True, since=begun - 2.5)
     time.sleep(0.3)
     heartbeat.close()
     assert len(beats) == 2 and beats[0] - begun < 0.3  # one round: both trials, at once
