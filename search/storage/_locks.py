@@ -7,9 +7,10 @@ between them the logical trial is neither running nor waiting, and a worker coun
 would start a new trial on top of the retry (the budget overshot). So a worker holds the lock
 from just before its trial is created until it exists, and while it fails stale trials. SQLite:
 a file lock beside the database (one machine by design). MySQL: the server's named lock
-(GET_LOCK, waited for on the server) on a connection of its own. Through the gRPC proxy a
-worker holds none: the proxy starts trials and fails stale ones itself, under this same lock
-taken on its database (`_proxy_methods`).
+(GET_LOCK, waited for on the server 10 s at a time, between which the waiter asks who holds it:
+it gives up only when one holder has kept it for 300 s) on a connection of its own. Through the
+gRPC proxy a worker holds none: the proxy starts trials and fails stale ones itself, under this
+same lock taken on its database (`_proxy_methods`).
 
 PostgreSQL: a transaction-scoped advisory lock, taken in a transaction and released by its
 COMMIT. That is right both direct and through PgBouncer's transaction pooling, where a
@@ -106,12 +107,14 @@ class FileLock:
     def bind(self, storage: Any) -> None:
         pass  # SQLite: one writer at a time anyway; the file lock is beside the database
 
-# MySQL: the named lock, waited for on the server up to 300 s.
-_MYSQL_TAKE, _MYSQL_GIVE = "SELECT GET_LOCK(:k, 300)", "SELECT RELEASE_LOCK(:k)"
+# MySQL: the named lock, waited for on the server a look's time at a time (:s seconds); its
+# holder: the connection id IS_USED_LOCK answers (NULL: free).
+_MYSQL_TAKE, _MYSQL_GIVE = "SELECT GET_LOCK(:k, :s)", "SELECT RELEASE_LOCK(:k)"
+_MYSQL_HOLDER = "SELECT IS_USED_LOCK(:k)"
 # PostgreSQL, unbound: one round trip opens the lock's transaction and tries the lock in it;
 # COMMIT (or a failed try's ROLLBACK) ends it. Sent whole, as text, on a connection in autocommit.
 _PG_TRY = "BEGIN; SELECT pg_try_advisory_xact_lock(hashtext(:k))"
-_PG_WAIT_S = 300.0  # as GET_LOCK's
+_WAIT_S = 300.0  # the longest one holder may keep the lock while a worker waits for it
 # Bound: tried in a transaction of the storage's pool that the holder's calls then join.
 _PG_TRY_BOUND = "SELECT pg_try_advisory_xact_lock(hashtext(:k))"
 _PG_FIRST_SLEEP_S, _PG_MAX_SLEEP_S = 0.001, 0.25
@@ -120,7 +123,7 @@ _PG_FIRST_SLEEP_S, _PG_MAX_SLEEP_S = 0.001, 0.25
 _PG_HOLDER = ("SELECT a.pid, a.xact_start FROM pg_locks l JOIN pg_stat_activity a "
               "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
               "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(:k)::bigint")
-_PG_HOLDER_EVERY_S = 10.0  # how often a waiter looks who holds the lock
+_HOLDER_EVERY_S = 10.0  # how often a waiter looks who holds the lock
 
 
 def _tries(key: str, holder: Callable[[], Any]) -> Iterator[None]:
@@ -131,22 +134,36 @@ def _tries(key: str, holder: Callable[[], Any]) -> Iterator[None]:
     trials a waiter's turn can come later than 300 s (measured: 148 of 1,000 workers through
     PgBouncer ended on a fixed 300 s limit while the study went on)."""
     now = time.monotonic()
-    deadline, look = now + _PG_WAIT_S, now + _PG_HOLDER_EVERY_S
-    last: Any = None
+    look = now + _HOLDER_EVERY_S
+    patience = _Patience(key)
     sleep = _PG_FIRST_SLEEP_S
     while True:
         yield
         now = time.monotonic()
         if now >= look:
-            seen = holder()
-            if seen is None or seen != last:  # free a moment ago, or another holder: progress
-                deadline, last = now + _PG_WAIT_S, seen
-            look = now + _PG_HOLDER_EVERY_S
-        if now > deadline:
-            raise TimeoutError(f"could not take the budget lock {key!r}: one holder has kept "
-                               f"it for {_PG_WAIT_S:.0f} s")
+            patience.saw(holder())
+            look = now + _HOLDER_EVERY_S
+        patience.check()
         time.sleep(sleep * random.uniform(0.5, 1.5))
         sleep = min(sleep * 2, _PG_MAX_SLEEP_S)
+
+
+class _Patience:
+    """A waiter's patience with the lock's holders: TimeoutError (`check`) once the holder it
+    `saw` last has kept the lock for _WAIT_S; a new holder, or none, starts the count again."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.last = key, None
+        self.deadline = time.monotonic() + _WAIT_S
+
+    def saw(self, holder: Any) -> None:
+        if holder is None or holder != self.last:  # free a moment ago, or another: progress
+            self.deadline, self.last = time.monotonic() + _WAIT_S, holder
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"could not take the budget lock {self.key!r}: one holder has "
+                               f"kept it for {_WAIT_S:.0f} s")
 
 
 def _holder(conn: Any, key: str, *, own_transaction: bool) -> Callable[[], Any]:
@@ -213,10 +230,7 @@ class DatabaseLock:
             if self._postgres:
                 self._take_postgres(conn)
             else:
-                got = conn.execute(sqlalchemy.text(_MYSQL_TAKE), {"k": self._key}).scalar()
-                if got != 1:  # 0: 300 s went by; NULL: the server's error
-                    raise TimeoutError(f"could not take the budget lock {self._key!r} "
-                                       f"(GET_LOCK answered {got})")
+                self._take_mysql(conn)
         except BaseException:
             conn.invalidate()  # whatever state it is in, the server drops its locks with it
             conn.close()
@@ -229,6 +243,20 @@ class DatabaseLock:
             if conn.execute(sqlalchemy.text(_PG_TRY), {"k": self._key}).scalar():
                 return
             conn.execute(sqlalchemy.text("ROLLBACK"))  # the server connection goes back
+
+    def _take_mysql(self, conn: Any) -> None:
+        """Wait on the server a look's time at a time; between waits, see who holds it."""
+        patience = _Patience(self._key)
+        while True:
+            got = conn.execute(sqlalchemy.text(_MYSQL_TAKE),
+                               {"k": self._key, "s": _HOLDER_EVERY_S}).scalar()
+            if got == 1:
+                return
+            if got is None:  # (0: the wait went by)
+                raise TimeoutError(f"could not take the budget lock {self._key!r} (GET_LOCK "
+                                   "answered NULL: the server's error)")
+            patience.saw(conn.execute(sqlalchemy.text(_MYSQL_HOLDER), {"k": self._key}).scalar())
+            patience.check()
 
     def release(self) -> None:
         joined, self._joined = self._joined, None

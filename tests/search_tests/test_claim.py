@@ -136,6 +136,51 @@ def test_a_killed_mysql_lock_connection_is_replaced(mysql_url, study_name):
     assert _connection_id(lock) != connection
     lock.release()
 
+def test_a_mysql_waiter_gives_up_only_on_one_holder(mysql_url, study_name, monkeypatch):
+    """MySQL's lock waited for on the server a look at a time (here 0.2 s): a holder that
+    keeps it past the patience (here 1 s) ends the wait with TimeoutError, naming it; a lock
+    its holder lets go of meanwhile is taken. (The count starting again for a new holder is
+    `_Patience`'s, tested below and through PostgreSQL in test_pgbouncer.py.)"""
+    from search.storage import _locks
+
+    monkeypatch.setattr(_locks, "_WAIT_S", 1.0)
+    monkeypatch.setattr(_locks, "_HOLDER_EVERY_S", 0.2)
+    key = f"hpsearch:{study_name}"
+    engine = sqlalchemy.create_engine(mysql_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as holder:
+            assert holder.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 0)"), {"k": key}).scalar()
+            waiter = budget_lock(mysql_url, study_name)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="one holder has kept it for 1 s"):
+                waiter.acquire()
+            assert 1.0 <= time.monotonic() - started < 10
+            threading.Timer(0.7, lambda: holder.execute(
+                sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": key})).start()
+            waiter.acquire()  # taken once the holder let go, within the patience
+            waiter.release()
+    finally:
+        engine.dispose()
+
+
+def test_patience_starts_again_for_each_new_holder(monkeypatch):
+    from search.storage import _locks
+
+    now = [0.0]
+    monkeypatch.setattr(_locks.time, "monotonic", lambda: now[0])
+    patience = _locks._Patience("k")
+    for step, holder in enumerate((7, 8, None, 9), start=1):  # 200 s each, a new holder each
+        now[0] = 200.0 * step
+        patience.saw(holder)
+        patience.check()
+    now[0] += 299.0
+    patience.saw(9)  # the same holder: the count goes on
+    patience.check()
+    now[0] += 2.0
+    with pytest.raises(TimeoutError, match="one holder has kept it for 300 s"):
+        patience.check()
+
+
 def _backend_pid(lock: DatabaseLock) -> int:
     return lock._conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
 

@@ -236,8 +236,8 @@ def test_a_waiter_sees_who_holds_the_lock_and_gives_up_only_on_one_holder(
     may keep it; the same holder all that time ends the wait with TimeoutError."""
     url = request.getfixturevalue("bouncer" if path == "pgbouncer" else "postgres_url")
     key = f"hpsearch:t-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setattr(_locks, "_PG_WAIT_S", 1.0)
-    monkeypatch.setattr(_locks, "_PG_HOLDER_EVERY_S", 0.2)
+    monkeypatch.setattr(_locks, "_WAIT_S", 1.0)
+    monkeypatch.setattr(_locks, "_HOLDER_EVERY_S", 0.2)
     first, second = DatabaseLock(url, key), DatabaseLock(url, key)
     engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
     try:
