@@ -330,9 +330,10 @@ def add_worker_service(server: Any, storage: Any, url: str,
         def handle(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
             request.pop(ARRIVED, None)
             sent, left = request.get("timeout_s"), context.time_remaining()
-            if isinstance(sent, (int, float)) and left is not None and 0 < left <= sent:
-                # When gRPC received the call: its deadline less the client's timeout.
-                request[ARRIVED] = time.monotonic() - (sent - left)
+            if isinstance(sent, (int, float)) and left is not None and left > 0:
+                # When gRPC received the call: its deadline less the client's timeout (gRPC
+                # sends a deadline rounded, up by a second or so: a quick call reads as none).
+                request[ARRIVED] = time.monotonic() - max(0.0, sent - left)
             try:
                 return method(request)
             except KeyError as e:
