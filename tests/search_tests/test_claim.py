@@ -155,9 +155,13 @@ def test_a_mysql_waiter_gives_up_only_on_one_holder(mysql_url, study_name, monke
             with pytest.raises(TimeoutError, match="one holder has kept it for 1 s"):
                 waiter.acquire()
             assert 1.0 <= time.monotonic() - started < 10
-            threading.Timer(0.7, lambda: holder.execute(
-                sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": key})).start()
+            letting_go = threading.Timer(0.7, lambda: holder.execute(
+                sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": key}))
+            letting_go.start()
             waiter.acquire()  # taken once the holder let go, within the patience
+            # (the holder's thread may still be reading its answer: done with its connection
+            # before this one closes it)
+            letting_go.join(timeout=10)
             waiter.release()
     finally:
         engine.dispose()
