@@ -21,10 +21,18 @@ from search.storage._tables import record_heartbeats
 X = FloatDistribution(0.0, 1.0)
 
 
+CALLS = 8  # each reading thread's
+
+
 def test_concurrent_reads_share_a_read_begun_after_they_came_in(
         sqlite_url: str, study_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Twelve threads read the study while another adds trials: every read holds each trial
-    added before it began, and the reads share the database's: fewer of them than calls."""
+    added before it began, and the reads share the database's: fewer of them than calls.
+
+    A read takes 0.2 s, long beside a thread's wake-up on a loaded machine: with 0.05 s, a CI
+    run (two test processes and multi-process trials beside) gave 92 reads for 180 calls, the
+    waiters split into small groups. (Groups split here even when idle: the threads a read
+    served wait for the cache's lock, which the next read may hold already, to return.)"""
     backend = reading(open_storage(sqlite_url))
     assert isinstance(backend, ReadingStorage)
     # The writer: another client, Optuna's own storage (its reads are not the cache's).
@@ -37,7 +45,7 @@ def test_concurrent_reads_share_a_read_begun_after_they_came_in(
 
     def slow(self, *args, **kwargs):
         reads.append(1)
-        time.sleep(0.05)  # a read long enough for calls to pile up behind it
+        time.sleep(0.2)  # a read long enough for calls to pile up behind it
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ReadingStorage, "_get_trials", slow)
@@ -52,7 +60,7 @@ def test_concurrent_reads_share_a_read_begun_after_they_came_in(
 
     def reader() -> list[str]:
         problems = []
-        for _ in range(15):
+        for _ in range(CALLS):
             before = len(added)  # these trials exist before this call
             seen = {t.number for t in cache.get_all_trials(study_id, deepcopy=False)}
             missing = set(added[:before]) - seen
@@ -70,7 +78,9 @@ def test_concurrent_reads_share_a_read_begun_after_they_came_in(
         writing.join()
     assert [p for r in results for p in r] == []
     assert len(added) > 10
-    assert len(reads) < 12 * 15 / 2, len(reads)  # shared: fewer than half the 180 calls
+    # Shared: fewer reads than three quarters of the calls (each call its own read: all of
+    # them). Here 25-27 of 96 idle, 32-45 beside three busy processes on two cores.
+    assert len(reads) < 12 * CALLS * 3 / 4, len(reads)
 
 
 def test_beats_are_written_in_batches_and_each_call_returns_once_its_own_is() -> None:
