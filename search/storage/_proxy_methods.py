@@ -310,6 +310,22 @@ class WorkerService:
 ARRIVED = "_arrived"  # set by the server on a request: when gRPC received it (monotonic)
 
 
+MAX_TIMEOUT_S = 3600.0  # the longest timeout a client may say it sent (hpsearch's: 300 s)
+
+
+def _timeout_s(request: dict[str, Any]) -> float | None:
+    """The timeout the client says it gave the call, or None when it says none. One past
+    MAX_TIMEOUT_S is refused: the wait measured from it (`_Lag`) lengthens every trial's grace
+    period for LAG_WINDOW_S, so a client claiming a day would keep dead trials RUNNING."""
+    sent = request.get("timeout_s")
+    if sent is None:
+        return None
+    if (type(sent) not in (int, float) or not math.isfinite(sent)
+            or not 0 < sent <= MAX_TIMEOUT_S):
+        raise ValueError(f"timeout_s: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {sent!r}")
+    return float(sent)
+
+
 def _int(request: dict[str, Any], key: str, *, none: bool = False) -> Any:
     value = request.get(key)
     if (value is None and none) or type(value) is int:
@@ -328,13 +344,14 @@ def add_worker_service(server: Any, storage: Any, url: str,
 
     def handler(method: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
         def handle(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
-            request.pop(ARRIVED, None)
-            sent, left = request.get("timeout_s"), context.time_remaining()
-            if isinstance(sent, (int, float)) and left is not None and left > 0:
-                # When gRPC received the call: its deadline less the client's timeout (gRPC
-                # sends a deadline rounded, up by a second or so: a quick call reads as none).
-                request[ARRIVED] = time.monotonic() - max(0.0, sent - left)
             try:
+                request.pop(ARRIVED, None)
+                sent, left = _timeout_s(request), context.time_remaining()
+                if sent is not None and left is not None and left > 0:
+                    # When gRPC received the call: its deadline less the client's timeout
+                    # (gRPC sends a deadline rounded, up by a second or so: a quick call reads
+                    # as none).
+                    request[ARRIVED] = time.monotonic() - max(0.0, sent - left)
                 return method(request)
             except KeyError as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"not found: {e}")

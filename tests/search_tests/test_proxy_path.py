@@ -252,6 +252,31 @@ def test_a_heartbeat_the_proxy_held_up_lengthens_the_grace(served, postgres_url,
                                                                     TrialState.WAITING]
 
 
+def test_a_beat_claiming_a_timeout_past_an_hour_is_refused(served, study_name, tmp_path,
+                                                          token, caplog):
+    """The wait a Beat's `timeout_s` implies lengthens every trial's grace: one past an hour,
+    not a number or not positive is refused (INVALID_ARGUMENT), and no wait is counted."""
+    study = _create(served, spec_data(study_name, tmp_path, trials=3, epochs=1))
+    trial_id = trial_id_of(worker_study(study, 3).ask())
+    channel = grpc.insecure_channel(served.removeprefix("grpc://"))
+    try:
+        beat = channel.unary_unary(f"/{SERVICE}/Beat")
+        for sent, said in (("86400", "86400"), ("true", "True"), ("-1", "-1"),
+                           ('"300"', "'300'")):
+            request = b'{"trial_ids": [%d], "timeout_s": %s, "grace": 3}' % (
+                trial_id, sent.encode())
+            with pytest.raises(grpc.RpcError) as refused:
+                beat(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, sent
+            assert refused.value.details() == (
+                f"timeout_s: expected seconds in (0, 3600], got {said}"), sent
+        request = b'{"trial_ids": [%d], "timeout_s": 3600, "grace": 3}' % trial_id
+        assert beat(request, metadata=(("authorization", f"Bearer {token}"),), timeout=3600)
+    finally:
+        channel.close()
+    assert "inside the proxy" not in caplog.text
+
+
 def test_the_lag_is_a_sliding_maximum(monkeypatch):
     from search.storage import _proxy_methods
 
