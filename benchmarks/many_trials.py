@@ -12,6 +12,11 @@ timed in a child process as a command runs (a cold read of the study), with the 
 reader (what hpsearch does) and without it (`HPSEARCH_FAST_PATHS=0`: Optuna's ORM reads the
 study, as before); the report's plots read uncopied trials in both arms. Beside them,
 optuna-dashboard's study page data (its own reads: the same in both arms), cold and warm.
+And `status` and `best` warm, called again in this process (`warm`): the reads and the work
+alone, no first call's setup.
+
+The planner's statistics are taken after the bulk insert (ANALYZE), as autovacuum does on a
+server that has it on; `--stale-statistics` leaves them as they were (empty tables).
 
 Arms, alternated over the rounds in one run: N = 1,000 and 10,000, and for the worker's asks
 TPE with its history trimmed past 1,000 finished trials (`search.run.study_sampler`, what
@@ -20,7 +25,7 @@ one line per measurement and a table of medians with [min, max] over the rounds,
 ratio of N=10,000 to N=1,000 (10 is linear).
 
     .venv/bin/python benchmarks/many_trials.py [--sizes 1000,10000] [--rounds 3] [--asks 25]
-        [--parts asks,views] [--profile N]
+        [--parts asks,views,warm] [--stale-statistics] [--profile N]
     (--profile: cProfile of the later asks at N trials with trim=on, the top 25 functions)
 """
 
@@ -117,7 +122,8 @@ def make_trials(spec: Any, n: int, *, seed: int = 0) -> list[FrozenTrial]:
     return trials
 
 
-def bulk_insert(url: str, study_name: str, trials: list[FrozenTrial]) -> None:
+def bulk_insert(url: str, study_name: str, trials: list[FrozenTrial], *,
+                analyze: bool = True) -> None:
     """`trials` written into the study's tables in a few statements (Optuna's `add_trials`
     takes ~45 ms a trial here): the tables reflected from the database, rows as Optuna writes
     them; `check_inserted` then compares them with what Optuna reads back."""
@@ -155,6 +161,13 @@ def bulk_insert(url: str, study_name: str, trials: list[FrozenTrial]) -> None:
                             ("trial_user_attributes", attrs),
                             ("trial_intermediate_values", inter)):
             c.execute(sa.insert(t[table]), rows)
+    # The planner's statistics, as autovacuum's analyze takes them after a table grows by a
+    # tenth (PostgreSQL's default; this machine's server runs without autovacuum). Stale
+    # (`--stale-statistics`), they describe the tables as empty, and each chunk of the reader's
+    # children query scans whole tables: a read of N trials costs N^2.
+    if analyze:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(sa.text("ANALYZE"))
     engine.dispose()
 
 
@@ -221,6 +234,24 @@ def view_times(url: str, name: str) -> dict[str, float]:
     return out
 
 
+def warm_view_times(url: str, name: str, calls: int = 3) -> dict[str, float]:
+    """`status --json` and `best --format json` called in this process, after one untimed
+    call each (imports, the connection pool and SQLAlchemy's compiled statements warm): the
+    median of `calls`, in ms. What grows with N here is the reads and the work alone."""
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for what, call in (("status", lambda: show_status(name, url, as_json=True)),
+                           ("best", lambda: show_best(name, url, as_format="json"))):
+            times = []
+            for i in range(calls + 1):
+                t0 = time.perf_counter()
+                assert call() == 0, what
+                if i:
+                    times.append(time.perf_counter() - t0)
+            out[f"{what}_warm_ms"] = 1e3 * statistics.median(times)
+    return out
+
+
 def dashboard_times(url: str, name: str) -> dict[str, float]:
     """optuna-dashboard's study page data (GET /api/studies/<id>: every trial, serialized) on
     the storage `hpsearch dashboard` hands it: first (cold) and again (its own trial cache)."""
@@ -271,7 +302,7 @@ def summary(samples: dict[str, list[float]]) -> dict[str, float]:
 
 
 def run(sizes: list[int], rounds: int, asks: int, profile_at: int | None,
-        parts: set[str]) -> None:
+        parts: set[str], *, analyze: bool = True) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(STUDY)
     results: dict[tuple[int, str], dict[str, list[float]]] = {}
@@ -282,7 +313,7 @@ def run(sizes: list[int], rounds: int, asks: int, profile_at: int | None,
             trials = make_trials(spec, n)
             study = create_or_load(spec, open_storage(url))
             t0 = time.perf_counter()
-            bulk_insert(url, spec.name, trials)
+            bulk_insert(url, spec.name, trials, analyze=analyze)
             check_inserted(study, trials)
             print(f"inserted n={n} in {time.perf_counter() - t0:.1f} s", flush=True)
         rng = random.Random(1)
@@ -306,6 +337,12 @@ def run(sizes: list[int], rounds: int, asks: int, profile_at: int | None,
                         f"{k}={v:.0f}" for k, v in got.items()), flush=True)
                     for k, v in got.items():
                         results.setdefault((n, arm), {}).setdefault(k, []).append(v)
+                if "warm" in parts:
+                    got = warm_view_times(urls[n], spec.name)
+                    print(f"round={r} n={n} views warm " + " ".join(
+                        f"{k}={v:.0f}" for k, v in got.items()), flush=True)
+                    for k, v in got.items():
+                        results.setdefault((n, "views warm"), {}).setdefault(k, []).append(v)
     table(results, sizes)
 
 
@@ -315,7 +352,7 @@ def table(results: dict[tuple[int, str], dict[str, list[float]]], sizes: list[in
     print("\n| arm | measure | " + " | ".join(f"N={n:,}" for n in sizes)
           + f" | ratio {sizes[-1] // sizes[0]}x N |")
     print("|---|---|" + "---|" * len(sizes) + "---|")
-    for arm in ("trim=on", "trim=off", "views reader=on", "views reader=off"):
+    for arm in ("trim=on", "trim=off", "views reader=on", "views reader=off", "views warm"):
         for measure in results.get((sizes[0], arm), {}):
             cells, medians = [], []
             for n in sizes:
@@ -332,7 +369,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--asks", type=int, default=25)
     p.add_argument("--profile", type=int, default=None)
-    p.add_argument("--parts", default="asks,views", help="asks, views or both")
+    p.add_argument("--parts", default="asks,views,warm", help="asks, views, warm: any of them")
+    p.add_argument("--stale-statistics", action="store_true",
+                   help="no ANALYZE after the bulk insert (a server without autovacuum)")
     p.add_argument("--views-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--study", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -348,7 +387,7 @@ def main() -> None:
                           **dashboard_times(a.views_child, a.study)}))
         return
     run([int(s) for s in a.sizes.split(",")], a.rounds, a.asks, a.profile,
-        set(a.parts.split(",")))
+        set(a.parts.split(",")), analyze=not a.stale_statistics)
 
 
 if __name__ == "__main__":
