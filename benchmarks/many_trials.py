@@ -164,7 +164,7 @@ def bulk_insert(url: str, study_name: str, trials: list[FrozenTrial], *,
     # The planner's statistics, as autovacuum's analyze takes them after a table grows by a
     # tenth (PostgreSQL's default; this machine's server runs without autovacuum). Stale
     # (`--stale-statistics`), they describe the tables as empty, and each chunk of the reader's
-    # children query scans whole tables: a read of N trials costs N^2.
+    # children query scans whole tables: status and best 18-25% slower at 1,000 and 10,000.
     if analyze:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(sa.text("ANALYZE"))
