@@ -153,9 +153,9 @@ class Validate(Command):
         # A setting that depends on this machine's environment: refused here, not at `run`.
         _package("storage").checkpoint_location(loaded.run.checkpoint_dir, None)
         print(f"{args.study}: {spec.describe(loaded)}")
-        outlook = spec.pack_outlook(loaded)
-        if outlook is not None:
-            print(f"{args.study}: {outlook}")
+        for outlook in (spec.sampler_outlook(loaded), spec.pack_outlook(loaded)):
+            if outlook is not None:
+                print(f"{args.study}: {outlook}")
         return EXIT_OK
 
 

@@ -313,6 +313,25 @@ def pack_outlook(spec: StudySpec, *, samples: int = 64) -> str | None:
     return f"run.pack {pack}: {share} ({why})"
 
 
+def sampler_outlook(spec: StudySpec) -> str | None:
+    """One line when the sampler cannot learn from the trials the pruner stops: `gp` fits
+    completed trials only, `cmaes` passes over pruned ones unless told otherwise. Under a
+    pruner that stops most trials, such a sampler keeps proposing where they were (on the
+    shipped FashionMNIST space, GP drew lr 1.0 for most of its trials). None otherwise."""
+    sampler, pruner = spec.sampler, spec.pruner
+    if pruner.type == "none":
+        return None
+    if sampler.type == "gp":
+        return (f"sampler gp learns from completed trials only: the trials pruner {pruner.label} "
+                f"stops teach it nothing, and it keeps proposing where they were; pair it with "
+                f"pruner: {{type: none}} (docs/study-file.md#sampler)")
+    if sampler.type == "cmaes" and not sampler.options.get("consider_pruned_trials"):
+        return (f"sampler cmaes passes over pruned trials unless its options say "
+                f"consider_pruned_trials: true, and pruner {pruner.label} stops trials "
+                f"(docs/study-file.md#sampler)")
+    return None
+
+
 def describe(spec: StudySpec) -> str:
     """One line on a valid spec: what it searches, how long, with which sampler and pruner."""
     auto = auto_lr_key(spec)

@@ -11,7 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from search._text import fmt
-from search.spec import base_train_config, best_trials, labels, measured, params_from_optuna
+from search.spec import (
+    base_train_config,
+    best_trials,
+    labels,
+    measured,
+    params_from_optuna,
+    sampler_outlook,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -90,6 +97,9 @@ class RunDisplay:
             f"pruner {self.spec.pruner.label}, objective "
             f"{' & '.join(self.spec.objective.metric_names)}"
         )
+        outlook = sampler_outlook(self.spec)
+        if outlook is not None:
+            self.console.print(outlook, markup=False)
 
         weights = base_train_config(self.spec).model.weights if self.spec.trainer is None else None
         if weights:

@@ -156,6 +156,40 @@ def test_bad_arguments_exit_2(tmp_path):
         assert hp(*args, cwd=tmp_path).returncode == 2, args
 
 
+def test_validate_and_run_say_when_the_sampler_cannot_learn_from_pruned_trials(tmp_path):
+    from search.spec import parse_spec, sampler_outlook
+    from tests.search_tests.studies import study_data
+
+    def outlook(sampler, pruner="hyperband"):
+        return sampler_outlook(parse_spec(study_data("g", sampler=sampler, pruner=pruner)))
+
+    gp = outlook({"type": "gp"}, {"type": "patient", "options": {"patience": 2},
+                                  "wrapped": {"type": "median"}})
+    assert gp == ("sampler gp learns from completed trials only: the trials pruner "
+                  "patient(median) stops teach it nothing, and it keeps proposing where they were; "
+                  "pair it with pruner: {type: none} (docs/study-file.md#sampler)"), gp
+    assert outlook({"type": "gp"}, {"type": "none"}) is None
+    cma = outlook({"type": "cmaes"}, {"type": "median"})
+    assert cma.startswith("sampler cmaes passes over pruned trials unless its options say "
+                          "consider_pruned_trials: true"), cma
+    assert outlook({"type": "cmaes", "options": {"consider_pruned_trials": True}},
+                   {"type": "median"}) is None
+    for learns_from_pruned in ({"type": "tpe"}, {"type": "random"}, {"type": "qmc"}):
+        assert outlook(learns_from_pruned, {"type": "hyperband"}) is None
+    # Both commands print it: validate under its usual line, run under its start line.
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(study_data("g", trials=2, sampler={"type": "gp"},
+                                              pruner="hyperband")))
+    out = hp("validate", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == f"{path}: {outlook({'type': 'gp'})}", out.stdout
+    ran = hp("run", str(path), "--storage", f"sqlite:///{tmp_path / 'g.db'}", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("starting study g:"))
+    assert lines[start + 1] == outlook({"type": "gp"}), ran.stdout
+
+
 def test_validate_says_how_run_pack_will_treat_the_space(tmp_path):
     from search.spec import pack_outlook, parse_spec
     from tests.search_tests.studies import study_data
