@@ -219,3 +219,24 @@ def test_validate_says_how_run_pack_will_treat_the_space(tmp_path):
     assert out.stdout.splitlines()[1] == (f"{path}: run.pack auto: every trial of the space can "
                                           "be packed"), out.stdout
     assert "new study created" not in out.stderr, out.stderr
+
+
+def test_the_cli_freezes_the_collector_after_every_other_exit_handler(tmp_path):
+    """A worker's exit skips the interpreter's final collections over torch's and Optuna's
+    objects (seconds of a SIGTERMed worker's exit), and only after every other exit handler,
+    a tracking client's included, has run."""
+    script = (
+        "import atexit, gc, sys\n"
+        "from search.cli import main\n"
+        "main(['validate', sys.argv[1]])\n"
+        "atexit.register(lambda: print('handler after main: frozen', gc.get_freeze_count()))\n"
+        "atexit._run_exitfuncs()\n"
+        "print('after every handler: frozen', gc.get_freeze_count() > 0)\n"
+    )
+    study = Path(__file__).resolve().parents[2] / "studies" / "fashion_mlp.yaml"
+    done = subprocess.run([sys.executable, "-c", script, str(study)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "handler after main: frozen 0" in lines
+    assert lines[-1] == "after every handler: frozen True"
