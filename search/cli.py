@@ -554,11 +554,17 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
 
 @functools.cache  # once a process, however many times main() runs in it
 def _quick_exit() -> None:
-    """Freeze the garbage collector once every other exit handler has run (registered first,
-    so it runs last; tracking clients' own handlers, MLflow's and W&B's, run before it). The
-    interpreter's final collections then skip the half-million objects torch and Optuna
-    leave, which took seconds: a worker stopped by SIGTERM spent most of its exit in them."""
-    atexit.register(gc.freeze)
+    """Once every other exit handler has run (this one is registered first, so it runs last:
+    tracking clients' handlers and the storages' closing, `search.storage`, run before it),
+    collect what is garbage then, finalizers and all, and freeze the rest. The interpreter's
+    final collections then skip the half-million objects torch and Optuna leave, which took
+    seconds: a worker stopped by SIGTERM spent most of its exit in them."""
+    atexit.register(_collect_then_freeze)
+
+
+def _collect_then_freeze() -> None:
+    gc.collect()
+    gc.freeze()
 
 
 def _names_trusted() -> AbstractContextManager[None]:

@@ -9,8 +9,11 @@ an idle-connection reaper does not kill a worker (optuna#1347, #5600).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import sqlite3
 import time
+import weakref
 from typing import Any
 
 import optuna
@@ -107,6 +110,7 @@ def open_storage(
             storage = RDBStorage(url, engine_kwargs=engine_kwargs(url),
                                  skip_compatibility_check=True, **kwargs)
         check_schema(storage)
+        closed_at_exit(storage.engine)
         if not url.startswith("sqlite:"):
             install_idle_ping(storage.engine)
         return storage
@@ -115,6 +119,23 @@ def open_storage(
     except Exception as e:  # sqlalchemy/driver errors: name the URL without its password
         reason = redact(str(e)).splitlines()[0]
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e
+
+_OPEN_ENGINES: weakref.WeakSet[sqlalchemy.engine.Engine] = weakref.WeakSet()
+
+
+def closed_at_exit(engine: sqlalchemy.engine.Engine) -> None:
+    """Close `engine`'s pooled connections when the process exits (before `hpsearch`'s last
+    exit handler freezes the garbage collector): the last connection to a SQLite file in WAL
+    mode closing is what writes the journal back into the file, so a finished study is whole
+    in its one .db file."""
+    _dispose_at_exit()
+    _OPEN_ENGINES.add(engine)
+
+
+@functools.cache  # registered once a process
+def _dispose_at_exit() -> None:
+    atexit.register(lambda: [engine.dispose() for engine in list(_OPEN_ENGINES)])
+
 
 def check_schema(storage: RDBStorage) -> None:
     """Optuna's check that the database's schema is the installed Optuna's (its revision read on
@@ -168,6 +189,7 @@ def open_for_watching(url: str) -> optuna.storages.BaseStorage:
     except Exception as e:  # sqlalchemy/driver errors: the server is not there
         reason = redact(str(e)).splitlines()[0] if str(e) else type(e).__name__
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from e
+    closed_at_exit(storage.engine)
     if path is None:
         install_idle_ping(storage.engine)
     return storage
