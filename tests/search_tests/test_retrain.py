@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +121,38 @@ def test_several_objectives_need_a_trial(tmp_path):
         retrain(study, spec, out=tmp_path / "x")
     number = study.best_trials[0].number
     assert retrain(study, spec, out=tmp_path / "x", trial=number)["trial"] == number
+
+
+def test_selection_noise_retrains_the_best_trials_by_val_loss_with_several_seeds(tmp_path,
+                                                                                  capsys):
+    """benchmarks/selection_noise.py: the K best completed trials by val loss, S seeds each,
+    and spreads that follow from the accuracies it prints."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_noise.py"
+    load = importlib.util.spec_from_file_location("selection_noise", path)
+    assert load is not None and load.loader is not None
+    script = importlib.util.module_from_spec(load)
+    load.loader.exec_module(script)
+    assert script.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert script.spearman([1, 2, 3], [0.9, 0.8, 0.7]) == pytest.approx(-1.0)
+
+    spec = parse_spec(studies.study_data("noise", trials=4, epochs=1, sampler="random"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_or_load(spec, open_storage(url))
+    run_worker(study, spec, device="cpu", artifacts=None)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    best_three = [t.number for t in sorted(complete, key=lambda t: (t.value, t.number))[:3]]
+
+    assert script.main(["--storage", url, "--study", "noise", "--top", "3", "--seeds", "2",
+                        "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [dict(kv.split("=") for kv in line.split()[1:]) for line in lines
+            if line.startswith("trial ")]
+    assert [int(r["number"]) for r in rows] == best_three
+    accs = [[float(a) for a in r["test_acc"].split(",")] for r in rows]
+    assert all(len(a) == 2 and all(0 <= x <= 1 for x in a) for a in accs)
+    figures = dict(line.split(": ") for line in lines[1:] if ": " in line)
+    means = [sum(a) / 2 for a in accs]
+    assert float(figures["selection_sd"]) == pytest.approx(statistics.stdev(means), abs=1e-4)
+    assert float(figures["best_by_val_test_acc"]) == pytest.approx(accs[0][0], abs=1e-4)
+    assert sorted((tmp_path / "out").iterdir()) == [tmp_path / "out" / f"trial-{n}"
+                                                    for n in sorted(best_three)]
