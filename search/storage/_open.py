@@ -4,7 +4,8 @@ SQLite is set up for a few local processes (WAL journal, a long busy timeout) so
 workers do not fail with "database is locked" (optuna#820). PostgreSQL and MySQL get a small
 pool, recycled connections and a ping on checkout of a connection that sat idle for a few
 seconds (not on every checkout: Optuna checks one out per storage call), so a server restart or
-an idle-connection reaper does not kill a worker (optuna#1347, #5600).
+an idle-connection reaper does not kill a worker (optuna#1347, #5600). Every RDB storage opened
+here is closed when the process exits (`closed_at_exit`), so a SQLite study is whole in its file.
 """
 
 from __future__ import annotations
