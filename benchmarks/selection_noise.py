@@ -34,29 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    result = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            result[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return result
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation; nan when either side has no spread."""
-    rx, ry = ranks(xs), ranks(ys)
-    if len(set(rx)) < 2 or len(set(ry)) < 2:
-        return math.nan
-    return statistics.correlation(rx, ry)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", required=True, help="the study's storage URL")
@@ -70,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top and --seeds must be at least 2 (a spread needs two)")
 
     from optuna.trial import TrialState
+    from scipy.stats import spearmanr
 
+    from search import SearchError
     from search.run import load, retrain
     from search.storage import open_storage
 
-    study, spec = load(args.study, open_storage(args.storage, must_exist=True))
+    try:
+        study, spec = load(args.study, open_storage(args.storage, must_exist=True))
+    except SearchError as e:  # no database, no such study, a server away: one line, exit 2
+        parser.error(str(e))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     top = sorted(complete, key=lambda t: (t.value, t.number))[:args.top]
     if len(top) < 2:
@@ -96,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(f"selection_sd: {statistics.stdev(means):.4f}")
     print(f"seed_sd: {math.sqrt(statistics.fmean(variances)):.4f}")
-    print(f"rank_correlation: {spearman([t.value for t in top], means):.2f}")
+    print(f"rank_correlation: {spearmanr([t.value for t in top], means).statistic:.2f}")
     print(f"best_by_val_test_acc: {first:.4f}")
     print(f"test_acc_range: {min(means):.4f}-{max(means):.4f}")
     return 0

@@ -132,8 +132,6 @@ def test_selection_noise_retrains_the_best_trials_by_val_loss_with_several_seeds
     assert load is not None and load.loader is not None
     script = importlib.util.module_from_spec(load)
     load.loader.exec_module(script)
-    assert script.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
-    assert script.spearman([1, 2, 3], [0.9, 0.8, 0.7]) == pytest.approx(-1.0)
 
     spec = parse_spec(studies.study_data("noise", trials=4, epochs=1, sampler="random"))
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -153,6 +151,19 @@ def test_selection_noise_retrains_the_best_trials_by_val_loss_with_several_seeds
     figures = dict(line.split(": ") for line in lines[1:] if ": " in line)
     means = [sum(a) / 2 for a in accs]
     assert float(figures["selection_sd"]) == pytest.approx(statistics.stdev(means), abs=1e-4)
+    vals = [t.value for t in sorted(complete, key=lambda t: (t.value, t.number))[:3]]
+    ranked = [sorted(vals).index(v) for v in vals], [sorted(means).index(m) for m in means]
+    if len(set(means)) == 3:  # Spearman's of 3 distinct pairs: 1 - 6·Σd² / (3·8)
+        d2 = sum((a - b) ** 2 for a, b in zip(*ranked, strict=True))
+        assert float(figures["rank_correlation"]) == pytest.approx(1 - d2 / 4, abs=0.01)
     assert float(figures["best_by_val_test_acc"]) == pytest.approx(accs[0][0], abs=1e-4)
     assert sorted((tmp_path / "out").iterdir()) == [tmp_path / "out" / f"trial-{n}"
                                                     for n in sorted(best_three)]
+
+    for storage, study_name, said in ((url, "nope", "no study named 'nope'"),
+                                      (f"sqlite:///{tmp_path / 'none.db'}", "noise",
+                                       "no database at")):
+        with pytest.raises(SystemExit) as refused:
+            script.main(["--storage", storage, "--study", study_name])
+        assert refused.value.code == 2
+        assert said in capsys.readouterr().err
